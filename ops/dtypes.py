@@ -1,0 +1,98 @@
+"""The element types a tensor can hold, how they promote, and how they are stored.
+
+float16 and bfloat16 are storage types: every op widens them to float32, computes, and rounds
+the result back. NumPy has no bfloat16, so its bits live in uint16 (the upper half of a float32),
+exactly as checkpoints store them.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    storage: np.dtype   # how the bits are held in a NumPy buffer
+    rank: int           # position in the promotion order
+    is_float: bool
+
+    @property
+    def itemsize(self) -> int:
+        return self.storage.itemsize
+
+    def __repr__(self):
+        return f"dtypes.{self.name}"
+
+
+bool_ = DType("bool", np.dtype(np.bool_), 0, False)
+int8 = DType("int8", np.dtype(np.int8), 1, False)
+int32 = DType("int32", np.dtype(np.int32), 2, False)
+int64 = DType("int64", np.dtype(np.int64), 3, False)
+float16 = DType("float16", np.dtype(np.float16), 4, True)
+bfloat16 = DType("bfloat16", np.dtype(np.uint16), 4, True)
+float32 = DType("float32", np.dtype(np.float32), 5, True)
+
+ALL = (bool_, int8, int32, int64, float16, bfloat16, float32)
+BY_NAME = {d.name: d for d in ALL}
+default_float = float32
+default_int = int64
+
+
+def promote(a: DType, b: DType) -> DType:
+    """The dtype of a binary op's result: the wider type; float16 with bfloat16 meets in float32."""
+    if a == b:
+        return a
+    if a.rank == b.rank:  # float16 and bfloat16: neither holds the other
+        return float32
+    return a if a.rank > b.rank else b
+
+
+def from_numpy_dtype(dt: np.dtype) -> DType:
+    """The dtype a NumPy array becomes: float64 narrows to float32, as in PyTorch's defaults."""
+    dt = np.dtype(dt)
+    if dt == np.float64:
+        return float32
+    if dt in (np.uint8, np.int16, np.uint16):
+        return int32
+    for d in ALL:
+        if d is not bfloat16 and d.storage == dt:
+            return d
+    raise TypeError(f"NumPy dtype {dt} has no tinytensor dtype; cast it to one of "
+                    f"{', '.join(BY_NAME)} first")
+
+
+def to_dtype(d) -> DType:
+    """Accept a DType, its name ('bfloat16'), or a NumPy dtype."""
+    if isinstance(d, DType):
+        return d
+    if isinstance(d, str) and d in BY_NAME:
+        return BY_NAME[d]
+    if isinstance(d, str):
+        raise TypeError(f"unknown dtype {d!r}; known: {', '.join(BY_NAME)}")
+    return from_numpy_dtype(d)
+
+
+# ---- storage <-> compute ------------------------------------------------------------------
+
+def widen(x: np.ndarray, d: DType) -> np.ndarray:
+    """Storage bits of dtype d -> the array ops compute on (float32 for the half types)."""
+    if d is bfloat16:
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    if d is float16:
+        return x.astype(np.float32)
+    return x
+
+
+def narrow(x: np.ndarray, d: DType) -> np.ndarray:
+    """A computed array -> storage bits of dtype d (round to nearest even for bfloat16)."""
+    if d is bfloat16:
+        bits = np.array(x, dtype=np.float32, order="C").view(np.uint32)  # keeps 0-d shapes
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        # NaN must stay NaN: rounding could carry it into infinity.
+        return np.where(np.isnan(x), (bits >> 16) | 0x40, rounded).astype(np.uint16)
+    if x.dtype == d.storage:
+        return x
+    if d is bool_:
+        return x != 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        return x.astype(d.storage)

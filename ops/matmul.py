@@ -1,0 +1,17 @@
+"""Matrix product over the last two axes; the batch axes in front already match (the Tensor
+layer expands them), as do the dtypes."""
+import numpy as np
+
+from ops.registry import define, shape_str
+
+
+def _matmul_infer(srcs, arg):
+    a, b = srcs
+    if len(a.shape) < 2 or len(b.shape) < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: cannot multiply shapes {shape_str(a.shape, b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"matmul: dtypes {a.dtype} and {b.dtype} differ (cast them first)")
+    return a.shape[:-1] + b.shape[-1:], a.dtype
+
+
+define("matmul", _matmul_infer, lambda xs, *_: np.matmul(xs[0], xs[1]))

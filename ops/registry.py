@@ -1,0 +1,49 @@
+"""What an op is: a name, a rule that gives the result's shape and dtype (and rejects bad
+inputs while the graph is being recorded), and one reference meaning written with NumPy.
+
+Every backend must compute what `reference` computes; the NumPy interpreter simply calls it.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ops import dtypes
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    infer: Callable    # (srcs with .shape/.dtype, arg) -> (shape, dtype); raises ValueError
+    reference: Callable  # (inputs, arg, shape, dtype) -> np.ndarray
+    computes: bool = True  # inputs are widened to float32 and the result rounded to its dtype
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def define(name: str, infer: Callable, reference: Callable, computes: bool = True) -> OpDef:
+    assert name not in OPS, f"op {name} defined twice"
+    OPS[name] = OpDef(name, infer, reference, computes)
+    return OPS[name]
+
+
+def infer(op: str, srcs, arg):
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    return OPS[op].infer(srcs, arg)
+
+
+def run_reference(op: str, arrays, src_dtypes, arg, shape, dtype) -> np.ndarray:
+    """Evaluate one op with NumPy, on storage-form inputs, returning a storage-form array."""
+    d = OPS[op]
+    if not d.computes:
+        return d.reference(arrays, arg, shape, dtype)
+    wide = [dtypes.widen(x, x_dtype) for x, x_dtype in zip(arrays, src_dtypes)]
+    with np.errstate(all="ignore"):  # inf and nan are values here, as in IEEE hardware
+        out = d.reference(wide, arg, shape, dtype)
+    return dtypes.narrow(np.asarray(out), dtype).reshape(shape)
+
+
+def shape_str(*shapes) -> str:
+    return " and ".join(str(tuple(s)) for s in shapes)

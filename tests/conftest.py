@@ -1,0 +1,20 @@
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import backends
+
+settings.register_profile("default", deadline=None, max_examples=30,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", deadline=None, max_examples=300,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="session", params=sorted(backends.KNOWN))
+def backend(request):
+    """Runs a test once per backend; every backend must match the NumPy reference."""
+    backends.use(request.param)
+    yield request.param
+    backends.use(None)

@@ -1,0 +1,71 @@
+"""What the op tests compare against: direct NumPy computations in float64, tolerances that
+follow from each dtype, and strategies for shapes and values."""
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from ops import dtypes
+from tinytensor import Tensor
+
+FLOATS = [dtypes.float32, dtypes.float16, dtypes.bfloat16]
+INTS = [dtypes.int8, dtypes.int32, dtypes.int64]
+
+# Results are computed in float32 and rounded once to the storage dtype; the reference is
+# float64. So a half-precision result is off by at most half a unit in its last place plus the
+# float32 slop: one epsilon of the dtype bounds it (float16 2^-10, bfloat16 2^-7). float32 results
+# carry the few-ulp error of vectorised exp/log/sin (NumPy's own SIMD kernels): 1e-5 covers it.
+RTOL = {dtypes.float32: 1e-5, dtypes.float16: 2.0**-10, dtypes.bfloat16: 2.0**-7}
+# Near zero a relative bound means nothing: allow one epsilon of float32 arithmetic on O(1) values,
+# or the dtype's epsilon on O(1) values for the half types (a result that cancels to ~0).
+ATOL = {dtypes.float32: 1e-6, dtypes.float16: 2.0**-10, dtypes.bfloat16: 2.0**-7}
+
+
+def values(t: Tensor) -> np.ndarray:
+    """What a tensor holds, as NumPy values (float64 for floats) for reference computations."""
+    out = t.numpy()
+    return out.astype(np.float64) if t.dtype.is_float else out
+
+
+def summation_error(terms: int, magnitude: float) -> float:
+    """The classic float32 bound for a sum of `terms` values whose absolute values add up to
+    `magnitude`: terms * 2^-24 * magnitude."""
+    return terms * 2.0**-24 * magnitude
+
+
+def assert_close(got: Tensor, want: np.ndarray, dtype=None, roundings=1, atol=0.0):
+    """`roundings`: how many times the result was rounded to its dtype on the way (each costs one
+    epsilon); `atol`: extra absolute error a computation may carry, e.g. `summation_error`."""
+    dtype = dtype or got.dtype
+    want = np.asarray(want)
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    g = got.numpy()
+    if not dtype.is_float:
+        np.testing.assert_array_equal(g, want)
+        return
+    with np.errstate(over="ignore"):  # beyond the dtype's range the right answer is inf
+        want = want.astype(np.float16 if dtype == dtypes.float16 else np.float32).astype(np.float64)
+    np.testing.assert_allclose(g.astype(np.float64), want, rtol=RTOL[dtype] * roundings,
+                               atol=ATOL[dtype] * roundings + atol, equal_nan=True)
+
+
+def shapes(min_dims=0, max_dims=4, min_side=0, max_side=5):
+    return hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side)
+
+
+def float_arrays(shape, low=-8.0, high=8.0):
+    low, high = float(np.float32(low)), float(np.float32(high))  # bounds exact in float32
+    return hnp.arrays(np.float32, shape, elements=st.floats(low, high, width=32))
+
+
+def int_arrays(shape, dtype, low=-100, high=100):
+    return hnp.arrays(dtype.storage, shape, elements=st.integers(low, high))
+
+
+@st.composite
+def tensors(draw, dtype_choices=FLOATS, shape=None, low=-8.0, high=8.0):
+    """A tensor of a drawn float or int dtype; floats are rounded to the dtype first."""
+    dtype = draw(st.sampled_from(dtype_choices))
+    shape = draw(shapes()) if shape is None else shape
+    if dtype.is_float:
+        return Tensor(draw(float_arrays(shape, low, high)), dtype=dtype)
+    return Tensor(draw(int_arrays(shape, dtype, int(low), int(high))), dtype=dtype)

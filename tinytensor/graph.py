@@ -1,0 +1,132 @@
+"""The lazy graph: a node per recorded op, and the plan that turns the nodes a result needs into
+an ordered list of work for a backend.
+
+    record (Node) -> build_graph -> share_common_subexpressions -> remove_dead -> order -> Schedule
+"""
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+import ops
+from ops import dtypes
+
+
+class Node:
+    """One recorded op: what it is (op, arg), what it reads (srcs), what it makes (shape, dtype).
+    Once realised it becomes a "buffer" node holding its array, and forgets how it was made."""
+    __slots__ = ("op", "srcs", "arg", "shape", "dtype", "buffer", "writable")
+
+    def __init__(self, op: str, srcs=(), arg=None):
+        self.op, self.srcs, self.arg = op, tuple(srcs), arg
+        self.shape, self.dtype = ops.infer(op, self.srcs, arg)
+        self.buffer, self.writable = None, False
+
+    @classmethod
+    def of_buffer(cls, array, dtype: dtypes.DType, writable: bool) -> "Node":
+        if array.dtype != dtype.storage:
+            raise TypeError(f"a {dtype} buffer must hold {dtype.storage}, got {array.dtype}")
+        node = cls.__new__(cls)
+        node.op, node.srcs, node.arg = "buffer", (), None
+        node.shape, node.dtype = tuple(array.shape), dtype
+        node.buffer, node.writable = array, writable
+        return node
+
+    @property
+    def realized(self) -> bool:
+        return self.buffer is not None
+
+    def become_buffer(self, array, writable: bool):
+        self.op, self.srcs, self.arg, self.buffer, self.writable = "buffer", (), None, array, writable
+
+    def __repr__(self):
+        return f"Node({self.op}, {self.shape}, {self.dtype.name})"
+
+
+@dataclass
+class Schedule:
+    """Work for a backend: compute `nodes` in order; `outputs` are the results asked for;
+    an assign node in `in_place` writes into its target's buffer instead of a copy."""
+    nodes: list[Node]
+    outputs: list[Node]
+    in_place: set[Node] = field(default_factory=set)
+
+
+def build_graph(outputs) -> nx.DiGraph:
+    """Everything the outputs need that is not realised yet, plus the buffers it reads.
+    Nodes nothing asked for never enter, so dead code costs nothing."""
+    g, seen = nx.DiGraph(), set()
+    stack = list(outputs)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        g.add_node(node)
+        for src in node.srcs:
+            g.add_edge(src, node)
+            stack.append(src)
+    return g
+
+
+def _key(node: Node):
+    if node.op in ("buffer", "empty"):  # distinct storage, even when alike
+        return node
+    return node.op, node.arg, node.shape, node.dtype, node.srcs
+
+
+def share_common_subexpressions(g: nx.DiGraph) -> dict[Node, Node]:
+    """Make every node read the one canonical copy of each repeated computation.
+    Returns node -> canonical node; the duplicates are left with no consumers."""
+    canonical, by_key = {}, {}
+    for node in list(nx.topological_sort(g)):
+        if any(canonical[s] is not s for s in node.srcs):
+            for src in node.srcs:
+                g.remove_edge(src, node)
+            node.srcs = tuple(canonical[s] for s in node.srcs)
+            g.add_edges_from((src, node) for src in node.srcs)
+        canonical[node] = by_key.setdefault(_key(node), node)
+    return canonical
+
+
+def remove_dead(g: nx.DiGraph, outputs) -> None:
+    keep = set(outputs).union(*(nx.ancestors(g, n) for n in outputs))
+    g.remove_nodes_from([n for n in list(g) if n not in keep])
+
+
+def plan_writes(g: nx.DiGraph) -> set[Node]:
+    """Decide which assigns write into their target's buffer. That is allowed when the buffer
+    belongs to the target alone and every other reader of it can run before the write."""
+    in_place = set()
+    for node in [n for n in g if n.op == "assign"]:
+        target = node.srcs[0]
+        if not (target.realized and target.writable):
+            continue
+        readers = [r for r in g.successors(target) if r is not node]
+        if any(nx.has_path(g, node, r) for r in readers):
+            continue  # something reads both the old and the new value: write into a copy
+        g.add_edges_from((r, node) for r in readers)
+        in_place.add(node)
+    return in_place
+
+
+def plan(outputs) -> tuple[Schedule, dict[Node, Node]]:
+    """The schedule that computes `outputs` (unrealised nodes), and output -> canonical node."""
+    g = build_graph(outputs)
+    canonical = share_common_subexpressions(g)
+    targets = list(dict.fromkeys(canonical[n] for n in outputs))
+    remove_dead(g, targets)
+    in_place = plan_writes(g)
+    order = [n for n in nx.topological_sort(g) if not n.realized]
+    return Schedule(order, targets, in_place), canonical
+
+
+def describe(schedule: Schedule) -> str:
+    """One line per scheduled op, for TT_DEBUG=1."""
+    index = {n: i for i, n in enumerate(schedule.nodes)}
+    lines = []
+    for i, n in enumerate(schedule.nodes):
+        srcs = ", ".join(f"%{index[s]}" if s in index else f"buf{tuple(s.shape)}" for s in n.srcs)
+        arg = "" if n.arg is None else f" {n.arg}"
+        mark = " (in place)" if n in schedule.in_place else ""
+        lines.append(f"  %{i:<4} {n.op:<10} {str(n.shape):<18} {n.dtype.name:<8} <- {srcs}{arg}{mark}")
+    return "\n".join(lines)
