@@ -373,7 +373,7 @@ class Tensor:
                 out_shape.extend(item.shape)
             elif isinstance(item, slice):
                 a, b, c = item.indices(n)
-                spec.append((a, b, c))
+                spec.append((a, b, c) if len(range(a, b, c)) else (0, 0, 1))  # one form of empty
                 out_shape.append(len(range(a, b, c)))
             elif isinstance(item, (int, np.integer)):
                 if not -n <= item < n:
