@@ -1,0 +1,260 @@
+"""Finding and reading Llama checkpoints in the layouts users have on disk, into one form:
+(config, {Meta weight name: Tensor}, tokenizer).
+
+- Hugging Face folder: config.json + model.safetensors or model-0000x-of-0000y.safetensors with
+  model.safetensors.index.json. HF permutes q/k rows for its rotate-half RoPE; we undo it.
+- Meta folder: params.json + consolidated.00.pth (.01... for 70B/405B, merged) + tokenizer.model.
+- GGUF file: metadata gives the config, the tokenizer and the chat template.
+"""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from models import config as configs
+from models.tokenizer import BPETokenizer, Llama3Tokenizer, TokenizerError
+from ops import dtypes
+from tinytensor import Tensor
+from tinytensor.state import CheckpointError, gguf_file, pth_file, safetensors_file
+
+HF_NAMES = {  # Hugging Face name (after "model.layers.N.") -> Meta name (after "layers.N.")
+    "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight", "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+          "lm_head.weight": "output.weight"}
+GGUF_NAMES = {
+    "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight", "attn_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+GGUF_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+            "output.weight": "output.weight"}
+# Meta's model-parallel shards split these along the given axis; norms are replicated.
+META_SHARD_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+                   "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def detect(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise CheckpointError(f"{path}: not a checkpoint: give a .gguf file or a checkpoint folder")
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / "params.json").exists():
+        return "meta"
+    raise CheckpointError(f"{path}: no checkpoint here: expected config.json + *.safetensors (Hugging Face), "
+                          f"params.json + consolidated.*.pth (Meta), or a .gguf file")
+
+
+def load(path: Path, dtype=None):
+    """(config, weights, tokenizer) from a checkpoint on disk. dtype: cast weights to it
+    (None keeps what the file holds; quantised GGUF tensors become float32)."""
+    path = Path(path)
+    kind = detect(path)
+    config, arrays, tokenizer = {"hf": _load_hf, "meta": _load_meta, "gguf": _load_gguf}[kind](path)
+    _check_shapes(path, config, arrays)
+    weights = {}
+    for name, (array, dt) in arrays.items():
+        t = Tensor.from_numpy(array, dt)
+        weights[name] = t if dtype is None else t.cast(dtype).realize()
+    return config, weights, tokenizer
+
+
+# ---- Hugging Face ---------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _unpermute_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF stores each head's q/k rows as [first halves of pairs, second halves]; Meta (and our
+    rotate-pairs RoPE) interleaves them. This is the inverse of HF's conversion permute."""
+    rows, cols = w.shape
+    return np.ascontiguousarray(w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(0, 2, 1, 3)
+                                .reshape(rows, cols))
+
+
+def _load_hf(folder: Path):
+    config = configs.from_hf(_read_json(folder / "config.json"))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: config.json but no *.safetensors weights")
+    raw = {}
+    for name in files:
+        if not (folder / name).exists():
+            raise CheckpointError(f"{folder / name}: missing (listed in model.safetensors.index.json)")
+        raw.update(safetensors_file.read(folder / name))
+    arrays = {}
+    for name, (array, dt) in raw.items():
+        if name in HF_TOP:
+            arrays[HF_TOP[name]] = (array, dt)
+            continue
+        parts = name.split(".", 3)
+        if parts[:2] != ["model", "layers"] or parts[3] not in HF_NAMES:
+            continue  # e.g. rotary_emb.inv_freq: derived, not a weight
+        meta = HF_NAMES[parts[3]]
+        if meta == "attention.wq.weight":
+            array = _unpermute_hf(array, config.n_heads)
+        elif meta == "attention.wk.weight":
+            array = _unpermute_hf(array, config.n_kv_heads)
+        arrays[f"layers.{parts[2]}.{meta}"] = (array, dt)
+    return config, arrays, _hf_tokenizer(folder)
+
+
+def _hf_tokenizer(folder: Path):
+    for candidate in (folder / "original" / "tokenizer.model", folder / "tokenizer.model"):
+        if candidate.exists():
+            return Llama3Tokenizer(candidate)
+    if (folder / "tokenizer.json").exists():
+        return _tokenizer_json(folder)
+    return None
+
+
+def _tokenizer_json(folder: Path) -> BPETokenizer:
+    spec = _read_json(folder / "tokenizer.json")
+    settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{folder / 'tokenizer.json'}: model type {model.get('type')!r} is not supported (BPE only)")
+    vocab = dict(model["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = [""] * (max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    special = {a["id"] for a in spec.get("added_tokens", [])}
+    types = [BPETokenizer.CONTROL if i in special else 1 for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    pre_name = "llama3" if "\\\\p{N}{1,3}" in pre else "smollm" if "individual_digits\": true" in pre else "gpt2"
+    ids = {t: i for i, t in enumerate(tokens)}
+    return BPETokenizer(tokens, merges, types, pre_name, ids.get(_token_text(settings.get("bos_token"))),
+                        ids.get(_token_text(settings.get("eos_token"))), bool(settings.get("add_bos_token")),
+                        settings.get("chat_template"))
+
+
+def _token_text(token):
+    return token.get("content") if isinstance(token, dict) else token
+
+
+# ---- Meta -----------------------------------------------------------------------------------
+
+def _load_meta(folder: Path):
+    params = _read_json(folder / "params.json")
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
+    tokenizer_path = folder / "tokenizer.model"
+    tokenizer = Llama3Tokenizer(tokenizer_path) if tokenizer_path.exists() else None
+    vocab = params.get("vocab_size", -1)
+    states = [pth_file.read(p) for p in shards]
+    if vocab in (-1, None):
+        vocab = states[0]["tok_embeddings.weight"][0].shape[0] * (len(states) if len(states) > 1 else 1)
+    config = configs.from_meta(params, vocab_size=vocab)
+    arrays = {}
+    for name in states[0]:
+        if name.endswith("rope.freqs"):
+            continue
+        axis = META_SHARD_AXIS.get(name.split(".")[-2])
+        parts = [s[name] for s in states]
+        if len(parts) == 1 or axis is None:
+            arrays[name] = parts[0]
+        else:
+            arrays[name] = (np.concatenate([a for a, _ in parts], axis=axis), parts[0][1])
+    if "output.weight" not in arrays:
+        config = replace(config, tied_embeddings=True)
+    elif config.tied_embeddings:  # a published tied size saved with an explicit head
+        config = replace(config, tied_embeddings=False)
+    return config, arrays, tokenizer
+
+
+# ---- GGUF -----------------------------------------------------------------------------------
+
+def _load_gguf(path: Path):
+    metadata, raw = gguf_file.read(path)
+    config = configs.from_gguf(metadata)
+    arrays = {}
+    for name, value in raw.items():
+        if name in GGUF_TOP:
+            arrays[GGUF_TOP[name]] = value
+        elif name.startswith("blk."):
+            _, layer, rest = name.split(".", 2)
+            if rest in GGUF_NAMES:
+                arrays[f"layers.{layer}.{GGUF_NAMES[rest]}"] = value
+    if "output.weight" not in arrays:
+        config = replace(config, tied_embeddings=True)
+    return config, arrays, _gguf_tokenizer(path, metadata)
+
+
+def _gguf_tokenizer(path: Path, m: dict):
+    kind = m.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise TokenizerError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+    stops = [m[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in m]
+    return BPETokenizer(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.merges"], m["tokenizer.ggml.token_type"],
+                        m.get("tokenizer.ggml.pre", "default"), m.get("tokenizer.ggml.bos_token_id"),
+                        m.get("tokenizer.ggml.eos_token_id"), bool(m.get("tokenizer.ggml.add_bos_token", False)),
+                        m.get("tokenizer.chat_template"), stops)
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+def expected_shapes(c: configs.LlamaConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {"tok_embeddings.weight": (c.vocab_size, c.dim), "norm.weight": (c.dim,)}
+    if not c.tied_embeddings:
+        shapes["output.weight"] = (c.vocab_size, c.dim)
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (c.n_heads * c.head_dim, c.dim),
+            p + "attention.wk.weight": (c.n_kv_heads * c.head_dim, c.dim),
+            p + "attention.wv.weight": (c.n_kv_heads * c.head_dim, c.dim),
+            p + "attention.wo.weight": (c.dim, c.n_heads * c.head_dim),
+            p + "feed_forward.w1.weight": (c.ffn_dim, c.dim),
+            p + "feed_forward.w3.weight": (c.ffn_dim, c.dim),
+            p + "feed_forward.w2.weight": (c.dim, c.ffn_dim),
+            p + "attention_norm.weight": (c.dim,), p + "ffn_norm.weight": (c.dim,)})
+    return shapes
+
+
+def _check_shapes(path: Path, config, arrays):
+    for name, shape in expected_shapes(config).items():
+        if name not in arrays:
+            raise CheckpointError(f"{path}: weight {name} is missing")
+        if tuple(arrays[name][0].shape) != shape:
+            raise CheckpointError(f"{path}: weight {name} has shape {tuple(arrays[name][0].shape)}, "
+                                  f"expected {shape} for this model's config")
+
+
+def random_weights(c: configs.LlamaConfig, seed: int = 0, dtype=dtypes.float32) -> dict[str, Tensor]:
+    """The exact architecture with random weights (for benchmarks and tests): normal with a
+    1/sqrt(fan_in) scale so activations stay O(1); norms are ones."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in expected_shapes(c).items():
+        if len(shape) == 1:
+            values = np.ones(shape, np.float32)
+        else:
+            values = rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[1] ** -0.5)
+        weights[name] = Tensor.from_numpy(dtypes.narrow(values, dtype), dtype)
+    return weights

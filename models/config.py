@@ -1,0 +1,169 @@
+"""Llama model shapes: one table for the published Llama 3.1 / 3.2 text sizes, and readers that
+describe any other Llama-architecture checkpoint from its own files (HF config.json, Meta
+params.json, GGUF metadata)."""
+import math
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's frequency scaling (`rope_type: llama3`)."""
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    tied_embeddings: bool = False
+    max_context: int = 131072
+    head_dim: int = 0  # 0: dim // n_heads
+    name: str = "llama"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+
+    def n_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        layer = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        head = 0 if self.tied_embeddings else self.vocab_size * self.dim
+        return self.n_layers * layer + self.vocab_size * self.dim + head + self.dim
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward width: 2/3 of 4*dim, scaled, rounded up to a multiple."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+_LLAMA32 = RopeScaling(factor=32.0)  # Llama 3.2 1B/3B: factor 32 (Meta's reference code says 8)
+_LLAMA31 = RopeScaling(factor=8.0)
+
+SIZES = {
+    "1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                      ffn_dim=meta_ffn_dim(2048, 256, 1.5), rope_scaling=_LLAMA32,
+                      tied_embeddings=True, name="Llama-3.2-1B"),
+    "3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256,
+                      ffn_dim=meta_ffn_dim(3072, 256, 1.0), rope_scaling=_LLAMA32,
+                      tied_embeddings=True, name="Llama-3.2-3B"),
+    "8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                      ffn_dim=meta_ffn_dim(4096, 1024, 1.3), rope_scaling=_LLAMA31, name="Llama-3.1-8B"),
+    "70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
+                       ffn_dim=meta_ffn_dim(8192, 4096, 1.3), rope_scaling=_LLAMA31, name="Llama-3.1-70B"),
+    "405b": LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256,
+                        ffn_dim=meta_ffn_dim(16384, 4096, 1.2), rope_scaling=_LLAMA31,
+                        name="Llama-3.1-405B"),
+}
+
+
+def size_of(config: LlamaConfig) -> str | None:
+    """The published size whose shape this config has, if any."""
+    for size, known in SIZES.items():
+        if (known.dim, known.n_layers, known.n_heads, known.n_kv_heads) == \
+                (config.dim, config.n_layers, config.n_heads, config.n_kv_heads):
+            return size
+    return None
+
+
+def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
+    params = d.get("rope_parameters") or {}  # transformers >= 5 nests them here
+    scaling = d.get("rope_scaling") or params
+    theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"rope scaling type {kind!r} is not supported (only 'llama3')")
+    return theta, RopeScaling(scaling["factor"], scaling.get("low_freq_factor", 1.0),
+                              scaling.get("high_freq_factor", 4.0),
+                              scaling.get("original_max_position_embeddings", 8192))
+
+
+def from_hf(d: dict) -> LlamaConfig:
+    """A Hugging Face config.json (LlamaForCausalLM)."""
+    if d.get("model_type", "llama") != "llama":
+        raise ValueError(f"model_type {d.get('model_type')!r} is not a Llama-architecture model")
+    theta, scaling = _rope_from_hf(d)
+    return LlamaConfig(
+        dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        vocab_size=d["vocab_size"], ffn_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-5),
+        rope_theta=theta, rope_scaling=scaling, tied_embeddings=d.get("tie_word_embeddings", False),
+        max_context=d.get("max_position_embeddings", 131072), head_dim=d.get("head_dim") or 0,
+        name=d.get("_name_or_path") or "llama")
+
+
+def from_meta(d: dict, vocab_size: int | None = None) -> LlamaConfig:
+    """A Meta params.json. It does not say the rope factor or whether the head is tied, so those
+    come from the published size with the same shape."""
+    base = LlamaConfig(
+        dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"],
+        n_kv_heads=d.get("n_kv_heads") or d["n_heads"], vocab_size=d.get("vocab_size", vocab_size),
+        ffn_dim=meta_ffn_dim(d["dim"], d.get("multiple_of", 256), d.get("ffn_dim_multiplier")),
+        norm_eps=d.get("norm_eps", 1e-5), rope_theta=d.get("rope_theta", 10000.0))
+    known = SIZES.get(size_of(base))
+    scaling = (known.rope_scaling if known else _LLAMA31) if d.get("use_scaled_rope") else None
+    return replace(base, rope_scaling=scaling, tied_embeddings=known.tied_embeddings if known else False,
+                   name=known.name if known else "llama")
+
+
+def from_gguf(meta: dict) -> LlamaConfig:
+    """GGUF metadata (`llama.*` keys)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    n_heads = meta["llama.attention.head_count"]
+    scaling = None
+    if meta.get("llama.rope.scaling.type") == "llama3" or "llama.rope.scaling.factor" in meta:
+        scaling = RopeScaling(meta.get("llama.rope.scaling.factor", 8.0),
+                              meta.get("llama.rope.scaling.low_freq_factor", 1.0),
+                              meta.get("llama.rope.scaling.high_freq_factor", 4.0),
+                              meta.get("llama.rope.scaling.original_context_length", 8192))
+    dim = meta["llama.embedding_length"]
+    return LlamaConfig(
+        dim=dim, n_layers=meta["llama.block_count"], n_heads=n_heads,
+        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
+        vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        ffn_dim=meta["llama.feed_forward_length"],
+        norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=meta.get("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
+        max_context=meta.get("llama.context_length", 8192),
+        head_dim=meta.get("llama.rope.dimension_count", dim // n_heads),
+        name=meta.get("general.name", "llama"))
+
+
+def rope_frequencies(config: LlamaConfig) -> "list[float]":
+    """The rotation frequency of each pair of a head, with Llama 3.1's scaling applied: long
+    wavelengths are slowed by `factor`, short ones kept, the band between interpolated."""
+    half = config.head_dim // 2
+    freqs = [config.rope_theta ** (-2 * i / config.head_dim) for i in range(half)]
+    s = config.rope_scaling
+    if s is None:
+        return freqs
+    low_wavelen = s.original_context / s.low_freq_factor
+    high_wavelen = s.original_context / s.high_freq_factor
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / s.factor)
+        else:
+            smooth = (s.original_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            out.append((1 - smooth) * f / s.factor + smooth * f)
+    return out

@@ -1,0 +1,189 @@
+"""Llama 3.1 / 3.2, written against the tinytensor Tensor API only.
+
+    tokens -> embedding -> n_layers x [x + attention(rms_norm(x)); x + mlp(rms_norm(x))]
+           -> rms_norm -> output head -> logits
+
+Weights use Meta's names and layout (`layers.0.attention.wq.weight`, rows = output features);
+the loaders in models/checkpoint.py bring every on-disk format to that form.
+`python -m models.llama3 --help` runs the command line (models/cli.py).
+"""
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.config import SIZES, LlamaConfig, rope_frequencies
+from models.tokenizer import Llama3Tokenizer
+from tinytensor import Tensor, dtypes, nn
+from tinytensor.state import CheckpointError
+
+
+@dataclass
+class KVCache:
+    """One preallocated buffer per layer for keys and one for values, [kv_heads, length, head_dim];
+    a step writes its positions in place and attention reads the prefix up to them."""
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @staticmethod
+    def allocate(config: LlamaConfig, length: int) -> "KVCache":
+        shape = (config.n_kv_heads, length, config.head_dim)
+        fresh = lambda: Tensor.zeros(shape).contiguous()  # noqa: E731
+        keys, values = [fresh() for _ in range(config.n_layers)], [fresh() for _ in range(config.n_layers)]
+        keys[0].realize(*keys[1:], *values)
+        return KVCache(keys, values)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+class Llama:
+    def __init__(self, config: LlamaConfig, weights: dict[str, Tensor], tokenizer=None, context: int = 8192):
+        self.config, self.weights, self.tokenizer = config, weights, tokenizer
+        self.context = min(config.max_context, context)  # positions this instance can hold
+        angles = np.outer(np.arange(self.context, dtype=np.float64),
+                          np.array(rope_frequencies(config), dtype=np.float32))
+        self.rope_cos = Tensor(np.cos(angles).astype(np.float32))  # [positions, head_dim / 2]
+        self.rope_sin = Tensor(np.sin(angles).astype(np.float32))
+
+    def w(self, name: str) -> Tensor:
+        return self.weights[name]
+
+    # ---- the blocks, bottom up ----------------------------------------------------------------
+    def attention(self, i: int, x: Tensor, start: int, cache: KVCache) -> Tensor:
+        c, p = self.config, f"layers.{i}.attention."
+        seq = x.shape[0]
+        q = nn.linear(x, self.w(p + "wq.weight")).reshape(seq, c.n_heads, c.head_dim)
+        k = nn.linear(x, self.w(p + "wk.weight")).reshape(seq, c.n_kv_heads, c.head_dim)
+        v = nn.linear(x, self.w(p + "wv.weight")).reshape(seq, c.n_kv_heads, c.head_dim)
+        cos = self.rope_cos[start:start + seq].reshape(seq, 1, c.head_dim // 2)
+        sin = self.rope_sin[start:start + seq].reshape(seq, 1, c.head_dim // 2)
+        q, k = nn.rotary_embedding(q, cos, sin), nn.rotary_embedding(k, cos, sin)
+
+        end = start + seq
+        cache.keys[i][:, start:end] = k.transpose(0, 1)
+        cache.values[i][:, start:end] = v.transpose(0, 1)
+        keys, values = cache.keys[i][:, :end], cache.values[i][:, :end]
+        out = nn.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True)
+        return nn.linear(out.transpose(0, 1).reshape(seq, c.n_heads * c.head_dim), self.w(p + "wo.weight"))
+
+    def mlp(self, i: int, x: Tensor) -> Tensor:
+        p = f"layers.{i}.feed_forward."
+        gate = nn.linear(x, self.w(p + "w1.weight")).silu()
+        return nn.linear(gate * nn.linear(x, self.w(p + "w3.weight")), self.w(p + "w2.weight"))
+
+    def block(self, i: int, x: Tensor, start: int, cache: KVCache) -> Tensor:
+        eps = self.config.norm_eps
+        x = x + self.attention(i, nn.rms_norm(x, self.w(f"layers.{i}.attention_norm.weight"), eps), start, cache)
+        return x + self.mlp(i, nn.rms_norm(x, self.w(f"layers.{i}.ffn_norm.weight"), eps))
+
+    def forward(self, tokens: Tensor, start: int, cache: KVCache, last_only: bool = False) -> Tensor:
+        """Logits [len(tokens), vocab] (or [1, vocab] with last_only) for tokens at positions
+        start.. , given the cache filled for the positions before start."""
+        x = nn.embedding(tokens, self.w("tok_embeddings.weight"))
+        for i in range(self.config.n_layers):
+            x = self.block(i, x, start, cache)
+        if last_only:
+            x = x[-1:]
+        head = self.w("tok_embeddings.weight" if self.config.tied_embeddings else "output.weight")
+        return nn.linear(nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps), head).cast(dtypes.float32)
+
+    # ---- the Python API -------------------------------------------------------------------------
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] of one fresh sequence, in one batched pass (a prefill)."""
+        self._check_length(len(ids))
+        cache = KVCache.allocate(self.config, len(ids))
+        return self.forward(Tensor(np.asarray(ids, dtype=np.int64)), 0, cache).numpy()
+
+    def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None):
+        """Yield new token ids: the prompt in one pass, then one token per step with the cache."""
+        self._check_length(len(ids))
+        length = min(len(ids) + max_tokens, self.context)
+        cache = KVCache.allocate(self.config, length)
+        logits = self.forward(Tensor(np.asarray(ids, dtype=np.int64)), 0, cache, last_only=True).numpy()[-1]
+        if on_prefill:
+            on_prefill()
+        history, pos = list(ids), len(ids)
+        for _ in range(max_tokens):
+            token = sampler(logits, history)
+            if token in stop_ids:
+                return
+            yield token
+            if pos >= length:
+                return
+            history.append(token)
+            logits = self.forward(Tensor(np.array([token], dtype=np.int64)), pos, cache).numpy()[-1]
+            pos += 1
+
+    def _check_length(self, n: int):
+        if n == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if n > self.context:
+            raise ValueError(f"the prompt has {n} tokens but the context holds "
+                             f"{self.context}: shorten it or use --context")
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+HF_REPOS = {"1b": "Llama-3.2-1B", "3b": "Llama-3.2-3B", "8b": "Llama-3.1-8B", "70b": "Llama-3.1-70B",
+            "405b": "Llama-3.1-405B"}
+
+
+def find_local(size: str) -> Path:
+    """Where users keep Llama weights: the Hugging Face cache, then Meta's download folder."""
+    hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    for variant in ("-Instruct", ""):
+        repo = HF_REPOS[size] + variant
+        snapshots = sorted((hub / f"models--meta-llama--{repo}" / "snapshots").glob("*/config.json"))
+        if snapshots:
+            return snapshots[-1].parent
+        meta = Path.home() / ".llama" / "checkpoints" / repo.replace("Llama-", "Llama")
+        if (meta / "params.json").exists():
+            return meta
+    raise CheckpointError(
+        f"no {HF_REPOS[size]} weights found in {hub} or ~/.llama/checkpoints: download them with "
+        f"`huggingface-cli download meta-llama/{HF_REPOS[size]}-Instruct` (or Meta's `llama model download`), "
+        f"pass --checkpoint PATH, or use --random-init")
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def load(path_or_size=None, random_init: bool = False, dtype=None, context: int = 8192) -> Llama:
+    """A model from a checkpoint path, a published size ('1b' ... '405b'), or (None) the
+    embedded default, SmolLM2-135M-Instruct. random_init builds a size's exact architecture with
+    random weights and the Llama 3 tokenizer."""
+    from models import checkpoint
+    from tools.fetch import fetch
+
+    if path_or_size is None:
+        path_or_size = fetch("smollm2-135m")
+    if random_init:
+        if path_or_size not in SIZES:
+            raise ValueError(f"--random-init needs a size ({', '.join(SIZES)}), got {path_or_size!r}")
+        config = SIZES[path_or_size]
+        dt = dtypes.to_dtype(dtype or "float32")
+        need = config.n_params() * dt.itemsize
+        if need > 0.9 * available_memory():
+            raise MemoryError(f"{path_or_size} with random {dt.name} weights needs {need / 2**30:.1f} GiB "
+                              f"but {available_memory() / 2**30:.1f} GiB is free: pick a smaller size or "
+                              f"--dtype bfloat16")
+        tokenizer = Llama3Tokenizer(fetch("llama3-tokenizer"))
+        return Llama(config, checkpoint.random_weights(config, dtype=dt), tokenizer, context)
+    if path_or_size in SIZES:
+        path_or_size = find_local(path_or_size)
+    config, weights, tokenizer = checkpoint.load(Path(path_or_size), dtype)
+    return Llama(config, weights, tokenizer, context)
+
+
+if __name__ == "__main__":
+    from models.cli import main
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Tokenizers, exact against their references.
+
+- Llama3Tokenizer: tiktoken with Meta's `tokenizer.model` ranks, split pattern and 256 special
+  tokens, cutting very long inputs the way Meta's reference does.
+- BPETokenizer: GPT-2 style byte-level BPE from GGUF metadata (vocab + merges + the
+  pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`), as SmolLM2 uses.
+
+Both give token bytes, so StreamDecoder can print text as it is made without ever splitting a
+UTF-8 character.
+"""
+import base64
+import codecs
+from functools import lru_cache
+from pathlib import Path
+
+import regex
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                  "<|python_tag|>", "<|image|>"]
+LLAMA3_N_SPECIAL = 256
+TIKTOKEN_MAX_CHARS = 400_000      # tiktoken's limit per call, as Meta cuts inputs
+MAX_RUN_CHARS = 25_000            # longest run of only-space or only-non-space characters per call
+
+
+class TokenizerError(Exception):
+    pass
+
+
+class Llama3Tokenizer:
+    def __init__(self, path: Path):
+        import tiktoken
+
+        path = Path(path)
+        try:
+            ranks = {base64.b64decode(tok): int(rank) for tok, rank in
+                     (line.split() for line in path.read_text().splitlines() if line)}
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{path}: not a Llama 3 tokenizer.model ({e})") from None
+        names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{2 + i}|>"
+                                  for i in range(LLAMA3_N_SPECIAL - len(LLAMA3_SPECIAL))]
+        self.special = {name: len(ranks) + i for i, name in enumerate(names)}
+        self.model = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                       special_tokens=self.special)
+        self.bos_id, self.eos_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"]
+        self.stop_ids = {self.eos_id, self.special["<|eom_id|>"], self.special["<|eot_id|>"]}
+        self.vocab_size = len(ranks) + len(names)
+        self.chat_template = None  # Llama 3's own format: models/chat.py
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
+        allowed = "all" if allow_special else set()
+        ids = [self.bos_id] if bos else []
+        for i in range(0, len(text), TIKTOKEN_MAX_CHARS):
+            for part in _split_long_runs(text[i:i + TIKTOKEN_MAX_CHARS], MAX_RUN_CHARS):
+                ids += self.model.encode(part, allowed_special=allowed, disallowed_special=())
+        return ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.model.decode(list(ids))
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.model.decode_single_token_bytes(token)
+
+
+def _split_long_runs(text: str, limit: int):
+    """Cut text where a run of only whitespace or only non-whitespace grows past `limit`
+    characters: tiktoken's regex is quadratic on such runs. Meta's reference does the same."""
+    start, run, in_space = 0, 0, None
+    for i, ch in enumerate(text):
+        space = ch.isspace()
+        run = run + 1 if space == in_space else 1
+        in_space = space
+        if run > limit:
+            yield text[start:i]
+            start, run = i, 1
+    yield text[start:]
+
+
+@lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's map from bytes to printable characters, so every byte is a visible symbol."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+PRE_TOKENIZERS = {  # llama.cpp's `tokenizer.ggml.pre` names -> regexes applied in turn
+    "default": [GPT2_PATTERN],
+    "gpt2": [GPT2_PATTERN],
+    "smollm": [r"\p{N}", GPT2_PATTERN],
+    "llama-bpe": [LLAMA3_PATTERN],
+    "llama3": [LLAMA3_PATTERN],
+}
+
+
+class BPETokenizer:
+    CONTROL, USER_DEFINED = 3, 4  # GGUF token types that are matched as whole special tokens
+
+    def __init__(self, tokens: list[str], merges: list[str], token_types: list[int], pre: str,
+                 bos_id: int | None, eos_id: int | None, add_bos: bool, chat_template: str | None = None,
+                 stop_ids=()):
+        if pre not in PRE_TOKENIZERS:
+            raise TokenizerError(f"pre-tokenizer {pre!r} is not supported; known: {', '.join(PRE_TOKENIZERS)}")
+        self.patterns = [regex.compile(p) for p in PRE_TOKENIZERS[pre]]
+        self.tokens, self.ids = tokens, {t: i for i, t in enumerate(tokens)}
+        self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
+        self.special = {t: i for i, t in enumerate(tokens)
+                        if token_types[i] in (self.CONTROL, self.USER_DEFINED)}
+        self.special_re = regex.compile("|".join(regex.escape(t) for t in sorted(self.special, key=len, reverse=True))) \
+            if self.special else None
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.stop_ids = {eos_id, *stop_ids} - {None}
+        self.chat_template = chat_template
+        self.vocab_size = len(tokens)
+        self._to_unicode = _byte_to_unicode()
+        self._to_byte = {c: b for b, c in self._to_unicode.items()}
+        self._cache: dict[str, list[int]] = {}
+
+    def _pieces(self, text: str) -> list[str]:
+        pieces = [text]
+        for pattern in self.patterns:
+            pieces = [p for piece in pieces for p in _split_keeping_all(pattern, piece)]
+        return pieces
+
+    def _bpe(self, piece: str) -> list[int]:
+        if piece in self._cache:
+            return self._cache[piece]
+        word = [self._to_unicode[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            pairs = {(a, b) for a, b in zip(word, word[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        try:
+            ids = [self.ids[symbol] for symbol in word]
+        except KeyError as e:
+            raise TokenizerError(f"symbol {e.args[0]!r} is not in the vocabulary") from None
+        self._cache[piece] = ids
+        return ids
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, allow_special: bool = False) -> list[int]:
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
+        chunks = [text]
+        if allow_special and self.special_re:
+            chunks = _split_keeping_all(self.special_re, text)
+        for chunk in chunks:
+            if allow_special and chunk in self.special:
+                ids.append(self.special[chunk])
+            else:
+                ids += [i for piece in self._pieces(chunk) for i in self._bpe(piece)]
+        return ids + ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def token_bytes(self, token: int) -> bytes:
+        text = self.tokens[token]
+        if token in self.special.values():
+            return text.encode("utf-8")
+        return bytes(self._to_byte[c] for c in text)
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def _split_keeping_all(pattern, text: str) -> list[str]:
+    """Split text into the pattern's matches and the text between them, losing nothing."""
+    out, pos = [], 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            out.append(text[pos:m.start()])
+        if m.end() > m.start():
+            out.append(m.group())
+        pos = m.end()
+    if pos < len(text):
+        out.append(text[pos:])
+    return out
+
+
+class StreamDecoder:
+    """Token ids in, text out, holding back the bytes of a character not yet complete."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        return self.decoder.decode(self.tokenizer.token_bytes(token))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
