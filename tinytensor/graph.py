@@ -110,14 +110,17 @@ def plan_writes(g: nx.DiGraph) -> set[Node]:
 
 
 def plan(outputs) -> tuple[Schedule, dict[Node, Node]]:
-    """The schedule that computes `outputs` (unrealised nodes), and output -> canonical node."""
+    """The schedule that computes `outputs` (unrealised nodes), and {node: canonical node} for
+    every node that becomes a buffer: the outputs, and every write on the way (a write is a side
+    effect: once done, later graphs must read its result, not redo it)."""
     g = build_graph(outputs)
+    outputs = list(dict.fromkeys([*outputs, *(n for n in g if n.op == "assign")]))
     canonical = share_common_subexpressions(g)
     targets = list(dict.fromkeys(canonical[n] for n in outputs))
     remove_dead(g, targets)
     in_place = plan_writes(g)
     order = [n for n in nx.topological_sort(g) if not n.realized]
-    return Schedule(order, targets, in_place), canonical
+    return Schedule(order, targets, in_place), {n: canonical[n] for n in outputs}
 
 
 def describe(schedule: Schedule) -> str:

@@ -17,6 +17,7 @@ def realize(nodes) -> None:
     if not todo:
         return
     schedule, canonical = graph.plan(todo)
+    todo = list(canonical)  # the outputs and the writes made on the way
     backend = backends.current()
     if debug_level() >= 1:
         print(f"[tinytensor] {backend.name}: {len(schedule.nodes)} ops\n{graph.describe(schedule)}",
