@@ -211,7 +211,7 @@ def _gguf_tokenizer(path: Path, m: dict):
     if kind != "gpt2":
         raise TokenizerError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
     stops = [m[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in m]
-    return BPETokenizer(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.merges"], m["tokenizer.ggml.token_type"],
+    return BPETokenizer(m["tokenizer.ggml.tokens"], m.get("tokenizer.ggml.merges", []), m["tokenizer.ggml.token_type"],
                         m.get("tokenizer.ggml.pre", "default"), m.get("tokenizer.ggml.bos_token_id"),
                         m.get("tokenizer.ggml.eos_token_id"), bool(m.get("tokenizer.ggml.add_bos_token", False)),
                         m.get("tokenizer.chat_template"), stops)

@@ -17,8 +17,13 @@ from tinytensor.state import CheckpointError
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m models.llama3", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m models.llama3", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), help="a published Llama 3.1/3.2 size")
     p.add_argument("--checkpoint", help="a Hugging Face or Meta checkpoint folder, or a .gguf file")
     p.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r})")

@@ -50,22 +50,25 @@ def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# Meta's params.json describe FFN width by (multiple_of, ffn_dim_multiplier), per size
+META_FFN = {"1b": (256, 1.5), "3b": (256, 1.0), "8b": (1024, 1.3), "70b": (4096, 1.3), "405b": (4096, 1.2)}
+
 _LLAMA32 = RopeScaling(factor=32.0)  # Llama 3.2 1B/3B: factor 32 (Meta's reference code says 8)
 _LLAMA31 = RopeScaling(factor=8.0)
 
 SIZES = {
     "1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
-                      ffn_dim=meta_ffn_dim(2048, 256, 1.5), rope_scaling=_LLAMA32,
+                      ffn_dim=meta_ffn_dim(2048, *META_FFN["1b"]), rope_scaling=_LLAMA32,
                       tied_embeddings=True, name="Llama-3.2-1B"),
     "3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256,
-                      ffn_dim=meta_ffn_dim(3072, 256, 1.0), rope_scaling=_LLAMA32,
+                      ffn_dim=meta_ffn_dim(3072, *META_FFN["3b"]), rope_scaling=_LLAMA32,
                       tied_embeddings=True, name="Llama-3.2-3B"),
     "8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
-                      ffn_dim=meta_ffn_dim(4096, 1024, 1.3), rope_scaling=_LLAMA31, name="Llama-3.1-8B"),
+                      ffn_dim=meta_ffn_dim(4096, *META_FFN["8b"]), rope_scaling=_LLAMA31, name="Llama-3.1-8B"),
     "70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
-                       ffn_dim=meta_ffn_dim(8192, 4096, 1.3), rope_scaling=_LLAMA31, name="Llama-3.1-70B"),
+                       ffn_dim=meta_ffn_dim(8192, *META_FFN["70b"]), rope_scaling=_LLAMA31, name="Llama-3.1-70B"),
     "405b": LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256,
-                        ffn_dim=meta_ffn_dim(16384, 4096, 1.2), rope_scaling=_LLAMA31,
+                        ffn_dim=meta_ffn_dim(16384, *META_FFN["405b"]), rope_scaling=_LLAMA31,
                         name="Llama-3.1-405B"),
 }
 

@@ -83,13 +83,13 @@ class Llama:
     def forward(self, tokens: Tensor, start: int, cache: KVCache, last_only: bool = False) -> Tensor:
         """Logits [len(tokens), vocab] (or [1, vocab] with last_only) for tokens at positions
         start.. , given the cache filled for the positions before start."""
-        x = nn.embedding(tokens, self.w("tok_embeddings.weight"))
+        x = nn.embedding(tokens, self.w("tok_embeddings.weight")).cast(dtypes.float32)  # activations are f32
         for i in range(self.config.n_layers):
             x = self.block(i, x, start, cache)
         if last_only:
             x = x[-1:]
         head = self.w("tok_embeddings.weight" if self.config.tied_embeddings else "output.weight")
-        return nn.linear(nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps), head).cast(dtypes.float32)
+        return nn.linear(nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps), head)
 
     # ---- the Python API -------------------------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:

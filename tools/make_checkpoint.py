@@ -1,0 +1,191 @@
+"""Write Llama checkpoints with random weights in the exact on-disk layouts users have, for
+tests and benchmarks:
+
+    python -m tools.make_checkpoint --size 1b --layout hf --dtype bfloat16 OUT_FOLDER
+    python -m tools.make_checkpoint --size 1b --layout meta OUT_FOLDER     (needs torch)
+    python -m tools.make_checkpoint --size 1b --layout gguf --dtype float16 OUT.gguf
+
+Weights come in Meta's names and layout (models.checkpoint.random_weights); each writer turns
+them into its format, including Hugging Face's permuted q/k rows and Meta's shards.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from models import checkpoint
+from models.config import META_FFN, SIZES, LlamaConfig, meta_ffn_dim, size_of
+from ops import dtypes
+from tinytensor.state import safetensors_file
+
+HF_FROM_META = {meta: hf for hf, meta in checkpoint.HF_NAMES.items()}
+GGUF_FROM_META = {meta: g for g, meta in checkpoint.GGUF_NAMES.items()}
+
+
+def permute_for_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta's interleaved q/k rows -> HF's rotate-half order (HF's own conversion script)."""
+    rows, cols = w.shape
+    return np.ascontiguousarray(w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3)
+                                .reshape(rows, cols))
+
+
+def hf_config(c: LlamaConfig, dtype: dtypes.DType) -> dict:
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
+         "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+         "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size, "rms_norm_eps": c.norm_eps,
+         "rope_theta": c.rope_theta, "max_position_embeddings": c.max_context, "head_dim": c.head_dim,
+         "tie_word_embeddings": c.tied_embeddings, "torch_dtype": dtype.name, "hidden_act": "silu",
+         "bos_token_id": 128000, "eos_token_id": 128001}
+    if c.rope_scaling:
+        s = c.rope_scaling
+        d["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                             "high_freq_factor": s.high_freq_factor,
+                             "original_max_position_embeddings": s.original_context}
+    return d
+
+
+def write_hf(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dtype=dtypes.bfloat16,
+             shard_bytes: int = 5 << 30):
+    """config.json + model.safetensors, or model-0000x-of-0000y.safetensors with an index
+    when the weights exceed shard_bytes, as transformers' save_pretrained does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, w in weights.items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            if rest == "attention.wq.weight":
+                w = permute_for_hf(w, c.n_heads)
+            elif rest == "attention.wk.weight":
+                w = permute_for_hf(w, c.n_kv_heads)
+            hf_name = f"model.layers.{i}.{HF_FROM_META[rest]}"
+        else:
+            hf_name = {v: k for k, v in checkpoint.HF_TOP.items()}[name]
+        tensors[hf_name] = (dtypes.narrow(w, dtype), dtype)
+    (folder / "config.json").write_text(json.dumps(hf_config(c, dtype), indent=2))
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        if current and size + t[0].nbytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + t[0].nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        safetensors_file.write(folder / "model.safetensors", shards[0], {"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        safetensors_file.write(folder / fname, shard, {"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t[0].nbytes for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def write_meta(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dtype=dtypes.bfloat16,
+               shards: int = 1, ffn: tuple[int, float | None] | None = None):
+    """params.json + consolidated.NN.pth, split across `shards` as Meta's model parallelism
+    splits them. Uses torch.save: the real writer makes the real format. `ffn` is
+    (multiple_of, ffn_dim_multiplier) giving c.ffn_dim (known for the published sizes)."""
+    import torch
+
+    multiple_of, ffn_dim_multiplier = ffn or META_FFN[size_of(c)]
+    if meta_ffn_dim(c.dim, multiple_of, ffn_dim_multiplier) != c.ffn_dim:
+        raise ValueError(f"multiple_of={multiple_of}, ffn_dim_multiplier={ffn_dim_multiplier} do not give "
+                         f"ffn_dim {c.ffn_dim}")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype.name]
+    params = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+              "vocab_size": c.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_dim_multiplier,
+              "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "use_scaled_rope": c.rope_scaling is not None}
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    for k in range(shards):
+        state = {}
+        for name, w in weights.items():
+            axis = checkpoint.META_SHARD_AXIS.get(name.split(".")[-2])
+            part = w if axis is None or shards == 1 else np.split(w, shards, axis=axis)[k]
+            state[name] = torch.from_numpy(np.ascontiguousarray(part)).to(torch_dtype)
+        torch.save(state, folder / f"consolidated.{k:02d}.pth")
+
+
+def write_gguf(path: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dtype=dtypes.float16,
+               tokens: list[str] | None = None):
+    """A llama GGUF (F32 or F16 tensors; 1-D norms stay F32 as llama.cpp writes them), with a
+    byte-level vocabulary so that it loads stand-alone."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("random llama")
+    writer.add_block_count(c.n_layers)
+    writer.add_context_length(c.max_context)
+    writer.add_embedding_length(c.dim)
+    writer.add_feed_forward_length(c.ffn_dim)
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    if c.rope_scaling:
+        writer.add_string("llama.rope.scaling.type", "llama3")
+        writer.add_float32("llama.rope.scaling.factor", c.rope_scaling.factor)
+        writer.add_float32("llama.rope.scaling.low_freq_factor", c.rope_scaling.low_freq_factor)
+        writer.add_float32("llama.rope.scaling.high_freq_factor", c.rope_scaling.high_freq_factor)
+        writer.add_uint32("llama.rope.scaling.original_context_length", c.rope_scaling.original_context)
+    from models.tokenizer import _byte_to_unicode
+    tokens = tokens or [*_byte_to_unicode().values(), *(f"<|extra_{i}|>" for i in range(c.vocab_size - 256))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens[:c.vocab_size])
+    writer.add_token_types([1] * 256 + [3] * (c.vocab_size - 256))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(min(256, c.vocab_size - 1))
+    writer.add_eos_token_id(min(257, c.vocab_size - 1))
+    top = {v: k for k, v in checkpoint.GGUF_TOP.items()}
+    for name, w in weights.items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            gname = f"blk.{i}.{GGUF_FROM_META[rest]}"
+        else:
+            gname = top[name]
+        w = np.ascontiguousarray(w, dtype=np.float16 if dtype == dtypes.float16 and w.ndim > 1 else np.float32)
+        writer.add_tensor(gname, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def random_arrays(c: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    return {name: t.numpy() for name, t in checkpoint.random_weights(c, seed).items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tools.make_checkpoint", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--size", choices=list(SIZES), required=True)
+    p.add_argument("--layout", choices=["hf", "meta", "gguf"], required=True)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16")
+    p.add_argument("--shards", type=int, default=1, help="Meta layout: model-parallel shards")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.out.exists():
+        print(f"error: {args.out} exists; choose a new path (nothing was overwritten)", file=sys.stderr)
+        return 2
+    c = SIZES[args.size]
+    weights = random_arrays(c, args.seed)
+    dtype = dtypes.to_dtype(args.dtype)
+    if args.layout == "hf":
+        write_hf(args.out, c, weights, dtype)
+    elif args.layout == "meta":
+        write_meta(args.out, c, weights, dtype, args.shards)
+    else:
+        write_gguf(args.out, c, weights, dtype if dtype != dtypes.bfloat16 else dtypes.float16)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
