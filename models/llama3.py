@@ -171,11 +171,12 @@ def load(path_or_size=None, random_init: bool = False, dtype=None, context: int 
             raise ValueError(f"--random-init needs a size ({', '.join(SIZES)}), got {path_or_size!r}")
         config = SIZES[path_or_size]
         dt = dtypes.to_dtype(dtype or "float32")
-        need = config.n_params() * dt.itemsize
-        if need > 0.9 * available_memory():
+        need, free = config.n_params() * dt.itemsize, available_memory()
+        if need > 0.9 * free:
+            halved = dt.itemsize == 4 and need / 2 <= 0.9 * free
             raise MemoryError(f"{path_or_size} with random {dt.name} weights needs {need / 2**30:.1f} GiB "
-                              f"but {available_memory() / 2**30:.1f} GiB is free: pick a smaller size or "
-                              f"--dtype bfloat16")
+                              f"but {free / 2**30:.1f} GiB is free: "
+                              f"{'use --dtype bfloat16' if halved else 'pick a smaller size'}")
         tokenizer = Llama3Tokenizer(fetch("llama3-tokenizer"))
         return Llama(config, checkpoint.random_weights(config, dtype=dt), tokenizer, context)
     if path_or_size in SIZES:

@@ -145,10 +145,9 @@ class BPETokenizer:
                     merged.append(word[i])
                     i += 1
             word = merged
-        try:
-            ids = [self.ids[symbol] for symbol in word]
-        except KeyError as e:
-            raise TokenizerError(f"symbol {e.args[0]!r} is not in the vocabulary") from None
+        # A byte with no token of its own (SmolLM2 lacks 21 of them) is dropped, as the
+        # reference BPE does when the vocabulary has no unknown token.
+        ids = [self.ids[symbol] for symbol in word if symbol in self.ids]
         self._cache[piece] = ids
         return ids
 

