@@ -126,3 +126,17 @@ def test_llama3_chat_format_is_metas(llama3):
                                   "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|>"
                                   "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert ids[0] == 128000 and ids.count(128006) == 3
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_folder(smollm2_oracle, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_tokenizer")
+    smollm2_oracle.save_pretrained(folder)  # tokenizer.json + tokenizer_config.json, as HF folders hold
+    return folder
+
+
+@given(text=texts)
+def test_tokenizer_json_matches_transformers(hf_tokenizer_folder, smollm2_oracle, text):
+    from models.checkpoint import _tokenizer_json
+    ours = _tokenizer_json(hf_tokenizer_folder)
+    assert ours.encode(text, bos=False) == smollm2_oracle.encode(text, add_special_tokens=False)
