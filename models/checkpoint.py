@@ -16,7 +16,7 @@ from models import config as configs
 from models.tokenizer import BPETokenizer, Llama3Tokenizer, TokenizerError
 from ops import dtypes
 from tinytensor import Tensor
-from tinytensor.state import CheckpointError, gguf_file, pth_file, safetensors_file
+from tinytensor.state import CheckpointError, gguf_file, progress, pth_file, safetensors_file
 
 HF_NAMES = {  # Hugging Face name (after "model.layers.N.") -> Meta name (after "layers.N.")
     "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
@@ -65,7 +65,7 @@ def load(path: Path, dtype=None):
     config, arrays, tokenizer = {"hf": _load_hf, "meta": _load_meta, "gguf": _load_gguf}[kind](path)
     _check_shapes(path, config, arrays)
     weights = {}
-    for name, (array, dt) in arrays.items():
+    for name, (array, dt) in progress(arrays.items(), f"loading {path.name}", len(arrays)):
         t = Tensor.from_numpy(array, dt)
         weights[name] = t if dtype is None else t.cast(dtype).realize()
     return config, weights, tokenizer
@@ -251,7 +251,8 @@ def random_weights(c: configs.LlamaConfig, seed: int = 0, dtype=dtypes.float32) 
     1/sqrt(fan_in) scale so activations stay O(1); norms are ones."""
     rng = np.random.default_rng(seed)
     weights = {}
-    for name, shape in expected_shapes(c).items():
+    shapes = expected_shapes(c)
+    for name, shape in progress(shapes.items(), "random weights", len(shapes)):
         if len(shape) == 1:
             values = np.ones(shape, np.float32)
         else:

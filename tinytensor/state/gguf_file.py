@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from ops import dtypes
-from tinytensor.state import CheckpointError
+from tinytensor.state import CheckpointError, progress
 
 
 def _open(path: Path):
@@ -37,7 +37,7 @@ def read(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dtypes.DType]]]:
     path = Path(path)
     reader, metadata = _open(path)
     tensors = {}
-    for t in reader.tensors:
+    for t in progress(reader.tensors, f"reading {path.name}"):
         shape = tuple(int(n) for n in reversed(t.shape))
         if t.tensor_type == Q.F32:
             tensors[t.name] = (t.data.reshape(shape), dtypes.float32)
