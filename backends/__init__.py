@@ -9,6 +9,7 @@ import os
 
 KNOWN = {
     "numpy": "backends.numpy_backend",
+    "llvm": "backends.llvm",
 }
 DEFAULT = "numpy"
 

@@ -1,0 +1,24 @@
+"""Running a schedule: the loop every backend shares. It hands each node's input arrays to the
+backend's `run_node`, performs the planned in-place writes, and drops intermediates as soon as
+their last reader has run."""
+from ops.movement import slices_of
+
+
+def run_schedule(schedule, run_node) -> list:
+    last_use = {}
+    for i, node in enumerate(schedule.nodes):
+        for src in node.srcs:
+            last_use[src] = i
+    keep = set(schedule.outputs)
+    values = {}
+    for i, node in enumerate(schedule.nodes):
+        arrays = [values[s] if s in values else s.buffer for s in node.srcs]
+        if node in schedule.in_place:
+            arrays[0][slices_of(node.arg)] = arrays[1]
+            values[node] = arrays[0]
+        else:
+            values[node] = run_node(node, arrays)
+        for src in node.srcs:
+            if last_use.get(src) == i and src in values and src not in keep:
+                del values[src]
+    return [values[n] for n in schedule.outputs]

@@ -1,0 +1,374 @@
+"""LLVM IR for kernels, as text.
+
+A kernel evaluates a *program* — a short list of elementwise instructions over its inputs, as the
+fusion pass leaves them (one instruction when nothing was fused) — inside a loop nest over the
+output, optionally reducing the innermost axis. Values live as float (every float dtype),
+iN (ints) or i1 (bool); float16/bfloat16 are widened when loaded and rounded when stored, and
+after every instruction whose result has a half dtype, so a fused kernel rounds exactly where the
+unfused ops would.
+
+Strides are in elements; the innermost stride of each operand is baked in when it is 0 or 1, so
+the loop vectoriser sees a unit-stride or broadcast stream.
+"""
+import struct
+
+from ops import dtypes
+
+STORAGE = {"float32": "float", "float16": "half", "bfloat16": "i16", "int8": "i8", "int32": "i32",
+           "int64": "i64", "bool": "i8"}
+
+
+def compute_type(d) -> str:
+    return "float" if d.is_float else "i1" if d == dtypes.bool_ else STORAGE[d.name]
+
+
+def float_literal(v) -> str:
+    """LLVM spells a float constant as the 64-bit hex of the same value as a double."""
+    import numpy as np
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(np.float32(v))))[0]
+
+
+class Emitter:
+    def __init__(self):
+        self.lines, self.n = [], 0
+
+    def tmp(self) -> str:
+        self.n += 1
+        return f"%t{self.n}"
+
+    def op(self, text: str) -> str:
+        r = self.tmp()
+        self.lines.append(f"  {r} = {text}")
+        return r
+
+    def raw(self, text: str):
+        self.lines.append(text)
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def load(self, ptr: str, d) -> str:
+        v = self.op(f"load {STORAGE[d.name]}, ptr {ptr}")
+        if d == dtypes.float16:
+            return self.op(f"fpext half {v} to float")
+        if d == dtypes.bfloat16:
+            wide = self.op(f"zext i16 {v} to i32")
+            return self.op(f"bitcast i32 {self.op(f'shl i32 {wide}, 16')} to float")
+        if d == dtypes.bool_:
+            return self.op(f"icmp ne i8 {v}, 0")
+        return v
+
+    def store(self, value: str, ptr: str, d):
+        if d == dtypes.float16:
+            value = self.op(f"fptrunc float {value} to half")
+        elif d == dtypes.bfloat16:
+            bits = self.op(f"bitcast float {self.round_bf16(value)} to i32")
+            value = self.op(f"trunc i32 {self.op(f'lshr i32 {bits}, 16')} to i16")
+        elif d == dtypes.bool_:
+            value = self.op(f"zext i1 {value} to i8")
+        self.raw(f"  store {STORAGE[d.name]} {value}, ptr {ptr}")
+
+    def round_bf16(self, x: str) -> str:
+        """Round a float to the nearest bfloat16 (ties to even), keeping NaN a NaN."""
+        bits = self.op(f"bitcast float {x} to i32")
+        lsb = self.op(f"and i32 {self.op(f'lshr i32 {bits}, 16')}, 1")
+        rounded = self.op(f"add i32 {bits}, {self.op(f'add i32 {lsb}, 32767')}")
+        quiet = self.op(f"or i32 {bits}, 4194304")
+        isnan = self.op(f"fcmp uno float {x}, {x}")
+        kept = self.op(f"and i32 {self.op(f'select i1 {isnan}, i32 {quiet}, i32 {rounded}')}, -65536")
+        return self.op(f"bitcast i32 {kept} to float")
+
+    def round_to(self, x: str, d) -> str:
+        if d == dtypes.float16:
+            return self.op(f"fpext half {self.op(f'fptrunc float {x} to half')} to float")
+        if d == dtypes.bfloat16:
+            return self.round_bf16(x)
+        return x
+
+    # ---- one instruction ------------------------------------------------------------------------
+    def instruction(self, op: str, arg, args: list[str], in_types: list, out) -> str:
+        t = compute_type(in_types[0]) if in_types else compute_type(out)
+        f = t == "float"
+        x = args[0] if args else None
+        if op == "const":
+            value = arg[0]
+            if out.is_float:
+                return self.op(f"fadd float {float_literal(value)}, 0.0")
+            return self.op(f"add {t} {int(bool(value)) if t == 'i1' else int(value)}, 0")
+        if op == "cast":
+            return self.round_to(self.cast(x, in_types[0], out), out)
+        if op == "where":
+            return self.op(f"select i1 {x}, {compute_type(out)} {args[1]}, {compute_type(out)} {args[2]}")
+        simple = BINARY_FLOAT if f else BINARY_INT
+        if op in simple:
+            return self.op(simple[op].format(t=t, a=x, b=args[1]))
+        if op in COMPARE:
+            pred = COMPARE[op][0 if f else 1]
+            return self.op(f"{'fcmp' if f else 'icmp'} {pred} {t} {x}, {args[1]}")
+        if op in ("maximum", "minimum"):
+            if f:
+                return self.op(f"call float @llvm.{op}.f32(float {x}, float {args[1]})")
+            if t == "i1":
+                return self.op(f"{'or' if op == 'maximum' else 'and'} i1 {x}, {args[1]}")
+            return self.op(f"call {t} @llvm.s{op[:3]}.{t}({t} {x}, {t} {args[1]})")
+        return self.unary(op, x, t)
+
+    def unary(self, op: str, x: str, t: str) -> str:
+        if t != "float":
+            if op == "neg":
+                return self.op(f"sub {t} 0, {x}")
+            if op == "abs":
+                return self.op(f"call {t} @llvm.abs.{t}({t} {x}, i1 false)")
+            if op == "relu":
+                return self.op(f"call {t} @llvm.smax.{t}({t} {x}, {t} 0)")
+            raise NotImplementedError(op)
+        if op == "neg":
+            return self.op(f"fneg float {x}")
+        if op == "rsqrt":
+            return self.op(f"fdiv float 1.0, {self.op(f'call float @llvm.sqrt.f32(float {x})')}")
+        if op == "relu":
+            return self.op(f"call float @llvm.maximum.f32(float {x}, float 0.0)")
+        if op in ("sigmoid", "silu"):
+            e = self.op(f"call float @llvm.exp.f32(float {self.op(f'fneg float {x}')})")
+            s = self.op(f"fdiv float 1.0, {self.op(f'fadd float 1.0, {e}')}")
+            return s if op == "sigmoid" else self.op(f"fmul float {x}, {s}")
+        if op == "tanh":
+            return self.op(f"call float @tanhf(float {x})")
+        return self.op(f"call float @llvm.{UNARY_INTRINSIC[op]}.f32(float {x})")
+
+    def cast(self, x: str, src, dst) -> str:
+        s, d = compute_type(src), compute_type(dst)
+        if s == d:
+            return x
+        if d == "i1":
+            return self.op(f"fcmp une float {x}, 0.0" if s == "float" else f"icmp ne {s} {x}, 0")
+        if s == "float":
+            return self.op(f"fptosi float {x} to {d}")
+        if d == "float":
+            return self.op(f"{'uitofp' if s == 'i1' else 'sitofp'} {s} {x} to float")
+        bits = {"i1": 1, "i8": 8, "i32": 32, "i64": 64}
+        if bits[s] < bits[d]:
+            return self.op(f"{'zext' if s == 'i1' else 'sext'} {s} {x} to {d}")
+        return self.op(f"trunc {s} {x} to {d}")
+
+
+BINARY_FLOAT = {"add": "fadd {t} {a}, {b}", "sub": "fsub {t} {a}, {b}", "mul": "fmul {t} {a}, {b}",
+                "div": "fdiv {t} {a}, {b}", "pow": "call float @llvm.pow.f32(float {a}, float {b})"}
+BINARY_INT = {"add": "add {t} {a}, {b}", "sub": "sub {t} {a}, {b}", "mul": "mul {t} {a}, {b}"}
+COMPARE = {"cmplt": ("olt", "slt"), "cmple": ("ole", "sle"), "cmpgt": ("ogt", "sgt"),
+           "cmpge": ("oge", "sge"), "cmpeq": ("oeq", "eq"), "cmpne": ("une", "ne")}
+UNARY_INTRINSIC = {"exp": "exp", "log": "log", "sqrt": "sqrt", "sin": "sin", "cos": "cos", "abs": "fabs"}
+
+DECLARATIONS = """
+declare float @llvm.exp.f32(float)
+declare float @llvm.log.f32(float)
+declare float @llvm.sqrt.f32(float)
+declare float @llvm.sin.f32(float)
+declare float @llvm.cos.f32(float)
+declare float @llvm.fabs.f32(float)
+declare float @llvm.pow.f32(float, float)
+declare float @llvm.maximum.f32(float, float)
+declare float @llvm.minimum.f32(float, float)
+declare float @tanhf(float)
+""" + "".join(f"declare {t} @llvm.{f}.{t}({t}, {t})\n" for t in ("i8", "i32", "i64") for f in ("smax", "smin")) \
+    + "".join(f"declare {t} @llvm.abs.{t}({t}, i1)\n" for t in ("i8", "i32", "i64"))
+
+
+# ---- programs -------------------------------------------------------------------------------------
+
+def evaluate(e: Emitter, program, in_types, loaded: list[str]) -> str:
+    """Emit a program's instructions on already-loaded input values; return the result."""
+    values, types = list(loaded), list(in_types)
+    for op, arg, operands, out in program:
+        result = e.instruction(op, arg, [values[i] for i in operands], [types[i] for i in operands], out)
+        if op not in ("cast", "const"):
+            result = e.round_to(result, out) if out.is_float else result
+        values.append(result)
+        types.append(out)
+    return values[-1]
+
+
+def elementwise_kernel(name: str, program, in_types, out_type, rank: int, inner_strides) -> str:
+    """void name(i64 start, i64 end, ptr dims, ptr strides, ptr out, ptr in0, ...): the
+    outermost axis runs from start to end (a thread's share); strides[j * rank + d] is operand
+    j's stride (j = 0 is the output) along axis d."""
+    return _loop_kernel(name, program, in_types, out_type, rank, inner_strides, reduce=None)
+
+
+def reduce_kernel(name: str, program, in_types, out_type, rank: int, inner_strides, reduce: str) -> str:
+    """Like elementwise_kernel, but the innermost axis is reduced (sum, max or min) into one
+    output element per outer index: the output's innermost stride is ignored."""
+    return _loop_kernel(name, program, in_types, out_type, rank, inner_strides, reduce=reduce)
+
+
+def _loop_kernel(name, program, in_types, out_type, rank, inner_strides, reduce):
+    n_ops = len(in_types) + 1
+    e = Emitter()
+    types = [out_type, *in_types]
+    args = ", ".join([f"ptr noalias %p{j}" for j in range(n_ops)])
+    e.raw(f"define void @{name}(i64 %start, i64 %end, ptr %dims, ptr %strides, {args}) {{")
+    e.raw("entry:")
+    dims = [e.op(f"load i64, ptr {e.op(f'getelementptr i64, ptr %dims, i64 {d}')}") for d in range(rank)]
+    stride = {}
+    for j in range(n_ops):
+        for d in range(rank):
+            fixed = inner_strides[j] if d == rank - 1 else None
+            stride[j, d] = str(fixed) if fixed is not None else \
+                e.op(f"load i64, ptr {e.op(f'getelementptr i64, ptr %strides, i64 {j * rank + d}')}")
+    base = {j: "0" for j in range(n_ops)}
+    e.raw("  br label %loop0.pre")
+    _emit_loops(e, 0, rank, dims, stride, base, types, program, reduce)
+    e.raw("exit:\n  ret void\n}")
+    return DECLARATIONS + "\n".join(e.lines) + "\n"
+
+
+def _emit_loops(e, d, rank, dims, stride, base, types, program, reduce):
+    """Loop d over its axis; the innermost loop body evaluates the program (and reduces)."""
+    n_ops = len(types)
+    lo, hi = ("%start", "%end") if d == 0 else ("0", dims[d])
+    after = "exit" if d == 0 else f"loop{d - 1}.latch"
+    innermost = d == rank - 1
+    e.raw(f"loop{d}.pre:")
+    e.raw(f"  %empty{d} = icmp sge i64 {lo}, {hi}")
+    init = ""
+    if innermost and reduce:
+        init = _identity(reduce, types[0])
+    e.raw(f"  br i1 %empty{d}, label %loop{d}.done, label %loop{d}")
+    e.raw(f"loop{d}:")
+    e.raw(f"  %i{d} = phi i64 [{lo}, %loop{d}.pre], [%i{d}.next, %loop{d}.latch]")
+    acc_type = compute_type(types[0]) if reduce else None
+    if innermost and reduce:
+        e.raw(f"  %acc = phi {acc_type} [{init}, %loop{d}.pre], [%acc.next, %loop{d}.latch]")
+    offsets = {j: e.op(f"add i64 {base[j]}, {e.op(f'mul i64 %i{d}, {stride[j, d]}')}") for j in range(n_ops)}
+    if innermost:
+        loaded = [e.load(e.op(f"getelementptr {STORAGE[types[j].name]}, ptr %p{j}, i64 {offsets[j]}"), types[j])
+                  for j in range(1, n_ops)]
+        value = evaluate(e, program, types[1:], loaded)
+        if reduce:
+            e.raw(f"  %acc.next = {_combine(reduce, acc_type, '%acc', value)}")
+        else:
+            e.store(value, e.op(f"getelementptr {STORAGE[types[0].name]}, ptr %p0, i64 {offsets[0]}"), types[0])
+        e.raw(f"  br label %loop{d}.latch")
+    else:
+        e.raw(f"  br label %loop{d + 1}.pre")
+        _emit_loops(e, d + 1, rank, dims, stride, offsets, types, program, reduce)
+    e.raw(f"loop{d}.latch:")
+    e.raw(f"  %i{d}.next = add i64 %i{d}, 1")
+    e.raw(f"  %more{d} = icmp slt i64 %i{d}.next, {hi}")
+    e.raw(f"  br i1 %more{d}, label %loop{d}, label %loop{d}.done")
+    e.raw(f"loop{d}.done:")
+    if innermost and reduce:
+        e.raw(f"  %acc.out = phi {acc_type} [{init}, %loop{d}.pre], [%acc.next, %loop{d}.latch]")
+        e.store("%acc.out", e.op(f"getelementptr {STORAGE[types[0].name]}, ptr %p0, i64 {base[0]}"), types[0])
+    e.raw(f"  br label %{after}")
+
+
+def _identity(reduce, d) -> str:
+    t = compute_type(d)
+    if reduce == "sum":
+        return "0.0" if t == "float" else "0"
+    if t == "float":
+        return "0xFFF0000000000000" if reduce == "max" else "0x7FF0000000000000"
+    if t == "i1":
+        return "false" if reduce == "max" else "true"
+    bits = {"i8": 8, "i32": 32, "i64": 64}[t]
+    return str(-(1 << (bits - 1))) if reduce == "max" else str((1 << (bits - 1)) - 1)
+
+
+def _combine(reduce, t, acc, value) -> str:
+    if reduce == "sum":
+        # reassoc lets LLVM keep several partial sums in vector registers
+        return f"fadd reassoc {t} {acc}, {value}" if t == "float" else f"add {t} {acc}, {value}"
+    if t == "float":
+        return f"call float @llvm.{'maximum' if reduce == 'max' else 'minimum'}.f32(float {acc}, float {value})"
+    if t == "i1":
+        return f"{'or' if reduce == 'max' else 'and'} i1 {acc}, {value}"
+    return f"call {t} @llvm.s{reduce}.{t}({t} {acc}, {t} {value})"
+
+
+# ---- matrix products ------------------------------------------------------------------------------
+
+def matmul_nt_kernel(name: str, a_type, w_type, c_type, mr: int, nr: int) -> str:
+    """C[m, n] = sum_k A[m, k] * W[n, k]: both operands run along k with unit stride, the form of
+    x @ W.T with PyTorch-layout weights. Each step computes an mr x nr block of C from mr rows of
+    A and nr rows of W, so every weight element loaded feeds mr multiply-adds; the k loop is a set
+    of reductions the vectoriser turns into vector accumulators. With M = 1 (decode) this streams
+    each weight row exactly once.
+
+    void name(i64 n0, i64 n1, i64 M, i64 K, ptr A, i64 lda, ptr W, i64 ldw, ptr C, i64 ldc):
+    columns n0..n1 (a multiple of nr) and all M rows (a multiple of mr)."""
+    e = Emitter()
+    e.raw(f"define void @{name}(i64 %n0, i64 %n1, i64 %M, i64 %K, ptr noalias %A, i64 %lda, "
+          f"ptr noalias %W, i64 %ldw, ptr noalias %C, i64 %ldc) {{")
+    e.raw("entry:\n  %none = icmp sge i64 %n0, %n1\n  br i1 %none, label %exit, label %n.loop")
+    e.raw("n.loop:\n  %n = phi i64 [%n0, %entry], [%n.next, %m.done]")
+    e.raw("  br label %m.loop")
+    e.raw("m.loop:\n  %m = phi i64 [0, %n.loop], [%m.next, %k.done]")
+    rows = [e.op(f"mul i64 {e.op(f'add i64 %m, {r}')}, %lda") for r in range(mr)]
+    cols = [e.op(f"mul i64 {e.op(f'add i64 %n, {c}')}, %ldw") for c in range(nr)]
+    e.raw("  %kempty = icmp sle i64 %K, 0\n  br i1 %kempty, label %k.done, label %k.loop")
+    e.raw("k.loop:\n  %k = phi i64 [0, %m.loop], [%k.next, %k.loop]")
+    for r in range(mr):
+        for c in range(nr):
+            e.raw(f"  %acc{r}_{c} = phi float [0.0, %m.loop], [%acc{r}_{c}.next, %k.loop]")
+    a = [e.load(e.op(f"getelementptr {STORAGE[a_type.name]}, ptr %A, i64 {e.op(f'add i64 {rows[r]}, %k')}"), a_type)
+         for r in range(mr)]
+    w = [e.load(e.op(f"getelementptr {STORAGE[w_type.name]}, ptr %W, i64 {e.op(f'add i64 {cols[c]}, %k')}"), w_type)
+         for c in range(nr)]
+    for r in range(mr):
+        for c in range(nr):
+            prod = e.op(f"fmul contract float {a[r]}, {w[c]}")
+            e.raw(f"  %acc{r}_{c}.next = fadd reassoc contract float %acc{r}_{c}, {prod}")
+    e.raw("  %k.next = add i64 %k, 1\n  %k.more = icmp slt i64 %k.next, %K")
+    e.raw("  br i1 %k.more, label %k.loop, label %k.done")
+    e.raw("k.done:")
+    for r in range(mr):
+        for c in range(nr):
+            e.raw(f"  %sum{r}_{c} = phi float [0.0, %m.loop], [%acc{r}_{c}.next, %k.loop]")
+    for r in range(mr):
+        for c in range(nr):
+            row = e.op(f"mul i64 {e.op(f'add i64 %m, {r}')}, %ldc")
+            at = e.op(f"add i64 {row}, {e.op(f'add i64 %n, {c}')}")
+            e.store(f"%sum{r}_{c}", e.op(f"getelementptr {STORAGE[c_type.name]}, ptr %C, i64 {at}"), c_type)
+    e.raw(f"  %m.next = add i64 %m, {mr}\n  %m.more = icmp slt i64 %m.next, %M")
+    e.raw("  br i1 %m.more, label %m.loop, label %m.done")
+    e.raw(f"m.done:\n  %n.next = add i64 %n, {nr}\n  %n.more = icmp slt i64 %n.next, %n1")
+    e.raw("  br i1 %n.more, label %n.loop, label %exit")
+    e.raw("exit:\n  ret void\n}")
+    return DECLARATIONS + "\n".join(e.lines) + "\n"
+
+
+def matmul_nn_kernel(name: str, a_type, b_type) -> str:
+    """C[m, :] = sum_k A[m, k] * B[k, :] for B with rows of unit stride (p @ v in attention):
+    the n loop is a vectorised multiply-add into a float32 row of C.
+
+    void name(i64 m0, i64 m1, i64 N, i64 K, ptr A, i64 lda, ptr B, i64 ldb, ptr C, i64 ldc)"""
+    e = Emitter()
+    e.raw(f"define void @{name}(i64 %m0, i64 %m1, i64 %N, i64 %K, ptr noalias %A, i64 %lda, "
+          f"ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) {{")
+    e.raw("entry:\n  %none = icmp sge i64 %m0, %m1\n  %empty = icmp sle i64 %N, 0\n  %skip = or i1 %none, %empty")
+    e.raw("  br i1 %skip, label %exit, label %m.loop")
+    e.raw("m.loop:\n  %m = phi i64 [%m0, %entry], [%m.next, %k.done]")
+    crow = e.op("mul i64 %m, %ldc")
+    e.raw("  br label %zero")
+    e.raw("zero:\n  %z = phi i64 [0, %m.loop], [%z.next, %zero]")
+    zero_at = e.op(f"add i64 {crow}, %z")
+    e.raw(f"  store float 0.0, ptr {e.op(f'getelementptr float, ptr %C, i64 {zero_at}')}")
+    e.raw("  %z.next = add i64 %z, 1\n  %z.more = icmp slt i64 %z.next, %N\n  br i1 %z.more, label %zero, label %k.pre")
+    e.raw("k.pre:\n  %kempty = icmp sle i64 %K, 0\n  br i1 %kempty, label %k.done, label %k.loop")
+    e.raw("k.loop:\n  %k = phi i64 [0, %k.pre], [%k.next, %n.done]")
+    arow = e.op(f"add i64 {e.op('mul i64 %m, %lda')}, %k")
+    a = e.load(e.op(f"getelementptr {STORAGE[a_type.name]}, ptr %A, i64 {arow}"), a_type)
+    brow = e.op("mul i64 %k, %ldb")
+    e.raw("  br label %n.loop")
+    e.raw("n.loop:\n  %n = phi i64 [0, %k.loop], [%n.next, %n.loop]")
+    b = e.load(e.op(f"getelementptr {STORAGE[b_type.name]}, ptr %B, i64 {e.op(f'add i64 {brow}, %n')}"), b_type)
+    cptr = e.op(f"getelementptr float, ptr %C, i64 {e.op(f'add i64 {crow}, %n')}")
+    old = e.op(f"load float, ptr {cptr}")
+    product = e.op(f"fmul contract float {a}, {b}")
+    e.raw(f"  store float {e.op(f'fadd contract float {old}, {product}')}, ptr {cptr}")
+    e.raw("  %n.next = add i64 %n, 1\n  %n.more = icmp slt i64 %n.next, %N\n  br i1 %n.more, label %n.loop, label %n.done")
+    e.raw("n.done:\n  %k.next = add i64 %k, 1\n  %k.more = icmp slt i64 %k.next, %K")
+    e.raw("  br i1 %k.more, label %k.loop, label %k.done")
+    e.raw("k.done:\n  %m.next = add i64 %m, 1\n  %m.more = icmp slt i64 %m.next, %m1")
+    e.raw("  br i1 %m.more, label %m.loop, label %exit")
+    e.raw("exit:\n  ret void\n}")
+    return DECLARATIONS + "\n".join(e.lines) + "\n"

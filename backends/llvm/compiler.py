@@ -1,0 +1,49 @@
+"""JIT compilation for the host with MCJIT, cached by the IR's hash: in memory for this
+process, and as object code on disk ($TT_CACHE/llvm) so a second process does not recompile."""
+import ctypes
+import hashlib
+import os
+from pathlib import Path
+
+import llvmlite.binding as llvm
+
+from backends.llvm.target import host, machine, optimize
+
+_functions: dict[str, object] = {}
+_engines = []  # compiled code lives as long as its engine
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("TT_CACHE") or Path.home() / ".cache" / "tinytensor"
+    return Path(base) / "llvm" / hashlib.sha256(repr(host()).encode()).hexdigest()[:16]
+
+
+def compile_function(ir: str, name: str, argtypes: list):
+    """A ctypes function for `name` in module `ir`, compiled once per distinct IR."""
+    key = hashlib.sha256(ir.encode()).hexdigest()
+    if key in _functions:
+        return _functions[key]
+    target = host()
+    disk = cache_dir() / f"{key}.o"
+    if disk.exists():
+        module = llvm.parse_assembly(ir)  # symbols only: the object code comes from the cache
+        module.triple = target.triple
+    else:
+        module = optimize(ir, target)
+    engine = llvm.create_mcjit_compiler(module, machine(target))
+
+    def save(_module, buffer):
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        partial = disk.with_suffix(".part")
+        partial.write_bytes(buffer)
+        partial.rename(disk)
+
+    def load(_module):
+        return disk.read_bytes() if disk.exists() else None
+
+    engine.set_object_cache(save, load)
+    engine.finalize_object()
+    _engines.append(engine)
+    fn = ctypes.CFUNCTYPE(None, *argtypes)(engine.get_function_address(name))
+    _functions[key] = fn
+    return fn

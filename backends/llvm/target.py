@@ -1,0 +1,66 @@
+"""What the LLVM lowering compiles for: a triple, a CPU name and its features. The host is the
+default; any other target (aarch64 NEON, x86-64 with or without AVX-512) only changes these
+three strings, which is what makes the backend retargetable."""
+from dataclasses import dataclass
+from functools import lru_cache
+
+import llvmlite.binding as llvm
+
+
+@dataclass(frozen=True)
+class Target:
+    triple: str
+    cpu: str
+    features: str
+
+    @property
+    def arch(self) -> str:
+        return self.triple.split("-")[0]
+
+
+@lru_cache(maxsize=1)
+def _init():
+    llvm.initialize_all_targets()      # every architecture, so foreign targets can emit assembly
+    llvm.initialize_all_asmprinters()
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+
+
+@lru_cache(maxsize=1)
+def host() -> Target:
+    """This CPU, with its real name and features: without them LLVM assumes a generic x86-64
+    and loses AVX2 and FMA."""
+    _init()
+    return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
+
+
+X86_64_AVX2 = Target("x86_64-unknown-linux-gnu", "haswell", "+avx,+avx2,+fma,+f16c")
+X86_64_AVX512 = Target("x86_64-unknown-linux-gnu", "skylake-avx512", "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl")
+AARCH64_NEON = Target("aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+fp-armv8,+fullfp16")
+
+
+@lru_cache(maxsize=None)
+def machine(target: Target):
+    _init()
+    return llvm.Target.from_triple(target.triple).create_target_machine(
+        cpu=target.cpu, features=target.features, opt=3, codemodel="jitdefault", jit=target == host())
+
+
+def optimize(ir: str, target: Target):
+    """Parse and optimise a module with the new pass manager, loop and SLP vectorisers on."""
+    tm = machine(target)
+    module = llvm.parse_assembly(ir)
+    module.triple, module.data_layout = target.triple, str(tm.target_data)
+    module.verify()
+    options = llvm.create_pipeline_tuning_options(speed_level=3)
+    options.loop_vectorization = True
+    options.slp_vectorization = True
+    options.loop_unrolling = True
+    builder = llvm.create_pass_builder(tm, options)
+    builder.getModulePassManager().run(module, builder)
+    return module
+
+
+def assembly(ir: str, target: Target) -> str:
+    """The machine code a module becomes on `target`, as text (no need to run it)."""
+    return machine(target).emit_assembly(optimize(ir, target))
