@@ -17,6 +17,7 @@ import numpy as np
 from models.config import SIZES, LlamaConfig, rope_frequencies
 from models.tokenizer import Llama3Tokenizer
 from tinytensor import Tensor, dtypes, nn
+from tinytensor.jit import jit
 from tinytensor.state import CheckpointError
 
 
@@ -53,21 +54,22 @@ class Llama:
         return self.weights[name]
 
     # ---- the blocks, bottom up ----------------------------------------------------------------
-    def attention(self, i: int, x: Tensor, start: int, cache: KVCache) -> Tensor:
+    def attention(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         c, p = self.config, f"layers.{i}.attention."
         seq = x.shape[0]
         q = nn.linear(x, self.w(p + "wq.weight")).reshape(seq, c.n_heads, c.head_dim)
         k = nn.linear(x, self.w(p + "wk.weight")).reshape(seq, c.n_kv_heads, c.head_dim)
         v = nn.linear(x, self.w(p + "wv.weight")).reshape(seq, c.n_kv_heads, c.head_dim)
-        cos = self.rope_cos[start:start + seq].reshape(seq, 1, c.head_dim // 2)
-        sin = self.rope_sin[start:start + seq].reshape(seq, 1, c.head_dim // 2)
+        cos = self.rope_cos[positions].reshape(seq, 1, c.head_dim // 2)
+        sin = self.rope_sin[positions].reshape(seq, 1, c.head_dim // 2)
         q, k = nn.rotary_embedding(q, cos, sin), nn.rotary_embedding(k, cos, sin)
 
-        end = start + seq
-        cache.keys[i][:, start:end] = k.transpose(0, 1)
-        cache.values[i][:, start:end] = v.transpose(0, 1)
-        keys, values = cache.keys[i][:, :end], cache.values[i][:, :end]
-        out = nn.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True)
+        # write this step's keys and values at their positions, then attend over the whole
+        # preallocated cache with the positions not yet written masked out
+        cache.keys[i].assign_at(start, k.transpose(0, 1), axis=1)
+        cache.values[i].assign_at(start, v.transpose(0, 1), axis=1)
+        visible = Tensor.arange(cache.length).reshape(1, cache.length) <= positions.reshape(seq, 1)
+        out = nn.scaled_dot_product_attention(q.transpose(0, 1), cache.keys[i], cache.values[i], attn_mask=visible)
         return nn.linear(out.transpose(0, 1).reshape(seq, c.n_heads * c.head_dim), self.w(p + "wo.weight"))
 
     def mlp(self, i: int, x: Tensor) -> Tensor:
@@ -75,17 +77,21 @@ class Llama:
         gate = nn.linear(x, self.w(p + "w1.weight")).silu()
         return nn.linear(gate * nn.linear(x, self.w(p + "w3.weight")), self.w(p + "w2.weight"))
 
-    def block(self, i: int, x: Tensor, start: int, cache: KVCache) -> Tensor:
+    def block(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         eps = self.config.norm_eps
-        x = x + self.attention(i, nn.rms_norm(x, self.w(f"layers.{i}.attention_norm.weight"), eps), start, cache)
+        h = nn.rms_norm(x, self.w(f"layers.{i}.attention_norm.weight"), eps)
+        x = x + self.attention(i, h, start, positions, cache)
         return x + self.mlp(i, nn.rms_norm(x, self.w(f"layers.{i}.ffn_norm.weight"), eps))
 
-    def forward(self, tokens: Tensor, start: int, cache: KVCache, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, start, cache: KVCache, last_only: bool = False) -> Tensor:
         """Logits [len(tokens), vocab] (or [1, vocab] with last_only) for tokens at positions
-        start.. , given the cache filled for the positions before start."""
+        start.. , given the cache filled for the positions before start. `start` may be a
+        one-element int tensor: then the graph does not depend on the position (see jit)."""
+        start = start if isinstance(start, Tensor) else Tensor([start])
+        positions = start + Tensor.arange(tokens.shape[0])
         x = nn.embedding(tokens, self.w("tok_embeddings.weight")).cast(dtypes.float32)  # activations are f32
         for i in range(self.config.n_layers):
-            x = self.block(i, x, start, cache)
+            x = self.block(i, x, start, positions, cache)
         if last_only:
             x = x[-1:]
         head = self.w("tok_embeddings.weight" if self.config.tied_embeddings else "output.weight")
@@ -106,6 +112,7 @@ class Llama:
         logits = self.forward(Tensor(np.asarray(ids, dtype=np.int64)), 0, cache, last_only=True).numpy()[-1]
         if on_prefill:
             on_prefill()
+        step = jit(lambda token, position: self.forward(token, position, cache))  # captured once
         history, pos = list(ids), len(ids)
         for _ in range(max_tokens):
             token = sampler(logits, history)
@@ -115,7 +122,7 @@ class Llama:
             if pos >= length:
                 return
             history.append(token)
-            logits = self.forward(Tensor(np.array([token], dtype=np.int64)), pos, cache).numpy()[-1]
+            logits = step(Tensor(np.array([token], dtype=np.int64)), Tensor([pos])).numpy()[-1]
             pos += 1
 
     def _check_length(self, n: int):

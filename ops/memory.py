@@ -51,3 +51,32 @@ def _assign_reference(xs, spec, shape, dtype):
 
 
 define("assign", _assign_infer, _assign_reference, computes=False)
+
+
+def _assign_at_infer(srcs, axis):
+    target, value, start = srcs
+    if start.dtype.is_float or start.dtype == dtypes.bool_ or start.shape not in ((), (1,)):
+        raise ValueError(f"assign_at: start must be one integer, got {start.shape} {start.dtype}")
+    rest = [n for i, n in enumerate(target.shape) if i != axis]
+    if len(value.shape) != len(target.shape) or [n for i, n in enumerate(value.shape) if i != axis] != rest \
+            or value.dtype != target.dtype or value.shape[axis] > target.shape[axis]:
+        raise ValueError(f"assign_at: value of shape {value.shape} ({value.dtype}) does not fit along axis "
+                         f"{axis} of {target.shape} ({target.dtype})")
+    return target.shape, target.dtype
+
+
+def region_at(arrays, axis):
+    """The region assign_at writes: value's extent along `axis`, from the start tensor's value."""
+    start = int(np.asarray(arrays[2]).reshape(-1)[0])
+    return (slice(None),) * axis + (slice(start, start + arrays[1].shape[axis]),)
+
+
+def _assign_at_reference(xs, axis, shape, dtype):
+    out = np.array(xs[0], copy=True)
+    out[region_at(xs, axis)] = xs[1]
+    return out
+
+
+# assign_at: like assign, but where the block starts along `axis` is a runtime value (a tensor),
+# so one captured graph writes a KV cache at every position
+define("assign_at", _assign_at_infer, _assign_at_reference, computes=False)

@@ -95,6 +95,7 @@ def test_write_into_a_tensor_that_shares_storage_does_not_leak(backend):
     a, b = Tensor.zeros(3).realize(Tensor.zeros(3))[0], None
     k, v = Tensor.zeros(3), Tensor.zeros(3)
     k.realize(v)  # the same constant twice: computed once, but each must own its storage
+    assert k.node.writable and v.node.writable and k.node.buffer is not v.node.buffer
     k[0] = 1.0
     k.realize()
     assert v.numpy().tolist() == [0.0, 0.0, 0.0]

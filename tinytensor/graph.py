@@ -42,6 +42,9 @@ class Node:
         return f"Node({self.op}, {self.shape}, {self.dtype.name})"
 
 
+WRITES = ("assign", "assign_at")  # the ops that write into their first input's buffer
+
+
 @dataclass
 class Schedule:
     """Work for a backend: compute `nodes` in order; `outputs` are the results asked for;
@@ -89,7 +92,13 @@ def share_common_subexpressions(g: nx.DiGraph) -> dict[Node, Node]:
 
 
 def remove_dead(g: nx.DiGraph, outputs) -> None:
-    keep = set(outputs).union(*(nx.ancestors(g, n) for n in outputs))
+    """Drop what no output needs (the duplicates CSE left behind): one walk back from all outputs."""
+    keep, stack = set(), list(outputs)
+    while stack:
+        node = stack.pop()
+        if node not in keep:
+            keep.add(node)
+            stack.extend(g.predecessors(node))
     g.remove_nodes_from([n for n in list(g) if n not in keep])
 
 
@@ -97,7 +106,7 @@ def plan_writes(g: nx.DiGraph) -> set[Node]:
     """Decide which assigns write into their target's buffer. That is allowed when the buffer
     belongs to the target alone and every other reader of it can run before the write."""
     in_place = set()
-    for node in [n for n in g if n.op == "assign"]:
+    for node in [n for n in g if n.op in WRITES]:
         target = node.srcs[0]
         if not (target.realized and target.writable):
             continue
@@ -114,7 +123,7 @@ def plan(outputs) -> tuple[Schedule, dict[Node, Node]]:
     every node that becomes a buffer: the outputs, and every write on the way (a write is a side
     effect: once done, later graphs must read its result, not redo it)."""
     g = build_graph(outputs)
-    outputs = list(dict.fromkeys([*outputs, *(n for n in g if n.op == "assign")]))
+    outputs = list(dict.fromkeys([*outputs, *(n for n in g if n.op in WRITES)]))
     canonical = share_common_subexpressions(g)
     targets = list(dict.fromkeys(canonical[n] for n in outputs))
     remove_dead(g, targets)

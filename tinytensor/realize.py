@@ -2,8 +2,6 @@
 and make the results buffers that later graphs read instead of recomputing."""
 import os
 import sys
-from collections import Counter
-
 import backends
 from tinytensor import graph
 
@@ -25,14 +23,17 @@ def realize(nodes) -> None:
     results = dict(zip(schedule.outputs, backend.execute(schedule)))
 
     # A buffer may take in-place writes only if nothing else can see its storage: not an input,
-    # not another result, not a view of either.
+    # not a view of one. Distinct tensors that computed the same value (merged by CSE) each get
+    # their own copy, so each can be written on its own (a KV cache of identical zero buffers).
     inputs = {id(s.buffer) for n in schedule.nodes for s in n.srcs if s.realized}
-    sharers = Counter(id(results[canonical[n]]) for n in todo)
+    handed_out = set()
     for node in todo:
         array = results[canonical[node]]
+        if id(array) in handed_out:
+            array = array.copy()
+        handed_out.add(id(array))
         if canonical[node] in schedule.in_place:
-            owned = sharers[id(array)] == 1  # the target's own storage, passed on to its new value
+            owned = True  # the target's own storage, passed on to its new value
         else:
-            owned = (array.flags.owndata and array.flags.writeable
-                     and id(array) not in inputs and sharers[id(array)] == 1)
+            owned = array.flags.owndata and array.flags.writeable and id(array) not in inputs
         node.become_buffer(array, bool(owned))

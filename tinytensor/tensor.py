@@ -403,6 +403,13 @@ class Tensor:
         region = tuple(len(range(*s)) for s in spec)
         self.node = Node("assign", (self.node, value.reshape(region).node), spec)
 
+    def assign_at(self, start: "Tensor", value, axis: int = 0) -> "Tensor":
+        """Write `value` into this tensor along `axis`, beginning at the integer held by `start`
+        (a tensor, so the position is data, not part of the graph's structure)."""
+        value = self._as_tensor(value).cast(self.dtype)
+        self.node = Node("assign_at", (self.node, value.node, start.node), self._axis(axis))
+        return self
+
     def assign(self, value) -> "Tensor":
         self[...] = value
         return self
