@@ -1,8 +1,7 @@
 """Running a schedule: the loop every backend shares. It hands each node's input arrays to the
 backend's `run_node`, performs the planned in-place writes, and drops intermediates as soon as
 their last reader has run."""
-from ops.memory import region_at
-from ops.movement import slices_of
+from ops.memory import write_in_place
 
 
 def run_schedule(schedule, run_node) -> list:
@@ -15,8 +14,7 @@ def run_schedule(schedule, run_node) -> list:
     for i, node in enumerate(schedule.nodes):
         arrays = [values[s] if s in values else s.buffer for s in node.srcs]
         if node in schedule.in_place:
-            region = region_at(arrays, node.arg) if node.op == "assign_at" else slices_of(node.arg)
-            arrays[0][region] = arrays[1]
+            write_in_place(node.op, node.arg, arrays)
             values[node] = arrays[0]
         else:
             values[node] = run_node(node, arrays)

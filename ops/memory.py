@@ -80,3 +80,8 @@ def _assign_at_reference(xs, axis, shape, dtype):
 # assign_at: like assign, but where the block starts along `axis` is a runtime value (a tensor),
 # so one captured graph writes a KV cache at every position
 define("assign_at", _assign_at_infer, _assign_at_reference, computes=False)
+
+
+def write_in_place(op: str, arg, arrays) -> None:
+    """What a backend does for a planned in-place assign/assign_at: arrays = target, value[, start]."""
+    arrays[0][region_at(arrays, arg) if op == "assign_at" else slices_of(arg)] = arrays[1]

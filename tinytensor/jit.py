@@ -41,7 +41,8 @@ class Capture:
         backend = backends.current()
         if self.runner is None:
             prepare = getattr(backend, "prepare", None)
-            self.runner = prepare(self.schedule) if prepare else (lambda: backend.execute(self.schedule))
+            self.runner = prepare(self.schedule, self.placeholders) if prepare else \
+                (lambda: backend.execute(self.schedule))
         (out,) = self.runner()
         return Tensor(Node.of_buffer(out, self.schedule.outputs[0].dtype, writable=False))
 

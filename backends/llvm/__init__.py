@@ -1,21 +1,29 @@
 """The LLVM backend: each scheduled kernel becomes native SIMD code for the host CPU, compiled
 once per kernel structure and run on all threads. Movement ops stay NumPy views (no copies),
 and ops without a native kernel yet (gather, cat, pad, argmax, random numbers...) run their
-NumPy reference, so every graph runs."""
+NumPy reference, so every graph runs.
+
+Each kernel is first turned into *calls*: compiled functions bound to their pointers and
+ranges, one per thread. Eager execution builds and runs them node by node; `prepare` builds them
+once for a captured schedule (see tinytensor.jit) over buffers fixed for its lifetime, so a
+replay is a flat list of native calls.
+"""
 import ctypes
+from functools import partial
 
 import numpy as np
 
 import ops
 from backends.executor import run_schedule
-from backends.llvm import codegen
+from backends.llvm import codegen, threads
 from backends.llvm.compiler import compile_function
-from backends.llvm.threads import parallel
 from ops import dtypes
 from ops.elementwise import BINARY, COMPARE, UNARY
+from ops.memory import write_in_place
 
 ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where", "cast"}
 REDUCE = {"sum", "max", "min"}
+VIEWS = {"reshape", "permute", "expand", "shrink"}
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 _kernels: dict = {}
 
@@ -51,7 +59,32 @@ def collapse(shape, operand_strides):
     return out_dims, out_strides
 
 
-def _run_loops(program, in_types, out_type, operands, dims, strides, reduce=None):
+class Plan:
+    """The calls that compute one node, plus the copies they need first and the small arrays
+    (dims, strides) their pointers refer to, kept alive as long as the calls."""
+
+    def __init__(self, fixed: bool):
+        self.fixed = fixed  # buffers stay put (a prepared replay): copies must be redone per run
+        self.steps, self.keep = [], []
+
+    def contiguous(self, a: np.ndarray) -> np.ndarray:
+        if a.flags.c_contiguous:
+            return a
+        if not self.fixed:
+            return np.ascontiguousarray(a)
+        copy = np.empty(a.shape, a.dtype)
+        self.steps.append(partial(np.copyto, copy, a))
+        return copy
+
+    def kernel(self, calls: list):
+        self.steps.append(partial(threads.run, calls))
+
+    def run(self):
+        for step in self.steps:
+            step()
+
+
+def _loop_calls(plan, program, in_types, out_type, operands, dims, strides, reduce=None):
     rank = len(dims)
     inner = tuple(s[-1] if s[-1] in (0, 1) else None for s in strides)
     key = ("reduce" if reduce else "ew", program, tuple(in_types), out_type, rank, inner, reduce)
@@ -59,111 +92,117 @@ def _run_loops(program, in_types, out_type, operands, dims, strides, reduce=None
     extra = (reduce,) if reduce else ()
     fn = _kernel(key, lambda name: build(name, program, in_types, out_type, rank, inner, *extra),
                  [I64, I64, P, P] + [P] * len(operands))
-    dims_arr = np.array(dims, np.int64)
-    strides_arr = np.array(strides, np.int64).reshape(-1)
-    work = int(np.prod(dims)) * (len(operands))
-    parallel(fn, dims[0], 1, work, dims_arr.ctypes.data, strides_arr.ctypes.data, *(a.ctypes.data for a in operands))
+    dims_arr, strides_arr = np.array(dims, np.int64), np.array(strides, np.int64).reshape(-1)
+    plan.keep += [dims_arr, strides_arr, *operands]
+    work = int(np.prod(dims)) * len(operands)
+    plan.kernel(threads.split(fn, dims[0], 1, work, dims_arr.ctypes.data, strides_arr.ctypes.data,
+                              *(a.ctypes.data for a in operands)))
 
 
-def elementwise(program, arrays, in_types, shape, out_type):
-    out = np.empty(shape, out_type.storage)
+def elementwise(plan, program, arrays, in_types, out, out_type):
     if out.size:
         operands = [out, *arrays]
-        dims, strides = collapse(shape, [_strides(a) for a in operands])
-        _run_loops(program, in_types, out_type, operands, dims, strides)
-    return out
+        dims, strides = collapse(out.shape, [_strides(a) for a in operands])
+        _loop_calls(plan, program, in_types, out_type, operands, dims, strides)
 
 
-def reduction(reduce, program, arrays, in_types, axes, shape, out_type):
+def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
     """Reduce `axes` of the program's value: kept axes outside, reduced axes in one inner loop."""
-    ndim = arrays[0].ndim
-    kept = [i for i in range(ndim) if i not in axes]
-    views = [np.transpose(a, kept + list(axes)) for a in arrays]
-    out = np.empty(shape, out_type.storage)
     if out.size == 0:
-        return out
+        return
     if arrays[0].size == 0:
-        out[...] = 0
-        return out
-    out_strides = [_strides(out)[i] for i in kept] + [0] * len(axes)
+        plan.steps.append(partial(out.fill, 0))
+        return
+    kept = [i for i in range(arrays[0].ndim) if i not in axes]
     nk = len(kept)
+    views = [np.transpose(a, kept + list(axes)) for a in arrays]
     red_dims, red_strides = collapse(views[0].shape[nk:], [_strides(v)[nk:] for v in views])
-    if len(red_dims) > 1:  # reduced axes that do not merge: copy once so they do
-        views = [np.ascontiguousarray(v) for v in views]
+    if len(red_dims) > 1:  # reduced axes that do not merge: copy so that they do
+        views = [plan.contiguous(v) for v in views]
         red_dims, red_strides = collapse(views[0].shape[nk:], [_strides(v)[nk:] for v in views])
-    kept_dims, kept_strides = collapse(views[0].shape[:nk], [out_strides[:nk]] + [_strides(v)[:nk] for v in views])
+    out_strides = [_strides(out)[i] for i in kept]
+    kept_dims, kept_strides = collapse(views[0].shape[:nk], [out_strides] + [_strides(v)[:nk] for v in views])
     strides = [k + r for k, r in zip(kept_strides, [[0]] + red_strides)]
-    _run_loops(program, in_types, out_type, [out, *views], kept_dims + red_dims, strides, reduce)
-    return out
+    _loop_calls(plan, program, in_types, out_type, [out, *views], kept_dims + red_dims, strides, reduce)
 
 
 def _block(m: int):
     return (1, 4) if m < 4 else (4, 2)
 
 
-def matmul(a, b, a_type, b_type, shape, out_type):
+MATMUL_ARGS = [I64, I64, I64, I64, P, I64, P, I64, P, I64]
+
+
+def matmul(plan, a, b, a_type, b_type, out, out_type):
     """Batched C = A @ B. B walked along k with unit stride (x @ W.T) uses the dot-product
-    kernel; B with unit-stride rows (p @ v) uses the row kernel; anything else is copied once."""
-    out = np.empty(shape, out_type.storage)
-    m, n, k = shape[-2], shape[-1], a.shape[-1]
+    kernel; B with unit-stride rows (p @ v) uses the row kernel; anything else is copied."""
+    m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
     if out.size == 0 or k == 0:
-        out[...] = 0
-        return out
+        plan.steps.append(partial(out.fill, 0))
+        return
     if a.strides[-1] != a.itemsize:
-        a = np.ascontiguousarray(a)
+        a = plan.contiguous(a)
     nt = b.strides[-2] == b.itemsize
     if not nt and b.strides[-1] != b.itemsize:
-        b = np.ascontiguousarray(b)
-    for idx in np.ndindex(shape[:-2]):
-        A, B, C = a[idx], b[idx], out[idx]
-        if nt:
-            _matmul_nt(A, B, C, a_type, b_type, out_type, m, n, k)
-        else:
-            _matmul_nn(A, B, C, a_type, b_type, out_type, m, n, k)
-    return out
+        b = plan.contiguous(b)
+    plan.keep += [a, b, out]
+    for idx in np.ndindex(out.shape[:-2]):
+        (_matmul_nt if nt else _matmul_nn)(plan, a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k)
 
 
-def _matmul_nt(A, B, C, a_type, b_type, c_type, m, n, k):
+def _matmul_nt(plan, A, B, C, a_type, b_type, c_type, m, n, k):
     mr, nr = _block(m)
     lda, ldw, ldc = A.strides[0] // A.itemsize, B.strides[1] // B.itemsize, C.strides[0] // C.itemsize
     mb, nb = m - m % mr, n - n % nr
-    args = [I64, I64, I64, I64, P, I64, P, I64, P, I64]
     for rows, row_block in ((range(0, mb), mr), (range(mb, m), 1)):
-        if not len(rows):
-            continue
-        a_ptr = A.ctypes.data + rows.start * A.strides[0]
-        c_ptr = C.ctypes.data + rows.start * C.strides[0]
         for cols, col_block in ((range(0, nb), nr), (range(nb, n), 1)):
-            if not len(cols):
+            if not len(rows) or not len(cols):
                 continue
-            key = ("nt", a_type, b_type, c_type, row_block, col_block)
-            fn = _kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, b_type, c_type, row_block, col_block),
-                         args)
-            parallel(fn, len(cols), col_block, len(cols) * k * B.itemsize, len(rows), k, a_ptr, lda,
-                     B.ctypes.data + cols.start * B.strides[1], ldw, c_ptr + cols.start * C.itemsize, ldc)
+            fn = _kernel(("nt", a_type, b_type, c_type, row_block, col_block),
+                         lambda name: codegen.matmul_nt_kernel(name, a_type, b_type, c_type, row_block, col_block),
+                         MATMUL_ARGS)
+            plan.kernel(threads.split(fn, len(cols), col_block, len(cols) * k * B.itemsize, len(rows), k,
+                                      A.ctypes.data + rows.start * A.strides[0], lda,
+                                      B.ctypes.data + cols.start * B.strides[1], ldw,
+                                      C.ctypes.data + rows.start * C.strides[0] + cols.start * C.itemsize, ldc))
 
 
-def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k):
+def _matmul_nn(plan, A, B, C, a_type, b_type, c_type, m, n, k):
     if c_type != dtypes.float32:  # the row kernel accumulates in C itself: float32 only
-        C[...] = ops.run_reference("matmul", [A, B], [a_type, b_type], None, C.shape, c_type)
+        plan.steps.append(lambda: np.copyto(C, ops.run_reference("matmul", [A, B], [a_type, b_type], None,
+                                                                  C.shape, c_type)))
         return
-    fn = _kernel(("nn", a_type, b_type), lambda name: codegen.matmul_nn_kernel(name, a_type, b_type),
-                 [I64, I64, I64, I64, P, I64, P, I64, P, I64])
-    parallel(fn, m, 1, m * n * k, n, k, A.ctypes.data, A.strides[0] // A.itemsize, B.ctypes.data,
-             B.strides[0] // B.itemsize, C.ctypes.data, C.strides[0] // C.itemsize)
+    fn = _kernel(("nn", a_type, b_type), lambda name: codegen.matmul_nn_kernel(name, a_type, b_type), MATMUL_ARGS)
+    plan.kernel(threads.split(fn, m, 1, m * n * k, n, k, A.ctypes.data, A.strides[0] // A.itemsize,
+                              B.ctypes.data, B.strides[0] // B.itemsize, C.ctypes.data, C.strides[0] // C.itemsize))
+
+
+def native(node) -> bool:
+    return (node.op in ELEMENTWISE and bool(node.srcs)) or node.op in REDUCE or \
+        (node.op == "matmul" and node.dtype.is_float)
+
+
+def plan_node(plan, node, arrays, out):
+    """Add the calls that compute `node` from `arrays` into `out`."""
+    in_types = [s.dtype for s in node.srcs]
+    if node.op in ELEMENTWISE:
+        program = ((node.op, node.arg, tuple(range(len(arrays))), node.dtype),)
+        elementwise(plan, program, arrays, in_types, out, node.dtype)
+    elif node.op in REDUCE:
+        program = (("cast", node.dtype, (0,), node.dtype),)  # the identity: read the input as is
+        reduction(plan, node.op, program, arrays, in_types, node.arg, out, node.dtype)
+    else:
+        matmul(plan, *arrays, *in_types, out, node.dtype)
 
 
 def run_node(node, arrays):
-    in_types = [s.dtype for s in node.srcs]
-    if node.op in ELEMENTWISE and arrays:
-        program = ((node.op, node.arg, tuple(range(len(arrays))), node.dtype),)
-        return elementwise(program, arrays, in_types, node.shape, node.dtype)
-    if node.op in REDUCE:
-        program = (("cast", node.dtype, (0,), node.dtype),)  # the identity: read the input as is
-        return reduction(node.op, program, arrays, in_types, node.arg, node.shape, node.dtype)
-    if node.op == "matmul" and node.dtype.is_float:
-        return matmul(*arrays, *in_types, node.shape, node.dtype)
-    return ops.run_reference(node.op, arrays, in_types, node.arg, node.shape, node.dtype)
+    if not native(node):
+        return ops.run_reference(node.op, arrays, [s.dtype for s in node.srcs], node.arg, node.shape, node.dtype)
+    out = np.empty(node.shape, node.dtype.storage)
+    plan = Plan(fixed=False)
+    plan_node(plan, node, arrays, out)
+    plan.run()
+    return out
 
 
 class LLVMBackend:
@@ -171,6 +210,35 @@ class LLVMBackend:
 
     def execute(self, schedule):
         return run_schedule(schedule, run_node)
+
+    def prepare(self, schedule, inputs):
+        """A function that reruns `schedule`: every buffer is allocated here once, input values
+        are copied into fixed arrays on each run, and each step is a bound native call."""
+        values, plan = {}, Plan(fixed=True)
+        for placeholder in inputs:
+            values[placeholder] = fixed = np.array(placeholder.buffer)
+            plan.steps.append(partial(lambda f, p: np.copyto(f, p.buffer), fixed, placeholder))
+        for node in schedule.nodes:
+            arrays = [values[s] if s in values else s.buffer for s in node.srcs]
+            if node in schedule.in_place:
+                values[node] = arrays[0]
+                plan.steps.append(partial(write_in_place, node.op, node.arg, arrays))
+            elif native(node):
+                values[node] = np.empty(node.shape, node.dtype.storage)
+                plan_node(plan, node, arrays, values[node])
+            else:
+                reference = partial(ops.run_reference, node.op, arrays, [s.dtype for s in node.srcs],
+                                    node.arg, node.shape, node.dtype)
+                result = reference()
+                if node.op in VIEWS and any(np.shares_memory(result, a) for a in arrays):
+                    values[node] = result  # a view of fixed buffers stays valid
+                elif not node.srcs:
+                    values[node] = result  # a constant
+                else:
+                    values[node] = np.empty(node.shape, node.dtype.storage)
+                    plan.steps.append(partial(lambda out, f: np.copyto(out, f()), values[node], reference))
+        outputs = [values[n] for n in schedule.outputs]
+        return lambda: (plan.run(), [o.copy() for o in outputs])[1]
 
 
 BACKEND = LLVMBackend()

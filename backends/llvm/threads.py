@@ -2,7 +2,7 @@
 releases the GIL for the call, so the threads run the native code in parallel."""
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 
 
 def physical_cores() -> int:
@@ -26,16 +26,22 @@ def _pool():
     return ThreadPoolExecutor(max_workers=count() - 1) if count() > 1 else None
 
 
-def parallel(fn, total: int, grain: int, work: int, *args):
-    """Call fn(start, end, *args) over [0, total) in chunks that are multiples of `grain`, on all
-    threads when `work` (roughly, elements touched) makes it worth the hand-off."""
+def split(fn, total: int, grain: int, work: int, *args) -> list[partial]:
+    """Calls of fn(start, end, *args) covering [0, total) in chunks that are multiples of
+    `grain`: one per thread when `work` (roughly, elements touched) makes the hand-off pay."""
     n = min(count(), total // max(grain, 1)) if work >= 1 << 15 else 1
     if n <= 1:
-        fn(0, total, *args)
-        return
+        return [partial(fn, 0, total, *args)]
     step = -(-total // n // grain) * grain
-    bounds = [(s, min(s + step, total)) for s in range(0, total, step)]
-    futures = [_pool().submit(fn, s, e, *args) for s, e in bounds[1:]]
-    fn(*bounds[0], *args)
+    return [partial(fn, s, min(s + step, total), *args) for s in range(0, total, step)]
+
+
+def run(calls: list) -> None:
+    """Run one kernel's calls: the first on this thread, the others on the pool, then wait."""
+    if len(calls) == 1:
+        calls[0]()
+        return
+    futures = [_pool().submit(c) for c in calls[1:]]
+    calls[0]()
     for f in futures:
         f.result()
