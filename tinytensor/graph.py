@@ -7,39 +7,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-import ops
-from ops import dtypes
-
-
-class Node:
-    """One recorded op: what it is (op, arg), what it reads (srcs), what it makes (shape, dtype).
-    Once realised it becomes a "buffer" node holding its array, and forgets how it was made."""
-    __slots__ = ("op", "srcs", "arg", "shape", "dtype", "buffer", "writable")
-
-    def __init__(self, op: str, srcs=(), arg=None):
-        self.op, self.srcs, self.arg = op, tuple(srcs), arg
-        self.shape, self.dtype = ops.infer(op, self.srcs, arg)
-        self.buffer, self.writable = None, False
-
-    @classmethod
-    def of_buffer(cls, array, dtype: dtypes.DType, writable: bool) -> "Node":
-        if array.dtype != dtype.storage:
-            raise TypeError(f"a {dtype} buffer must hold {dtype.storage}, got {array.dtype}")
-        node = cls.__new__(cls)
-        node.op, node.srcs, node.arg = "buffer", (), None
-        node.shape, node.dtype = tuple(array.shape), dtype
-        node.buffer, node.writable = array, writable
-        return node
-
-    @property
-    def realized(self) -> bool:
-        return self.buffer is not None
-
-    def become_buffer(self, array, writable: bool):
-        self.op, self.srcs, self.arg, self.buffer, self.writable = "buffer", (), None, array, writable
-
-    def __repr__(self):
-        return f"Node({self.op}, {self.shape}, {self.dtype.name})"
+from tinytensor.node import Node
+from tinytensor.passes import run_passes
 
 
 WRITES = ("assign", "assign_at")  # the ops that write into their first input's buffer
@@ -127,6 +96,7 @@ def plan(outputs) -> tuple[Schedule, dict[Node, Node]]:
     canonical = share_common_subexpressions(g)
     targets = list(dict.fromkeys(canonical[n] for n in outputs))
     remove_dead(g, targets)
+    run_passes(g, targets)
     in_place = plan_writes(g)
     order = [n for n in nx.topological_sort(g) if not n.realized]
     return Schedule(order, targets, in_place), {n: canonical[n] for n in outputs}
@@ -138,7 +108,12 @@ def describe(schedule: Schedule) -> str:
     lines = []
     for i, n in enumerate(schedule.nodes):
         srcs = ", ".join(f"%{index[s]}" if s in index else f"buf{tuple(s.shape)}" for s in n.srcs)
-        arg = "" if n.arg is None else f" {n.arg}"
+        if n.op == "fused":
+            arg = " [" + " ".join(i[0] for i in n.arg[1]) + "]"
+        elif n.op == "fused_reduce":
+            arg = f" {n.arg[0]}{n.arg[1]} of [" + " ".join(i[0] for i in n.arg[3]) + "]"
+        else:
+            arg = "" if n.arg is None else f" {n.arg}"
         mark = " (in place)" if n in schedule.in_place else ""
-        lines.append(f"  %{i:<4} {n.op:<10} {str(n.shape):<18} {n.dtype.name:<8} <- {srcs}{arg}{mark}")
+        lines.append(f"  %{i:<4} {n.op:<12} {str(n.shape):<18} {n.dtype.name:<8} <- {srcs}{arg}{mark}")
     return "\n".join(lines)

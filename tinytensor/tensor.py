@@ -12,7 +12,7 @@ import numpy as np
 
 from ops import dtypes
 from ops.dtypes import DType
-from tinytensor.graph import Node
+from tinytensor.node import Node
 from tinytensor.realize import realize as _realize
 
 
@@ -294,6 +294,9 @@ class Tensor:
         shape = tuple(shape)
         if shape == self.shape:
             return self
+        if self.node.op == "const" and len(shape) >= self.ndim:  # a constant of the full shape
+            broadcast_shape(self.shape, shape)  # (raises if it does not broadcast)
+            return Tensor.full(shape, self.node.arg[0], self.dtype)
         if len(shape) < self.ndim:
             raise ValueError(f"expand: cannot broadcast shape {self.shape} to {shape}")
         x = self.reshape((1,) * (len(shape) - self.ndim) + self.shape)

@@ -179,13 +179,18 @@ def _matmul_nn(plan, A, B, C, a_type, b_type, c_type, m, n, k):
 
 def native(node) -> bool:
     return (node.op in ELEMENTWISE and bool(node.srcs)) or node.op in REDUCE or \
-        (node.op == "matmul" and node.dtype.is_float)
+        node.op in ("fused", "fused_reduce") or (node.op == "matmul" and node.dtype.is_float)
 
 
 def plan_node(plan, node, arrays, out):
     """Add the calls that compute `node` from `arrays` into `out`."""
     in_types = [s.dtype for s in node.srcs]
-    if node.op in ELEMENTWISE:
+    if node.op == "fused":
+        elementwise(plan, node.arg[1], arrays, in_types, out, node.dtype)
+    elif node.op == "fused_reduce":
+        reduce, axes, _, program = node.arg
+        reduction(plan, reduce, program, arrays, in_types, axes, out, node.dtype)
+    elif node.op in ELEMENTWISE:
         program = ((node.op, node.arg, tuple(range(len(arrays))), node.dtype),)
         elementwise(plan, program, arrays, in_types, out, node.dtype)
     elif node.op in REDUCE:

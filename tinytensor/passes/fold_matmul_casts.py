@@ -1,0 +1,46 @@
+"""A weight stored as bfloat16 or float16 reaches a matmul as cast(weight) -> float32, through
+views (transpose, expand). Left alone, that cast converts the whole weight on every call. This
+pass moves the views onto the stored weight and lets the matmul read it as it is: the product's
+meaning is unchanged (the kernel widens each element in registers, which is all the cast did)."""
+import networkx as nx
+
+from ops import dtypes
+from tinytensor.node import Node
+
+VIEWS = ("reshape", "permute", "expand", "shrink")
+
+
+def _half_source(node):
+    """The views from node down to a cast from a half type, or None."""
+    views = []
+    while node.op in VIEWS:
+        views.append(node)
+        node = node.srcs[0]
+    if node.op == "cast" and node.dtype == dtypes.float32 and node.srcs[0].dtype in (dtypes.float16, dtypes.bfloat16):
+        return node, views
+    return None
+
+
+def fold_matmul_casts(g: nx.DiGraph, outputs) -> None:
+    for mm in [n for n in g if n.op == "matmul" and n.dtype == dtypes.float32 and n.arg is None]:
+        srcs = list(mm.srcs)
+        for i, src in enumerate(srcs):
+            found = _half_source(src)
+            if found is None:
+                continue
+            cast, views = found
+            node = cast.srcs[0]
+            for view in reversed(views):
+                node = Node(view.op, (node,), view.arg)
+                g.add_edge(node.srcs[0], node)
+            srcs[i] = node
+        if srcs != list(mm.srcs):
+            for old in mm.srcs:
+                if g.has_edge(old, mm):
+                    g.remove_edge(old, mm)
+            mm.srcs, mm.arg = tuple(srcs), dtypes.float32
+            g.add_edges_from((s, mm) for s in mm.srcs)
+    dead = [n for n in g if g.out_degree(n) == 0 and n not in outputs and not n.realized]
+    while dead:  # casts and views nothing reads any more
+        g.remove_nodes_from(dead)
+        dead = [n for n in g if g.out_degree(n) == 0 and n not in outputs and not n.realized]
