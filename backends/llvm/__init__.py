@@ -127,7 +127,9 @@ def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
 
 
 def _block(m: int):
-    return (1, 4) if m < 4 else (4, 2)
+    """Rows x columns of C per step: 4 x 3 keeps 12 accumulators and 7 loads in AVX2's 16
+    registers (measured best at 128 rows); one row streams 4 weight rows at a time."""
+    return (1, 4) if m < 4 else (4, 3)
 
 
 MATMUL_ARGS = [I64, I64, I64, I64, P, I64, P, I64, P, I64]

@@ -1,0 +1,97 @@
+"""Generation speed: prefill and decode tokens per second on each backend, beside Hugging Face
+transformers (PyTorch CPU, float32) on the same architecture when it is installed. Medians;
+the peer runs in the same process and moment, since these machines are shared and noisy.
+
+    python -m tools.bench                                  # SmolLM2-135M (the default model)
+    python -m tools.bench --size 1b --random-init          # the true Llama 3.2 1B shape
+    python -m tools.bench --checkpoint PATH --backends llvm
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import backends
+from models.llama3 import KVCache, load
+from tinytensor import Tensor
+from tinytensor.jit import jit
+
+
+def bench_backend(model, prompt: list[int], decode: int, repeat: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s), medians over `repeat` prefills and all decode steps."""
+    length = len(prompt) + decode + 1
+    prefill_times, step_times = [], []
+    for r in range(repeat + 1):  # the first round compiles and warms up
+        cache = KVCache.allocate(model.config, length)
+        start = time.perf_counter()
+        model.forward(Tensor(np.array(prompt)), 0, cache, last_only=True).numpy()
+        if r:
+            prefill_times.append(time.perf_counter() - start)
+    step = jit(lambda token, pos: model.forward(token, pos, cache))
+    for pos in range(len(prompt), len(prompt) + decode):
+        start = time.perf_counter()
+        step(Tensor(np.array([7])), Tensor([pos])).numpy()
+        if pos > len(prompt) + 1:  # past capture and the first replay
+            step_times.append(time.perf_counter() - start)
+    return len(prompt) / statistics.median(prefill_times), 1 / statistics.median(step_times)
+
+
+def bench_transformers(model, prompt: list[int], decode: int, repeat: int):
+    """The same architecture in transformers (float32, its own random weights: speed does not
+    depend on the values), or None when it is not installed."""
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    c = model.config
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        tie_word_embeddings=c.tied_embeddings, max_position_embeddings=c.max_context)).float().eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        prefill = []
+        for _ in range(repeat + 1):
+            start = time.perf_counter()
+            out = hf(ids, use_cache=True)
+            prefill.append(time.perf_counter() - start)
+        past, steps = out.past_key_values, []
+        for _ in range(decode):
+            start = time.perf_counter()
+            out = hf(torch.tensor([[7]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(time.perf_counter() - start)
+    return len(prompt) / statistics.median(prefill[1:]), 1 / statistics.median(steps[2:])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size")
+    p.add_argument("--checkpoint")
+    p.add_argument("--random-init", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--backends", default="llvm,numpy")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    args = p.parse_args(argv)
+    model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype,
+                 context=args.prompt_tokens + args.decode_tokens + 1)
+    prompt = list(np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens))
+    name = model.config.name
+    print(f"{name}: {args.prompt_tokens}-token prompt, {args.decode_tokens} decode steps, medians\n")
+    print(f"{'engine':<28} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for backend in args.backends.split(","):
+        backends.use(backend)
+        pre, dec = bench_backend(model, prompt, args.decode_tokens, args.repeat)
+        print(f"{'tinytensor ' + backend:<28} {pre:>14.1f} {dec:>13.2f}")
+    peer = None if args.no_peer else bench_transformers(model, prompt, args.decode_tokens, args.repeat)
+    if peer:
+        print(f"{'transformers f32 (PyTorch)':<28} {peer[0]:>14.1f} {peer[1]:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
