@@ -11,7 +11,7 @@ KNOWN = {
     "numpy": "backends.numpy_backend",
     "llvm": "backends.llvm",
 }
-DEFAULT = "numpy"
+DEFAULT = "llvm"  # native code; "numpy" is the reference it is tested against
 
 _chosen: str | None = None
 _loaded: dict = {}

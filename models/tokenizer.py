@@ -130,7 +130,10 @@ class BPETokenizer:
     def _bpe(self, piece: str) -> list[int]:
         if piece in self._cache:
             return self._cache[piece]
-        word = [self._to_unicode[b] for b in piece.encode("utf-8")]
+        # A byte with no token of its own (SmolLM2 lacks 21 of them) is dropped before merging,
+        # as the reference BPE does when the vocabulary has no unknown token: its neighbours
+        # may then merge with each other.
+        word = [c for c in (self._to_unicode[b] for b in piece.encode("utf-8")) if c in self.ids]
         while len(word) > 1:
             pairs = {(a, b) for a, b in zip(word, word[1:])}
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
@@ -145,9 +148,7 @@ class BPETokenizer:
                     merged.append(word[i])
                     i += 1
             word = merged
-        # A byte with no token of its own (SmolLM2 lacks 21 of them) is dropped, as the
-        # reference BPE does when the vocabulary has no unknown token.
-        ids = [self.ids[symbol] for symbol in word if symbol in self.ids]
+        ids = [self.ids[symbol] for symbol in word]
         self._cache[piece] = ids
         return ids
 

@@ -140,3 +140,8 @@ def test_tokenizer_json_matches_transformers(hf_tokenizer_folder, smollm2_oracle
     from models.checkpoint import _tokenizer_json
     ours = _tokenizer_json(hf_tokenizer_folder)
     assert ours.encode(text, bos=False) == smollm2_oracle.encode(text, add_special_tokens=False)
+
+
+def test_bytes_without_a_token_are_dropped_before_merging(smollm2, smollm2_oracle):
+    text = "\U0006fa03\U0007d000"  # 0xF1 has no token in SmolLM2's vocabulary
+    assert smollm2.encode(text, bos=False) == smollm2_oracle.encode(text, add_special_tokens=False)
