@@ -35,7 +35,7 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
 
 
 def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt for the assistant's next turn."""
+    """The prompt for the assistant's next turn: the checkpoint's template, else Meta's format."""
     if tokenizer.chat_template is None:
         return llama3_tokens(tokenizer, messages)
     names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
@@ -45,4 +45,5 @@ def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def has_chat_format(tokenizer) -> bool:
-    return tokenizer.chat_template is not None or hasattr(tokenizer, "special")
+    """A chat template from the checkpoint, or a Llama 3 tokenizer of an Instruct model."""
+    return tokenizer.chat_template is not None or getattr(tokenizer, "instruct", False)

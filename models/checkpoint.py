@@ -124,7 +124,11 @@ def _load_hf(folder: Path):
 def _hf_tokenizer(folder: Path):
     for candidate in (folder / "original" / "tokenizer.model", folder / "tokenizer.model"):
         if candidate.exists():
-            return Llama3Tokenizer(candidate)
+            tokenizer = Llama3Tokenizer(candidate)
+            settings = folder / "tokenizer_config.json"
+            if settings.exists():
+                tokenizer.chat_template = _read_json(settings).get("chat_template")
+            return tokenizer
     if (folder / "tokenizer.json").exists():
         return _tokenizer_json(folder)
     return None
@@ -166,6 +170,8 @@ def _load_meta(folder: Path):
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
     tokenizer_path = folder / "tokenizer.model"
     tokenizer = Llama3Tokenizer(tokenizer_path) if tokenizer_path.exists() else None
+    if tokenizer is not None:  # params.json does not say; Meta names its chat models so
+        tokenizer.instruct = "instruct" in folder.resolve().name.lower()
     vocab = params.get("vocab_size", -1)
     states = [pth_file.read(p) for p in shards]
     if vocab in (-1, None):

@@ -50,7 +50,8 @@ class Llama3Tokenizer:
         self.bos_id, self.eos_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"]
         self.stop_ids = {self.eos_id, self.special["<|eom_id|>"], self.special["<|eot_id|>"]}
         self.vocab_size = len(ranks) + len(names)
-        self.chat_template = None  # Llama 3's own format: models/chat.py
+        self.chat_template = None  # set by the loader from tokenizer_config.json when there is one
+        self.instruct = False      # Meta Instruct checkpoints: chat in Meta's format (models/chat.py)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         allowed = "all" if allow_special else set()

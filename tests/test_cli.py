@@ -88,3 +88,8 @@ def test_tokenize_tool_llama3_tokenizer_model(llama3_tokenizer_path):
     result = subprocess.run([sys.executable, "-m", "tools.tokenize", str(llama3_tokenizer_path), "Hello world"],
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[9906, 1917]"
+
+
+def test_a_base_model_without_a_template_completes_plainly(tiny_gguf):
+    result = run("--checkpoint", str(tiny_gguf), "--prompt", "hello", "--max-tokens", "3", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
