@@ -44,3 +44,17 @@ def test_the_host_target_names_the_real_cpu():
     assert t.cpu not in ("", "generic") and t.features
     if t.arch == "x86_64":
         assert "+avx2" in t.features.split(",") or "-avx2" in t.features.split(",")
+
+
+def test_a_second_process_reuses_compiled_kernels_from_disk(tmp_path):
+    import subprocess
+    import sys
+    script = ("import backends; backends.use('llvm'); from tinytensor import Tensor; "
+              "print((Tensor.randn(33, seed=1).exp() * 3).sum().item())")
+    env = {**__import__("os").environ, "TT_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    objects = sorted(p.name for p in tmp_path.rglob("*.o"))
+    assert objects, "no object code was cached"
+    second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert sorted(p.name for p in tmp_path.rglob("*.o")) == objects  # nothing compiled again
+    assert first.stdout == second.stdout

@@ -102,7 +102,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
     args = p.parse_args(argv)
     backends.use("llvm")
-    from backends.llvm.threads import count
+    from backends.llvm import threads
+    count = threads.count
     r = args.repeat
     bw = read_bandwidth(r)
     print(f"threads: {count()}   measured read bandwidth: {bw:.1f} GB/s   (medians of {r} runs)\n")
@@ -118,6 +119,13 @@ def main(argv=None):
         n, k = (8192, 2048) if not args.quick else (256, 128)
         ours, theirs = matmul(m, n, k, r)
         print(f"  x[{m}, {k}] @ W[{n}, {k}].T{'':<{8 - len(str(m))}} {ours:>12.1f} {theirs:>14.1f} {ours / theirs:>7.2f}")
+    threads.count.cache_clear()
+    import os
+    os.environ["TT_THREADS"] = "1"
+    one, _ = matmul(512 if not args.quick else 16, *((8192, 2048) if not args.quick else (256, 128)), r)
+    del os.environ["TT_THREADS"]
+    threads.count.cache_clear()
+    print(f"  the last matmul on 1 thread: {one:.1f} GFLOP/s ({ours / one:.2f}x speed-up on {threads.count()} threads)")
     print(f"\n{'attention, one query (decode)':<34} {'llvm GB/s':>10} {'numpy-backend GB/s':>19}")
     for length in ((1024, 8192) if not args.quick else (128,)):
         ours, theirs = attention(length, r)

@@ -16,6 +16,11 @@ def physical_cores() -> int:
     return max(1, logical // max(per_core, 1))
 
 
+# Handing work to a pool thread costs tens of microseconds; below this much work (roughly bytes
+# or elements touched) one thread finishes first.
+MIN_PARALLEL_WORK = 1 << 15
+
+
 @lru_cache(maxsize=1)
 def count() -> int:
     return int(os.environ.get("TT_THREADS") or physical_cores())
@@ -29,7 +34,7 @@ def _pool():
 def split(fn, total: int, grain: int, work: int, *args) -> list[partial]:
     """Calls of fn(start, end, *args) covering [0, total) in chunks that are multiples of
     `grain`: one per thread when `work` (roughly, elements touched) makes the hand-off pay."""
-    n = min(count(), total // max(grain, 1)) if work >= 1 << 15 else 1
+    n = min(count(), total // max(grain, 1)) if work >= MIN_PARALLEL_WORK else 1
     if n <= 1:
         return [partial(fn, 0, total, *args)]
     step = -(-total // n // grain) * grain
