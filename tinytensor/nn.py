@@ -45,11 +45,15 @@ def embedding(ids: Tensor, weight: Tensor) -> Tensor:
 
 def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Llama's rotary position embedding: rotate each pair (x[2i], x[2i+1]) of the last axis by
-    an angle whose cos and sin broadcast against x[..., head_dim // 2] (Meta's complex product)."""
+    an angle whose cos and sin broadcast against x[..., head_dim // 2] (Meta's complex product).
+
+    Written as (x0, x1) * cos + (x1, x0) * (-sin, sin): the swapped pair is a view, so the whole
+    rotation is one elementwise expression, which fusion makes one kernel."""
     pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = Tensor.stack(even * cos - odd * sin, even * sin + odd * cos, axis=-1)
-    return rotated.reshape(x.shape).cast(x.dtype)
+    swapped = pairs[..., ::-1]
+    cos, sin = cos.reshape(cos.shape + (1,)), sin.reshape(sin.shape + (1,))
+    sign = Tensor.arange(2).reshape(2) * 2 - 1  # (-1, +1): negate sin for the first of each pair
+    return (pairs * cos + swapped * (sin * sign)).reshape(x.shape).cast(x.dtype)
 
 
 def causal_mask(q_len: int, k_len: int) -> Tensor:
