@@ -148,12 +148,20 @@ def matmul(plan, a, b, a_type, b_type, out, out_type):
     if not nt and b.strides[-1] != b.itemsize:
         b = plan.contiguous(b)
     plan.keep += [a, b, out]
-    for idx in np.ndindex(out.shape[:-2]):
-        (_matmul_nt if nt else _matmul_nn)(plan, a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k)
+    batch = list(np.ndindex(out.shape[:-2]))
+    groups = [g for idx in batch for g in (_matmul_nt if nt else _matmul_nn)(
+        a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k, threaded=len(batch) == 1)]
+    if len(batch) == 1:
+        for group in groups:
+            plan.kernel(group)
+    else:  # heads of attention: each product is small, so threads take whole products
+        plan.kernel(threads.spread([call for group in groups for call in group]))
 
 
-def _matmul_nt(plan, A, B, C, a_type, b_type, c_type, m, n, k):
+def _matmul_nt(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
+    """Groups of calls (each group one kernel split across threads when `threaded`)."""
     mr, nr = _block(m)
+    groups = []
     lda, ldw, ldc = A.strides[0] // A.itemsize, B.strides[1] // B.itemsize, C.strides[0] // C.itemsize
     mb, nb = m - m % mr, n - n % nr
     for rows, row_block in ((range(0, mb), mr), (range(mb, m), 1)):
@@ -163,20 +171,20 @@ def _matmul_nt(plan, A, B, C, a_type, b_type, c_type, m, n, k):
             fn = _kernel(("nt", a_type, b_type, c_type, row_block, col_block),
                          lambda name: codegen.matmul_nt_kernel(name, a_type, b_type, c_type, row_block, col_block),
                          MATMUL_ARGS)
-            plan.kernel(threads.split(fn, len(cols), col_block, len(cols) * k * B.itemsize, len(rows), k,
-                                      A.ctypes.data + rows.start * A.strides[0], lda,
-                                      B.ctypes.data + cols.start * B.strides[1], ldw,
-                                      C.ctypes.data + rows.start * C.strides[0] + cols.start * C.itemsize, ldc))
+            work = len(cols) * k * B.itemsize if threaded else 0
+            groups.append(threads.split(fn, len(cols), col_block, work, len(rows), k,
+                                        A.ctypes.data + rows.start * A.strides[0], lda,
+                                        B.ctypes.data + cols.start * B.strides[1], ldw,
+                                        C.ctypes.data + rows.start * C.strides[0] + cols.start * C.itemsize, ldc))
+    return groups
 
 
-def _matmul_nn(plan, A, B, C, a_type, b_type, c_type, m, n, k):
+def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
     if c_type != dtypes.float32:  # the row kernel accumulates in C itself: float32 only
-        plan.steps.append(lambda: np.copyto(C, ops.run_reference("matmul", [A, B], [a_type, b_type], None,
-                                                                  C.shape, c_type)))
-        return
+        return [[lambda: np.copyto(C, ops.run_reference("matmul", [A, B], [a_type, b_type], None, C.shape, c_type))]]
     fn = _kernel(("nn", a_type, b_type), lambda name: codegen.matmul_nn_kernel(name, a_type, b_type), MATMUL_ARGS)
-    plan.kernel(threads.split(fn, m, 1, m * n * k, n, k, A.ctypes.data, A.strides[0] // A.itemsize,
-                              B.ctypes.data, B.strides[0] // B.itemsize, C.ctypes.data, C.strides[0] // C.itemsize))
+    return [threads.split(fn, m, 1, m * n * k if threaded else 0, n, k, A.ctypes.data, A.strides[0] // A.itemsize,
+                          B.ctypes.data, B.strides[0] // B.itemsize, C.ctypes.data, C.strides[0] // C.itemsize)]
 
 
 def native(node) -> bool:

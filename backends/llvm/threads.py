@@ -41,6 +41,18 @@ def split(fn, total: int, grain: int, work: int, *args) -> list[partial]:
     return [partial(fn, s, min(s + step, total), *args) for s in range(0, total, step)]
 
 
+def spread(calls: list) -> list[partial]:
+    """Many small independent calls (one per batch item) dealt out to the threads: one hand-off
+    per thread instead of one per call."""
+    n = min(count(), len(calls))
+    return [partial(_run_each, calls[i::n]) for i in range(n)]
+
+
+def _run_each(calls):
+    for c in calls:
+        c()
+
+
 def run(calls: list) -> None:
     """Run one kernel's calls: the first on this thread, the others on the pool, then wait."""
     if len(calls) == 1:
