@@ -118,10 +118,10 @@ def _load_hf(folder: Path):
         elif meta == "attention.wk.weight":
             array = _unpermute_hf(array, config.n_kv_heads)
         arrays[f"layers.{parts[2]}.{meta}"] = (array, dt)
-    return config, arrays, _hf_tokenizer(folder)
+    return config, arrays, hf_tokenizer(folder)
 
 
-def _hf_tokenizer(folder: Path):
+def hf_tokenizer(folder: Path):
     for candidate in (folder / "original" / "tokenizer.model", folder / "tokenizer.model"):
         if candidate.exists():
             tokenizer = Llama3Tokenizer(candidate)
@@ -130,11 +130,11 @@ def _hf_tokenizer(folder: Path):
                 tokenizer.chat_template = _read_json(settings).get("chat_template")
             return tokenizer
     if (folder / "tokenizer.json").exists():
-        return _tokenizer_json(folder)
+        return tokenizer_json(folder)
     return None
 
 
-def _tokenizer_json(folder: Path) -> BPETokenizer:
+def tokenizer_json(folder: Path) -> BPETokenizer:
     spec = _read_json(folder / "tokenizer.json")
     settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     model = spec.get("model", {})
@@ -168,10 +168,7 @@ def _load_meta(folder: Path):
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
-    tokenizer_path = folder / "tokenizer.model"
-    tokenizer = Llama3Tokenizer(tokenizer_path) if tokenizer_path.exists() else None
-    if tokenizer is not None:  # params.json does not say; Meta names its chat models so
-        tokenizer.instruct = "instruct" in folder.resolve().name.lower()
+    tokenizer = meta_tokenizer(folder)
     vocab = params.get("vocab_size", -1)
     states = [pth_file.read(p) for p in shards]
     if vocab in (-1, None):
@@ -194,6 +191,15 @@ def _load_meta(folder: Path):
     return config, arrays, tokenizer
 
 
+def meta_tokenizer(folder: Path):
+    path = folder / "tokenizer.model"
+    if not path.exists():
+        return None
+    tokenizer = Llama3Tokenizer(path)
+    tokenizer.instruct = "instruct" in folder.resolve().name.lower()  # params.json does not say
+    return tokenizer
+
+
 # ---- GGUF -----------------------------------------------------------------------------------
 
 def _load_gguf(path: Path):
@@ -209,10 +215,10 @@ def _load_gguf(path: Path):
                 arrays[f"layers.{layer}.{GGUF_NAMES[rest]}"] = value
     if "output.weight" not in arrays:
         config = replace(config, tied_embeddings=True)
-    return config, arrays, _gguf_tokenizer(path, metadata)
+    return config, arrays, gguf_tokenizer(path, metadata)
 
 
-def _gguf_tokenizer(path: Path, m: dict):
+def gguf_tokenizer(path: Path, m: dict):
     kind = m.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise TokenizerError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
@@ -221,6 +227,20 @@ def _gguf_tokenizer(path: Path, m: dict):
                         m.get("tokenizer.ggml.pre", "default"), m.get("tokenizer.ggml.bos_token_id"),
                         m.get("tokenizer.ggml.eos_token_id"), bool(m.get("tokenizer.ggml.add_bos_token", False)),
                         m.get("tokenizer.chat_template"), stops)
+
+
+def load_tokenizer(path: Path):
+    """Just the tokenizer of a checkpoint folder, a .gguf file, or a Llama 3 tokenizer.model."""
+    path = Path(path)
+    if path.is_file() and path.suffix != ".gguf":
+        return Llama3Tokenizer(path)
+    kind = detect(path)
+    if kind == "gguf":
+        return gguf_tokenizer(path, gguf_file.read_metadata(path))
+    tokenizer = hf_tokenizer(path) if kind == "hf" else meta_tokenizer(path)
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: has no tokenizer (tokenizer.model or tokenizer.json)")
+    return tokenizer
 
 
 # ---- checks ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from models.chat import chat_tokens, llama3_tokens
-from models.checkpoint import _gguf_tokenizer
+from models.checkpoint import gguf_tokenizer
 from models.tokenizer import LLAMA3_PATTERN, Llama3Tokenizer, StreamDecoder
 from tinytensor.state import gguf_file
 
@@ -69,7 +69,7 @@ def test_llama3_very_long_runs_are_cut_and_round_trip(llama3):
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
     metadata, _ = gguf_file.read(smollm2_path)
-    return _gguf_tokenizer(smollm2_path, metadata)
+    return gguf_tokenizer(smollm2_path, metadata)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,8 @@ def hf_tokenizer_folder(smollm2_oracle, tmp_path_factory):
 
 @given(text=texts)
 def test_tokenizer_json_matches_transformers(hf_tokenizer_folder, smollm2_oracle, text):
-    from models.checkpoint import _tokenizer_json
-    ours = _tokenizer_json(hf_tokenizer_folder)
+    from models.checkpoint import tokenizer_json
+    ours = tokenizer_json(hf_tokenizer_folder)
     assert ours.encode(text, bos=False) == smollm2_oracle.encode(text, add_special_tokens=False)
 
 

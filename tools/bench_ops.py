@@ -7,6 +7,7 @@ ratios to peers measured in the same run, since these machines are shared and no
 Each case is captured with tinytensor.jit and replayed, so it times the kernels, not recording.
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -120,7 +121,6 @@ def main(argv=None):
         ours, theirs = matmul(m, n, k, r)
         print(f"  x[{m}, {k}] @ W[{n}, {k}].T{'':<{8 - len(str(m))}} {ours:>12.1f} {theirs:>14.1f} {ours / theirs:>7.2f}")
     threads.count.cache_clear()
-    import os
     os.environ["TT_THREADS"] = "1"
     one, _ = matmul(512 if not args.quick else 16, *((8192, 2048) if not args.quick else (256, 128)), r)
     del os.environ["TT_THREADS"]

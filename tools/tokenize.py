@@ -10,28 +10,12 @@ import sys
 from pathlib import Path
 
 
-def load_tokenizer(path: Path):
-    from models import checkpoint
-    from models.tokenizer import Llama3Tokenizer
-    from tinytensor.state import gguf_file
-
-    if path.is_file() and path.suffix != ".gguf":
-        return Llama3Tokenizer(path)
-    kind = checkpoint.detect(path)
-    if kind == "gguf":
-        return checkpoint._gguf_tokenizer(path, gguf_file.read_metadata(path))
-    tokenizer = checkpoint._hf_tokenizer(path) if kind == "hf" else (
-        Llama3Tokenizer(path / "tokenizer.model") if (path / "tokenizer.model").exists() else None)
-    if tokenizer is None:
-        raise checkpoint.CheckpointError(f"{path}: has no tokenizer (tokenizer.model or tokenizer.json)")
-    return tokenizer
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m tools.tokenize PATH TEXT", file=sys.stderr)
         return 2
+    from models.checkpoint import load_tokenizer
     from models.tokenizer import TokenizerError
     from tinytensor.state import CheckpointError
     try:

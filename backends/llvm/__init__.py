@@ -15,6 +15,7 @@ import numpy as np
 
 import ops
 from backends.executor import run_schedule
+from backends.numpy_backend import run_node as reference_node
 from backends.llvm import codegen, threads
 from backends.llvm.compiler import compile_function
 from ops import dtypes
@@ -212,7 +213,7 @@ def plan_node(plan, node, arrays, out):
 
 def run_node(node, arrays):
     if not native(node):
-        return ops.run_reference(node.op, arrays, [s.dtype for s in node.srcs], node.arg, node.shape, node.dtype)
+        return reference_node(node, arrays)
     out = np.empty(node.shape, node.dtype.storage)
     plan = Plan(fixed=False)
     plan_node(plan, node, arrays, out)
@@ -242,8 +243,7 @@ class LLVMBackend:
                 values[node] = np.empty(node.shape, node.dtype.storage)
                 plan_node(plan, node, arrays, values[node])
             else:
-                reference = partial(ops.run_reference, node.op, arrays, [s.dtype for s in node.srcs],
-                                    node.arg, node.shape, node.dtype)
+                reference = partial(reference_node, node, arrays)
                 result = reference()
                 if node.op in VIEWS and any(np.shares_memory(result, a) for a in arrays):
                     values[node] = result  # a view of fixed buffers stays valid

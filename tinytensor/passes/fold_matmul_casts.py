@@ -22,6 +22,7 @@ def _half_source(node):
 
 
 def fold_matmul_casts(g: nx.DiGraph, outputs) -> None:
+    detached = []
     for mm in [n for n in g if n.op == "matmul" and n.dtype == dtypes.float32 and n.arg is None]:
         srcs = list(mm.srcs)
         for i, src in enumerate(srcs):
@@ -38,9 +39,12 @@ def fold_matmul_casts(g: nx.DiGraph, outputs) -> None:
             for old in mm.srcs:
                 if g.has_edge(old, mm):
                     g.remove_edge(old, mm)
+                    detached.append(old)
             mm.srcs, mm.arg = tuple(srcs), dtypes.float32
             g.add_edges_from((s, mm) for s in mm.srcs)
-    dead = [n for n in g if g.out_degree(n) == 0 and n not in outputs and not n.realized]
-    while dead:  # casts and views nothing reads any more
-        g.remove_nodes_from(dead)
-        dead = [n for n in g if g.out_degree(n) == 0 and n not in outputs and not n.realized]
+    outputs = set(outputs)
+    while detached:  # the casts and views nothing reads any more, back to what still has readers
+        node = detached.pop()
+        if node in g and g.out_degree(node) == 0 and node not in outputs and not node.realized:
+            detached.extend(g.predecessors(node))
+            g.remove_node(node)
