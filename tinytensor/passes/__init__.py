@@ -7,10 +7,14 @@ TT_PASSES picks them: unset or "all" runs every pass, "none" runs none, or a com
 import os
 
 from tinytensor.passes.fold_matmul_casts import fold_matmul_casts
+from tinytensor.passes.fuse_attention import fuse_attention
 from tinytensor.passes.fuse_elementwise import fuse_elementwise
+from tinytensor.passes.fuse_linear import fuse_linear
 
-PASSES = {
+PASSES = {  # in the order they run: the pattern matchers see the ops as recorded
     "fold_matmul_casts": fold_matmul_casts,
+    "fuse_attention": fuse_attention,
+    "fuse_linear": fuse_linear,
     "fuse_elementwise": fuse_elementwise,
 }
 

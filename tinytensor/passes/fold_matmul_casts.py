@@ -6,6 +6,7 @@ import networkx as nx
 
 from ops import dtypes
 from tinytensor.node import Node
+from tinytensor.passes.patterns import remove_unread
 
 VIEWS = ("reshape", "permute", "expand", "shrink")
 
@@ -42,9 +43,4 @@ def fold_matmul_casts(g: nx.DiGraph, outputs) -> None:
                     detached.append(old)
             mm.srcs, mm.arg = tuple(srcs), dtypes.float32
             g.add_edges_from((s, mm) for s in mm.srcs)
-    outputs = set(outputs)
-    while detached:  # the casts and views nothing reads any more, back to what still has readers
-        node = detached.pop()
-        if node in g and g.out_degree(node) == 0 and node not in outputs and not node.realized:
-            detached.extend(g.predecessors(node))
-            g.remove_node(node)
+    remove_unread(g, detached, set(outputs))  # the casts and views nothing reads any more

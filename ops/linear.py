@@ -1,0 +1,91 @@
+"""The ops the matmul and attention fusions make, each with its NumPy meaning.
+
+fused_linear: y = epilogue(norm(a) @ w1.T, ..., norm(a) @ wj.T, e1, ..., er)
+    srcs (a [m, k], [g [k]], w1 [n, k] ... wj [n, k], e1 [m, n] ... er [m, n]);
+    arg (eps, j, the srcs' dtypes, program). eps None: no norm; otherwise norm(a) is Llama's RMSNorm,
+    a * rsqrt(mean(a^2) + eps) * g, computed in float32 as nn.rms_norm computes it. The weights
+    keep their stored dtype (a kernel widens them in registers). The program (see ops.fused) reads
+    the j products (float32) then the extras; an empty program means the first product.
+    Covers RMSNorm -> matmul, SwiGLU (silu(x @ Wg.T) * (x @ Wu.T)) and a residual add.
+
+attention: softmax(q @ k^T * scale + mask) @ v over the last two axes
+    srcs (q [*b, L, d], k [*b, S, d], v [*b, S, dv], [mask [*b, L, S]]); arg (scale, mask kind:
+    None, "bool" (True = attend) or "add"). The batch axes match (grouped-query heads are an
+    expanded view of k and v). A row that sees no key gives NaN, as the unfused softmax does.
+"""
+import numpy as np
+
+from ops import dtypes
+from ops.fused import run_program
+from ops.registry import define, shape_str
+
+F32 = np.float32
+
+
+def rms_normalize(a: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
+    """Llama's RMSNorm on float32 rows, rounding where nn.rms_norm's ops round."""
+    mean = np.sum(a * a, axis=-1, keepdims=True, dtype=F32) / F32(a.shape[-1])
+    scale = (F32(1) / np.sqrt(mean + F32(eps))).astype(F32)
+    return (a * scale).astype(F32) * g
+
+
+def _linear_parts(srcs, arg):
+    eps, j, _, _ = arg
+    first = 2 if eps is not None else 1
+    return srcs[0], (srcs[1] if eps is not None else None), srcs[first:first + j], srcs[first + j:]
+
+
+def _linear_infer(srcs, arg):
+    a, g, weights, extras = _linear_parts(srcs, arg)
+    program = arg[3]
+    m, k = a.shape
+    for w in weights:
+        if w.shape != (weights[0].shape[0], k):
+            raise ValueError(f"fused_linear: weight {w.shape} does not fit input {shape_str(a.shape)}")
+    shape = (m, weights[0].shape[0])
+    if g is not None and g.shape != (k,):
+        raise ValueError(f"fused_linear: norm weight {g.shape} does not fit input {a.shape}")
+    if any(e.shape != shape for e in extras):
+        raise ValueError(f"fused_linear: extra inputs {[e.shape for e in extras]} must have shape {shape}")
+    return shape, program[-1][3] if program else dtypes.float32
+
+
+def _linear_reference(xs, arg, shape, dtype):
+    eps, j, src_types, program = arg
+    wide = [dtypes.widen(x, t) for x, t in zip(xs, src_types)]
+    a, g, weights, _ = _linear_parts(wide, arg)
+    a = rms_normalize(a, g, eps) if g is not None else a
+    products = [np.matmul(a, w.T) for w in weights]
+    if not program:
+        return products[0]
+    extras = _linear_parts(xs, arg)[3]  # in storage form: the program widens them itself
+    extra_types = src_types[len(xs) - len(extras):]
+    return run_program(program, products + list(extras), (dtypes.float32,) * j + tuple(extra_types), shape)
+
+
+def _attention_infer(srcs, arg):
+    q, k, v = srcs[:3]
+    *batch, length, d = q.shape
+    ok = k.shape == (*batch, k.shape[-2], d) and v.shape[:-1] == k.shape[:-1]
+    if len(srcs) == 4:
+        ok = ok and srcs[3].shape == (*batch, length, k.shape[-2])
+    if not ok:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit")
+    return (*batch, length, v.shape[-1]), dtypes.float32
+
+
+def _attention_reference(xs, arg, shape, dtype):
+    scale, mask_kind = arg
+    q, k, v = (x.astype(F32) for x in xs[:3])
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * F32(scale)
+    if mask_kind == "bool":
+        scores = np.where(xs[3], scores, F32(-np.inf))
+    elif mask_kind == "add":
+        scores = scores + xs[3].astype(F32)
+    with np.errstate(all="ignore"):
+        e = np.exp(scores - scores.max(-1, keepdims=True))
+        return np.matmul(e / e.sum(-1, keepdims=True, dtype=F32), v)
+
+
+define("fused_linear", _linear_infer, _linear_reference, computes=False)
+define("attention", _attention_infer, _attention_reference, computes=False)
