@@ -76,7 +76,7 @@ def _attention_infer(srcs, arg):
 
 def _attention_reference(xs, arg, shape, dtype):
     scale, mask_kind = arg
-    q, k, v = (x.astype(F32) for x in xs[:3])
+    q, k, v = (x.astype(F32, copy=False) for x in xs[:3])
     scores = np.matmul(q, np.swapaxes(k, -1, -2)) * F32(scale)
     if mask_kind == "bool":
         scores = np.where(xs[3], scores, F32(-np.inf))

@@ -8,9 +8,9 @@ from ops import dtypes
 
 F32, BF16 = dtypes.float32, dtypes.bfloat16
 KERNELS = {
-    "matvec": lambda: codegen.matmul_nt_kernel("k", F32, F32, F32, 1, 4),
-    "matvec-bf16": lambda: codegen.matmul_nt_kernel("k", F32, BF16, F32, 1, 4),
-    "matmul": lambda: codegen.matmul_nt_kernel("k", F32, F32, F32, 4, 3),
+    "matvec": lambda: codegen.matmul_nt_kernel("k", F32, (F32,), F32, 1, 4),
+    "matvec-bf16": lambda: codegen.matmul_nt_kernel("k", F32, (BF16,), F32, 1, 4),
+    "matmul": lambda: codegen.matmul_nt_kernel("k", F32, (F32,), F32, 4, 3),
     "fused-mul-add": lambda: codegen.elementwise_kernel(
         "k", (("mul", None, (0, 1), F32), ("add", None, (2, 1), F32)), [F32, F32], F32, 1, (1, 1, 1)),
 }

@@ -127,13 +127,13 @@ def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
     _loop_calls(plan, program, in_types, out_type, [out, *views], kept_dims + red_dims, strides, reduce)
 
 
-def _block(m: int):
+def _block(m: int, weights: int = 1):
     """Rows x columns of C per step: 4 x 3 keeps 12 accumulators and 7 loads in AVX2's 16
-    registers (measured best at 128 rows); one row streams 4 weight rows at a time."""
-    return (1, 4) if m < 4 else (4, 3)
-
-
-MATMUL_ARGS = [I64, I64, I64, I64, P, I64, P, I64, P, I64]
+    registers (measured best at 128 rows); one row streams 4 weight rows at a time. With two
+    weights (SwiGLU) each column needs two accumulators."""
+    if weights == 1:
+        return (1, 4) if m < 4 else (4, 3)
+    return (1, 2) if m < 3 else (3, 2)
 
 
 def matmul(plan, a, b, a_type, b_type, out, out_type):
@@ -150,34 +150,124 @@ def matmul(plan, a, b, a_type, b_type, out, out_type):
         b = plan.contiguous(b)
     plan.keep += [a, b, out]
     batch = list(np.ndindex(out.shape[:-2]))
-    groups = [g for idx in batch for g in (_matmul_nt if nt else _matmul_nn)(
-        a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k, threaded=len(batch) == 1)]
-    if len(batch) == 1:
+    threaded = len(batch) == 1
+    groups = [g for idx in batch for g in (
+        _matmul_nt(a[idx], [np.swapaxes(b[idx], -1, -2)], out[idx], a_type, [b_type], out_type, threaded) if nt else
+        _matmul_nn(a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k, threaded))]
+    if threaded:
         for group in groups:
             plan.kernel(group)
     else:  # heads of attention: each product is small, so threads take whole products
         plan.kernel(threads.spread([call for group in groups for call in group]))
 
 
-def _matmul_nt(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
-    """Groups of calls (each group one kernel split across threads when `threaded`)."""
-    mr, nr = _block(m)
+def linear(plan, node, arrays, out):
+    """fused_linear (ops.linear): the RMSNorm of the input rows first, into a scratch buffer of
+    m x k floats (two native loops: sum of squares, then scale), then the product over every
+    weight with the epilogue applied as C is stored."""
+    eps, j, src_types, program = node.arg
+    first = 1 if eps is None else 2
+    a, weights, extras = arrays[0], arrays[first:first + j], arrays[first + j:]
+    if a.strides[-1] != a.itemsize:
+        a = plan.contiguous(a)
+    if eps is not None:
+        a = _rms_norm(plan, a, arrays[1], src_types[1], eps)
+    weights = [w if w.strides[-1] == w.itemsize else plan.contiguous(w) for w in weights]
+    extras = [x if x.strides[-1] == x.itemsize else plan.contiguous(x) for x in extras]
+    plan.keep += [a, *weights, *extras, out]
+    if out.size == 0:
+        return
+    for group in _matmul_nt(a, weights, out, dtypes.float32, src_types[first:first + j], node.dtype, True,
+                            extras, src_types[first + j:], program):
+        plan.kernel(group)
+
+
+def _rms_norm(plan, x, g, g_type, eps):
+    """Llama's RMSNorm of x's rows as nn.rms_norm's ops compute it, into a new array."""
+    f32 = dtypes.float32
+    m, k = x.shape
+    total, normed = np.empty((m, 1), np.float32), np.empty((m, k), np.float32)
+    plan.keep += [total, normed]
+    reduction(plan, "sum", (("mul", None, (0, 0), f32),), [x], [f32], (1,), total, f32)
+    scale = (("const", (float(k),), (), f32), ("div", None, (1, 3), f32), ("const", (eps,), (), f32),
+             ("add", None, (4, 5), f32), ("rsqrt", None, (6,), f32), ("mul", None, (0, 7), f32),
+             ("mul", None, (8, 2), f32))
+    elementwise(plan, scale, [x, np.broadcast_to(total, (m, k)), np.broadcast_to(g, (m, k))], [f32, f32, g_type],
+                normed, f32)
+    return normed
+
+
+def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), program=()):
+    """Groups of calls (each group one kernel split across threads when `threaded`) computing
+    C = epilogue(A @ W[0].T, ..., E...): the row and column tails get their own kernels."""
+    m, k, n = A.shape[0], A.shape[1], C.shape[1]
+    mr, nr = _block(m, len(W))
     groups = []
-    lda, ldw, ldc = A.strides[0] // A.itemsize, B.strides[1] // B.itemsize, C.strides[0] // C.itemsize
+    ld = lambda x: x.strides[0] // x.itemsize  # noqa: E731
     mb, nb = m - m % mr, n - n % nr
     for rows, row_block in ((range(0, mb), mr), (range(mb, m), 1)):
         for cols, col_block in ((range(0, nb), nr), (range(nb, n), 1)):
             if not len(rows) or not len(cols):
                 continue
-            fn = _kernel(("nt", a_type, b_type, c_type, row_block, col_block),
-                         lambda name: codegen.matmul_nt_kernel(name, a_type, b_type, c_type, row_block, col_block),
-                         MATMUL_ARGS)
-            work = len(cols) * k * B.itemsize if threaded else 0
+            key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program)
+            fn = _kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, w_types, c_type, row_block,
+                                                                    col_block, e_types, program),
+                         [I64, I64, I64, I64, P, I64] + [P, I64] * len(W) + [P, I64] * (1 + len(E)))
+            work = len(cols) * k * sum(w.itemsize for w in W) if threaded else 0
+            weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], ld(w))]
+            extras = [x for e in [C, *E] for x in (e.ctypes.data + rows.start * e.strides[0] + cols.start * e.itemsize,
+                                                    ld(e))]
             groups.append(threads.split(fn, len(cols), col_block, work, len(rows), k,
-                                        A.ctypes.data + rows.start * A.strides[0], lda,
-                                        B.ctypes.data + cols.start * B.strides[1], ldw,
-                                        C.ctypes.data + rows.start * C.strides[0] + cols.start * C.itemsize, ldc))
+                                        A.ctypes.data + rows.start * A.strides[0], ld(A), *weights, *extras))
     return groups
+
+
+ATTENTION_TILE = 4  # query rows sharing each k and v row loaded (a GQA group at decode)
+
+
+def attention(plan, node, arrays, out):
+    """The attention op (ops.linear) with codegen.attention_kernel: query rows that read the
+    same k and v (grouped-query heads, positions) are gathered into one table, in tiles that
+    share every k and v row loaded; the groups are dealt to the threads."""
+    scale, kind = node.arg
+    q, k, v = (x if x.strides[-1] == x.itemsize else plan.contiguous(x) for x in arrays[:3])
+    mask = arrays[3] if kind else None
+    nb = q.ndim - 2
+    if out.size == 0 or k.shape[-2] == 0:
+        plan.steps.append(partial(np.copyto, out, reference_node(node, arrays)))
+        return
+    pairs = np.stack([_row_addresses(k, nb).ravel(), _row_addresses(v, nb).ravel()], axis=1)
+    order = np.lexsort(pairs.T[::-1])  # batch items that share k and v next to each other
+    columns = [_row_addresses(a, nb + 1).reshape(-1, q.shape[-2])[order].ravel() for a in (q, out)]
+    columns.append(np.zeros_like(columns[0]) if mask is None else
+                   _row_addresses(mask, nb + 1).reshape(-1, q.shape[-2])[order].ravel())
+    table = np.ascontiguousarray(np.stack(columns, axis=1), dtype=np.int64)
+    mstride = 0 if mask is None else mask.strides[-1] // mask.itemsize
+    plan.keep += [q, k, v, out, table] + ([mask] if mask is not None else [])
+    S, D, DV = k.shape[-2], q.shape[-1], v.shape[-1]
+    starts = np.flatnonzero(np.r_[True, np.any(pairs[order][1:] != pairs[order][:-1], axis=1)]) * q.shape[-2]
+    calls = []
+    for g0, g1, (kp, vp) in zip(starts, list(starts[1:]) + [len(table)], pairs[order][starts // q.shape[-2]]):
+        tiled = g0 + (g1 - g0) // ATTENTION_TILE * ATTENTION_TILE
+        for r0, r1, rows in ((g0, tiled, ATTENTION_TILE), (tiled, g1, 1)):
+            fn = _kernel(("attention", rows, scale, kind),
+                         lambda name: codegen.attention_kernel(name, rows, scale, kind), [I64, I64] + [P, P, I64, P, I64] + [I64] * 4)
+            piece = max(rows, -(-(r1 - r0) // threads.count() // rows) * rows)  # a share per thread in one group
+            calls += [partial(fn, int(a), int(min(a + piece, r1)), table.ctypes.data, int(kp), k.strides[-2] // 4, int(vp),
+                              v.strides[-2] // 4, S, D, DV, mstride) for a in range(r0, r1, piece)]
+    plan.kernel(threads.spread(calls, work=len(table) * S * (D + DV)))
+
+
+def _row_addresses(a: np.ndarray, axes: int) -> np.ndarray:
+    """The address of a[i0, ..., i_{axes-1}, 0, ...] for every index of the first `axes` axes."""
+    offsets = np.zeros(a.shape[:axes], np.int64)
+    for axis in range(axes):
+        step = np.arange(a.shape[axis], dtype=np.int64) * a.strides[axis]
+        offsets = offsets + step.reshape([-1 if i == axis else 1 for i in range(axes)])
+    return a.ctypes.data + offsets
+
+
+MATMUL_ARGS = [I64, I64, I64, I64, P, I64, P, I64, P, I64]
 
 
 def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
@@ -190,7 +280,7 @@ def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
 
 def native(node) -> bool:
     return (node.op in ELEMENTWISE and bool(node.srcs)) or node.op in REDUCE or \
-        node.op in ("fused", "fused_reduce") or (node.op == "matmul" and node.dtype.is_float)
+        node.op in ("fused", "fused_reduce", "fused_linear", "attention") or (node.op == "matmul" and node.dtype.is_float)
 
 
 def plan_node(plan, node, arrays, out):
@@ -207,6 +297,10 @@ def plan_node(plan, node, arrays, out):
     elif node.op in REDUCE:
         program = (("cast", node.dtype, (0,), node.dtype),)  # the identity: read the input as is
         reduction(plan, node.op, program, arrays, in_types, node.arg, out, node.dtype)
+    elif node.op == "fused_linear":
+        linear(plan, node, arrays, out)
+    elif node.op == "attention":
+        attention(plan, node, arrays, out)
     else:
         matmul(plan, *arrays, *in_types, out, node.dtype)
 

@@ -286,48 +286,59 @@ def _combine(reduce, t, acc, value) -> str:
 
 # ---- matrix products ------------------------------------------------------------------------------
 
-def matmul_nt_kernel(name: str, a_type, w_type, c_type, mr: int, nr: int) -> str:
-    """C[m, n] = sum_k A[m, k] * W[n, k]: both operands run along k with unit stride, the form of
-    x @ W.T with PyTorch-layout weights. Each step computes an mr x nr block of C from mr rows of
-    A and nr rows of W, so every weight element loaded feeds mr multiply-adds; the k loop is a set
-    of reductions the vectoriser turns into vector accumulators. With M = 1 (decode) this streams
-    each weight row exactly once.
+def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra_types=(), program=()) -> str:
+    """C[m, n] = epilogue(sum_k A[m, k] * W1[n, k], ..., sum_k A[m, k] * Wj[n, k], E1[m, n], ...):
+    A and every W run along k with unit stride, the form of x @ W.T with PyTorch-layout weights.
+    Each step computes an mr x nr block of C from mr rows of A and nr rows of each weight, so
+    every weight element loaded feeds mr multiply-adds; the k loop is a set of reductions the
+    vectoriser turns into vector accumulators. With M = 1 (decode) this streams each weight row
+    exactly once. The epilogue program (ops.fused) reads the j products then the extras, and runs
+    as each element is stored; none means the first product.
 
-    void name(i64 n0, i64 n1, i64 M, i64 K, ptr A, i64 lda, ptr W, i64 ldw, ptr C, i64 ldc):
-    columns n0..n1 (a multiple of nr) and all M rows (a multiple of mr)."""
+    void name(i64 n0, i64 n1, i64 M, i64 K, ptr A, i64 lda, (ptr W, i64 ldw) x j, ptr C, i64 ldc,
+    (ptr E, i64 lde) x extras): columns n0..n1 (a multiple of nr) and all M rows (a multiple of mr)."""
     e = Emitter()
+    j = len(w_types)
+    weights = "".join(f"ptr noalias %W{i}, i64 %ldw{i}, " for i in range(j))
+    extras = "".join(f", ptr noalias %E{i}, i64 %lde{i}" for i in range(len(extra_types)))
     e.raw(f"define void @{name}(i64 %n0, i64 %n1, i64 %M, i64 %K, ptr noalias %A, i64 %lda, "
-          f"ptr noalias %W, i64 %ldw, ptr noalias %C, i64 %ldc) {{")
+          f"{weights}ptr noalias %C, i64 %ldc{extras}) {{")
     e.raw("entry:\n  %none = icmp sge i64 %n0, %n1\n  br i1 %none, label %exit, label %n.loop")
     e.raw("n.loop:\n  %n = phi i64 [%n0, %entry], [%n.next, %m.done]")
     e.raw("  br label %m.loop")
     e.raw("m.loop:\n  %m = phi i64 [0, %n.loop], [%m.next, %k.done]")
     rows = [e.op(f"mul i64 {e.op(f'add i64 %m, {r}')}, %lda") for r in range(mr)]
-    cols = [e.op(f"mul i64 {e.op(f'add i64 %n, {c}')}, %ldw") for c in range(nr)]
+    cols = [[e.op(f"mul i64 {e.op(f'add i64 %n, {c}')}, %ldw{i}") for c in range(nr)] for i in range(j)]
+    accs = [(i, r, c) for i in range(j) for r in range(mr) for c in range(nr)]
     e.raw("  %kempty = icmp sle i64 %K, 0\n  br i1 %kempty, label %k.done, label %k.loop")
     e.raw("k.loop:\n  %k = phi i64 [0, %m.loop], [%k.next, %k.loop]")
-    for r in range(mr):
-        for c in range(nr):
-            e.raw(f"  %acc{r}_{c} = phi float [0.0, %m.loop], [%acc{r}_{c}.next, %k.loop]")
+    for i, r, c in accs:
+        e.raw(f"  %acc{i}_{r}_{c} = phi float [0.0, %m.loop], [%acc{i}_{r}_{c}.next, %k.loop]")
     a = [e.load(e.op(f"getelementptr {STORAGE[a_type.name]}, ptr %A, i64 {e.op(f'add i64 {rows[r]}, %k')}"), a_type)
          for r in range(mr)]
-    w = [e.load(e.op(f"getelementptr {STORAGE[w_type.name]}, ptr %W, i64 {e.op(f'add i64 {cols[c]}, %k')}"), w_type)
-         for c in range(nr)]
-    for r in range(mr):
-        for c in range(nr):
-            prod = e.op(f"fmul contract float {a[r]}, {w[c]}")
-            e.raw(f"  %acc{r}_{c}.next = fadd reassoc contract float %acc{r}_{c}, {prod}")
+    w = [[e.load(e.op(f"getelementptr {STORAGE[w_types[i].name]}, ptr %W{i}, i64 {e.op(f'add i64 {cols[i][c]}, %k')}"),
+                 w_types[i]) for c in range(nr)] for i in range(j)]
+    for i, r, c in accs:
+        prod = e.op(f"fmul contract float {a[r]}, {w[i][c]}")
+        e.raw(f"  %acc{i}_{r}_{c}.next = fadd reassoc contract float %acc{i}_{r}_{c}, {prod}")
     e.raw("  %k.next = add i64 %k, 1\n  %k.more = icmp slt i64 %k.next, %K")
     e.raw("  br i1 %k.more, label %k.loop, label %k.done")
     e.raw("k.done:")
+    for i, r, c in accs:
+        e.raw(f"  %sum{i}_{r}_{c} = phi float [0.0, %m.loop], [%acc{i}_{r}_{c}.next, %k.loop]")
     for r in range(mr):
+        row = e.op(f"add i64 %m, {r}")
         for c in range(nr):
-            e.raw(f"  %sum{r}_{c} = phi float [0.0, %m.loop], [%acc{r}_{c}.next, %k.loop]")
-    for r in range(mr):
-        for c in range(nr):
-            row = e.op(f"mul i64 {e.op(f'add i64 %m, {r}')}, %ldc")
-            at = e.op(f"add i64 {row}, {e.op(f'add i64 %n, {c}')}")
-            e.store(f"%sum{r}_{c}", e.op(f"getelementptr {STORAGE[c_type.name]}, ptr %C, i64 {at}"), c_type)
+            col = e.op(f"add i64 %n, {c}")
+            loaded = []
+            for x, t in enumerate(extra_types):
+                at = e.op(f"add i64 {e.op(f'mul i64 {row}, %lde{x}')}, {col}")
+                loaded.append(e.load(e.op(f"getelementptr {STORAGE[t.name]}, ptr %E{x}, i64 {at}"), t))
+            products = [f"%sum{i}_{r}_{c}" for i in range(j)]
+            value = evaluate(e, program, [dtypes.float32] * j + list(extra_types), products + loaded) \
+                if program else products[0]
+            at = e.op(f"add i64 {e.op(f'mul i64 {row}, %ldc')}, {col}")
+            e.store(value, e.op(f"getelementptr {STORAGE[c_type.name]}, ptr %C, i64 {at}"), c_type)
     e.raw(f"  %m.next = add i64 %m, {mr}\n  %m.more = icmp slt i64 %m.next, %M")
     e.raw("  br i1 %m.more, label %m.loop, label %m.done")
     e.raw(f"m.done:\n  %n.next = add i64 %n, {nr}\n  %n.more = icmp slt i64 %n.next, %n1")
@@ -372,3 +383,200 @@ def matmul_nn_kernel(name: str, a_type, b_type) -> str:
     e.raw("  br i1 %m.more, label %m.loop, label %exit")
     e.raw("exit:\n  ret void\n}")
     return DECLARATIONS + "\n".join(e.lines) + "\n"
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+ATTENTION_BLOCK = 16  # keys whose scores are held at once: the online softmax rescales once per block
+
+
+def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
+    """out = softmax(q k^T * scale + mask) v for a tile of `rows` query rows at a time that share
+    one k and v (the query heads of a grouped-query head, times the query positions), with an
+    online softmax over blocks of keys: no score matrix is stored, each k and v row is loaded
+    once per tile, and keys that no row of the tile may see are skipped without being read.
+
+    void name(i64 r0, i64 r1, ptr table, ptr K, i64 ldk, ptr V, i64 ldv, i64 S, i64 D, i64 DV,
+    i64 mstride): rows r0..r1 (a multiple of `rows`) of table, whose row i holds the addresses of
+    its q row, out row and mask row (mask elements mstride apart along the keys)."""
+    R, KB = rows, ATTENTION_BLOCK
+    e = Emitter()
+    e.raw(f"define void @{name}(i64 %r0, i64 %r1, ptr noalias %table, ptr noalias %K, i64 %ldk, ptr noalias %V, "
+          "i64 %ldv, i64 %S, i64 %D, i64 %DV, i64 %mstride) {")
+    e.raw("entry:")
+    e.raw(f"  %accn = mul i64 %DV, {R}\n  %acc = alloca float, i64 %accn")
+    e.raw(f"  %sc = alloca float, i64 {R * KB}\n  %mx = alloca float, i64 {R}\n  %sm = alloca float, i64 {R}")
+    e.raw("  %none = icmp sge i64 %r0, %r1\n  br i1 %none, label %exit, label %tile")
+    # ---- a tile of R rows: their pointers, and a fresh online-softmax state
+    e.raw("tile:\n  %t = phi i64 [%r0, %entry], [%t.next, %tile.done]")
+    q, o, m = [], [], []
+    for r in range(R):
+        row = e.op(f"add i64 %t, {r}")
+        desc = e.op(f"getelementptr i64, ptr %table, i64 {e.op(f'mul i64 {row}, 3')}")
+        q.append(e.op(f"load ptr, ptr {desc}"))
+        o.append(e.op(f"load ptr, ptr {e.op(f'getelementptr i64, ptr {desc}, i64 1')}"))
+        m.append(e.op(f"load ptr, ptr {e.op(f'getelementptr i64, ptr {desc}, i64 2')}"))
+        e.raw(f"  store float 0xFFF0000000000000, ptr {e.op(f'getelementptr float, ptr %mx, i64 {r}')}")
+        e.raw(f"  store float 0.0, ptr {e.op(f'getelementptr float, ptr %sm, i64 {r}')}")
+    _loop(e, "zero", "0", "%accn", lambda i: e.raw(f"  store float 0.0, ptr {_at(e, '%acc', i)}"))
+    e.raw("  br label %block")
+    # ---- a block of keys
+    e.raw("block:\n  %j0 = phi i64 [0, %zero.done], [%j0.next, %update.done]")
+    left = e.op("sub i64 %S, %j0")
+    e.raw(f"  %jn = call i64 @llvm.smin.i64(i64 {left}, i64 {KB})")
+
+    def score(jj):  # the scores of key j0 + jj for every row of the tile, -inf where masked
+        key = e.op(f"add i64 %j0, {jj}")
+        seen = []
+        for r in range(R):
+            if mask_kind == "bool":
+                at = e.op(f"getelementptr i8, ptr {m[r]}, i64 {e.op(f'mul i64 {key}, %mstride')}")
+                seen.append(e.op(f"icmp ne i8 {e.op(f'load i8, ptr {at}')}, 0"))
+            else:
+                seen.append("true")
+        anyseen = seen[0]
+        for s in seen[1:]:
+            anyseen = e.op(f"or i1 {anyseen}, {s}")
+        label = e.tmp()[1:]
+        here = e.tmp()[1:]
+        e.raw(f"  br label %{here}\n{here}:")
+        e.raw(f"  br i1 {anyseen}, label %{label}.dot, label %{label}.skip")
+        e.raw(f"{label}.dot:")
+        krow = e.op(f"mul i64 {key}, %ldk")
+        sums = _dot_rows(e, label, q, krow)
+        e.raw(f"  br label %{label}.skip\n{label}.skip:")
+        dots = [e.op(f"phi float [{sums[r]}, %{label}.dot.done], [0.0, %{here}]") for r in range(R)]
+        for r in range(R):
+            s = e.op(f"fmul float {dots[r]}, {float_literal(scale)}")
+            if mask_kind == "add":
+                at = e.op(f"getelementptr float, ptr {m[r]}, i64 {e.op(f'mul i64 {key}, %mstride')}")
+                s = e.op(f"fadd float {s}, {e.op(f'load float, ptr {at}')}")
+            s = e.op(f"select i1 {seen[r]}, float {s}, float 0xFFF0000000000000")
+            e.raw(f"  store float {s}, ptr {_at(e, '%sc', e.op(f'add i64 {jj}, {r * KB}'))}")
+
+    _loop(e, "scores", "0", "%jn", score)
+    e.raw("  br label %update")
+    # ---- fold the block into each row's running max, sum and accumulator
+    e.raw("update:")
+    corr, live = [], []
+    for r in range(R):
+        mxp = e.op(f"getelementptr float, ptr %mx, i64 {r}")
+        old = e.op(f"load float, ptr {mxp}")
+        peak = _reduce_scores(e, f"peak{r}", r * KB, old)
+        dead = e.op(f"fcmp oeq float {peak}, 0xFFF0000000000000")  # nothing seen yet: keep zeros
+        c = e.op(f"call float @llvm.exp.f32(float {e.op(f'fsub float {old}, {peak}')})")
+        corr.append(e.op(f"select i1 {dead}, float 1.0, float {c}"))
+        total = _exp_scores(e, f"exp{r}", r * KB, peak, dead)
+        smp = e.op(f"getelementptr float, ptr %sm, i64 {r}")
+        kept = e.op(f"fmul float {e.op(f'load float, ptr {smp}')}, {corr[r]}")
+        e.raw(f"  store float {e.op(f'fadd float {kept}, {total}')}, ptr {smp}")
+        e.raw(f"  store float {peak}, ptr {mxp}")
+
+    def rescale(x):
+        for r in range(R):
+            at = _at(e, "%acc", e.op(f"add i64 {x}, {e.op(f'mul i64 %DV, {r}')}"))
+            old = e.op(f"load float, ptr {at}")
+            e.raw(f"  store float {e.op(f'fmul float {old}, {corr[r]}')}, ptr {at}")
+
+    _loop(e, "rescale", "0", "%DV", rescale)
+
+    def accumulate(jj):
+        ps = [e.op(f"load float, ptr {_at(e, '%sc', e.op(f'add i64 {jj}, {r * KB}'))}") for r in range(R)]
+        vrow = e.op(f"mul i64 {e.op(f'add i64 %j0, {jj}')}, %ldv")
+        anyp = e.op(f"fcmp une float {ps[0]}, 0.0")
+        for p in ps[1:]:
+            anyp = e.op(f"or i1 {anyp}, {e.op(f'fcmp une float {p}, 0.0')}")
+        label = e.tmp()[1:]
+        e.raw(f"  br i1 {anyp}, label %{label}.pre, label %{label}.done")
+        e.raw(f"{label}.pre:\n  br label %{label}")
+
+        def axpy(x):
+            v = e.op(f"load float, ptr {_at(e, '%V', e.op(f'add i64 {vrow}, {x}'))}")
+            for r in range(R):
+                at = _at(e, "%acc", e.op(f"add i64 {x}, {e.op(f'mul i64 %DV, {r}')}"))
+                old, product = e.op(f"load float, ptr {at}"), e.op(f"fmul contract float {ps[r]}, {v}")
+                e.raw(f"  store float {e.op(f'fadd contract float {old}, {product}')}, ptr {at}")
+        _loop(e, label, "0", "%DV", axpy, entered=True)
+
+    _loop(e, "accumulate", "0", "%jn", accumulate)
+    e.raw(f"  br label %update.done\nupdate.done:\n  %j0.next = add i64 %j0, {KB}")
+    e.raw("  %more = icmp slt i64 %j0.next, %S\n  br i1 %more, label %block, label %finish")
+    # ---- out = acc / sum
+    e.raw("finish:")
+    sums = [e.op(f"load float, ptr {_at(e, '%sm', r)}") for r in range(R)]
+
+    def write(x):
+        for r in range(R):
+            at = _at(e, "%acc", e.op(f"add i64 {x}, {e.op(f'mul i64 %DV, {r}')}"))
+            a = e.op(f"load float, ptr {at}")
+            e.raw(f"  store float {e.op(f'fdiv float {a}, {sums[r]}')}, ptr {_at(e, o[r], x)}")
+
+    _loop(e, "write", "0", "%DV", write)
+    e.raw(f"  br label %tile.done\ntile.done:\n  %t.next = add i64 %t, {R}")
+    e.raw("  %t.more = icmp slt i64 %t.next, %r1\n  br i1 %t.more, label %tile, label %exit")
+    e.raw("exit:\n  ret void\n}")
+    return DECLARATIONS + "\n".join(e.lines) + "\n"
+
+
+def _loop(e, label, lo, hi, body, entered=False):
+    """for i in lo..hi: body(i), as blocks label / label.done; falls through into label.done.
+    The caller has branched to `label` already when `entered`, else this emits the branch."""
+    if not entered:
+        e.raw(f"  br label %{label}.pre\n{label}.pre:")
+        e.raw(f"  %{label}.empty = icmp sge i64 {lo}, {hi}\n  br i1 %{label}.empty, label %{label}.done, label %{label}")
+    e.raw(f"{label}:\n  %{label}.i = phi i64 [{lo}, %{label}.pre], [%{label}.next, %{label}.latch]")
+    body(f"%{label}.i")
+    e.raw(f"  br label %{label}.latch\n{label}.latch:\n  %{label}.next = add i64 %{label}.i, 1")
+    e.raw(f"  %{label}.more = icmp slt i64 %{label}.next, {hi}\n  br i1 %{label}.more, label %{label}, label %{label}.done")
+    e.raw(f"{label}.done:")
+
+
+def _dot_rows(e, label, q, krow) -> list[str]:
+    """sum_d q[r][d] * K[krow + d] for every row r: one pass over the k row, R accumulators."""
+    R = len(q)
+    e.raw(f"  br label %{label}.dot.loop\n{label}.dot.loop:")
+    e.raw(f"  %{label}.d = phi i64 [0, %{label}.dot], [%{label}.d.next, %{label}.dot.loop]")
+    for r in range(R):
+        e.raw(f"  %{label}.s{r} = phi float [0.0, %{label}.dot], [%{label}.s{r}.next, %{label}.dot.loop]")
+    k = e.op(f"load float, ptr {_at(e, '%K', e.op(f'add i64 {krow}, %{label}.d'))}")
+    sums = []
+    for r in range(R):
+        qv = e.op(f"load float, ptr {e.op(f'getelementptr float, ptr {q[r]}, i64 %{label}.d')}")
+        e.raw(f"  %{label}.s{r}.next = fadd reassoc contract float %{label}.s{r}, {e.op(f'fmul contract float {qv}, {k}')}")
+        sums.append(f"%{label}.s{r}.next")
+    e.raw(f"  %{label}.d.next = add i64 %{label}.d, 1\n  %{label}.d.more = icmp slt i64 %{label}.d.next, %D")
+    e.raw(f"  br i1 %{label}.d.more, label %{label}.dot.loop, label %{label}.dot.done\n{label}.dot.done:")
+    return sums
+
+
+def _reduce_scores(e, label, base, start) -> str:
+    """max(start, scores[base : base + jn])."""
+    e.raw(f"  br label %{label}.pre\n{label}.pre:\n  br label %{label}\n{label}:")
+    e.raw(f"  %{label}.i = phi i64 [0, %{label}.pre], [%{label}.next, %{label}]")
+    e.raw(f"  %{label}.m = phi float [{start}, %{label}.pre], [%{label}.m.next, %{label}]")
+    s = e.op(f"load float, ptr {_at(e, '%sc', e.op(f'add i64 %{label}.i, {base}'))}")
+    e.raw(f"  %{label}.m.next = call float @llvm.maximum.f32(float %{label}.m, float {s})")
+    e.raw(f"  %{label}.next = add i64 %{label}.i, 1\n  %{label}.more = icmp slt i64 %{label}.next, %jn")
+    e.raw(f"  br i1 %{label}.more, label %{label}, label %{label}.done\n{label}.done:")
+    return f"%{label}.m.next"
+
+
+def _exp_scores(e, label, base, peak, dead) -> str:
+    """scores[i] = exp(scores[i] - peak) (0 for a row that has seen nothing) over the block;
+    returns their sum."""
+    e.raw(f"  br label %{label}.pre\n{label}.pre:\n  br label %{label}\n{label}:")
+    e.raw(f"  %{label}.i = phi i64 [0, %{label}.pre], [%{label}.next, %{label}]")
+    e.raw(f"  %{label}.t = phi float [0.0, %{label}.pre], [%{label}.t.next, %{label}]")
+    at = _at(e, "%sc", e.op(f"add i64 %{label}.i, {base}"))
+    shifted = e.op(f"fsub float {e.op(f'load float, ptr {at}')}, {peak}")
+    p = e.op(f"call float @llvm.exp.f32(float {shifted})")
+    p = e.op(f"select i1 {dead}, float 0.0, float {p}")
+    e.raw(f"  store float {p}, ptr {at}")
+    e.raw(f"  %{label}.t.next = fadd reassoc float %{label}.t, {p}")
+    e.raw(f"  %{label}.next = add i64 %{label}.i, 1\n  %{label}.more = icmp slt i64 %{label}.next, %jn")
+    e.raw(f"  br i1 %{label}.more, label %{label}, label %{label}.done\n{label}.done:")
+    return f"%{label}.t.next"
+
+
+def _at(e, ptr, index) -> str:
+    return e.op(f"getelementptr float, ptr {ptr}, i64 {index}")

@@ -76,10 +76,10 @@ def split(fn, total: int, grain: int, work: int, *args) -> list[partial]:
     return [partial(fn, s, min(s + step, total), *args) for s in range(0, total, step)]
 
 
-def spread(calls: list) -> list[partial]:
+def spread(calls: list, work: int = MIN_PARALLEL_WORK) -> list[partial]:
     """Many small independent calls (one per batch item) dealt out to the threads: one hand-off
-    per thread instead of one per call."""
-    n = min(count(), len(calls))
+    per thread instead of one per call, and none when `work` is too little to pay for it."""
+    n = min(count(), len(calls)) if work >= MIN_PARALLEL_WORK else 1
     return [partial(_run_each, calls[i::n]) for i in range(n)]
 
 
