@@ -458,7 +458,7 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
     e.raw("  br label %update")
     # ---- fold the block into each row's running max, sum and accumulator
     e.raw("update:")
-    corr, live = [], []
+    corr = []
     for r in range(R):
         mxp = e.op(f"getelementptr float, ptr %mx, i64 {r}")
         old = e.op(f"load float, ptr {mxp}")
