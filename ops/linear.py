@@ -39,15 +39,16 @@ def _linear_infer(srcs, arg):
     a, g, weights, extras = _linear_parts(srcs, arg)
     program = arg[3]
     m, k = a.shape
+    concat = program == "concat"
     for w in weights:
-        if w.shape != (weights[0].shape[0], k):
+        if w.shape[1] != k or (not concat and w.shape[0] != weights[0].shape[0]):
             raise ValueError(f"fused_linear: weight {w.shape} does not fit input {shape_str(a.shape)}")
-    shape = (m, weights[0].shape[0])
+    shape = (m, sum(w.shape[0] for w in weights) if concat else weights[0].shape[0])
     if g is not None and g.shape != (k,):
         raise ValueError(f"fused_linear: norm weight {g.shape} does not fit input {a.shape}")
     if any(e.shape != shape for e in extras):
         raise ValueError(f"fused_linear: extra inputs {[e.shape for e in extras]} must have shape {shape}")
-    return shape, program[-1][3] if program else dtypes.float32
+    return shape, program[-1][3] if program and not concat else dtypes.float32
 
 
 def _linear_reference(xs, arg, shape, dtype):
@@ -56,6 +57,8 @@ def _linear_reference(xs, arg, shape, dtype):
     a, g, weights, _ = _linear_parts(wide, arg)
     a = rms_normalize(a, g, eps) if g is not None else a
     products = [np.matmul(a, w.T) for w in weights]
+    if program == "concat":
+        return np.concatenate(products, axis=-1)
     if not program:
         return products[0]
     extras = _linear_parts(xs, arg)[3]  # in storage form: the program widens them itself

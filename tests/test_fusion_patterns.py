@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from ops import dtypes
 from tests.reference import ATOL, RTOL, summation_error
 from tests.test_passes import kernels, passes
-from tinytensor import Tensor, nn
+from tinytensor import Tensor, graph, nn
 
 WEIGHT_TYPES = [dtypes.float32, dtypes.bfloat16, dtypes.float16]
 
@@ -100,3 +100,57 @@ def test_each_pass_can_be_switched_off():
     q = Tensor.randn(2, 3, 4, seed=4)
     with passes("fuse_linear,fuse_elementwise"):
         assert "attention" not in kernels(nn.scaled_dot_product_attention(q, q, q))
+
+
+@settings(deadline=None)
+@given(m=st.integers(1, 6), k=st.integers(1, 24), widths=st.lists(st.integers(1, 13), min_size=2, max_size=3),
+       norm=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_layers_of_one_input_become_one_kernel(backend, m, k, widths, norm, seed):
+    rng = np.random.default_rng(seed)
+    x, g = Tensor(normal(rng, m, k)), Tensor(normal(rng, k))
+    weights = [Tensor(normal(rng, n, k)) for n in widths]
+
+    def layers():
+        h = nn.rms_norm(x, g, 1e-5) if norm else x
+        return [nn.linear(h, w) for w in weights]
+    schedule, _ = graph.plan([t.node for t in layers()])
+    if norm:  # without a norm the products stay plain matmuls: no pass touches them
+        assert [n.op for n in schedule.nodes].count("fused_linear") == 1
+    with passes("none"):
+        want = [t.numpy() for t in realized(layers())]
+    got = [t.numpy() for t in realized(layers())]
+    h = x.numpy().astype(np.float64)
+    if norm:
+        h = h / np.sqrt((h * h).mean(-1, keepdims=True) + 1e-5) * g.numpy()
+    for ours, theirs, w in zip(got, want, weights):  # summation orders, as in the test above
+        error = summation_error(k, (3 if norm else 2) * np.abs(h) @ np.abs(w.numpy().astype(np.float64)).T)
+        np.testing.assert_allclose(ours, theirs, rtol=RTOL[dtypes.float32] * 4, atol=ATOL[dtypes.float32] + error.max())
+
+
+def realized(tensors):
+    """The tensors, computed in one graph."""
+    tensors[0].realize(*tensors[1:])
+    return tensors
+
+
+def test_a_llama_block_is_nine_kernels(backend, capsys, monkeypatch):
+    """QKV (with the norm), RoPE of q, RoPE of k, the two cache writes, attention, out-projection
+    + residual, SwiGLU (with the norm), down-projection + residual."""
+    from models.checkpoint import random_weights
+    from models.config import LlamaConfig
+    from models.llama3 import KVCache, Llama
+
+    def decode_step_kernels(layers):
+        config = LlamaConfig(dim=64, n_layers=layers, n_heads=8, n_kv_heads=2, vocab_size=100, ffn_dim=96)
+        model = Llama(config, random_weights(config), context=32)
+        out = model.forward(Tensor([1]), Tensor([3]), KVCache.allocate(config, 16))
+        schedule, _ = graph.plan([out.node])
+        return [n.op for n in schedule.nodes if n.op not in ("reshape", "permute", "expand", "shrink")]
+    one, two = decode_step_kernels(1), decode_step_kernels(2)
+    block = list(two)
+    for op in one:
+        block.remove(op)
+    assert sorted(block) == sorted(["fused_linear"] * 4 + ["fused"] * 2 + ["assign_at"] * 2 + ["attention"]), block
+    monkeypatch.setenv("TT_DEBUG", "1")
+    Tensor.randn(2, 64, seed=1).realize()
+    assert "randn" in capsys.readouterr().err

@@ -155,8 +155,7 @@ def matmul(plan, a, b, a_type, b_type, out, out_type):
         _matmul_nt(a[idx], [np.swapaxes(b[idx], -1, -2)], out[idx], a_type, [b_type], out_type, threaded) if nt else
         _matmul_nn(a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k, threaded))]
     if threaded:
-        for group in groups:
-            plan.kernel(group)
+        plan.kernel(threads.together(groups))
     else:  # heads of attention: each product is small, so threads take whole products
         plan.kernel(threads.spread([call for group in groups for call in group]))
 
@@ -164,7 +163,7 @@ def matmul(plan, a, b, a_type, b_type, out, out_type):
 def linear(plan, node, arrays, out):
     """fused_linear (ops.linear): the RMSNorm of the input rows first, into a scratch buffer of
     m x k floats (two native loops: sum of squares, then scale), then the product over every
-    weight with the epilogue applied as C is stored."""
+    weight with the epilogue applied as C is stored, all threads entering once."""
     eps, j, src_types, program = node.arg
     first = 1 if eps is None else 2
     a, weights, extras = arrays[0], arrays[first:first + j], arrays[first + j:]
@@ -177,9 +176,15 @@ def linear(plan, node, arrays, out):
     plan.keep += [a, *weights, *extras, out]
     if out.size == 0:
         return
-    for group in _matmul_nt(a, weights, out, dtypes.float32, src_types[first:first + j], node.dtype, True,
-                            extras, src_types[first + j:], program):
-        plan.kernel(group)
+    w_types = src_types[first:first + j]
+    if program == "concat":  # each weight fills its own columns
+        bounds = np.cumsum([0] + [w.shape[0] for w in weights])
+        groups = [group for w, t, c0, c1 in zip(weights, w_types, bounds, bounds[1:])
+                  for group in _matmul_nt(a, [w], out[:, c0:c1], dtypes.float32, [t], node.dtype, True)]
+    else:
+        groups = _matmul_nt(a, weights, out, dtypes.float32, w_types, node.dtype, True,
+                            extras, src_types[first + j:], program)
+    plan.kernel(threads.together(groups))
 
 
 def _rms_norm(plan, x, g, g_type, eps):

@@ -83,6 +83,13 @@ def spread(calls: list, work: int = MIN_PARALLEL_WORK) -> list[partial]:
     return [partial(_run_each, calls[i::n]) for i in range(n)]
 
 
+def together(groups: list[list]) -> list[partial]:
+    """The calls of several independent kernels run with one hand-off: each thread runs its
+    share of every kernel in turn."""
+    n = max((len(g) for g in groups), default=0)
+    return [partial(_run_each, [g[t] for g in groups if t < len(g)]) for t in range(n)]
+
+
 def _run_each(calls):
     for c in calls:
         c()

@@ -3,7 +3,9 @@
 
 - RMSNorm before it: rms_norm(x) * g feeding the product becomes the kernel's prologue;
 - SwiGLU after it: silu(x @ Wg.T) * (x @ Wu.T) becomes one kernel over both weights;
-- a residual add after it: r + x @ W.T adds r as each output element is stored.
+- a residual add after it: r + x @ W.T adds r as each output element is stored;
+- linear layers of one input with nothing after them (Q, K and V) become one kernel whose output
+  holds theirs side by side; each becomes a view of its columns.
 
 Patterns are matched on the ops nn.rms_norm and the model record, before elementwise fusion.
 A node is absorbed only when the fused kernel is its one reader and nobody asked for it.
@@ -11,6 +13,7 @@ A node is absorbed only when the fused kernel is its one reader and nobody asked
 import networkx as nx
 
 from ops import dtypes
+from tinytensor.node import Node
 from tinytensor.passes.patterns import const_value, only_for, rewrite, under
 
 F32 = dtypes.float32
@@ -104,3 +107,29 @@ def fuse_linear(g: nx.DiGraph, outputs) -> None:
             continue  # a plain product: the matmul kernel is the same kernel
         arg = (eps, j, tuple(s.dtype for s in srcs), resolved)
         rewrite(g, root, "fused_linear", srcs, arg, [n for n in absorbed if n is not root], outputs)
+    merge_side_by_side(g, outputs)
+
+
+def merge_side_by_side(g: nx.DiGraph, outputs) -> None:
+    """One kernel for the plain fused linear layers that read the same input (and norm): its
+    output is their outputs side by side, and each becomes a view of its columns."""
+    groups: dict = {}
+    for node in nx.topological_sort(g):
+        if node.op == "fused_linear" and node.arg[1] == 1 and node.arg[3] == ():
+            eps = node.arg[0]
+            groups.setdefault((eps, node.srcs[:1 if eps is None else 2]), []).append(node)
+    for (eps, head), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        weights = [n.srcs[-1] for n in nodes]
+        merged = Node("fused_linear", head + tuple(weights),
+                      (eps, len(weights), tuple(s.dtype for s in head + tuple(weights)), "concat"))
+        g.add_edges_from((s, merged) for s in merged.srcs)
+        start, rows = 0, nodes[0].shape[0]
+        for node in nodes:
+            for src in list(g.predecessors(node)):
+                g.remove_edge(src, node)
+            width = node.shape[1]
+            node.op, node.srcs, node.arg = "shrink", (merged,), ((0, rows, 1), (start, start + width, 1))
+            g.add_edge(merged, node)
+            start += width
