@@ -44,6 +44,14 @@ def _masked(x):
     return None
 
 
+def _views(node, end) -> list:
+    """The broadcasts from node down to end, end included."""
+    chain = [node]
+    while chain[-1] is not end:
+        chain.append(chain[-1].srcs[0])
+    return chain
+
+
 def _match(g, out, outputs):
     """(srcs, arg, absorbed nodes) when out is attention's final product, else None."""
     if out.op != "matmul" or out.dtype != dtypes.float32 or out.srcs[0].op != "div" or len(out.shape) < 2:
@@ -62,7 +70,7 @@ def _match(g, out, outputs):
     if any(s.dtype != dtypes.float32 for s in srcs[:3]) or (kind == "bool" and mask.dtype != dtypes.bool_):
         return None
     # everything from q @ k^T to the output becomes the kernel: none of it may be read elsewhere
-    absorbed = ({qk} | nx.descendants(g, qk)) & nx.ancestors(g, out)
+    absorbed = {p, e, e.srcs[0], x, scores, qk, *_views(p.srcs[1], total), *_views(e.srcs[0].srcs[1], peak)}
     inside = absorbed | {out}
     if any(s in absorbed for s in srcs) or any(n in outputs or n.realized or not set(g.successors(n)) <= inside
                                                for n in absorbed):
