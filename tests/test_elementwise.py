@@ -37,6 +37,17 @@ def test_unary_matches_numpy(backend, name, data):
     assert_close(getattr(x, name)(), fn(values(x)))
 
 
+def test_exp_over_the_whole_float32_range(backend):
+    """Overflow to inf, gradual underflow to subnormals and 0, inf/-inf/nan, and the 1e-5
+    relative bound of RTOL everywhere in between (the LLVM kernels compute exp themselves)."""
+    x = np.concatenate([np.linspace(-110, 95, 20001, dtype=np.float32),
+                        np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 88.72, -87.34, -103.9], np.float32)])
+    got = Tensor(x).exp().numpy().astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    want = np.where(want > np.finfo(np.float32).max, np.inf, want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2.0**-149, equal_nan=True)
+
+
 @pytest.mark.parametrize("name", ["exp", "sqrt", "sigmoid"])
 def test_unary_float_function_of_int_gives_float32(backend, name):
     x = Tensor([1, 2, 3])

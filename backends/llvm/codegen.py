@@ -76,6 +76,32 @@ class Emitter:
         kept = self.op(f"and i32 {self.op(f'select i1 {isnan}, i32 {quiet}, i32 {rounded}')}, -65536")
         return self.op(f"bitcast i32 {kept} to float")
 
+    def exp(self, x: str) -> str:
+        """e^x in plain arithmetic, so that loops vectorise (llvm.exp becomes a scalar libm call
+        per element): Cody-Waite reduction x = n ln2 + r, a degree-7 polynomial for e^r
+        (Cephes' expf, within 2 ulp), times 2^n built from exponent bits in two halves, so that
+        results underflow gradually and overflow to inf as they should."""
+        lit = float_literal
+        low = self.op(f"call float @llvm.maxnum.f32(float {x}, float {lit(-104.0)})")
+        clamped = self.op(f"call float @llvm.minnum.f32(float {low}, float {lit(89.0)})")
+        n = self.op(f"call float @llvm.rint.f32(float {self.op(f'fmul float {clamped}, {lit(1.44269504088896341)}')})")
+        r = self.op(f"fsub float {clamped}, {self.op(f'fmul float {n}, {lit(0.693359375)}')}")
+        r = self.op(f"fsub float {r}, {self.op(f'fmul float {n}, {lit(-2.12194440e-4)}')}")
+        p = lit(1.9875691500e-4)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = self.op(f"fadd float {self.op(f'fmul float {p}, {r}')}, {lit(c)}")
+        r2 = self.op(f"fmul float {r}, {r}")
+        poly = self.op(f"fadd float {self.op(f'fmul float {r2}, {p}')}, {r}")
+        poly = self.op(f"fadd float {poly}, 1.0")
+        whole = self.op(f"fptosi float {n} to i32")
+        half = self.op(f"ashr i32 {whole}, 1")
+        scales = []
+        for h in (half, self.op(f"sub i32 {whole}, {half}")):
+            biased = self.op(f"add i32 {h}, 127")
+            scales.append(self.op(f"bitcast i32 {self.op(f'shl i32 {biased}, 23')} to float"))
+        y = self.op(f"fmul float {self.op(f'fmul float {poly}, {scales[0]}')}, {scales[1]}")
+        return self.op(f"select i1 {self.op(f'fcmp uno float {x}, {x}')}, float {x}, float {y}")
+
     def round_to(self, x: str, d) -> str:
         if d == dtypes.float16:
             return self.op(f"fpext half {self.op(f'fptrunc float {x} to half')} to float")
@@ -126,8 +152,10 @@ class Emitter:
             return self.op(f"fdiv float 1.0, {self.op(f'call float @llvm.sqrt.f32(float {x})')}")
         if op == "relu":
             return self.op(f"call float @llvm.maximum.f32(float {x}, float 0.0)")
+        if op == "exp":
+            return self.exp(x)
         if op in ("sigmoid", "silu"):
-            e = self.op(f"call float @llvm.exp.f32(float {self.op(f'fneg float {x}')})")
+            e = self.exp(self.op(f"fneg float {x}"))
             s = self.op(f"fdiv float 1.0, {self.op(f'fadd float 1.0, {e}')}")
             return s if op == "sigmoid" else self.op(f"fmul float {x}, {s}")
         if op == "tanh":
@@ -155,10 +183,9 @@ BINARY_FLOAT = {"add": "fadd {t} {a}, {b}", "sub": "fsub {t} {a}, {b}", "mul": "
 BINARY_INT = {"add": "add {t} {a}, {b}", "sub": "sub {t} {a}, {b}", "mul": "mul {t} {a}, {b}"}
 COMPARE = {"cmplt": ("olt", "slt"), "cmple": ("ole", "sle"), "cmpgt": ("ogt", "sgt"),
            "cmpge": ("oge", "sge"), "cmpeq": ("oeq", "eq"), "cmpne": ("une", "ne")}
-UNARY_INTRINSIC = {"exp": "exp", "log": "log", "sqrt": "sqrt", "sin": "sin", "cos": "cos", "abs": "fabs"}
+UNARY_INTRINSIC = {"log": "log", "sqrt": "sqrt", "sin": "sin", "cos": "cos", "abs": "fabs"}
 
 DECLARATIONS = """
-declare float @llvm.exp.f32(float)
 declare float @llvm.log.f32(float)
 declare float @llvm.sqrt.f32(float)
 declare float @llvm.sin.f32(float)
@@ -166,6 +193,9 @@ declare float @llvm.cos.f32(float)
 declare float @llvm.fabs.f32(float)
 declare float @llvm.pow.f32(float, float)
 declare float @llvm.maximum.f32(float, float)
+declare float @llvm.maxnum.f32(float, float)
+declare float @llvm.minnum.f32(float, float)
+declare float @llvm.rint.f32(float)
 declare float @llvm.minimum.f32(float, float)
 declare float @tanhf(float)
 """ + "".join(f"declare {t} @llvm.{f}.{t}({t}, {t})\n" for t in ("i8", "i32", "i64") for f in ("smax", "smin")) \
@@ -464,7 +494,7 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
         old = e.op(f"load float, ptr {mxp}")
         peak = _reduce_scores(e, f"peak{r}", r * KB, old)
         dead = e.op(f"fcmp oeq float {peak}, 0xFFF0000000000000")  # nothing seen yet: keep zeros
-        c = e.op(f"call float @llvm.exp.f32(float {e.op(f'fsub float {old}, {peak}')})")
+        c = e.exp(e.op(f"fsub float {old}, {peak}"))
         corr.append(e.op(f"select i1 {dead}, float 1.0, float {c}"))
         total = _exp_scores(e, f"exp{r}", r * KB, peak, dead)
         smp = e.op(f"getelementptr float, ptr %sm, i64 {r}")
@@ -569,7 +599,7 @@ def _exp_scores(e, label, base, peak, dead) -> str:
     e.raw(f"  %{label}.t = phi float [0.0, %{label}.pre], [%{label}.t.next, %{label}]")
     at = _at(e, "%sc", e.op(f"add i64 %{label}.i, {base}"))
     shifted = e.op(f"fsub float {e.op(f'load float, ptr {at}')}, {peak}")
-    p = e.op(f"call float @llvm.exp.f32(float {shifted})")
+    p = e.exp(shifted)
     p = e.op(f"select i1 {dead}, float 0.0, float {p}")
     e.raw(f"  store float {p}, ptr {at}")
     e.raw(f"  %{label}.t.next = fadd reassoc float %{label}.t, {p}")
