@@ -228,7 +228,7 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     return groups
 
 
-ATTENTION_TILE = 4  # query rows sharing each k and v row loaded (a GQA group at decode)
+ATTENTION_TILE = 4  # query rows sharing each k and v row loaded, in groups of more than 8
 
 
 def attention(plan, node, arrays, out):
@@ -254,12 +254,16 @@ def attention(plan, node, arrays, out):
     starts = np.flatnonzero(np.r_[True, np.any(pairs[order][1:] != pairs[order][:-1], axis=1)]) * q.shape[-2]
     calls = []
     for g0, g1, (kp, vp) in zip(starts, list(starts[1:]) + [len(table)], pairs[order][starts // q.shape[-2]]):
-        tiled = g0 + (g1 - g0) // ATTENTION_TILE * ATTENTION_TILE
-        for r0, r1, rows in ((g0, tiled, ATTENTION_TILE), (tiled, g1, 1)):
+        # a group of up to 8 rows (a GQA group at decode) is one tile; more go 4 at a time
+        tile = g1 - g0 if g1 - g0 <= 8 else ATTENTION_TILE
+        tiled = g0 + (g1 - g0) // tile * tile
+        for r0, r1, rows in ((int(g0), int(tiled), int(tile)), (int(tiled), int(g1), int((g1 - g0) % tile))):
+            if r0 == r1:
+                continue
             fn = _kernel(("attention", rows, scale, kind),
                          lambda name: codegen.attention_kernel(name, rows, scale, kind), [I64, I64] + [P, P, I64, P, I64] + [I64] * 4)
             piece = max(rows, -(-(r1 - r0) // threads.count() // rows) * rows)  # a share per thread in one group
-            calls += [partial(fn, int(a), int(min(a + piece, r1)), table.ctypes.data, int(kp), k.strides[-2] // 4, int(vp),
+            calls += [partial(fn, a, min(a + piece, r1), table.ctypes.data, int(kp), k.strides[-2] // 4, int(vp),
                               v.strides[-2] // 4, S, D, DV, mstride) for a in range(r0, r1, piece)]
     plan.kernel(threads.spread(calls, work=len(table) * S * (D + DV)))
 
