@@ -336,26 +336,44 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     e.raw("entry:\n  %none = icmp sge i64 %n0, %n1\n  br i1 %none, label %exit, label %n.loop")
     e.raw("n.loop:\n  %n = phi i64 [%n0, %entry], [%n.next, %m.done]")
     e.raw("  br label %m.loop")
-    e.raw("m.loop:\n  %m = phi i64 [0, %n.loop], [%m.next, %k.done]")
+    e.raw("m.loop:\n  %m = phi i64 [0, %n.loop], [%m.next, %k.end]")
     rows = [e.op(f"mul i64 {e.op(f'add i64 %m, {r}')}, %lda") for r in range(mr)]
     cols = [[e.op(f"mul i64 {e.op(f'add i64 %n, {c}')}, %ldw{i}") for c in range(nr)] for i in range(j)]
     accs = [(i, r, c) for i in range(j) for r in range(mr) for c in range(nr)]
-    e.raw("  %kempty = icmp sle i64 %K, 0\n  br i1 %kempty, label %k.done, label %k.loop")
+    # bfloat16 weights are read two at a time as one i32: the low one is (bits << 16), the high
+    # one (bits & 0xffff0000), one integer op each, against a shuffle and a shift per element
+    pairs = all(t == dtypes.bfloat16 for t in w_types)
+    steps = e.op("ashr i64 %K, 1") if pairs else "%K"
+    e.raw(f"  %kempty = icmp sle i64 {steps}, 0\n  br i1 %kempty, label %k.done, label %k.loop")
     e.raw("k.loop:\n  %k = phi i64 [0, %m.loop], [%k.next, %k.loop]")
     for i, r, c in accs:
         e.raw(f"  %acc{i}_{r}_{c} = phi float [0.0, %m.loop], [%acc{i}_{r}_{c}.next, %k.loop]")
-    a = [e.load(e.op(f"getelementptr {STORAGE[a_type.name]}, ptr %A, i64 {e.op(f'add i64 {rows[r]}, %k')}"), a_type)
-         for r in range(mr)]
-    w = [[e.load(e.op(f"getelementptr {STORAGE[w_types[i].name]}, ptr %W{i}, i64 {e.op(f'add i64 {cols[i][c]}, %k')}"),
-                 w_types[i]) for c in range(nr)] for i in range(j)]
+    terms = _pair_terms(e, a_type, rows, cols, j, mr, nr) if pairs else _terms(e, a_type, w_types, rows, cols, "%k")
     for i, r, c in accs:
-        prod = e.op(f"fmul contract float {a[r]}, {w[i][c]}")
-        e.raw(f"  %acc{i}_{r}_{c}.next = fadd reassoc contract float %acc{i}_{r}_{c}, {prod}")
-    e.raw("  %k.next = add i64 %k, 1\n  %k.more = icmp slt i64 %k.next, %K")
+        total = f"%acc{i}_{r}_{c}"
+        for n, (x, y) in enumerate(terms[i][r][c]):
+            product = e.op(f"fmul contract float {x}, {y}")
+            name = f"%acc{i}_{r}_{c}.next" if n == len(terms[i][r][c]) - 1 else e.tmp()
+            e.raw(f"  {name} = fadd reassoc contract float {total}, {product}")
+            total = name
+    e.raw(f"  %k.next = add i64 %k, 1\n  %k.more = icmp slt i64 %k.next, {steps}")
     e.raw("  br i1 %k.more, label %k.loop, label %k.done")
     e.raw("k.done:")
     for i, r, c in accs:
         e.raw(f"  %sum{i}_{r}_{c} = phi float [0.0, %m.loop], [%acc{i}_{r}_{c}.next, %k.loop]")
+    if pairs:  # an odd K leaves one last element
+        e.raw(f"  %odd = icmp ne i64 {e.op('and i64 %K, 1')}, 0\n  br i1 %odd, label %k.tail, label %k.end")
+        e.raw("k.tail:")
+        last = _terms(e, a_type, w_types, rows, cols, e.op("sub i64 %K, 1"))
+        tails = {}
+        for i, r, c in accs:
+            (x, y), = last[i][r][c]
+            tails[i, r, c] = e.op(f"fadd float %sum{i}_{r}_{c}, {e.op(f'fmul float {x}, {y}')}")
+        e.raw("  br label %k.end\nk.end:")
+        final = {key: e.op(f"phi float [%sum{key[0]}_{key[1]}_{key[2]}, %k.done], [{tails[key]}, %k.tail]") for key in accs}
+    else:
+        e.raw("  br label %k.end\nk.end:")
+        final = {(i, r, c): f"%sum{i}_{r}_{c}" for i, r, c in accs}
     for r in range(mr):
         row = e.op(f"add i64 %m, {r}")
         for c in range(nr):
@@ -364,7 +382,7 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
             for x, t in enumerate(extra_types):
                 at = e.op(f"add i64 {e.op(f'mul i64 {row}, %lde{x}')}, {col}")
                 loaded.append(e.load(e.op(f"getelementptr {STORAGE[t.name]}, ptr %E{x}, i64 {at}"), t))
-            products = [f"%sum{i}_{r}_{c}" for i in range(j)]
+            products = [final[i, r, c] for i in range(j)]
             value = evaluate(e, program, [dtypes.float32] * j + list(extra_types), products + loaded) \
                 if program else products[0]
             at = e.op(f"add i64 {e.op(f'mul i64 {row}, %ldc')}, {col}")
@@ -375,6 +393,33 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     e.raw("  br i1 %n.more, label %n.loop, label %exit")
     e.raw("exit:\n  ret void\n}")
     return DECLARATIONS + "\n".join(e.lines) + "\n"
+
+
+def _terms(e, a_type, w_types, rows, cols, k):
+    """[weight][row][col] -> [(a, w)]: the products of element k."""
+    a = [e.load(e.op(f"getelementptr {STORAGE[a_type.name]}, ptr %A, i64 {e.op(f'add i64 {row}, {k}')}"), a_type)
+         for row in rows]
+    w = [[e.load(e.op(f"getelementptr {STORAGE[t.name]}, ptr %W{i}, i64 {e.op(f'add i64 {col}, {k}')}"), t)
+          for col in cols[i]] for i, t in enumerate(w_types)]
+    return [[[[(a[r], w[i][c])] for c in range(len(cols[i]))] for r in range(len(rows))] for i in range(len(w_types))]
+
+
+def _pair_terms(e, a_type, rows, cols, j, mr, nr):
+    """Like _terms for elements 2k and 2k + 1, with bfloat16 weights read as one i32."""
+    k0 = e.op("shl i64 %k, 1")
+    k1 = e.op(f"add i64 {k0}, 1")
+    a = [[e.load(e.op(f"getelementptr {STORAGE[a_type.name]}, ptr %A, i64 {e.op(f'add i64 {row}, {k}')}"), a_type)
+          for k in (k0, k1)] for row in rows]
+    w = []
+    for i in range(j):
+        w.append([])
+        for col in cols[i]:
+            at = e.op(f"getelementptr i16, ptr %W{i}, i64 {e.op(f'add i64 {col}, {k0}')}")
+            bits = e.op(f"load i32, ptr {at}, align 2")
+            low = e.op(f"bitcast i32 {e.op(f'shl i32 {bits}, 16')} to float")
+            high = e.op(f"bitcast i32 {e.op(f'and i32 {bits}, -65536')} to float")
+            w[i].append((low, high))
+    return [[[[(a[r][0], w[i][c][0]), (a[r][1], w[i][c][1])] for c in range(nr)] for r in range(mr)] for i in range(j)]
 
 
 def matmul_nn_kernel(name: str, a_type, b_type) -> str:
