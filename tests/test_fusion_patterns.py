@@ -52,8 +52,8 @@ def test_linear_fusions_equal_the_unfused_graph(backend, m, k, n, seed, weight_t
 
 @settings(deadline=None)
 @given(kv_heads=st.integers(1, 2), ratio=st.sampled_from([1, 2, 4, 8]), q_len=st.integers(1, 6),
-       extra_keys=st.integers(0, 40), head_dim=st.integers(1, 33), mask=st.sampled_from([None, "bool", "add", "causal"]),
-       seed=st.integers(0, 2**16))
+       extra_keys=st.integers(0, 40), head_dim=st.integers(1, 33),
+       mask=st.sampled_from([None, "bool", "add", "causal"]), seed=st.integers(0, 2**16))
 def test_attention_fusion_equals_the_unfused_graph(backend, kv_heads, ratio, q_len, extra_keys, head_dim, mask, seed):
     rng = np.random.default_rng(seed)
     k_len = q_len + extra_keys

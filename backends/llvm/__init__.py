@@ -228,6 +228,7 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     return groups
 
 
+ATTENTION_ARGS = [I64, I64, P, P, I64, P, I64, I64, I64, I64, I64]
 ATTENTION_TILE = 4  # query rows sharing each k and v row loaded, in groups of more than 8
 
 
@@ -261,7 +262,7 @@ def attention(plan, node, arrays, out):
             if r0 == r1:
                 continue
             fn = _kernel(("attention", rows, scale, kind),
-                         lambda name: codegen.attention_kernel(name, rows, scale, kind), [I64, I64] + [P, P, I64, P, I64] + [I64] * 4)
+                         lambda name: codegen.attention_kernel(name, rows, scale, kind), ATTENTION_ARGS)
             piece = max(rows, -(-(r1 - r0) // threads.count() // rows) * rows)  # a share per thread in one group
             calls += [partial(fn, a, min(a + piece, r1), table.ctypes.data, int(kp), k.strides[-2] // 4, int(vp),
                               v.strides[-2] // 4, S, D, DV, mstride) for a in range(r0, r1, piece)]
@@ -290,7 +291,8 @@ def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
 
 def native(node) -> bool:
     return (node.op in ELEMENTWISE and bool(node.srcs)) or node.op in REDUCE or \
-        node.op in ("fused", "fused_reduce", "fused_linear", "attention") or (node.op == "matmul" and node.dtype.is_float)
+        node.op in ("fused", "fused_reduce", "fused_linear", "attention") or \
+        (node.op == "matmul" and node.dtype.is_float)
 
 
 def plan_node(plan, node, arrays, out):

@@ -370,7 +370,8 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
             (x, y), = last[i][r][c]
             tails[i, r, c] = e.op(f"fadd float %sum{i}_{r}_{c}, {e.op(f'fmul float {x}, {y}')}")
         e.raw("  br label %k.end\nk.end:")
-        final = {key: e.op(f"phi float [%sum{key[0]}_{key[1]}_{key[2]}, %k.done], [{tails[key]}, %k.tail]") for key in accs}
+        final = {(i, r, c): e.op(f"phi float [%sum{i}_{r}_{c}, %k.done], [{tails[i, r, c]}, %k.tail]")
+                 for i, r, c in accs}
     else:
         e.raw("  br label %k.end\nk.end:")
         final = {(i, r, c): f"%sum{i}_{r}_{c}" for i, r, c in accs}
@@ -598,11 +599,13 @@ def _loop(e, label, lo, hi, body, entered=False):
     The caller has branched to `label` already when `entered`, else this emits the branch."""
     if not entered:
         e.raw(f"  br label %{label}.pre\n{label}.pre:")
-        e.raw(f"  %{label}.empty = icmp sge i64 {lo}, {hi}\n  br i1 %{label}.empty, label %{label}.done, label %{label}")
+        e.raw(f"  %{label}.empty = icmp sge i64 {lo}, {hi}")
+        e.raw(f"  br i1 %{label}.empty, label %{label}.done, label %{label}")
     e.raw(f"{label}:\n  %{label}.i = phi i64 [{lo}, %{label}.pre], [%{label}.next, %{label}.latch]")
     body(f"%{label}.i")
     e.raw(f"  br label %{label}.latch\n{label}.latch:\n  %{label}.next = add i64 %{label}.i, 1")
-    e.raw(f"  %{label}.more = icmp slt i64 %{label}.next, {hi}\n  br i1 %{label}.more, label %{label}, label %{label}.done")
+    e.raw(f"  %{label}.more = icmp slt i64 %{label}.next, {hi}")
+    e.raw(f"  br i1 %{label}.more, label %{label}, label %{label}.done")
     e.raw(f"{label}.done:")
 
 
@@ -617,7 +620,8 @@ def _dot_rows(e, label, q, krow) -> list[str]:
     sums = []
     for r in range(R):
         qv = e.op(f"load float, ptr {e.op(f'getelementptr float, ptr {q[r]}, i64 %{label}.d')}")
-        e.raw(f"  %{label}.s{r}.next = fadd reassoc contract float %{label}.s{r}, {e.op(f'fmul contract float {qv}, {k}')}")
+        product = e.op(f"fmul contract float {qv}, {k}")
+        e.raw(f"  %{label}.s{r}.next = fadd reassoc contract float %{label}.s{r}, {product}")
         sums.append(f"%{label}.s{r}.next")
     e.raw(f"  %{label}.d.next = add i64 %{label}.d, 1\n  %{label}.d.more = icmp slt i64 %{label}.d.next, %D")
     e.raw(f"  br i1 %{label}.d.more, label %{label}.dot.loop, label %{label}.dot.done\n{label}.dot.done:")
