@@ -149,9 +149,11 @@ def matmul(plan, a, b, a_type, b_type, out, out_type):
     nt = b.strides[-2] == b.itemsize
     if not nt and b.strides[-1] != b.itemsize:
         b = plan.contiguous(b)
-    plan.keep += [a, b, out]
     batch = list(np.ndindex(out.shape[:-2]))
     threaded = len(batch) == 1
+    if nt and codegen.pair_major([b_type]):
+        a = _pair_major(plan, a, a_type)
+    plan.keep += [a, b, out]
     groups = [g for idx in batch for g in (
         _matmul_nt(a[idx], [np.swapaxes(b[idx], -1, -2)], out[idx], a_type, [b_type], out_type, threaded) if nt else
         _matmul_nn(a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k, threaded))]
@@ -173,6 +175,8 @@ def linear(plan, node, arrays, out):
     if eps is not None:
         a = _rms_norm(plan, a, arrays[1], src_types[1], eps)
     weights = [w if w.strides[-1] == w.itemsize else plan.contiguous(w) for w in weights]
+    if codegen.pair_major(src_types[first:first + j]):
+        a = _pair_major(plan, a, dtypes.float32)
     extras = [x if x.strides[-1] == x.itemsize else plan.contiguous(x) for x in extras]
     plan.keep += [a, *weights, *extras, out]
     if out.size == 0:
@@ -186,6 +190,18 @@ def linear(plan, node, arrays, out):
         groups = _matmul_nt(a, weights, out, dtypes.float32, w_types, node.dtype, True,
                             extras, src_types[first + j:], program)
     plan.kernel(threads.together(groups))
+
+
+def _pair_major(plan, a, dtype):
+    """A copy of a whose rows are pair-major (codegen.pair_major), made by native copies."""
+    half = a.shape[-1] // 2
+    out = np.empty(a.shape, a.dtype)
+    plan.keep.append(out)
+    parts = ((out[..., :half], a[..., 0:2 * half:2]), (out[..., half:2 * half], a[..., 1:2 * half:2]),
+             (out[..., 2 * half:], a[..., 2 * half:]))
+    for dst, src in parts:
+        elementwise(plan, (("cast", dtype, (0,), dtype),), [src], [dtype], dst, dtype)
+    return out
 
 
 def _rms_norm(plan, x, g, g_type, eps):

@@ -326,7 +326,8 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     as each element is stored; none means the first product.
 
     void name(i64 n0, i64 n1, i64 M, i64 K, ptr A, i64 lda, (ptr W, i64 ldw) x j, ptr C, i64 ldc,
-    (ptr E, i64 lde) x extras): columns n0..n1 (a multiple of nr) and all M rows (a multiple of mr)."""
+    (ptr E, i64 lde) x extras): columns n0..n1 (a multiple of nr) and all M rows (a multiple of mr).
+    With bfloat16 weights A's rows must be pair-major (see pair_major)."""
     e = Emitter()
     j = len(w_types)
     weights = "".join(f"ptr noalias %W{i}, i64 %ldw{i}, " for i in range(j))
@@ -342,7 +343,7 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     accs = [(i, r, c) for i in range(j) for r in range(mr) for c in range(nr)]
     # bfloat16 weights are read two at a time as one i32: the low one is (bits << 16), the high
     # one (bits & 0xffff0000), one integer op each, against a shuffle and a shift per element
-    pairs = all(t == dtypes.bfloat16 for t in w_types)
+    pairs = pair_major(w_types)
     steps = e.op("ashr i64 %K, 1") if pairs else "%K"
     e.raw(f"  %kempty = icmp sle i64 {steps}, 0\n  br i1 %kempty, label %k.done, label %k.loop")
     e.raw("k.loop:\n  %k = phi i64 [0, %m.loop], [%k.next, %k.loop]")
@@ -396,6 +397,12 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     return DECLARATIONS + "\n".join(e.lines) + "\n"
 
 
+def pair_major(w_types) -> bool:
+    """Whether matmul_nt_kernel reads A's rows pair-major: the even elements of the first
+    2 * (K // 2), then the odd ones, then the last one when K is odd."""
+    return all(t == dtypes.bfloat16 for t in w_types)
+
+
 def _terms(e, a_type, w_types, rows, cols, k):
     """[weight][row][col] -> [(a, w)]: the products of element k."""
     a = [e.load(e.op(f"getelementptr {STORAGE[a_type.name]}, ptr %A, i64 {e.op(f'add i64 {row}, {k}')}"), a_type)
@@ -406,11 +413,12 @@ def _terms(e, a_type, w_types, rows, cols, k):
 
 
 def _pair_terms(e, a_type, rows, cols, j, mr, nr):
-    """Like _terms for elements 2k and 2k + 1, with bfloat16 weights read as one i32."""
+    """Like _terms for elements 2k and 2k + 1, with bfloat16 weights read as one i32. A's rows
+    come pair-major (see pair_major) so that both halves load with unit stride."""
     k0 = e.op("shl i64 %k, 1")
-    k1 = e.op(f"add i64 {k0}, 1")
+    odd = e.op(f"add i64 %k, {e.op('ashr i64 %K, 1')}")
     a = [[e.load(e.op(f"getelementptr {STORAGE[a_type.name]}, ptr %A, i64 {e.op(f'add i64 {row}, {k}')}"), a_type)
-          for k in (k0, k1)] for row in rows]
+          for k in ("%k", odd)] for row in rows]
     w = []
     for i in range(j):
         w.append([])
