@@ -556,9 +556,12 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
         e.raw(f"  store float {e.op(f'fadd float {kept}, {total}')}, ptr {smp}")
         e.raw(f"  store float {peak}, ptr {mxp}")
 
+    def acc_at(x, r):  # row r's accumulator, element x
+        return _at(e, "%acc", e.op(f"add i64 {x}, {e.op(f'mul i64 %DV, {r}')}"))
+
     def rescale(x):
         for r in range(R):
-            at = _at(e, "%acc", e.op(f"add i64 {x}, {e.op(f'mul i64 %DV, {r}')}"))
+            at = acc_at(x, r)
             old = e.op(f"load float, ptr {at}")
             e.raw(f"  store float {e.op(f'fmul float {old}, {corr[r]}')}, ptr {at}")
 
@@ -577,7 +580,7 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
         def axpy(x):
             v = e.op(f"load float, ptr {_at(e, '%V', e.op(f'add i64 {vrow}, {x}'))}")
             for r in range(R):
-                at = _at(e, "%acc", e.op(f"add i64 {x}, {e.op(f'mul i64 %DV, {r}')}"))
+                at = acc_at(x, r)
                 old, product = e.op(f"load float, ptr {at}"), e.op(f"fmul contract float {ps[r]}, {v}")
                 e.raw(f"  store float {e.op(f'fadd contract float {old}, {product}')}, ptr {at}")
         _loop(e, label, "0", "%DV", axpy, entered=True)
@@ -591,8 +594,7 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
 
     def write(x):
         for r in range(R):
-            at = _at(e, "%acc", e.op(f"add i64 {x}, {e.op(f'mul i64 %DV, {r}')}"))
-            a = e.op(f"load float, ptr {at}")
+            a = e.op(f"load float, ptr {acc_at(x, r)}")
             e.raw(f"  store float {e.op(f'fdiv float {a}, {sums[r]}')}, ptr {_at(e, o[r], x)}")
 
     _loop(e, "write", "0", "%DV", write)
@@ -636,33 +638,34 @@ def _dot_rows(e, label, q, krow) -> list[str]:
     return sums
 
 
-def _reduce_scores(e, label, base, start) -> str:
-    """max(start, scores[base : base + jn])."""
+def _fold_scores(e, label, base, start, step) -> str:
+    """Fold the block's scores scores[base : base + jn] into a running value from `start`:
+    step(value, address of the score) -> the next value. Returns the final value."""
     e.raw(f"  br label %{label}.pre\n{label}.pre:\n  br label %{label}\n{label}:")
     e.raw(f"  %{label}.i = phi i64 [0, %{label}.pre], [%{label}.next, %{label}]")
-    e.raw(f"  %{label}.m = phi float [{start}, %{label}.pre], [%{label}.m.next, %{label}]")
-    s = e.op(f"load float, ptr {_at(e, '%sc', e.op(f'add i64 %{label}.i, {base}'))}")
-    e.raw(f"  %{label}.m.next = call float @llvm.maximum.f32(float %{label}.m, float {s})")
+    e.raw(f"  %{label}.v = phi float [{start}, %{label}.pre], [%{label}.v.next, %{label}]")
+    value = step(f"%{label}.v", _at(e, "%sc", e.op(f"add i64 %{label}.i, {base}")))
+    e.raw(f"  %{label}.v.next = {value}")
     e.raw(f"  %{label}.next = add i64 %{label}.i, 1\n  %{label}.more = icmp slt i64 %{label}.next, %jn")
     e.raw(f"  br i1 %{label}.more, label %{label}, label %{label}.done\n{label}.done:")
-    return f"%{label}.m.next"
+    return f"%{label}.v.next"
+
+
+def _reduce_scores(e, label, base, start) -> str:
+    """max(start, scores[base : base + jn])."""
+    return _fold_scores(e, label, base, start, lambda m, at: (
+        f"call float @llvm.maximum.f32(float {m}, float {e.op(f'load float, ptr {at}')})"))
 
 
 def _exp_scores(e, label, base, peak, dead) -> str:
     """scores[i] = exp(scores[i] - peak) (0 for a row that has seen nothing) over the block;
     returns their sum."""
-    e.raw(f"  br label %{label}.pre\n{label}.pre:\n  br label %{label}\n{label}:")
-    e.raw(f"  %{label}.i = phi i64 [0, %{label}.pre], [%{label}.next, %{label}]")
-    e.raw(f"  %{label}.t = phi float [0.0, %{label}.pre], [%{label}.t.next, %{label}]")
-    at = _at(e, "%sc", e.op(f"add i64 %{label}.i, {base}"))
-    shifted = e.op(f"fsub float {e.op(f'load float, ptr {at}')}, {peak}")
-    p = e.exp(shifted)
-    p = e.op(f"select i1 {dead}, float 0.0, float {p}")
-    e.raw(f"  store float {p}, ptr {at}")
-    e.raw(f"  %{label}.t.next = fadd reassoc float %{label}.t, {p}")
-    e.raw(f"  %{label}.next = add i64 %{label}.i, 1\n  %{label}.more = icmp slt i64 %{label}.next, %jn")
-    e.raw(f"  br i1 %{label}.more, label %{label}, label %{label}.done\n{label}.done:")
-    return f"%{label}.t.next"
+    def step(total, at):
+        p = e.exp(e.op(f"fsub float {e.op(f'load float, ptr {at}')}, {peak}"))
+        p = e.op(f"select i1 {dead}, float 0.0, float {p}")
+        e.raw(f"  store float {p}, ptr {at}")
+        return f"fadd reassoc float {total}, {p}"
+    return _fold_scores(e, label, base, "0.0", step)
 
 
 def _at(e, ptr, index) -> str:
