@@ -170,25 +170,24 @@ def linear(plan, node, arrays, out):
     eps, j, src_types, program = node.arg
     first = 1 if eps is None else 2
     a, weights, extras = arrays[0], arrays[first:first + j], arrays[first + j:]
+    w_types, e_types = src_types[first:first + j], src_types[first + j:]
     if a.strides[-1] != a.itemsize:
         a = plan.contiguous(a)
     if eps is not None:
         a = _rms_norm(plan, a, arrays[1], src_types[1], eps)
-    weights = [w if w.strides[-1] == w.itemsize else plan.contiguous(w) for w in weights]
-    if codegen.pair_major(src_types[first:first + j]):
+    if codegen.pair_major(w_types):
         a = _pair_major(plan, a, dtypes.float32)
+    weights = [w if w.strides[-1] == w.itemsize else plan.contiguous(w) for w in weights]
     extras = [x if x.strides[-1] == x.itemsize else plan.contiguous(x) for x in extras]
     plan.keep += [a, *weights, *extras, out]
     if out.size == 0:
         return
-    w_types = src_types[first:first + j]
     if program == "concat":  # each weight fills its own columns
         bounds = np.cumsum([0] + [w.shape[0] for w in weights])
         groups = [group for w, t, c0, c1 in zip(weights, w_types, bounds, bounds[1:])
                   for group in _matmul_nt(a, [w], out[:, c0:c1], dtypes.float32, [t], node.dtype, True)]
     else:
-        groups = _matmul_nt(a, weights, out, dtypes.float32, w_types, node.dtype, True,
-                            extras, src_types[first + j:], program)
+        groups = _matmul_nt(a, weights, out, dtypes.float32, w_types, node.dtype, True, extras, e_types, program)
     plan.kernel(threads.together(groups))
 
 
