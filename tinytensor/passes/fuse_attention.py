@@ -80,7 +80,7 @@ def _match(g, out, outputs):
 
 def fuse_attention(g: nx.DiGraph, outputs) -> None:
     outputs = set(outputs)
-    for out in [n for n in nx.topological_sort(g) if n.op == "matmul"]:
+    for out in [n for n in g if n.op == "matmul"]:
         found = _match(g, out, outputs) if out in g else None
         if found is None:
             continue

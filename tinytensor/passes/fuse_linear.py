@@ -65,7 +65,7 @@ def _sole_reader(g, node, outputs):
 
 def fuse_linear(g: nx.DiGraph, outputs) -> None:
     outputs = set(outputs)
-    products = [n for n in nx.topological_sort(g) if _linear(n)]
+    products = [n for n in g if _linear(n)]
     # a SwiGLU's gate first, so that it takes its up projection along before that is fused alone
     for mm in sorted(products, key=lambda n: not any(r.op == "silu" for r in g.successors(n))):
         if mm not in g or mm.op != "matmul":
