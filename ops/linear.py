@@ -5,7 +5,8 @@ fused_linear: y = epilogue(norm(a) @ w1.T, ..., norm(a) @ wj.T, e1, ..., er)
     arg (eps, j, the srcs' dtypes, program). eps None: no norm; otherwise norm(a) is Llama's RMSNorm,
     a * rsqrt(mean(a^2) + eps) * g, computed in float32 as nn.rms_norm computes it. The weights
     keep their stored dtype (a kernel widens them in registers). The program (see ops.fused) reads
-    the j products (float32) then the extras; an empty program means the first product.
+    the j products (float32) then the extras; an empty program means the first product, and
+    "concat" the products side by side ([m, n1 + ... + nj]: Q, K and V from one kernel).
     Covers RMSNorm -> matmul, SwiGLU (silu(x @ Wg.T) * (x @ Wu.T)) and a residual add.
 
 attention: softmax(q @ k^T * scale + mask) @ v over the last two axes
@@ -61,8 +62,7 @@ def _linear_reference(xs, arg, shape, dtype):
         return np.concatenate(products, axis=-1)
     if not program:
         return products[0]
-    extras = _linear_parts(xs, arg)[3]  # in storage form: the program widens them itself
-    extra_types = src_types[len(xs) - len(extras):]
+    extras, extra_types = _linear_parts(xs, arg)[3], _linear_parts(src_types, arg)[3]  # the program widens
     return run_program(program, products + list(extras), (dtypes.float32,) * j + tuple(extra_types), shape)
 
 
@@ -80,12 +80,12 @@ def _attention_infer(srcs, arg):
 def _attention_reference(xs, arg, shape, dtype):
     scale, mask_kind = arg
     q, k, v = (x.astype(F32, copy=False) for x in xs[:3])
-    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * F32(scale)
-    if mask_kind == "bool":
-        scores = np.where(xs[3], scores, F32(-np.inf))
-    elif mask_kind == "add":
-        scores = scores + xs[3].astype(F32)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"):  # inf and nan are values here, as in ops.registry.run_reference
+        scores = np.matmul(q, np.swapaxes(k, -1, -2)) * F32(scale)
+        if mask_kind == "bool":
+            scores = np.where(xs[3], scores, F32(-np.inf))
+        elif mask_kind == "add":
+            scores = scores + xs[3].astype(F32)
         e = np.exp(scores - scores.max(-1, keepdims=True))
         return np.matmul(e / e.sum(-1, keepdims=True, dtype=F32), v)
 

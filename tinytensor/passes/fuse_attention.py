@@ -22,7 +22,7 @@ def _reduced_last(node, op, src):
 
 
 def _scaled_scores(node):
-    """(q, k^T, scale) when node is matmul(q, k^T) * scale, else None."""
+    """(the matmul q @ k^T, scale) when node is matmul(q, k^T) * scale, else None."""
     if node.op != "mul":
         return None
     for mm, c in (node.srcs, node.srcs[::-1]):
@@ -61,9 +61,10 @@ def _match(g, out, outputs):
     if e.op != "exp" or not _reduced_last(total, "sum", e) or e.srcs[0].op != "sub":
         return None
     x, peak = e.srcs[0].srcs[0], under(e.srcs[0].srcs[1])
-    if not _reduced_last(peak, "max", x) or _masked(x) is None:
+    masked = _masked(x)
+    if not _reduced_last(peak, "max", x) or masked is None:
         return None
-    scores, mask, kind = _masked(x)
+    scores, mask, kind = masked
     qk, scale = _scaled_scores(scores)
     q, kt = qk.srcs
     srcs = [q, kt, v] + ([mask] if mask is not None else [])
@@ -88,4 +89,4 @@ def fuse_attention(g: nx.DiGraph, outputs) -> None:
         rank = len(srcs[1].shape)  # the kernel reads k itself: a view swapping k^T's last two axes
         srcs[1] = Node("permute", (srcs[1],), tuple(range(rank - 2)) + (rank - 1, rank - 2))
         g.add_edge(srcs[1].srcs[0], srcs[1])
-        rewrite(g, out, "attention", srcs, arg, list(dict.fromkeys(absorbed)), outputs)
+        rewrite(g, out, "attention", srcs, arg, absorbed, outputs)
