@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from models import config as configs
+from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import BPETokenizer, Llama3Tokenizer, TokenizerError
 from ops import dtypes
 from tinytensor import Tensor
@@ -219,14 +220,22 @@ def _load_gguf(path: Path):
 
 
 def gguf_tokenizer(path: Path, m: dict):
+    """The vocabulary in a GGUF's `tokenizer.ggml.*` keys: byte-level BPE (`gpt2`) or
+    SentencePiece (`llama`), with the defaults llama.cpp takes where a key is absent."""
     kind = m.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise TokenizerError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
     stops = [m[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in m]
-    return BPETokenizer(m["tokenizer.ggml.tokens"], m.get("tokenizer.ggml.merges", []), m["tokenizer.ggml.token_type"],
-                        m.get("tokenizer.ggml.pre", "default"), m.get("tokenizer.ggml.bos_token_id"),
-                        m.get("tokenizer.ggml.eos_token_id"), bool(m.get("tokenizer.ggml.add_bos_token", False)),
-                        m.get("tokenizer.chat_template"), stops)
+    tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
+    add_bos, template = m.get("tokenizer.ggml.add_bos_token"), m.get("tokenizer.chat_template")
+    if kind == "gpt2":
+        return BPETokenizer(tokens, m.get("tokenizer.ggml.merges", []), types, m.get("tokenizer.ggml.pre", "default"),
+                            m.get("tokenizer.ggml.bos_token_id"), m.get("tokenizer.ggml.eos_token_id"), add_bos,
+                            template, stops)
+    if kind == "llama":
+        return SentencePieceTokenizer(tokens, m["tokenizer.ggml.scores"], types, m.get("tokenizer.ggml.bos_token_id", 1),
+                                      m.get("tokenizer.ggml.eos_token_id", 2), True if add_bos is None else add_bos,
+                                      m.get("tokenizer.ggml.add_space_prefix", True), template, stops)
+    raise TokenizerError(f"{path}: tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' "
+                         f"or SentencePiece 'llama')")
 
 
 def load_tokenizer(path: Path):

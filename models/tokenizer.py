@@ -10,6 +10,7 @@ UTF-8 character.
 """
 import base64
 import codecs
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -90,89 +91,139 @@ def _byte_to_unicode() -> dict[int, str]:
     return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
 
 
-PRE_TOKENIZERS = {  # llama.cpp's `tokenizer.ggml.pre` names -> regexes applied in turn
-    "default": [GPT2_PATTERN],
-    "gpt2": [GPT2_PATTERN],
-    "smollm": [r"\p{N}", GPT2_PATTERN],
-    "llama-bpe": [LLAMA3_PATTERN],
-    "llama3": [LLAMA3_PATTERN],
+@dataclass(frozen=True)
+class PreTokenizer:
+    """How llama.cpp prepares text for byte-level BPE under one `tokenizer.ggml.pre` name:
+    regexes applied in turn, whether a piece that is already a token skips merging (Llama 3's
+    `ignore_merges`), and whether a BOS is added when the file does not say."""
+    patterns: tuple[str, ...]
+    ignore_merges: bool = False
+    add_bos: bool = False
+
+
+_GPT2 = PreTokenizer((GPT2_PATTERN,))
+_DIGITS_THEN_GPT2 = PreTokenizer((r"\p{N}", GPT2_PATTERN))
+_LLAMA3 = PreTokenizer((LLAMA3_PATTERN,), ignore_merges=True, add_bos=True)
+_LLAMA3_MERGING = PreTokenizer((LLAMA3_PATTERN,))  # llama.cpp's smaug/dbrx: Llama 3's split, merges always run
+
+# Every name llama.cpp's converter writes for a split we implement, as llama.cpp's own loader
+# (llama-vocab.cpp) groups them. A name missing here is refused rather than guessed.
+PRE_TOKENIZERS = {
+    "default": _GPT2,
+    **dict.fromkeys(["gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "trillion", "granite-docling",
+                     "jina-es", "jina-de", "jina-v2-es", "jina-v2-de", "gigachat", "a.x-4.0", "mellum",
+                     "modern-bert"], _GPT2),
+    **dict.fromkeys(["smollm", "starcoder", "refact", "codeshell", "minerva-7b", "exaone"], _DIGITS_THEN_GPT2),
+    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"],
+                    _LLAMA3),
+    **dict.fromkeys(["smaug-bpe", "dbrx"], _LLAMA3_MERGING),
 }
 
 
-class BPETokenizer:
-    CONTROL, USER_DEFINED = 3, 4  # GGUF token types that are matched as whole special tokens
+class VocabTokenizer:
+    """What the tokenizers of a GGUF vocabulary share: token texts and types, special tokens
+    matched whole when allowed, BOS/EOS, stop tokens and the chat template. Subclasses turn a
+    run of ordinary text into ids (`_encode_text`) and a token into its bytes (`_piece`)."""
+    NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF token types
 
-    def __init__(self, tokens: list[str], merges: list[str], token_types: list[int], pre: str,
-                 bos_id: int | None, eos_id: int | None, add_bos: bool, chat_template: str | None = None,
-                 stop_ids=()):
-        if pre not in PRE_TOKENIZERS:
-            raise TokenizerError(f"pre-tokenizer {pre!r} is not supported; known: {', '.join(PRE_TOKENIZERS)}")
-        self.patterns = [regex.compile(p) for p in PRE_TOKENIZERS[pre]]
-        self.tokens, self.ids = tokens, {t: i for i, t in enumerate(tokens)}
-        self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
-        self.special = {t: i for i, t in enumerate(tokens)
-                        if token_types[i] in (self.CONTROL, self.USER_DEFINED)}
-        self.special_re = regex.compile("|".join(regex.escape(t) for t in sorted(self.special, key=len, reverse=True))) \
-            if self.special else None
+    def __init__(self, tokens: list[str], token_types: list[int], bos_id: int | None, eos_id: int | None,
+                 add_bos: bool, chat_template: str | None = None, stop_ids=()):
+        self.tokens, self.types = tokens, token_types
+        self.ids = {t: i for i, t in enumerate(tokens)}  # a repeated text maps to its last id, as in llama.cpp
+        # Special tokens are split out of the text longest first, as llama.cpp does; user-defined
+        # ones always, control and unknown ones only when special tokens are allowed.
+        matched = sorted((i for i, k in enumerate(token_types) if k in (self.CONTROL, self.USER_DEFINED, self.UNKNOWN)),
+                         key=lambda i: -len(tokens[i]))
+        self.special = {tokens[i]: i for i in matched}
+        self._always_split = [(tokens[i], i) for i in matched if token_types[i] == self.USER_DEFINED]
+        self._split_if_allowed = [(tokens[i], i) for i in matched]
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.stop_ids = {eos_id, *stop_ids} - {None}
         self.chat_template = chat_template
         self.vocab_size = len(tokens)
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, allow_special: bool = False) -> list[int]:
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
+        after_special = True
+        for fragment in _partition(text, self._split_if_allowed if allow_special else self._always_split):
+            if isinstance(fragment, int):
+                ids.append(fragment)
+                after_special = True
+            else:
+                ids += self._encode_text(fragment, after_special)
+                after_special = False
+        return ids + ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def token_bytes(self, token: int) -> bytes:
+        if self.types[token] in (self.CONTROL, self.USER_DEFINED, self.UNKNOWN):
+            return self.tokens[token].encode("utf-8")
+        return self._piece(token)
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def _encode_text(self, text: str, after_special: bool) -> list[int]:
+        raise NotImplementedError
+
+    def _piece(self, token: int) -> bytes:
+        raise NotImplementedError
+
+
+class BPETokenizer(VocabTokenizer):
+    """Byte-level BPE (GPT-2's scheme) as llama.cpp runs it: bytes mapped to printable
+    characters, the pre-tokenizer's split, then the merges in rank order within each piece."""
+
+    def __init__(self, tokens: list[str], merges: list[str], token_types: list[int], pre: str,
+                 bos_id: int | None, eos_id: int | None, add_bos: bool | None = None,
+                 chat_template: str | None = None, stop_ids=()):
+        if pre not in PRE_TOKENIZERS:
+            raise TokenizerError(f"pre-tokenizer {pre!r} is not supported; known: {', '.join(PRE_TOKENIZERS)}")
+        self.pre = PRE_TOKENIZERS[pre]
+        super().__init__(tokens, token_types, bos_id, eos_id, self.pre.add_bos if add_bos is None else add_bos,
+                         chat_template, stop_ids)
+        self.patterns = [regex.compile(p) for p in self.pre.patterns]
+        self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
         self._to_unicode = _byte_to_unicode()
         self._to_byte = {c: b for b, c in self._to_unicode.items()}
         self._cache: dict[str, list[int]] = {}
 
-    def _pieces(self, text: str) -> list[str]:
+    def _encode_text(self, text: str, after_special: bool) -> list[int]:
         pieces = [text]
         for pattern in self.patterns:
             pieces = [p for piece in pieces for p in _split_keeping_all(pattern, piece)]
-        return pieces
+        return [i for piece in pieces for i in self._bpe(piece)]
 
     def _bpe(self, piece: str) -> list[int]:
         if piece in self._cache:
             return self._cache[piece]
+        word = "".join(self._to_unicode[b] for b in piece.encode("utf-8"))
+        if self.pre.ignore_merges and word in self.ids:
+            self._cache[piece] = [self.ids[word]]
+            return self._cache[piece]
         # A byte with no token of its own (SmolLM2 lacks 21 of them) is dropped before merging,
         # as the reference BPE does when the vocabulary has no unknown token: its neighbours
         # may then merge with each other.
-        word = [c for c in (self._to_unicode[b] for b in piece.encode("utf-8")) if c in self.ids]
-        while len(word) > 1:
-            pairs = {(a, b) for a, b in zip(word, word[1:])}
+        symbols = [c for c in word if c in self.ids]
+        while len(symbols) > 1:
+            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
             if best not in self.ranks:
                 break
             merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
                     i += 2
                 else:
-                    merged.append(word[i])
+                    merged.append(symbols[i])
                     i += 1
-            word = merged
-        ids = [self.ids[symbol] for symbol in word]
+            symbols = merged
+        ids = [self.ids[symbol] for symbol in symbols]
         self._cache[piece] = ids
         return ids
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False, allow_special: bool = False) -> list[int]:
-        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
-        chunks = [text]
-        if allow_special and self.special_re:
-            chunks = _split_keeping_all(self.special_re, text)
-        for chunk in chunks:
-            if allow_special and chunk in self.special:
-                ids.append(self.special[chunk])
-            else:
-                ids += [i for piece in self._pieces(chunk) for i in self._bpe(piece)]
-        return ids + ([self.eos_id] if eos and self.eos_id is not None else [])
-
-    def token_bytes(self, token: int) -> bytes:
-        text = self.tokens[token]
-        if token in self.special.values():
-            return text.encode("utf-8")
-        return bytes(self._to_byte[c] for c in text)
-
-    def decode(self, ids) -> str:
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+    def _piece(self, token: int) -> bytes:
+        return bytes(self._to_byte[c] for c in self.tokens[token])
 
 
 def _split_keeping_all(pattern, text: str) -> list[str]:
@@ -187,6 +238,22 @@ def _split_keeping_all(pattern, text: str) -> list[str]:
     if pos < len(text):
         out.append(text[pos:])
     return out
+
+
+def _partition(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
+    """Text cut into runs of text and special-token ids: each special token in turn (longest
+    first) is cut out of the runs left by the ones before, as llama.cpp's tokenizer does."""
+    fragments: list[str | int] = [text] if text else []
+    for special, token in specials:
+        cut = []
+        for fragment in fragments:
+            if isinstance(fragment, int) or special not in fragment:
+                cut.append(fragment)
+                continue
+            for k, run in enumerate(fragment.split(special)):
+                cut += [token, run] if k else [run]
+        fragments = [f for f in cut if f != ""]
+    return fragments
 
 
 class StreamDecoder:

