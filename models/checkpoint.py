@@ -126,9 +126,7 @@ def hf_tokenizer(folder: Path):
     for candidate in (folder / "original" / "tokenizer.model", folder / "tokenizer.model"):
         if candidate.exists():
             tokenizer = Llama3Tokenizer(candidate)
-            settings = folder / "tokenizer_config.json"
-            if settings.exists():
-                tokenizer.chat_template = _read_json(settings).get("chat_template")
+            tokenizer.chat_template = _chat_template(folder, _tokenizer_settings(folder))
             return tokenizer
     if (folder / "tokenizer.json").exists():
         return tokenizer_json(folder)
@@ -137,7 +135,7 @@ def hf_tokenizer(folder: Path):
 
 def tokenizer_json(folder: Path) -> BPETokenizer:
     spec = _read_json(folder / "tokenizer.json")
-    settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    settings = _tokenizer_settings(folder)
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise TokenizerError(f"{folder / 'tokenizer.json'}: model type {model.get('type')!r} is not supported (BPE only)")
@@ -147,15 +145,36 @@ def tokenizer_json(folder: Path) -> BPETokenizer:
     tokens = [""] * (max(vocab.values()) + 1)
     for text, i in vocab.items():
         tokens[i] = text
-    special = {a["id"] for a in spec.get("added_tokens", [])}
-    types = [BPETokenizer.CONTROL if i in special else 1 for i in range(len(tokens))]
+    types = [BPETokenizer.NORMAL] * len(tokens)
+    for added in spec.get("added_tokens", []):  # as llama.cpp's converter types them
+        types[added["id"]] = BPETokenizer.CONTROL if added.get("special") else BPETokenizer.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    ignore_merges = bool(model.get("ignore_merges"))
     pre = json.dumps(spec.get("pre_tokenizer"))
-    pre_name = "llama3" if "\\\\p{N}{1,3}" in pre else "smollm" if "individual_digits\": true" in pre else "gpt2"
+    if "\\\\p{N}{1,3}" in pre:  # Llama 3's split; llama.cpp names it by whether merges are skipped
+        pre_name = "llama-bpe" if ignore_merges else "smaug-bpe"
+    else:
+        pre_name = "smollm" if "individual_digits\": true" in pre else "gpt2"
     ids = {t: i for i, t in enumerate(tokens)}
-    return BPETokenizer(tokens, merges, types, pre_name, ids.get(_token_text(settings.get("bos_token"))),
-                        ids.get(_token_text(settings.get("eos_token"))), bool(settings.get("add_bos_token")),
-                        settings.get("chat_template"))
+    bos_id = ids.get(_token_text(settings.get("bos_token")))
+    add_bos = settings.get("add_bos_token")
+    if add_bos is None:  # not stated: whether the post-processor puts the BOS first, as Llama 3's does
+        single = (spec.get("post_processor") or {}).get("single") or [{}]
+        add_bos = bos_id is not None and single[0].get("SpecialToken", {}).get("id") == tokens[bos_id]
+    return BPETokenizer(tokens, merges, types, pre_name, bos_id, ids.get(_token_text(settings.get("eos_token"))),
+                        bool(add_bos), _chat_template(folder, settings), ignore_merges=ignore_merges)
+
+
+def _tokenizer_settings(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    return _read_json(path) if path.exists() else {}
+
+
+def _chat_template(folder: Path, settings: dict) -> str | None:
+    """transformers >= 4.43 saves the template as chat_template.jinja; older folders keep it in
+    tokenizer_config.json."""
+    path = folder / "chat_template.jinja"
+    return path.read_text(encoding="utf-8") if path.exists() else settings.get("chat_template")
 
 
 def _token_text(token):
@@ -205,7 +224,8 @@ def meta_tokenizer(folder: Path):
 
 def _load_gguf(path: Path):
     metadata, raw = gguf_file.read(path)
-    config = configs.from_gguf(metadata)
+    rope_freqs = raw.get("rope_freqs.weight")
+    config = configs.from_gguf(metadata, None if rope_freqs is None else rope_freqs[0])
     arrays = {}
     for name, value in raw.items():
         if name in GGUF_TOP:

@@ -29,6 +29,9 @@ class LlamaConfig:
     max_context: int = 131072
     head_dim: int = 0  # 0: dim // n_heads
     name: str = "llama"
+    # Per-frequency divisors as a GGUF's `rope_freqs` tensor stores them (llama.cpp's converter
+    # writes Llama 3.1's scaling this way); when set they replace rope_scaling.
+    rope_freq_factors: tuple[float, ...] | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -124,49 +127,72 @@ def from_meta(d: dict, vocab_size: int | None = None) -> LlamaConfig:
                    name=known.name if known else "llama")
 
 
-def from_gguf(meta: dict) -> LlamaConfig:
-    """GGUF metadata (`llama.*` keys)."""
+def from_gguf(meta: dict, rope_freqs=None) -> LlamaConfig:
+    """GGUF metadata (`llama.*` keys), with the file's `rope_freqs` tensor if it has one.
+
+    llama.cpp's converter stores Llama 3.1's RoPE scaling only as that tensor of per-frequency
+    factors. Files this project wrote before did it with `llama.rope.scaling.type = "llama3"`
+    and its parameters, which llama.cpp refuses; we keep reading those. Linear scaling (older
+    Llama 2 fine-tunes) divides every frequency by the factor."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    n_heads = meta["llama.attention.head_count"]
-    scaling = None
-    if meta.get("llama.rope.scaling.type") == "llama3" or "llama.rope.scaling.factor" in meta:
-        scaling = RopeScaling(meta.get("llama.rope.scaling.factor", 8.0),
-                              meta.get("llama.rope.scaling.low_freq_factor", 1.0),
+    n_heads, dim = meta["llama.attention.head_count"], meta["llama.embedding_length"]
+    head_dim = meta.get("llama.rope.dimension_count", dim // n_heads)
+    kind = meta.get("llama.rope.scaling.type", "linear" if "llama.rope.scale_linear" in meta else "none")
+    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 1.0))
+    scaling, factors = None, None
+    if rope_freqs is not None:
+        factors = tuple(float(f) for f in rope_freqs)
+        if len(factors) != head_dim // 2:
+            raise ValueError(f"rope_freqs has {len(factors)} factors, expected {head_dim // 2} (half the head size)")
+    elif kind == "llama3":
+        scaling = RopeScaling(factor, meta.get("llama.rope.scaling.low_freq_factor", 1.0),
                               meta.get("llama.rope.scaling.high_freq_factor", 4.0),
                               meta.get("llama.rope.scaling.original_context_length", 8192))
-    dim = meta["llama.embedding_length"]
+    elif kind == "linear":
+        factors = (float(factor),) * (head_dim // 2)
+    elif kind != "none":
+        raise ValueError(f"RoPE scaling {kind!r} is not supported (llama3 factors, linear or none)")
     return LlamaConfig(
         dim=dim, n_layers=meta["llama.block_count"], n_heads=n_heads,
         n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
         vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         ffn_dim=meta["llama.feed_forward_length"],
         norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=meta.get("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
-        max_context=meta.get("llama.context_length", 8192),
-        head_dim=meta.get("llama.rope.dimension_count", dim // n_heads),
+        rope_theta=meta.get("llama.rope.freq_base", 10000.0), rope_scaling=scaling, rope_freq_factors=factors,
+        max_context=meta.get("llama.context_length", 8192), head_dim=head_dim,
         name=meta.get("general.name", "llama"))
 
 
-def rope_frequencies(config: LlamaConfig) -> "list[float]":
-    """The rotation frequency of each pair of a head, with Llama 3.1's scaling applied: long
-    wavelengths are slowed by `factor`, short ones kept, the band between interpolated."""
-    half = config.head_dim // 2
-    freqs = [config.rope_theta ** (-2 * i / config.head_dim) for i in range(half)]
-    s = config.rope_scaling
+def rope_freq_factors(config: LlamaConfig) -> list[float]:
+    """How much each pair's rotation is slowed. Llama 3.1's scaling: long wavelengths by `factor`,
+    short ones not at all, the band between interpolated (Meta's `apply_scaling`, in the form
+    llama.cpp's converter stores it)."""
+    if config.rope_freq_factors is not None:
+        return list(config.rope_freq_factors)
+    half, s = config.head_dim // 2, config.rope_scaling
     if s is None:
-        return freqs
+        return [1.0] * half
     low_wavelen = s.original_context / s.low_freq_factor
     high_wavelen = s.original_context / s.high_freq_factor
-    out = []
-    for f in freqs:
+    factors = []
+    for f in _base_frequencies(config):
         wavelen = 2 * math.pi / f
         if wavelen < high_wavelen:
-            out.append(f)
+            factors.append(1.0)
         elif wavelen > low_wavelen:
-            out.append(f / s.factor)
+            factors.append(s.factor)
         else:
             smooth = (s.original_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-            out.append((1 - smooth) * f / s.factor + smooth * f)
-    return out
+            factors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return factors
+
+
+def _base_frequencies(config: LlamaConfig) -> list[float]:
+    return [config.rope_theta ** (-2 * i / config.head_dim) for i in range(config.head_dim // 2)]
+
+
+def rope_frequencies(config: LlamaConfig) -> "list[float]":
+    """The rotation frequency of each pair of a head, with the checkpoint's scaling applied."""
+    return [f / r for f, r in zip(_base_frequencies(config), rope_freq_factors(config))]

@@ -45,6 +45,7 @@ class Llama3Tokenizer:
             raise TokenizerError(f"{path}: not a Llama 3 tokenizer.model ({e})") from None
         names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{2 + i}|>"
                                   for i in range(LLAMA3_N_SPECIAL - len(LLAMA3_SPECIAL))]
+        self.ranks = ranks  # token bytes -> rank (= id)
         self.special = {name: len(ranks) + i for i, name in enumerate(names)}
         self.model = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                        special_tokens=self.special)
@@ -175,13 +176,17 @@ class BPETokenizer(VocabTokenizer):
 
     def __init__(self, tokens: list[str], merges: list[str], token_types: list[int], pre: str,
                  bos_id: int | None, eos_id: int | None, add_bos: bool | None = None,
-                 chat_template: str | None = None, stop_ids=()):
+                 chat_template: str | None = None, stop_ids=(), ignore_merges: bool | None = None):
+        """pre: llama.cpp's pre-tokenizer name. add_bos and ignore_merges: None takes what
+        llama.cpp takes for that name (a tokenizer.json states ignore_merges itself)."""
         if pre not in PRE_TOKENIZERS:
             raise TokenizerError(f"pre-tokenizer {pre!r} is not supported; known: {', '.join(PRE_TOKENIZERS)}")
-        self.pre = PRE_TOKENIZERS[pre]
-        super().__init__(tokens, token_types, bos_id, eos_id, self.pre.add_bos if add_bos is None else add_bos,
+        self.pre_name, pre_tokenizer = pre, PRE_TOKENIZERS[pre]
+        super().__init__(tokens, token_types, bos_id, eos_id, pre_tokenizer.add_bos if add_bos is None else add_bos,
                          chat_template, stop_ids)
-        self.patterns = [regex.compile(p) for p in self.pre.patterns]
+        self.patterns = [regex.compile(p) for p in pre_tokenizer.patterns]
+        self.ignore_merges = pre_tokenizer.ignore_merges if ignore_merges is None else ignore_merges
+        self.merges = merges
         self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
         self._to_unicode = _byte_to_unicode()
         self._to_byte = {c: b for b, c in self._to_unicode.items()}
@@ -197,7 +202,7 @@ class BPETokenizer(VocabTokenizer):
         if piece in self._cache:
             return self._cache[piece]
         word = "".join(self._to_unicode[b] for b in piece.encode("utf-8"))
-        if self.pre.ignore_merges and word in self.ids:
+        if self.ignore_merges and word in self.ids:
             self._cache[piece] = [self.ids[word]]
             return self._cache[piece]
         # A byte with no token of its own (SmolLM2 lacks 21 of them) is dropped before merging,

@@ -31,3 +31,22 @@ def smollm2_path():
 def llama3_tokenizer_path():
     from tools.fetch import fetch
     return fetch("llama3-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_sources():
+    """llama.cpp's tokenizer test suite and HF -> GGUF converter, from the llama-cpp-python sdist."""
+    from tools.fetch import fetch
+    return fetch("llamacpp-tests")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_bin():
+    """llama.cpp's built tools (an optional oracle): $LLAMACPP_BIN, or where
+    ../shared/tools/llamacpp-peer.sh builds them."""
+    from pathlib import Path
+    peer = Path(os.environ.get("LLAMACPP_PEER_DIR") or Path.home() / ".cache" / "llamacpp-peer")
+    folder = Path(os.environ.get("LLAMACPP_BIN") or peer / "llama.cpp" / "build" / "bin")
+    if not (folder / "llama-simple").exists():
+        pytest.skip(f"llama.cpp is not built in {folder}: run ../shared/tools/llamacpp-peer.sh or set LLAMACPP_BIN")
+    return folder

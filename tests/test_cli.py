@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from models.config import LlamaConfig
+from models.gguf_writer import write_gguf
 from tools import make_checkpoint
 
 TINY = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=64, max_context=64)
@@ -27,7 +28,7 @@ def assert_one_line_error(result, *words):
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    make_checkpoint.write_gguf(path, TINY, make_checkpoint.random_arrays(TINY))
+    write_gguf(path, TINY, make_checkpoint.random_arrays(TINY))
     return path
 
 

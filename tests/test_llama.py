@@ -12,6 +12,7 @@ from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
 
 from models import checkpoint
 from models.config import meta_ffn_dim
+from models.gguf_writer import write_gguf
 from models.llama3 import KVCache, Llama
 from ops import dtypes
 from tinytensor import Tensor
@@ -96,13 +97,13 @@ def test_meta_layout_in_two_shards_gives_the_same_logits(weights_and_logits, tmp
     assert np.abs(Llama(*loaded).logits(PROMPT) - want).max() <= TOL
 
 
-@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16], ids=lambda d: d.name)
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16, dtypes.bfloat16], ids=lambda d: d.name)
 def test_gguf_layout_gives_the_same_logits(weights_and_logits, tmp_path, dtype):
     config, arrays, want = weights_and_logits
-    make_checkpoint.write_gguf(tmp_path / "m.gguf", config, arrays, dtype)
-    if dtype == dtypes.float16:  # the reference holds the same float16-rounded matrices
-        rounded = {k: v.astype(np.float16).astype(np.float32) if v.ndim > 1 else v for k, v in arrays.items()}
-        want = Llama(config, {k: Tensor(v) for k, v in rounded.items()}).logits(PROMPT)
+    write_gguf(tmp_path / "m.gguf", config, arrays, dtype=dtype)
+    if dtype != dtypes.float32:  # the reference holds the same half-precision-rounded matrices
+        rounded = {k: Tensor(v, dtype=dtype).cast(dtypes.float32) if v.ndim > 1 else Tensor(v) for k, v in arrays.items()}
+        want = Llama(config, rounded).logits(PROMPT)
     assert np.abs(Llama(*checkpoint.load(tmp_path / "m.gguf")).logits(PROMPT) - want).max() <= TOL
 
 

@@ -2,7 +2,7 @@
 `ggml-vocab-NAME.gguf` vocabulary comes with `.inp` texts and the `.out` ids llama.cpp gives
 them, tokenized without BOS and without parsing special tokens. Every case must match.
 
-The files come from the llama-cpp-python sdist on PyPI (`python -m tools.fetch llamacpp-vocabs`),
+The files come from the llama-cpp-python sdist on PyPI (`python -m tools.fetch llamacpp-tests`),
 not from this repository. llama-bpe is Llama 3's vocabulary, llama-spm Llama 2's SentencePiece;
 the others use pre-tokenizers the loader accepts by name.
 """
@@ -16,7 +16,7 @@ SEPARATOR = "\n__ggml_vocab_test__\n"
 
 @pytest.fixture(scope="module")
 def vocab_folder():
-    return fetch("llamacpp-vocabs")
+    return fetch("llamacpp-tests") / "models"
 
 
 def read_cases(folder, name) -> list[tuple[str, list[int]]]:

@@ -3,7 +3,7 @@ tests and benchmarks:
 
     python -m tools.make_checkpoint --size 1b --layout hf --dtype bfloat16 OUT_FOLDER
     python -m tools.make_checkpoint --size 1b --layout meta OUT_FOLDER     (needs torch)
-    python -m tools.make_checkpoint --size 1b --layout gguf --dtype float16 OUT.gguf
+    python -m tools.make_checkpoint --size 1b --layout gguf --dtype float16 OUT.gguf   (llama.cpp's layout)
 
 Weights come in Meta's names and layout (models.checkpoint.random_weights); each writer turns
 them into its format, including Hugging Face's permuted q/k rows and Meta's shards.
@@ -17,11 +17,13 @@ import numpy as np
 
 from models import checkpoint
 from models.config import META_FFN, SIZES, LlamaConfig, meta_ffn_dim, size_of
+from models.gguf_writer import write_gguf
+from models.tokenizer import Llama3Tokenizer
 from ops import dtypes
 from tinytensor.state import safetensors_file
+from tools.fetch import fetch
 
 HF_FROM_META = {meta: hf for hf, meta in checkpoint.HF_NAMES.items()}
-GGUF_FROM_META = {meta: g for g, meta in checkpoint.GGUF_NAMES.items()}
 
 
 def permute_for_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -110,54 +112,6 @@ def write_meta(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dty
         torch.save(state, folder / f"consolidated.{k:02d}.pth")
 
 
-def write_gguf(path: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dtype=dtypes.float16,
-               tokens: list[str] | None = None):
-    """A llama GGUF (F32 or F16 tensors; 1-D norms stay F32 as llama.cpp writes them), with a
-    byte-level vocabulary so that it loads stand-alone."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("random llama")
-    writer.add_block_count(c.n_layers)
-    writer.add_context_length(c.max_context)
-    writer.add_embedding_length(c.dim)
-    writer.add_feed_forward_length(c.ffn_dim)
-    writer.add_head_count(c.n_heads)
-    writer.add_head_count_kv(c.n_kv_heads)
-    writer.add_rope_dimension_count(c.head_dim)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    if c.rope_scaling:
-        writer.add_string("llama.rope.scaling.type", "llama3")
-        writer.add_float32("llama.rope.scaling.factor", c.rope_scaling.factor)
-        writer.add_float32("llama.rope.scaling.low_freq_factor", c.rope_scaling.low_freq_factor)
-        writer.add_float32("llama.rope.scaling.high_freq_factor", c.rope_scaling.high_freq_factor)
-        writer.add_uint32("llama.rope.scaling.original_context_length", c.rope_scaling.original_context)
-    from models.tokenizer import _byte_to_unicode
-    tokens = tokens or [*_byte_to_unicode().values(), *(f"<|extra_{i}|>" for i in range(c.vocab_size - 256))]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens[:c.vocab_size])
-    writer.add_token_types([1] * 256 + [3] * (c.vocab_size - 256))
-    writer.add_token_merges([])
-    writer.add_bos_token_id(min(256, c.vocab_size - 1))
-    writer.add_eos_token_id(min(257, c.vocab_size - 1))
-    top = {v: k for k, v in checkpoint.GGUF_TOP.items()}
-    for name, w in weights.items():
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            gname = f"blk.{i}.{GGUF_FROM_META[rest]}"
-        else:
-            gname = top[name]
-        w = np.ascontiguousarray(w, dtype=np.float16 if dtype == dtypes.float16 and w.ndim > 1 else np.float32)
-        writer.add_tensor(gname, w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def random_arrays(c: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return {name: t.numpy() for name, t in checkpoint.random_weights(c, seed).items()}
 
@@ -181,8 +135,8 @@ def main(argv=None):
         write_hf(args.out, c, weights, dtype)
     elif args.layout == "meta":
         write_meta(args.out, c, weights, dtype, args.shards)
-    else:
-        write_gguf(args.out, c, weights, dtype if dtype != dtypes.bfloat16 else dtypes.float16)
+    else:  # the real Llama 3 vocabulary, so that llama.cpp and our CLI can run the file as it is
+        write_gguf(args.out, c, weights, Llama3Tokenizer(fetch("llama3-tokenizer")), dtype)
     print(args.out)
     return 0
 
