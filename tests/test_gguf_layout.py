@@ -186,3 +186,22 @@ def test_llamacpp_runs_our_gguf_and_agrees(checkpoints, llamacpp_bin, tmp_path):
         logits = model.logits(ids + generated)
     text = b"".join(model.tokenizer.token_bytes(i) for i in generated)  # llama.cpp prints raw bytes
     assert done.stdout.endswith(text + b"\n"), (done.stdout, generated)
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "gpt-2", "llama-spm"])
+def test_a_vocabulary_written_by_us_reads_back_as_llamacpp_wrote_it(llamacpp_sources, tmp_path, name):
+    """Each tokenizer kind survives our writer: the tokenizer keys of llama.cpp's vocab file come
+    back unchanged, and the model file tokenizes as the vocab file does."""
+    from models.config import LlamaConfig
+    source = llamacpp_sources / "models" / f"ggml-vocab-{name}.gguf"
+    tokenizer = checkpoint.load_tokenizer(source)
+    config = LlamaConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tokenizer.vocab_size, ffn_dim=32)
+    weights = {name: w.numpy() for name, w in checkpoint.random_weights(config).items()}
+    write_gguf(tmp_path / "m.gguf", config, weights, tokenizer, dtypes.float16)
+    theirs, mine = gguf_file.read_metadata(source), gguf_file.read_metadata(tmp_path / "m.gguf")
+    for key in ["tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.scores", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]:
+        assert mine.get(key) == theirs.get(key), key
+    reread = checkpoint.load_tokenizer(tmp_path / "m.gguf")
+    text = (source.parent / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8")
+    assert reread.encode(text) == tokenizer.encode(text)
