@@ -7,6 +7,8 @@
 - GGUF file: metadata gives the config, the tokenizer and the chat template.
 """
 import json
+import zlib
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,7 +65,11 @@ def load(path: Path, dtype=None):
     (None keeps what the file holds; quantised GGUF tensors become float32)."""
     path = Path(path)
     kind = detect(path)
-    config, arrays, tokenizer = {"hf": _load_hf, "meta": _load_meta, "gguf": _load_gguf}[kind](path)
+    try:
+        config, arrays, tokenizer = {"hf": _load_hf, "meta": _load_meta, "gguf": _load_gguf}[kind](path)
+    except configs.ConfigError as e:  # every config is checked once, when it is read
+        config_file = {"hf": path / "config.json", "meta": path / "params.json", "gguf": path}[kind]
+        raise CheckpointError(f"{config_file}: {e}") from None
     _check_shapes(path, config, arrays)
     weights = {}
     for name, (array, dt) in progress(arrays.items(), f"loading {path.name}", len(arrays)):
@@ -243,19 +249,46 @@ def gguf_tokenizer(path: Path, m: dict):
     """The vocabulary in a GGUF's `tokenizer.ggml.*` keys: byte-level BPE (`gpt2`) or
     SentencePiece (`llama`), with the defaults llama.cpp takes where a key is absent."""
     kind = m.get("tokenizer.ggml.model")
-    stops = [m[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in m]
-    tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
-    add_bos, template = m.get("tokenizer.ggml.add_bos_token"), m.get("tokenizer.chat_template")
+    if kind not in ("gpt2", "llama"):
+        raise TokenizerError(f"{path}: tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' "
+                             f"or SentencePiece 'llama')")
+    key = lambda name: "tokenizer.ggml." + name  # noqa: E731
+    tokens = _vocab_list(path, m, key("tokens"), str)
+    types = _vocab_list(path, m, key("token_type"), int, len(tokens))
+    ids = {}
+    for name in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id"):
+        value = m.get(key(name))
+        if value is not None and (type(value) is not int or not 0 <= value < len(tokens)):
+            raise TokenizerError(f"{path}: {key(name)} is {value!r}, not a token id below {len(tokens)}")
+        ids[name] = value
+    stops = [ids[k] for k in ("eot_token_id", "eom_token_id") if ids[k] is not None]
+    add_bos, template = m.get(key("add_bos_token")), m.get("tokenizer.chat_template")
+    if not isinstance(template, (str, type(None))):
+        raise TokenizerError(f"{path}: tokenizer.chat_template is not a string")
     if kind == "gpt2":
-        return BPETokenizer(tokens, m.get("tokenizer.ggml.merges", []), types, m.get("tokenizer.ggml.pre", "default"),
-                            m.get("tokenizer.ggml.bos_token_id"), m.get("tokenizer.ggml.eos_token_id"), add_bos,
-                            template, stops)
-    if kind == "llama":
-        return SentencePieceTokenizer(tokens, m["tokenizer.ggml.scores"], types, m.get("tokenizer.ggml.bos_token_id", 1),
-                                      m.get("tokenizer.ggml.eos_token_id", 2), True if add_bos is None else add_bos,
-                                      m.get("tokenizer.ggml.add_space_prefix", True), template, stops)
-    raise TokenizerError(f"{path}: tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' "
-                         f"or SentencePiece 'llama')")
+        merges = _vocab_list(path, m, key("merges"), str, required=False)
+        return BPETokenizer(tokens, merges, types, m.get(key("pre"), "default"), ids["bos_token_id"],
+                            ids["eos_token_id"], add_bos, template, stops)
+    scores = _vocab_list(path, m, key("scores"), float, len(tokens))
+    bos = 1 if ids["bos_token_id"] is None else ids["bos_token_id"]
+    eos = 2 if ids["eos_token_id"] is None else ids["eos_token_id"]
+    return SentencePieceTokenizer(tokens, scores, types, bos, eos, True if add_bos is None else add_bos,
+                                  m.get(key("add_space_prefix"), True), template, stops)
+
+
+def _vocab_list(path: Path, m: dict, key: str, kind, length: int | None = None, required: bool = True) -> list:
+    """A GGUF tokenizer array, checked for its element type and length."""
+    values = m.get(key)
+    if values is None and not required:
+        return []
+    ok = isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values) \
+        if kind is not float else isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)
+    if not ok:
+        raise TokenizerError(f"{path}: {key} is {'missing' if values is None else 'not a list of ' + kind.__name__}: "
+                             f"the file's vocabulary is damaged")
+    if length is not None and len(values) != length:
+        raise TokenizerError(f"{path}: {key} has {len(values)} entries for {length} tokens")
+    return values
 
 
 def load_tokenizer(path: Path):
@@ -270,6 +303,27 @@ def load_tokenizer(path: Path):
     if tokenizer is None:
         raise CheckpointError(f"{path}: has no tokenizer (tokenizer.model or tokenizer.json)")
     return tokenizer
+
+
+def generation_settings(path) -> dict:
+    """A Hugging Face folder's generation_config.json, as sampling settings the CLI understands
+    (temperature, top_k, top_p, min_p, repetition_penalty; greedy where do_sample is false) and
+    its extra stop ids. Empty for other layouts or when the file is absent."""
+    path = Path(path)
+    file = path / "generation_config.json"
+    if not path.is_dir() or not file.exists():
+        return {}
+    d = _read_json(file)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: not a JSON object of settings")
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    settings = {k: d[k] for k in names if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)}
+    if d.get("do_sample") is False:
+        settings["temperature"] = 0.0
+    stops = d.get("eos_token_id")
+    stops = stops if isinstance(stops, list) else [stops]
+    settings["stop_ids"] = {s for s in stops if type(s) is int}
+    return settings
 
 
 # ---- checks ---------------------------------------------------------------------------------
@@ -301,16 +355,35 @@ def _check_shapes(path: Path, config, arrays):
                                   f"expected {shape} for this model's config")
 
 
+def random_array(name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """One weight of a random model: normal with a 1/sqrt(fan_in) scale so activations stay
+    O(1); norms are ones. Each tensor has its own stream (from the seed and its name), so a
+    writer can make one at a time."""
+    if len(shape) == 1:
+        return np.ones(shape, np.float32)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[1] ** -0.5)
+
+
+class RandomArrays(Mapping):
+    """The exact architecture's weights as float32 arrays, each made when it is read, so that
+    writing a random 8B checkpoint never holds more than one float32 tensor."""
+
+    def __init__(self, c: configs.LlamaConfig, seed: int = 0):
+        self.shapes, self.seed = expected_shapes(c), seed
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return random_array(name, self.shapes[name], self.seed)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
 def random_weights(c: configs.LlamaConfig, seed: int = 0, dtype=dtypes.float32) -> dict[str, Tensor]:
-    """The exact architecture with random weights (for benchmarks and tests): normal with a
-    1/sqrt(fan_in) scale so activations stay O(1); norms are ones."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    shapes = expected_shapes(c)
-    for name, shape in progress(shapes.items(), "random weights", len(shapes)):
-        if len(shape) == 1:
-            values = np.ones(shape, np.float32)
-        else:
-            values = rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[1] ** -0.5)
-        weights[name] = Tensor.from_numpy(dtypes.narrow(values, dtype), dtype)
-    return weights
+    """The exact architecture with random weights (for benchmarks and tests), as Tensors of dtype."""
+    arrays = RandomArrays(c, seed)
+    return {name: Tensor.from_numpy(dtypes.narrow(arrays[name], dtype), dtype)
+            for name in progress(arrays, "random weights", len(arrays))}

@@ -1,16 +1,17 @@
 """python -m models.llama3: generate text or chat with a Llama-architecture model.
 
 Text streams to stdout as it is made; one line of timings goes to stderr at the end. Bad
-input (a missing or broken checkpoint, an unknown size, a prompt longer than the context) is
-one line on stderr and exit status 2, never a traceback.
+input (a missing or broken checkpoint, an unknown size, an option out of range, a prompt longer
+than the context) is one line on stderr and exit status 2, never a traceback.
 """
 import argparse
+import os
 import sys
 import time
 
 from models.chat import chat_tokens, has_chat_format
 from models.config import SIZES
-from models.sampling import make_sampler
+from models.sampling import DEFAULTS, RULES, check_setting, make_sampler
 from models.tokenizer import StreamDecoder, TokenizerError
 from tinytensor.state import CheckpointError
 
@@ -22,25 +23,72 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _whole(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small: it must be >= {minimum}")
+        return value
+    return parse
+
+
+def _setting(name: str):
+    """A sampling setting, checked against the rule the sampler itself applies."""
+    kind = int if name == "top_k" else float
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        try:
+            return check_setting(name, value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be {RULES[name][1]}") from None
+    return parse
+
+
+def _text():
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("is empty: give some text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's locale could not decode
+            raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+        return text
+    return parse
+
+
 def parse_args(argv):
     p = _Parser(prog="python -m models.llama3", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), help="a published Llama 3.1/3.2 size")
-    p.add_argument("--checkpoint", help="a Hugging Face or Meta checkpoint folder, or a .gguf file")
-    p.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--system", help="a system prompt for chat models")
+    p.add_argument("--checkpoint", help="a Hugging Face or Meta checkpoint folder, or a .gguf file "
+                                        "(default: SmolLM2-135M-Instruct, fetched on first use)")
+    p.add_argument("--prompt", type=_text(), help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--system", type=_text(), help="a system prompt for chat models")
     p.add_argument("--chat", action="store_true", help="an interactive conversation")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template around the prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="make sampling reproducible")
+    p.add_argument("--max-tokens", type=_whole(1), default=256, help="most tokens to generate (default: 256)")
+    sampling = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else llama.cpp's)")
+    sampling.add_argument("--temperature", type=_setting("temperature"),
+                          help=f"0 is greedy (default: {DEFAULTS['temperature']})")
+    sampling.add_argument("--top-k", type=_setting("top_k"),
+                          help=f"draw from the k likeliest tokens, 0 keeps all (default: {DEFAULTS['top_k']})")
+    sampling.add_argument("--top-p", type=_setting("top_p"),
+                          help=f"draw from the likeliest tokens holding this much probability (default: {DEFAULTS['top_p']})")
+    sampling.add_argument("--min-p", type=_setting("min_p"),
+                          help=f"drop tokens less likely than this times the likeliest (default: {DEFAULTS['min_p']})")
+    sampling.add_argument("--repetition-penalty", type=_setting("repetition_penalty"),
+                          help=f"divide the scores of tokens already seen, 1 is none (default: {DEFAULTS['repetition_penalty']})")
+    sampling.add_argument("--seed", type=int, help="make sampling reproducible")
     p.add_argument("--random-init", action="store_true", help="random weights in --size's exact architecture")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="cast the weights (default: as stored; float32 for quantised and random weights)")
-    p.add_argument("--context", type=int, default=8192, help="positions to make room for (default 8192)")
+    p.add_argument("--context", type=_whole(1), default=8192, help="positions to make room for (default: 8192)")
     args = p.parse_args(argv)
     if args.random_init and not args.size:
         p.error("--random-init needs --size")
@@ -50,48 +98,65 @@ def parse_args(argv):
 
 
 def run(args) -> None:
+    from models import checkpoint
     from models.llama3 import load
 
     start = time.perf_counter()
     model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype, context=args.context)
     load_s = time.perf_counter() - start
     tok = model.tokenizer
-    sampler = make_sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+    settings = {**DEFAULTS, **(checkpoint.generation_settings(args.checkpoint) if args.checkpoint else {})}
+    stop_ids = tok.stop_ids | settings.pop("stop_ids", set())
+    for name in DEFAULTS:
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    sampler = make_sampler(**settings, seed=args.seed)
     use_chat = not args.raw and not args.random_init and has_chat_format(tok)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
-    def reply(ids):
-        stats = {"prompt": len(ids)}
-        t0 = time.perf_counter()
+    def reply(ids, load_s=None) -> str:
+        """Stream one reply; Ctrl-C stops it (in a chat, the conversation goes on)."""
+        t0, prefill_s = time.perf_counter(), None
 
         def prefill_done():
-            stats["prefill_s"] = time.perf_counter() - t0
-        decoder, n, text = StreamDecoder(tok), 0, []
-        for token in model.generate(ids, args.max_tokens, sampler, tok.stop_ids, on_prefill=prefill_done):
-            piece = decoder.add(token)
-            text.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            n += 1
+            nonlocal prefill_s
+            prefill_s = time.perf_counter() - t0
+        decoder, text, note = StreamDecoder(tok), [], ""
+        try:
+            for token in model.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done):
+                text.append(decoder.add(token))
+                sys.stdout.write(text[-1])
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            if not args.chat:
+                raise
+            note = " | stopped"
         sys.stdout.write(decoder.flush() + "\n")
-        decode_s = time.perf_counter() - t0 - stats["prefill_s"]
-        print(f"[load {load_s:.1f} s | prompt {stats['prompt']} tokens, prefill "
-              f"{stats['prompt'] / stats['prefill_s']:.1f} tok/s | {n} tokens, decode "
-              f"{max(n - 1, 0) / decode_s if n > 1 else 0.0:.1f} tok/s]", file=sys.stderr)
+        n = len(text)
+        # generation ends early without a stop token only when the context is full
+        if not note and n < args.max_tokens and len(ids) + n > model.context:
+            note = f" | the context of {model.context} positions is full: raise --context"
+        if prefill_s is not None:
+            decode_s = time.perf_counter() - t0 - prefill_s
+            print(f"[{f'load {load_s:.1f} s | ' if load_s is not None else ''}prompt {len(ids)} tokens, prefill "
+                  f"{len(ids) / prefill_s:.1f} tok/s | {n} tokens, decode "
+                  f"{max(n - 1, 0) / decode_s if n > 1 else 0.0:.1f} tok/s{note}]", file=sys.stderr)
         return "".join(text)
 
     if not args.chat:
         prompt = args.prompt or DEFAULT_PROMPT
         if use_chat:
-            reply(chat_tokens(tok, messages + [{"role": "user", "content": prompt}]))
+            reply(chat_tokens(tok, messages + [{"role": "user", "content": prompt}]), load_s)
         else:
-            reply(tok.encode(prompt, bos=True))
+            reply(tok.encode(prompt, bos=True), load_s)
         return
-    print("chat: type a message; an empty line or Ctrl-D ends", file=sys.stderr)
+    print(f"[load {load_s:.1f} s] chat: type a message; an empty line or Ctrl-D ends, Ctrl-C stops a reply",
+          file=sys.stderr)
     while True:
         try:
             line = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()  # leave the shell on a fresh line, not after "> "
             break
         if not line.strip():
             break
@@ -104,9 +169,13 @@ def main(argv=None) -> int:
     from tools.fetch import FetchError
     try:
         run(args)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CheckpointError, TokenizerError, FetchError, MemoryError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
     return 0

@@ -5,6 +5,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 
+class ConfigError(ValueError):
+    """A config that cannot describe a model; the message names the field and the rule."""
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1's frequency scaling (`rope_type: llama3`)."""
@@ -12,6 +16,15 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context: int = 8192
+
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_context"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"rope scaling {name} is {value!r}: it must be a positive number")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"rope scaling high_freq_factor ({self.high_freq_factor}) must exceed "
+                              f"low_freq_factor ({self.low_freq_factor})")
 
 
 @dataclass(frozen=True)
@@ -35,8 +48,24 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_context"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{name} is {value!r}: it must be a whole number >= 1")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} is {value!r}: it must be a positive number")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): "
+                              f"each key/value head serves a whole group of query heads")
         if not self.head_dim:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim ({self.dim}) is not a multiple of n_heads ({self.n_heads}); "
+                                  f"give head_dim")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if type(self.head_dim) is not int or self.head_dim < 2 or self.head_dim % 2:
+            raise ConfigError(f"head_dim is {self.head_dim!r}: RoPE needs an even size >= 2")
 
     def n_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
@@ -88,39 +117,77 @@ def size_of(config: LlamaConfig) -> str | None:
 def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
     params = d.get("rope_parameters") or {}  # transformers >= 5 nests them here
     scaling = d.get("rope_scaling") or params
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling is {scaling!r}, not an object of settings")
     theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return theta, None
     if kind != "llama3":
-        raise ValueError(f"rope scaling type {kind!r} is not supported (only 'llama3')")
-    return theta, RopeScaling(scaling["factor"], scaling.get("low_freq_factor", 1.0),
+        raise ConfigError(f"rope scaling type {kind!r} is not supported (only 'llama3')")
+    return theta, RopeScaling(_required(scaling, "factor"), scaling.get("low_freq_factor", 1.0),
                               scaling.get("high_freq_factor", 4.0),
                               scaling.get("original_max_position_embeddings", 8192))
 
 
+def _fields(d, what: str) -> dict:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} holds a {type(d).__name__}, not a JSON object of settings")
+    return d
+
+
+def _required(d: dict, key: str):
+    if key not in d:
+        raise ConfigError(f"the field {key!r} is missing")
+    return d[key]
+
+
+def _typed(value, key: str, kind, default=None):
+    """value checked to be of kind (int: a whole number, float: any number), or default if None."""
+    if value is None:
+        return default
+    ok = type(value) is int if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"the field {key!r} is {value!r}, not a {'whole number' if kind is int else 'number'}")
+    return value
+
+
 def from_hf(d: dict) -> LlamaConfig:
     """A Hugging Face config.json (LlamaForCausalLM)."""
+    d = _fields(d, "config.json")
     if d.get("model_type", "llama") != "llama":
-        raise ValueError(f"model_type {d.get('model_type')!r} is not a Llama-architecture model")
+        raise ConfigError(f"model_type {d.get('model_type')!r} is not a Llama-architecture model")
     theta, scaling = _rope_from_hf(d)
+    n_heads = _typed(_required(d, "num_attention_heads"), "num_attention_heads", int)
     return LlamaConfig(
-        dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
-        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        vocab_size=d["vocab_size"], ffn_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-5),
-        rope_theta=theta, rope_scaling=scaling, tied_embeddings=d.get("tie_word_embeddings", False),
-        max_context=d.get("max_position_embeddings", 131072), head_dim=d.get("head_dim") or 0,
-        name=d.get("_name_or_path") or "llama")
+        dim=_typed(_required(d, "hidden_size"), "hidden_size", int),
+        n_layers=_typed(_required(d, "num_hidden_layers"), "num_hidden_layers", int), n_heads=n_heads,
+        n_kv_heads=_typed(d.get("num_key_value_heads"), "num_key_value_heads", int, n_heads),
+        vocab_size=_typed(_required(d, "vocab_size"), "vocab_size", int),
+        ffn_dim=_typed(_required(d, "intermediate_size"), "intermediate_size", int),
+        norm_eps=_typed(d.get("rms_norm_eps"), "rms_norm_eps", float, 1e-5),
+        rope_theta=_typed(theta, "rope_theta", float), rope_scaling=scaling,
+        tied_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_context=_typed(d.get("max_position_embeddings"), "max_position_embeddings", int, 131072),
+        head_dim=_typed(d.get("head_dim"), "head_dim", int, 0), name=str(d.get("_name_or_path") or "llama"))
 
 
 def from_meta(d: dict, vocab_size: int | None = None) -> LlamaConfig:
     """A Meta params.json. It does not say the rope factor or whether the head is tied, so those
     come from the published size with the same shape."""
+    d = _fields(d, "params.json")
+    dim = _typed(_required(d, "dim"), "dim", int)
+    n_heads = _typed(_required(d, "n_heads"), "n_heads", int)
+    multiple_of = _typed(d.get("multiple_of"), "multiple_of", int, 256)
+    if multiple_of < 1:
+        raise ConfigError(f"the field 'multiple_of' is {multiple_of}: it must be >= 1")
     base = LlamaConfig(
-        dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"],
-        n_kv_heads=d.get("n_kv_heads") or d["n_heads"], vocab_size=d.get("vocab_size", vocab_size),
-        ffn_dim=meta_ffn_dim(d["dim"], d.get("multiple_of", 256), d.get("ffn_dim_multiplier")),
-        norm_eps=d.get("norm_eps", 1e-5), rope_theta=d.get("rope_theta", 10000.0))
+        dim=dim, n_layers=_typed(_required(d, "n_layers"), "n_layers", int), n_heads=n_heads,
+        n_kv_heads=_typed(d.get("n_kv_heads"), "n_kv_heads", int, n_heads),
+        vocab_size=_typed(d.get("vocab_size", vocab_size), "vocab_size", int),
+        ffn_dim=meta_ffn_dim(dim, multiple_of, _typed(d.get("ffn_dim_multiplier"), "ffn_dim_multiplier", float)),
+        norm_eps=_typed(d.get("norm_eps"), "norm_eps", float, 1e-5),
+        rope_theta=_typed(d.get("rope_theta"), "rope_theta", float, 10000.0))
     known = SIZES.get(size_of(base))
     scaling = (known.rope_scaling if known else _LLAMA31) if d.get("use_scaled_rope") else None
     return replace(base, rope_scaling=scaling, tied_embeddings=known.tied_embeddings if known else False,
@@ -136,16 +203,17 @@ def from_gguf(meta: dict, rope_freqs=None) -> LlamaConfig:
     Llama 2 fine-tunes) divides every frequency by the factor."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    n_heads, dim = meta["llama.attention.head_count"], meta["llama.embedding_length"]
-    head_dim = meta.get("llama.rope.dimension_count", dim // n_heads)
+        raise ConfigError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    n_heads = _typed(_required(meta, "llama.attention.head_count"), "llama.attention.head_count", int)
+    dim = _typed(_required(meta, "llama.embedding_length"), "llama.embedding_length", int)
+    head_dim = meta.get("llama.rope.dimension_count", dim // n_heads if n_heads else 0)
     kind = meta.get("llama.rope.scaling.type", "linear" if "llama.rope.scale_linear" in meta else "none")
     factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 1.0))
     scaling, factors = None, None
     if rope_freqs is not None:
         factors = tuple(float(f) for f in rope_freqs)
         if len(factors) != head_dim // 2:
-            raise ValueError(f"rope_freqs has {len(factors)} factors, expected {head_dim // 2} (half the head size)")
+            raise ConfigError(f"rope_freqs has {len(factors)} factors, expected {head_dim // 2} (half the head size)")
     elif kind == "llama3":
         scaling = RopeScaling(factor, meta.get("llama.rope.scaling.low_freq_factor", 1.0),
                               meta.get("llama.rope.scaling.high_freq_factor", 4.0),
@@ -153,12 +221,12 @@ def from_gguf(meta: dict, rope_freqs=None) -> LlamaConfig:
     elif kind == "linear":
         factors = (float(factor),) * (head_dim // 2)
     elif kind != "none":
-        raise ValueError(f"RoPE scaling {kind!r} is not supported (llama3 factors, linear or none)")
+        raise ConfigError(f"RoPE scaling {kind!r} is not supported (llama3 factors, linear or none)")
     return LlamaConfig(
-        dim=dim, n_layers=meta["llama.block_count"], n_heads=n_heads,
+        dim=dim, n_layers=_required(meta, "llama.block_count"), n_heads=n_heads,
         n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
-        vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-        ffn_dim=meta["llama.feed_forward_length"],
+        vocab_size=meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []),
+        ffn_dim=_required(meta, "llama.feed_forward_length"),
         norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=meta.get("llama.rope.freq_base", 10000.0), rope_scaling=scaling, rope_freq_factors=factors,
         max_context=meta.get("llama.context_length", 8192), head_dim=head_dim,

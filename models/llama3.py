@@ -8,6 +8,7 @@ the loaders in models/checkpoint.py bring every on-disk format to that form.
 `python -m models.llama3 --help` runs the command line (models/cli.py).
 """
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,13 +101,22 @@ class Llama:
     # ---- the Python API -------------------------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] of one fresh sequence, in one batched pass (a prefill)."""
-        self._check_length(len(ids))
+        ids = self._check_ids(ids)
         cache = KVCache.allocate(self.config, len(ids))
-        return self.forward(Tensor(np.asarray(ids, dtype=np.int64)), 0, cache).numpy()
+        return self.forward(Tensor(ids), 0, cache).numpy()
 
     def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None):
-        """Yield new token ids: the prompt in one pass, then one token per step with the cache."""
-        self._check_length(len(ids))
+        """Yield new token ids: the prompt in one pass, then one token per step with the cache.
+        sampler: (logits, history) -> id, e.g. models.sampling.make_sampler(temperature=0)."""
+        ids = self._check_ids(ids)
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise ValueError(f"max_tokens is {max_tokens!r}: give a whole number >= 1")
+        if not callable(sampler):
+            raise TypeError(f"sampler must be a function (logits, history) -> id, got {type(sampler).__name__}")
+        return self._generate(ids, max_tokens, sampler, stop_ids, on_prefill)
+
+    def _generate(self, ids: np.ndarray, max_tokens: int, sampler, stop_ids, on_prefill):
+        ids = ids.tolist()
         length = min(len(ids) + max_tokens, self.context)
         cache = KVCache.allocate(self.config, length)
         logits = self.forward(Tensor(np.asarray(ids, dtype=np.int64)), 0, cache, last_only=True).numpy()[-1]
@@ -125,12 +135,23 @@ class Llama:
             logits = step(Tensor(np.array([token], dtype=np.int64)), Tensor([pos])).numpy()[-1]
             pos += 1
 
-    def _check_length(self, n: int):
-        if n == 0:
+    def _check_ids(self, ids) -> np.ndarray:
+        """Token ids as given to the API: whole numbers in [0, vocab), at least one, fitting the context."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+            raise TypeError(f"token ids must be a list of ints, got {type(ids).__name__}: encode text with "
+                            f"model.tokenizer.encode first")
+        if len(ids) == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        if n > self.context:
-            raise ValueError(f"the prompt has {n} tokens but the context holds "
+        wrong = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if wrong:
+            raise TypeError(f"token ids must be ints, got {wrong[0]!r}")
+        outside = [int(i) for i in ids if not 0 <= i < self.config.vocab_size]
+        if outside:
+            raise ValueError(f"token id {outside[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) > self.context:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds "
                              f"{self.context}: shorten it or use --context")
+        return np.asarray(ids, dtype=np.int64)
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -188,7 +209,14 @@ def load(path_or_size=None, random_init: bool = False, dtype=None, context: int 
         return Llama(config, checkpoint.random_weights(config, dtype=dt), tokenizer, context)
     if path_or_size in SIZES:
         path_or_size = find_local(path_or_size)
+    elif isinstance(path_or_size, str) and re.fullmatch(r"\d+(\.\d+)?[bBmM]", path_or_size) \
+            and not Path(path_or_size).exists():
+        raise ValueError(f"unknown size {path_or_size!r}: the sizes are {', '.join(SIZES)}; or give a checkpoint path")
     config, weights, tokenizer = checkpoint.load(Path(path_or_size), dtype)
+    if tokenizer is None:
+        raise CheckpointError(f"{path_or_size}: has weights but no tokenizer: looked for tokenizer.json, "
+                              f"tokenizer.model and original/tokenizer.model; copy the model's tokenizer files "
+                              f"next to its weights")
     return Llama(config, weights, tokenizer, context)
 
 

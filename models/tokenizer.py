@@ -223,7 +223,10 @@ class BPETokenizer(VocabTokenizer):
                     merged.append(symbols[i])
                     i += 1
             symbols = merged
-        ids = [self.ids[symbol] for symbol in symbols]
+        # a merge whose result is no token (a damaged vocabulary) falls back to the symbol's
+        # bytes, as llama.cpp does
+        ids = [i for symbol in symbols for i in ([self.ids[symbol]] if symbol in self.ids else
+                                                 [self.ids[c] for c in symbol if c in self.ids])]
         self._cache[piece] = ids
         return ids
 

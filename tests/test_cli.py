@@ -1,4 +1,5 @@
 """The command line as a user meets it: bad input is one line on stderr and exit status 2."""
+import os
 import subprocess
 import sys
 
@@ -94,3 +95,65 @@ def test_tokenize_tool_llama3_tokenizer_model(llama3_tokenizer_path):
 def test_a_base_model_without_a_template_completes_plainly(tiny_gguf):
     result = run("--checkpoint", str(tiny_gguf), "--prompt", "hello", "--max-tokens", "3", "--temperature", "0")
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--temperature", "-1", [">= 0"]), ("--top-p", "2", ["(0, 1]"]), ("--top-p", "0", ["(0, 1]"]),
+    ("--top-k", "-1", [">= 0"]), ("--top-k", "1.5", ["whole number"]), ("--min-p", "5", ["[0, 1)"]),
+    ("--repetition-penalty", "0", ["> 0"]), ("--max-tokens", "-5", [">= 1"]), ("--max-tokens", "0", [">= 1"]),
+    ("--context", "-5", [">= 1"]), ("--temperature", "nan", [">= 0"]), ("--prompt", "", ["empty"]),
+    ("--prompt", "   ", ["empty"]), ("--seed", "x", ["int"]),
+])
+def test_each_option_out_of_range_is_one_line(tiny_gguf, option, value, words):
+    assert_one_line_error(run("--checkpoint", str(tiny_gguf), option, value), option, *words)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_gguf):
+    result = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(tiny_gguf), "--prompt",
+                             b"caf\xff".decode("utf-8", "surrogateescape")], capture_output=True, text=True)
+    assert_one_line_error(result, "--prompt", "UTF-8")
+
+
+@pytest.mark.parametrize("setting", ["0", "-2", "abc", "1.5"])
+def test_bad_thread_counts_are_one_line(tiny_gguf, setting):
+    result = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(tiny_gguf), "--max-tokens",
+                             "2"], capture_output=True, text=True, env={**os.environ, "TT_THREADS": setting})
+    assert_one_line_error(result, "TT_THREADS", setting)
+
+
+def test_a_full_context_is_said(tiny_gguf):
+    result = run("--checkpoint", str(tiny_gguf), "--raw", "--prompt", "hello", "--context", "12",
+                 "--max-tokens", "500", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "context of 12 positions is full" in result.stderr
+
+
+def test_a_closed_pipe_ends_quietly(tiny_gguf):
+    command = [sys.executable, "-m", "models.llama3", "--checkpoint", str(tiny_gguf), "--raw", "--max-tokens", "200"]
+    producer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    producer.stdout.read(5)
+    producer.stdout.close()  # as `| head -c 5` does
+    _, err = producer.communicate(timeout=300)
+    assert producer.returncode == 0 and b"Error" not in err and b"error" not in err, err
+
+
+def test_folder_with_weights_but_no_tokenizer(tmp_path):
+    folder = tmp_path / "hf"
+    make_checkpoint.write_hf(folder, TINY, make_checkpoint.random_arrays(TINY))
+    assert_one_line_error(run("--checkpoint", str(folder)), "no tokenizer", "tokenizer.json", "tokenizer.model")
+
+
+def test_make_checkpoint_output_runs_as_it_is(tmp_path):
+    for layout, out in [("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")]:
+        made = subprocess.run([sys.executable, "-m", "tools.make_checkpoint", "--size", "tiny", "--layout", layout,
+                               str(out)], capture_output=True, text=True, timeout=300)
+        assert made.returncode == 0, made.stderr
+        result = run("--checkpoint", str(out), "--max-tokens", "3", "--temperature", "0")
+        assert result.returncode == 0 and "decode" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("tool", ["tools.fetch", "tools.tokenize", "tools.make_checkpoint", "tools.bench",
+                                  "models.llama3"])
+def test_help_exits_cleanly(tool):
+    result = subprocess.run([sys.executable, "-m", tool, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr

@@ -68,14 +68,14 @@ def bench_transformers(model, prompt: list[int], decode: int, repeat: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size")
-    p.add_argument("--checkpoint")
-    p.add_argument("--random-init", action="store_true")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--backends", default="llvm,numpy")
+    p.add_argument("--size", help="a published size (1b, 3b, ...): its weights on disk, or with --random-init")
+    p.add_argument("--checkpoint", help="a checkpoint folder or .gguf file (default: SmolLM2-135M)")
+    p.add_argument("--random-init", action="store_true", help="random weights in --size's exact shape")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights to this dtype")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prefill (default: 64)")
+    p.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed (default: 16)")
+    p.add_argument("--repeat", type=int, default=3, help="prefills timed, after one warm-up (default: 3)")
+    p.add_argument("--backends", default="llvm,numpy", help="backends to time, comma-separated (default: llvm,numpy)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     args = p.parse_args(argv)
     model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype,

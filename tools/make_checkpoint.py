@@ -10,7 +10,9 @@ them into its format, including Hugging Face's permuted q/k rows and Meta's shar
 """
 import argparse
 import json
+import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,31 +114,44 @@ def write_meta(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dty
         torch.save(state, folder / f"consolidated.{k:02d}.pth")
 
 
-def random_arrays(c: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    return {name: t.numpy() for name, t in checkpoint.random_weights(c, seed).items()}
+def random_arrays(c: LlamaConfig, seed: int = 0) -> checkpoint.RandomArrays:
+    return checkpoint.RandomArrays(c, seed)
+
+
+# Not a published size: the Llama 3.2 layout (real vocabulary, tied head, RoPE factor 32) at a
+# size that writes in a second, for tests and for trying the tools.
+TINY = replace(SIZES["1b"], dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, head_dim=0,
+               name="Llama-3.2-tiny")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.make_checkpoint", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--size", choices=list(SIZES), required=True)
-    p.add_argument("--layout", choices=["hf", "meta", "gguf"], required=True)
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16")
+    p.add_argument("out", type=Path, help="the folder (hf, meta) or .gguf file to create; never overwritten")
+    p.add_argument("--size", choices=[*SIZES, "tiny"], required=True,
+                   help="a published size, or tiny (the 3.2 layout at dim 64, 2 layers)")
+    p.add_argument("--layout", choices=["hf", "meta", "gguf"], required=True, help="the on-disk format")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16",
+                   help="the weights' dtype (default: bfloat16)")
     p.add_argument("--shards", type=int, default=1, help="Meta layout: model-parallel shards")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random weights' seed (default: 0)")
     args = p.parse_args(argv)
     if args.out.exists():
         print(f"error: {args.out} exists; choose a new path (nothing was overwritten)", file=sys.stderr)
         return 2
-    c = SIZES[args.size]
+    c = TINY if args.size == "tiny" else SIZES[args.size]
     weights = random_arrays(c, args.seed)
     dtype = dtypes.to_dtype(args.dtype)
+    # each layout gets the real Llama 3 tokenizer, so that the checkpoint runs as it is
+    tokenizer_model = fetch("llama3-tokenizer")
     if args.layout == "hf":
         write_hf(args.out, c, weights, dtype)
+        (args.out / "original").mkdir()
+        shutil.copyfile(tokenizer_model, args.out / "original" / "tokenizer.model")  # where Meta's HF repos keep it
     elif args.layout == "meta":
-        write_meta(args.out, c, weights, dtype, args.shards)
-    else:  # the real Llama 3 vocabulary, so that llama.cpp and our CLI can run the file as it is
-        write_gguf(args.out, c, weights, Llama3Tokenizer(fetch("llama3-tokenizer")), dtype)
+        write_meta(args.out, c, weights, dtype, args.shards, ffn=(64, None) if args.size == "tiny" else None)
+        shutil.copyfile(tokenizer_model, args.out / "tokenizer.model")
+    else:
+        write_gguf(args.out, c, weights, Llama3Tokenizer(tokenizer_model), dtype)
     print(args.out)
     return 0
 

@@ -5,25 +5,26 @@ llama-tokenize):
 
 PATH is a checkpoint folder (Hugging Face or Meta), a .gguf file, or a Llama 3 tokenizer.model.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m tools.tokenize PATH TEXT", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(prog="python -m tools.tokenize", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", type=Path, help="a checkpoint folder, a .gguf file or a Llama 3 tokenizer.model")
+    p.add_argument("text", help="the text to tokenize (no BOS is added unless the tokenizer always adds one)")
+    args = p.parse_args(argv)
     from models.checkpoint import load_tokenizer
     from models.tokenizer import TokenizerError
     from tinytensor.state import CheckpointError
     try:
-        tokenizer = load_tokenizer(Path(argv[0]))
+        tokenizer = load_tokenizer(args.path)
     except (CheckpointError, TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(tokenizer.encode(argv[1])))
+    print(json.dumps(tokenizer.encode(args.text)))
     return 0
 
 

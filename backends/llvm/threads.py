@@ -23,7 +23,14 @@ MIN_PARALLEL_WORK = 1 << 15
 
 @lru_cache(maxsize=1)
 def count() -> int:
-    return int(os.environ.get("TT_THREADS") or physical_cores())
+    """TT_THREADS, else the physical cores."""
+    setting = os.environ.get("TT_THREADS", "").strip()
+    if not setting:
+        return physical_cores()
+    if not setting.isdigit() or int(setting) < 1:
+        raise ValueError(f"TT_THREADS={setting!r}: give a whole number of threads >= 1 (or unset it for "
+                         f"one per core, {physical_cores()} here)")
+    return int(setting)
 
 
 class _Worker:

@@ -27,10 +27,25 @@ class _Storage:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_unused):
+    """A view of the storage; every index it can reach is checked to lie inside the storage
+    first (as_strided would read any memory it is told to)."""
+    if not isinstance(storage, _Storage) or not _ints(offset, 1) or not _ints(size) or not _ints(stride) \
+            or len(size) != len(stride):
+        raise pickle.UnpicklingError(f"a tensor with offset {offset!r}, size {size!r}, stride {stride!r}")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if last >= storage.array.size:
+        raise pickle.UnpicklingError(f"a tensor of size {tuple(size)} reaches past its storage of "
+                                     f"{storage.array.size} values")
     item = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage.array[offset:], shape=tuple(size),
                                            strides=tuple(s * item for s in stride), writeable=False)
     return view, storage.dtype
+
+
+def _ints(values, count=None) -> bool:
+    """Non-negative ints: one (count=1) or a tuple of them."""
+    values = (values,) if count == 1 else values
+    return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -49,10 +64,15 @@ class _Unpickler(pickle.Unpickler):
                                      f"and dicts are allowed in a checkpoint")
 
     def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) != 5:
+            raise pickle.UnpicklingError(f"unsupported storage {pid!r}")
         kind, dtype, key, _location, numel = pid
-        if kind != "storage" or not isinstance(dtype, dtypes.DType):
-            raise pickle.UnpicklingError(f"{self.path}: unsupported storage {pid!r}")
-        info = self.archive.getinfo(f"{self.prefix}/data/{key}")
+        if kind != "storage" or not isinstance(dtype, dtypes.DType) or not isinstance(key, str) or not _ints(numel, 1):
+            raise pickle.UnpicklingError(f"unsupported storage {pid!r}")
+        try:
+            info = self.archive.getinfo(f"{self.prefix}/data/{key}")
+        except KeyError:
+            raise pickle.UnpicklingError(f"storage {key!r} is missing from the archive") from None
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(f"{self.path}: storage {key} is compressed; re-save it with torch.save")
         start = _data_offset(self.path, info)
@@ -86,11 +106,17 @@ def read(path: Path) -> dict[str, tuple[np.ndarray, dtypes.DType]]:
         if not pickles:
             raise CheckpointError(f"{path}: no data.pkl inside: not a PyTorch checkpoint")
         prefix = pickles[0][: -len("/data.pkl")]
-        with archive.open(pickles[0]) as f:
-            try:
+        try:
+            with archive.open(pickles[0]) as f:
                 state = _Unpickler(f, path, archive, prefix).load()
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(str(e)) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        except pickle.UnpicklingError as e:
+            message = str(e)
+            raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error,
+                zipfile.BadZipFile, RecursionError, MemoryError, OverflowError) as e:
+            # a damaged pickle fails in many ways inside the unpickler; none of them runs code
+            raise CheckpointError(f"{path}: its data.pkl is damaged ({type(e).__name__}: {e}); "
+                                  f"download it again") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, tuple) for k, v in state.items()):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     return dict(state)

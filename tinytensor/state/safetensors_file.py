@@ -25,23 +25,46 @@ def read(path: Path) -> dict[str, tuple[np.ndarray, dtypes.DType]]:
             if header_len > size - 8:
                 raise ValueError(f"header of {header_len} bytes does not fit in the file")
             header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    base, out = 8 + header_len, {}
+    base, out, spans = 8 + header_len, {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
-        dtype, (start, end) = DTYPES[info["dtype"]], info["data_offsets"]
+        dtype, shape, (start, end) = _entry(path, name, info)
         if base + end > size:
             raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {base + end} "
                                   f"but the file has {size}; download it again")
-        if end - start != math.prod(info["shape"]) * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape {info['shape']}")
-        out[name] = (data[base + start:base + end].view(dtype.storage).reshape(info["shape"]), dtype)
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape {shape}")
+        spans.append((start, end, name))
+        out[name] = (data[base + start:base + end].view(dtype.storage).reshape(shape), dtype)
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors {first} and {second} overlap: the file is damaged")
     return out
+
+
+def _entry(path: Path, name: str, info) -> tuple[dtypes.DType, list[int], tuple[int, int]]:
+    """A header entry's dtype, shape and byte range, each checked for its form."""
+    def bad(what):
+        return CheckpointError(f"{path}: tensor {name}: {what}; the file is damaged or not a safetensors file")
+    if not isinstance(info, dict):
+        raise bad("its header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which is not supported "
+                              f"({', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise bad(f"shape {shape!r} is not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(n) is int for n in offsets) \
+            or not 0 <= offsets[0] <= offsets[1]:
+        raise bad(f"data_offsets {offsets!r} is not [start, end]")
+    return DTYPES[dtype], shape, tuple(offsets)
 
 
 def write(path: Path, tensors: dict[str, tuple[np.ndarray, dtypes.DType]], metadata: dict | None = None):
