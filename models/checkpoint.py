@@ -140,21 +140,34 @@ def hf_tokenizer(folder: Path):
 
 
 def tokenizer_json(folder: Path) -> BPETokenizer:
-    spec = _read_json(folder / "tokenizer.json")
+    path = folder / "tokenizer.json"
+    spec = _read_json(path)
     settings = _tokenizer_settings(folder)
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{folder / 'tokenizer.json'}: model type {model.get('type')!r} is not supported (BPE only)")
-    vocab = dict(model["vocab"])
-    for added in spec.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise TokenizerError(f"{path}: model type {kind!r} is not supported (BPE only)")
+    vocab, added_tokens, merges = model.get("vocab"), spec.get("added_tokens") or [], model.get("merges") or []
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and i >= 0 for i in vocab.values()) or not vocab:
+        raise TokenizerError(f"{path}: model.vocab is not an object of token -> id")
+    if not isinstance(added_tokens, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("content"), str) and type(a.get("id")) is int and a["id"] >= 0
+            for a in added_tokens):
+        raise TokenizerError(f"{path}: added_tokens is not a list of {{content, id}}")
+    if not isinstance(merges, list) or not all(isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and
+                                                                      all(isinstance(s, str) for s in m))
+                                               for m in merges):
+        raise TokenizerError(f"{path}: model.merges is not a list of pairs")
+    vocab = {**vocab, **{a["content"]: a["id"] for a in added_tokens}}
+    if max(vocab.values()) >= 2 * len(vocab):  # ids are dense in every real vocabulary
+        raise TokenizerError(f"{path}: token id {max(vocab.values())} is far beyond the {len(vocab)} tokens")
     tokens = [""] * (max(vocab.values()) + 1)
     for text, i in vocab.items():
         tokens[i] = text
     types = [BPETokenizer.NORMAL] * len(tokens)
-    for added in spec.get("added_tokens", []):  # as llama.cpp's converter types them
+    for added in added_tokens:  # as llama.cpp's converter types them
         types[added["id"]] = BPETokenizer.CONTROL if added.get("special") else BPETokenizer.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
     ignore_merges = bool(model.get("ignore_merges"))
     pre = json.dumps(spec.get("pre_tokenizer"))
     if "\\\\p{N}{1,3}" in pre:  # Llama 3's split; llama.cpp names it by whether merges are skipped
@@ -165,26 +178,38 @@ def tokenizer_json(folder: Path) -> BPETokenizer:
     bos_id = ids.get(_token_text(settings.get("bos_token")))
     add_bos = settings.get("add_bos_token")
     if add_bos is None:  # not stated: whether the post-processor puts the BOS first, as Llama 3's does
-        single = (spec.get("post_processor") or {}).get("single") or [{}]
-        add_bos = bos_id is not None and single[0].get("SpecialToken", {}).get("id") == tokens[bos_id]
+        processor = spec.get("post_processor")
+        single = processor.get("single") if isinstance(processor, dict) else None
+        first = single[0] if isinstance(single, list) and single and isinstance(single[0], dict) else {}
+        special = first.get("SpecialToken")
+        add_bos = bos_id is not None and isinstance(special, dict) and special.get("id") == tokens[bos_id]
     return BPETokenizer(tokens, merges, types, pre_name, bos_id, ids.get(_token_text(settings.get("eos_token"))),
                         bool(add_bos), _chat_template(folder, settings), ignore_merges=ignore_merges)
 
 
 def _tokenizer_settings(folder: Path) -> dict:
     path = folder / "tokenizer_config.json"
-    return _read_json(path) if path.exists() else {}
+    settings = _read_json(path) if path.exists() else {}
+    if not isinstance(settings, dict):
+        raise TokenizerError(f"{path}: not a JSON object of settings")
+    return settings
 
 
 def _chat_template(folder: Path, settings: dict) -> str | None:
     """transformers >= 4.43 saves the template as chat_template.jinja; older folders keep it in
     tokenizer_config.json."""
     path = folder / "chat_template.jinja"
-    return path.read_text(encoding="utf-8") if path.exists() else settings.get("chat_template")
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
-def _token_text(token):
-    return token.get("content") if isinstance(token, dict) else token
+def _token_text(token) -> str | None:
+    text = token.get("content") if isinstance(token, dict) else token
+    return text if isinstance(text, str) else None
 
 
 # ---- Meta -----------------------------------------------------------------------------------
@@ -195,21 +220,27 @@ def _load_meta(folder: Path):
     if not shards:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
     tokenizer = meta_tokenizer(folder)
-    vocab = params.get("vocab_size", -1)
     states = [pth_file.read(p) for p in shards]
-    if vocab in (-1, None):
-        vocab = states[0]["tok_embeddings.weight"][0].shape[0] * (len(states) if len(states) > 1 else 1)
+    embedding = states[0].get("tok_embeddings.weight")  # params.json may say vocab_size -1
+    vocab = embedding[0].shape[0] if embedding is not None and embedding[0].ndim == 2 else None
     config = configs.from_meta(params, vocab_size=vocab)
     arrays = {}
     for name in states[0]:
         if name.endswith("rope.freqs"):
             continue
-        axis = META_SHARD_AXIS.get(name.split(".")[-2])
-        parts = [s[name] for s in states]
+        axis = META_SHARD_AXIS.get(name.split(".")[-2] if "." in name else name)
+        parts = [s.get(name) for s in states]
         if len(parts) == 1 or axis is None:
             arrays[name] = parts[0]
-        else:
+            continue
+        if any(p is None or p[0].ndim != parts[0][0].ndim or p[1] != parts[0][1] for p in parts) \
+                or parts[0][0].ndim <= axis:
+            raise CheckpointError(f"{folder}: the shards' {name} do not fit together: a shard is damaged or "
+                                  f"from another model")
+        try:
             arrays[name] = (np.concatenate([a for a, _ in parts], axis=axis), parts[0][1])
+        except ValueError:
+            raise CheckpointError(f"{folder}: the shards' {name} have shapes that do not fit together") from None
     if "output.weight" not in arrays:
         config = replace(config, tied_embeddings=True)
     elif config.tied_embeddings:  # a published tied size saved with an explicit head

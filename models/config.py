@@ -125,7 +125,8 @@ def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind != "llama3":
         raise ConfigError(f"rope scaling type {kind!r} is not supported (only 'llama3')")
-    return theta, RopeScaling(_required(scaling, "factor"), scaling.get("low_freq_factor", 1.0),
+    return theta, RopeScaling(_typed(scaling.get("factor"), "rope_scaling.factor", float),
+                              scaling.get("low_freq_factor", 1.0),
                               scaling.get("high_freq_factor", 4.0),
                               scaling.get("original_max_position_embeddings", 8192))
 
@@ -136,15 +137,15 @@ def _fields(d, what: str) -> dict:
     return d
 
 
-def _required(d: dict, key: str):
-    if key not in d:
-        raise ConfigError(f"the field {key!r} is missing")
-    return d[key]
+REQUIRED = object()
 
 
-def _typed(value, key: str, kind, default=None):
-    """value checked to be of kind (int: a whole number, float: any number), or default if None."""
+def _typed(value, key: str, kind, default=REQUIRED):
+    """value checked to be of kind (int: a whole number, float: any number); a missing (None)
+    value is the default, or an error where the field is required."""
     if value is None:
+        if default is REQUIRED:
+            raise ConfigError(f"the field {key!r} is missing")
         return default
     ok = type(value) is int if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
@@ -158,13 +159,13 @@ def from_hf(d: dict) -> LlamaConfig:
     if d.get("model_type", "llama") != "llama":
         raise ConfigError(f"model_type {d.get('model_type')!r} is not a Llama-architecture model")
     theta, scaling = _rope_from_hf(d)
-    n_heads = _typed(_required(d, "num_attention_heads"), "num_attention_heads", int)
+    n_heads = _typed(d.get("num_attention_heads"), "num_attention_heads", int)
     return LlamaConfig(
-        dim=_typed(_required(d, "hidden_size"), "hidden_size", int),
-        n_layers=_typed(_required(d, "num_hidden_layers"), "num_hidden_layers", int), n_heads=n_heads,
+        dim=_typed(d.get("hidden_size"), "hidden_size", int),
+        n_layers=_typed(d.get("num_hidden_layers"), "num_hidden_layers", int), n_heads=n_heads,
         n_kv_heads=_typed(d.get("num_key_value_heads"), "num_key_value_heads", int, n_heads),
-        vocab_size=_typed(_required(d, "vocab_size"), "vocab_size", int),
-        ffn_dim=_typed(_required(d, "intermediate_size"), "intermediate_size", int),
+        vocab_size=_typed(d.get("vocab_size"), "vocab_size", int),
+        ffn_dim=_typed(d.get("intermediate_size"), "intermediate_size", int),
         norm_eps=_typed(d.get("rms_norm_eps"), "rms_norm_eps", float, 1e-5),
         rope_theta=_typed(theta, "rope_theta", float), rope_scaling=scaling,
         tied_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -176,16 +177,19 @@ def from_meta(d: dict, vocab_size: int | None = None) -> LlamaConfig:
     """A Meta params.json. It does not say the rope factor or whether the head is tied, so those
     come from the published size with the same shape."""
     d = _fields(d, "params.json")
-    dim = _typed(_required(d, "dim"), "dim", int)
-    n_heads = _typed(_required(d, "n_heads"), "n_heads", int)
+    dim = _typed(d.get("dim"), "dim", int)
+    n_heads = _typed(d.get("n_heads"), "n_heads", int)
     multiple_of = _typed(d.get("multiple_of"), "multiple_of", int, 256)
     if multiple_of < 1:
         raise ConfigError(f"the field 'multiple_of' is {multiple_of}: it must be >= 1")
+    multiplier = _typed(d.get("ffn_dim_multiplier"), "ffn_dim_multiplier", float, None)
+    if multiplier is not None and not 0 < multiplier < math.inf:
+        raise ConfigError(f"the field 'ffn_dim_multiplier' is {multiplier}: it must be a positive number")
     base = LlamaConfig(
-        dim=dim, n_layers=_typed(_required(d, "n_layers"), "n_layers", int), n_heads=n_heads,
+        dim=dim, n_layers=_typed(d.get("n_layers"), "n_layers", int), n_heads=n_heads,
         n_kv_heads=_typed(d.get("n_kv_heads"), "n_kv_heads", int, n_heads),
-        vocab_size=_typed(d.get("vocab_size", vocab_size), "vocab_size", int),
-        ffn_dim=meta_ffn_dim(dim, multiple_of, _typed(d.get("ffn_dim_multiplier"), "ffn_dim_multiplier", float)),
+        vocab_size=_typed(vocab_size if d.get("vocab_size") in (None, -1) else d["vocab_size"], "vocab_size", int),
+        ffn_dim=meta_ffn_dim(dim, multiple_of, multiplier),
         norm_eps=_typed(d.get("norm_eps"), "norm_eps", float, 1e-5),
         rope_theta=_typed(d.get("rope_theta"), "rope_theta", float, 10000.0))
     known = SIZES.get(size_of(base))
@@ -204,8 +208,8 @@ def from_gguf(meta: dict, rope_freqs=None) -> LlamaConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ConfigError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    n_heads = _typed(_required(meta, "llama.attention.head_count"), "llama.attention.head_count", int)
-    dim = _typed(_required(meta, "llama.embedding_length"), "llama.embedding_length", int)
+    n_heads = _typed(meta.get("llama.attention.head_count"), "llama.attention.head_count", int)
+    dim = _typed(meta.get("llama.embedding_length"), "llama.embedding_length", int)
     head_dim = meta.get("llama.rope.dimension_count", dim // n_heads if n_heads else 0)
     kind = meta.get("llama.rope.scaling.type", "linear" if "llama.rope.scale_linear" in meta else "none")
     factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 1.0))
@@ -223,10 +227,10 @@ def from_gguf(meta: dict, rope_freqs=None) -> LlamaConfig:
     elif kind != "none":
         raise ConfigError(f"RoPE scaling {kind!r} is not supported (llama3 factors, linear or none)")
     return LlamaConfig(
-        dim=dim, n_layers=_required(meta, "llama.block_count"), n_heads=n_heads,
+        dim=dim, n_layers=_typed(meta.get("llama.block_count"), "llama.block_count", int), n_heads=n_heads,
         n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
         vocab_size=meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []),
-        ffn_dim=_required(meta, "llama.feed_forward_length"),
+        ffn_dim=_typed(meta.get("llama.feed_forward_length"), "llama.feed_forward_length", int),
         norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=meta.get("llama.rope.freq_base", 10000.0), rope_scaling=scaling, rope_freq_factors=factors,
         max_context=meta.get("llama.context_length", 8192), head_dim=head_dim,

@@ -39,10 +39,13 @@ class Llama3Tokenizer:
 
         path = Path(path)
         try:
-            ranks = {base64.b64decode(tok): int(rank) for tok, rank in
+            ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in
                      (line.split() for line in path.read_text().splitlines() if line)}
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{path}: not a Llama 3 tokenizer.model ({e})") from None
+        if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+            raise TokenizerError(f"{path}: not a Llama 3 tokenizer.model (its ranks are not 0..n-1 over at "
+                                 f"least the 256 bytes)")
         names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{2 + i}|>"
                                   for i in range(LLAMA3_N_SPECIAL - len(LLAMA3_SPECIAL))]
         self.ranks = ranks  # token bytes -> rank (= id)

@@ -31,7 +31,7 @@ def _rebuild_tensor(storage, offset, size, stride, *_unused):
     first (as_strided would read any memory it is told to)."""
     if not isinstance(storage, _Storage) or not _ints(offset, 1) or not _ints(size) or not _ints(stride) \
             or len(size) != len(stride):
-        raise pickle.UnpicklingError(f"a tensor with offset {offset!r}, size {size!r}, stride {stride!r}")
+        raise pickle.UnpicklingError("a tensor record that is not (storage, offset, sizes, strides)")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
     if last >= storage.array.size:
         raise pickle.UnpicklingError(f"a tensor of size {tuple(size)} reaches past its storage of "
@@ -65,10 +65,10 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or len(pid) != 5:
-            raise pickle.UnpicklingError(f"unsupported storage {pid!r}")
+            raise pickle.UnpicklingError("a storage record that is not (kind, type, key, location, size)")
         kind, dtype, key, _location, numel = pid
         if kind != "storage" or not isinstance(dtype, dtypes.DType) or not isinstance(key, str) or not _ints(numel, 1):
-            raise pickle.UnpicklingError(f"unsupported storage {pid!r}")
+            raise pickle.UnpicklingError("a storage record of an unsupported kind or type")
         try:
             info = self.archive.getinfo(f"{self.prefix}/data/{key}")
         except KeyError:

@@ -56,7 +56,7 @@ def _entry(path: Path, name: str, info) -> tuple[dtypes.DType, list[int], tuple[
     if not isinstance(info, dict):
         raise bad("its header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which is not supported "
                               f"({', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
