@@ -5,8 +5,11 @@ input (a missing or broken checkpoint, an unknown size, an option out of range, 
 than the context) is one line on stderr and exit status 2, never a traceback.
 """
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 
 from models.chat import chat_tokens, has_chat_format
@@ -61,6 +64,21 @@ def _text():
             raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
         return text
     return parse
+
+
+@contextlib.contextmanager
+def _interrupt_ends_reply(in_chat: bool):
+    """In a chat, Ctrl-C stops the reply at the next token (the conversation goes on); the
+    signal is only noted, so no kernel is cut off halfway. Elsewhere it ends the program."""
+    interrupted = threading.Event()
+    if not in_chat:
+        yield interrupted
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def parse_args(argv):
@@ -122,15 +140,14 @@ def run(args) -> None:
             nonlocal prefill_s
             prefill_s = time.perf_counter() - t0
         decoder, text, note = StreamDecoder(tok), [], ""
-        try:
+        with _interrupt_ends_reply(args.chat) as interrupted:
             for token in model.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done):
                 text.append(decoder.add(token))
                 sys.stdout.write(text[-1])
                 sys.stdout.flush()
-        except KeyboardInterrupt:
-            if not args.chat:
-                raise
-            note = " | stopped"
+                if interrupted.is_set():
+                    note = " | stopped"
+                    break
         sys.stdout.write(decoder.flush() + "\n")
         n = len(text)
         # generation ends early without a stop token only when the context is full

@@ -157,3 +157,24 @@ def test_make_checkpoint_output_runs_as_it_is(tmp_path):
 def test_help_exits_cleanly(tool):
     result = subprocess.run([sys.executable, "-m", tool, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+def test_ctrl_c_in_a_chat_stops_the_reply_not_the_chat(tmp_path):
+    import signal
+    import time
+    model = tmp_path / "tiny.gguf"
+    subprocess.run([sys.executable, "-m", "tools.make_checkpoint", "--size", "tiny", "--layout", "gguf", str(model)],
+                   check=True, capture_output=True, timeout=300)
+    chat = subprocess.Popen([sys.executable, "-m", "models.llama3", "--checkpoint", str(model), "--chat",
+                             "--max-tokens", "100000", "--context", "100000", "--temperature", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chat.stdin.write(b"hello\n")
+    chat.stdin.flush()
+    seen = b""
+    while len(seen) < 40:  # the prompt "> " and some of the reply
+        seen += chat.stdout.read1(64)
+    chat.send_signal(signal.SIGINT)
+    time.sleep(1)
+    out, err = chat.communicate(b"\n", timeout=300)  # an empty line ends the chat
+    assert chat.returncode == 0, err
+    assert b"stopped" in err and b"Traceback" not in err
