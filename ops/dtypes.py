@@ -83,13 +83,22 @@ def widen(x: np.ndarray, d: DType) -> np.ndarray:
     return x
 
 
+NARROW_CHUNK = 1 << 20
+
+
 def narrow(x: np.ndarray, d: DType) -> np.ndarray:
     """A computed array -> storage bits of dtype d (round to nearest even for bfloat16)."""
     if d is bfloat16:
-        bits = np.array(x, dtype=np.float32, order="C").view(np.uint32)  # keeps 0-d shapes
-        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        # NaN must stay NaN: rounding could carry it into infinity.
-        return np.where(np.isnan(x), (bits >> 16) | 0x40, rounded).astype(np.uint16)
+        # in chunks, so rounding a 1 GB tensor needs no whole-tensor temporaries
+        values = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        out = np.empty(np.shape(x), np.uint16)
+        for start in range(0, values.size, NARROW_CHUNK):
+            part = values[start:start + NARROW_CHUNK]
+            bits = part.view(np.uint32)
+            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+            # NaN must stay NaN: rounding could carry it into infinity.
+            out.reshape(-1)[start:start + NARROW_CHUNK] = np.where(np.isnan(part), (bits >> 16) | 0x40, rounded)
+        return out
     if x.dtype == d.storage:
         return x
     if d is bool_:

@@ -10,6 +10,7 @@ them into its format, including Hugging Face's permuted q/k rows and Meta's shar
 """
 import argparse
 import json
+import math
 import shutil
 import sys
 from dataclasses import replace
@@ -53,27 +54,25 @@ def hf_config(c: LlamaConfig, dtype: dtypes.DType) -> dict:
 def write_hf(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dtype=dtypes.bfloat16,
              shard_bytes: int = 5 << 30):
     """config.json + model.safetensors, or model-0000x-of-0000y.safetensors with an index
-    when the weights exceed shard_bytes, as transformers' save_pretrained does."""
+    when the weights exceed shard_bytes, as transformers' save_pretrained does. Each tensor is
+    read from `weights` and converted only as it is written."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, w in weights.items():
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            if rest == "attention.wq.weight":
-                w = permute_for_hf(w, c.n_heads)
-            elif rest == "attention.wk.weight":
-                w = permute_for_hf(w, c.n_kv_heads)
-            hf_name = f"model.layers.{i}.{HF_FROM_META[rest]}"
-        else:
-            hf_name = {v: k for k, v in checkpoint.HF_TOP.items()}[name]
-        tensors[hf_name] = (dtypes.narrow(w, dtype), dtype)
+    tensors = {}  # HF name -> (function making the stored array, shape, dtype)
+    for name in weights:
+        hf_name, heads = _hf_name(c, name)
+
+        def make(name=name, heads=heads):
+            w = weights[name]
+            return dtypes.narrow(permute_for_hf(w, heads) if heads else w, dtype)
+        tensors[hf_name] = (make, weights[name].shape, dtype)
     (folder / "config.json").write_text(json.dumps(hf_config(c, dtype), indent=2))
+    nbytes = {name: math.prod(shape) * dtype.itemsize for name, (_, shape, _) in tensors.items()}
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
-        if current and size + t[0].nbytes > shard_bytes:
+        if current and size + nbytes[name] > shard_bytes:
             shards.append(current)
             current, size = {}, 0
-        current[name], size = t, size + t[0].nbytes
+        current[name], size = t, size + nbytes[name]
     shards.append(current)
     if len(shards) == 1:
         safetensors_file.write(folder / "model.safetensors", shards[0], {"format": "pt"})
@@ -83,9 +82,17 @@ def write_hf(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dtype
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         safetensors_file.write(folder / fname, shard, {"format": "pt"})
         weight_map.update({name: fname for name in shard})
-    total = sum(t[0].nbytes for t in tensors.values())
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, indent=2))
+
+
+def _hf_name(c: LlamaConfig, name: str) -> tuple[str, int | None]:
+    """A Meta weight's HF name, and the head count to permute its rows by (q and k only)."""
+    if not name.startswith("layers."):
+        return {v: k for k, v in checkpoint.HF_TOP.items()}[name], None
+    _, i, rest = name.split(".", 2)
+    heads = {"attention.wq.weight": c.n_heads, "attention.wk.weight": c.n_kv_heads}.get(rest)
+    return f"model.layers.{i}.{HF_FROM_META[rest]}", heads
 
 
 def write_meta(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dtype=dtypes.bfloat16,

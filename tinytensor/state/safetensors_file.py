@@ -68,17 +68,24 @@ def _entry(path: Path, name: str, info) -> tuple[dtypes.DType, list[int], tuple[
 
 
 def write(path: Path, tensors: dict[str, tuple[np.ndarray, dtypes.DType]], metadata: dict | None = None):
-    """Write tensors (storage arrays with their dtype) in the safetensors layout."""
+    """Write tensors (storage arrays with their dtype) in the safetensors layout. A tensor may
+    also be (function making its array, shape, dtype): it is made only when its bytes are
+    written, so a writer holds one tensor at a time."""
+    def shape_of(entry):
+        return entry[1] if callable(entry[0]) else entry[0].shape
+
     header, offset = {}, 0
-    for name, (array, dtype) in tensors.items():
-        header[name] = {"dtype": NAMES[dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+    for name, entry in tensors.items():
+        nbytes = math.prod(shape_of(entry)) * entry[-1].itemsize
+        header[name] = {"dtype": NAMES[entry[-1]], "shape": list(shape_of(entry)),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     if metadata:
         header["__metadata__"] = metadata
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)  # align the data, as the reference writer does
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for array, _ in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
+        for entry in tensors.values():
+            array = entry[0]() if callable(entry[0]) else entry[0]
+            np.ascontiguousarray(array).tofile(f)
