@@ -183,7 +183,7 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from tools.fetch import FetchError
+    from models.assets import FetchError
     try:
         run(args)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does

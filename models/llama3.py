@@ -190,7 +190,7 @@ def load(path_or_size=None, random_init: bool = False, dtype=None, context: int 
     embedded default, SmolLM2-135M-Instruct. random_init builds a size's exact architecture with
     random weights and the Llama 3 tokenizer."""
     from models import checkpoint
-    from tools.fetch import fetch
+    from models.assets import fetch
 
     if path_or_size is None:
         path_or_size = fetch("smollm2-135m")

@@ -46,6 +46,9 @@ COMPARE = {
     "cmpne": np.not_equal,
 }
 
+# Every op computed value by value: what the fusion passes chain and a loop kernel runs.
+ELEMENTWISE = frozenset(UNARY) | frozenset(BINARY) | frozenset(COMPARE) | {"where", "cast"}
+
 
 def _check_same(name, srcs):
     shapes, types = [s.shape for s in srcs], [s.dtype for s in srcs]

@@ -7,6 +7,9 @@ import numpy as np
 from ops import dtypes
 from ops.registry import define, shape_str
 
+# The ops that only re-view their input's buffer (no copy).
+VIEWS = ("reshape", "permute", "expand", "shrink")
+
 
 def _reshape_infer(srcs, shape):
     (x,) = srcs

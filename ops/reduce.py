@@ -18,6 +18,9 @@ def _reduce_infer(name):
     return infer
 
 
+# The reductions a loop kernel folds (argmax, which keeps an index, runs its NumPy meaning).
+REDUCE = ("sum", "max", "min")
+
 define("sum", _reduce_infer("sum"), lambda xs, axes, shape, dtype: np.sum(xs[0], axis=axes, keepdims=True))
 define("max", _reduce_infer("max"), lambda xs, axes, shape, dtype: np.max(xs[0], axis=axes, keepdims=True))
 define("min", _reduce_infer("min"), lambda xs, axes, shape, dtype: np.min(xs[0], axis=axes, keepdims=True))

@@ -9,7 +9,7 @@ the others use pre-tokenizers the loader accepts by name.
 import pytest
 
 from models.checkpoint import load_tokenizer
-from tools.fetch import LLAMACPP_VOCABS, fetch
+from models.assets import LLAMACPP_VOCABS, fetch
 
 SEPARATOR = "\n__ggml_vocab_test__\n"
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from models import checkpoint
+from models.assets import fetch
 from models.config import META_FFN, SIZES, LlamaConfig, meta_ffn_dim, size_of
 from models.gguf_writer import write_gguf
 from models.tokenizer import Llama3Tokenizer
 from ops import dtypes
 from tinytensor.state import safetensors_file
-from tools.fetch import fetch
 
 HF_FROM_META = {meta: hf for hf, meta in checkpoint.HF_NAMES.items()}
 

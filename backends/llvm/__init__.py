@@ -19,12 +19,11 @@ from backends.numpy_backend import run_node as reference_node
 from backends.llvm import codegen, threads
 from backends.llvm.compiler import compile_function
 from ops import dtypes
-from ops.elementwise import BINARY, COMPARE, UNARY
+from ops.elementwise import ELEMENTWISE
 from ops.memory import write_in_place
+from ops.movement import VIEWS
+from ops.reduce import REDUCE
 
-ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where", "cast"}
-REDUCE = {"sum", "max", "min"}
-VIEWS = {"reshape", "permute", "expand", "shrink"}
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 _kernels: dict = {}
 

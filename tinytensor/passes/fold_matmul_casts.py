@@ -5,10 +5,9 @@ meaning is unchanged (the kernel widens each element in registers, which is all 
 import networkx as nx
 
 from ops import dtypes
+from ops.movement import VIEWS
 from tinytensor.node import Node
 from tinytensor.passes.patterns import remove_unread
-
-VIEWS = ("reshape", "permute", "expand", "shrink")
 
 
 def _half_source(node):

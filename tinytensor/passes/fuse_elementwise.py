@@ -8,10 +8,8 @@ in place into a `fused` (or `fused_reduce`) node whose arg is the program of its
 """
 import networkx as nx
 
-from ops.elementwise import BINARY, COMPARE, UNARY
-
-ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where", "cast"}
-REDUCE = ("sum", "max", "min")
+from ops.elementwise import ELEMENTWISE
+from ops.reduce import REDUCE
 
 
 def _joins(node, consumers, kernel_of, outputs) -> object:
