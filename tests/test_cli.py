@@ -152,7 +152,7 @@ def test_make_checkpoint_output_runs_as_it_is(tmp_path):
         assert result.returncode == 0 and "decode" in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("tool", ["tools.fetch", "tools.tokenize", "tools.make_checkpoint", "tools.bench",
+@pytest.mark.parametrize("tool", ["tools.fetch", "tools.tokenize", "tools.make_checkpoint", "tools.bench", "tools.perplexity",
                                   "models.llama3"])
 def test_help_exits_cleanly(tool):
     result = subprocess.run([sys.executable, "-m", tool, "--help"], capture_output=True, text=True, timeout=120)
