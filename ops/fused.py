@@ -3,10 +3,34 @@ where operands index the op's inputs first, then earlier instructions' results. 
 running the instructions one by one with their own meanings, so a fused graph computes exactly
 what the unfused one did.
 
-- fused:        arg (input dtypes, program): the last instruction's value, one elementwise kernel
-- fused_reduce: arg (reduce op, axes, input dtypes, program): the program's value, reduced
+- fused:        arg Fused(in_types, program): the last instruction's value, one elementwise kernel
+- fused_reduce: arg FusedReduce(reduce, axes, in_types, program): the program's value, reduced
+
+The arguments are NamedTuples: immutable and hashable (kernels are cached by them), read by name.
 """
+from typing import NamedTuple
+
+from ops import dtypes
 from ops.registry import OPS, define, run_reference
+
+
+class Instruction(NamedTuple):
+    op: str
+    arg: object
+    operands: tuple[int, ...]  # indices into the inputs, then earlier instructions' results
+    dtype: dtypes.DType
+
+
+class Fused(NamedTuple):
+    in_types: tuple[dtypes.DType, ...]
+    program: tuple[Instruction, ...]
+
+
+class FusedReduce(NamedTuple):
+    reduce: str                 # "sum", "max" or "min"
+    axes: tuple[int, ...]
+    in_types: tuple[dtypes.DType, ...]
+    program: tuple[Instruction, ...]
 
 
 def run_program(program, arrays, in_types, shape):
@@ -25,15 +49,13 @@ def _program_shape(srcs, program):
     return shapes.pop()
 
 
-def _fused_infer(srcs, arg):
-    in_types, program = arg
-    return _program_shape(srcs, program), program[-1][3]
+def _fused_infer(srcs, arg: Fused):
+    return _program_shape(srcs, arg.program), arg.program[-1].dtype
 
 
-def _fused_reduce_infer(srcs, arg):
-    reduce, axes, in_types, program = arg
-    shape = _program_shape(srcs, program)
-    return OPS[reduce].infer([_Like(shape, program[-1][3])], axes)
+def _fused_reduce_infer(srcs, arg: FusedReduce):
+    shape = _program_shape(srcs, arg.program)
+    return OPS[arg.reduce].infer([_Like(shape, arg.program[-1].dtype)], arg.axes)
 
 
 class _Like:
@@ -41,15 +63,13 @@ class _Like:
         self.shape, self.dtype = shape, dtype
 
 
-def _fused_reference(xs, arg, shape, dtype):
-    in_types, program = arg
-    return run_program(program, xs, in_types, shape)
+def _fused_reference(xs, arg: Fused, shape, dtype):
+    return run_program(arg.program, xs, arg.in_types, shape)
 
 
-def _fused_reduce_reference(xs, arg, shape, dtype):
-    reduce, axes, in_types, program = arg
-    value = run_program(program, xs, in_types, xs[0].shape)
-    return run_reference(reduce, [value], [program[-1][3]], axes, shape, dtype)
+def _fused_reduce_reference(xs, arg: FusedReduce, shape, dtype):
+    value = run_program(arg.program, xs, arg.in_types, xs[0].shape)
+    return run_reference(arg.reduce, [value], [arg.program[-1].dtype], arg.axes, shape, dtype)
 
 
 define("fused", _fused_infer, _fused_reference, computes=False)

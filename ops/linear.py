@@ -2,7 +2,7 @@
 
 fused_linear: y = epilogue(norm(a) @ w1.T, ..., norm(a) @ wj.T, e1, ..., er)
     srcs (a [m, k], [g [k]], w1 [n, k] ... wj [n, k], e1 [m, n] ... er [m, n]);
-    arg (eps, j, the srcs' dtypes, program). eps None: no norm; otherwise norm(a) is Llama's RMSNorm,
+    arg Linear(eps, n_weights, src_types, program). eps None: no norm; otherwise norm(a) is Llama's RMSNorm,
     a * rsqrt(mean(a^2) + eps) * g, computed in float32 as nn.rms_norm computes it. The weights
     keep their stored dtype (a kernel widens them in registers). The program (see ops.fused) reads
     the j products (float32) then the extras; an empty program means the first product, and
@@ -14,11 +14,25 @@ attention: softmax(q @ k^T * scale + mask) @ v over the last two axes
     None, "bool" (True = attend) or "add"). The batch axes match (grouped-query heads are an
     expanded view of k and v). A row that sees no key gives NaN, as the unfused softmax does.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from ops import dtypes
-from ops.fused import run_program
+from ops.fused import Instruction, run_program
 from ops.registry import define, shape_str
+
+
+class Linear(NamedTuple):
+    eps: float | None                   # the RMSNorm's epsilon; None: no norm
+    n_weights: int                      # j products
+    src_types: tuple[dtypes.DType, ...]
+    program: tuple[Instruction, ...] | str  # the epilogue; () the first product; "concat" side by side
+
+
+class Attention(NamedTuple):
+    scale: float
+    mask: str | None                    # None, "bool" (True = attend) or "add"
 
 F32 = np.float32
 
@@ -30,15 +44,15 @@ def rms_normalize(a: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
     return (a * scale).astype(F32) * g
 
 
-def _linear_parts(srcs, arg):
-    eps, j, _, _ = arg
-    first = 2 if eps is not None else 1
-    return srcs[0], (srcs[1] if eps is not None else None), srcs[first:first + j], srcs[first + j:]
+def _linear_parts(srcs, arg: Linear):
+    """(input, norm weight or None, weights, extras) of srcs laid out as fused_linear's."""
+    first, j = (2 if arg.eps is not None else 1), arg.n_weights
+    return srcs[0], (srcs[1] if arg.eps is not None else None), srcs[first:first + j], srcs[first + j:]
 
 
 def _linear_infer(srcs, arg):
     a, g, weights, extras = _linear_parts(srcs, arg)
-    program = arg[3]
+    program = arg.program
     m, k = a.shape
     concat = program == "concat"
     for w in weights:
@@ -49,14 +63,14 @@ def _linear_infer(srcs, arg):
         raise ValueError(f"fused_linear: norm weight {g.shape} does not fit input {a.shape}")
     if any(e.shape != shape for e in extras):
         raise ValueError(f"fused_linear: extra inputs {[e.shape for e in extras]} must have shape {shape}")
-    return shape, program[-1][3] if program and not concat else dtypes.float32
+    return shape, program[-1].dtype if program and not concat else dtypes.float32
 
 
-def _linear_reference(xs, arg, shape, dtype):
-    eps, j, src_types, program = arg
+def _linear_reference(xs, arg: Linear, shape, dtype):
+    j, src_types, program = arg.n_weights, arg.src_types, arg.program
     wide = [dtypes.widen(x, t) for x, t in zip(xs, src_types)]
     a, g, weights, _ = _linear_parts(wide, arg)
-    a = rms_normalize(a, g, eps) if g is not None else a
+    a = rms_normalize(a, g, arg.eps) if g is not None else a
     products = [np.matmul(a, w.T) for w in weights]
     if program == "concat":
         return np.concatenate(products, axis=-1)
@@ -77,8 +91,8 @@ def _attention_infer(srcs, arg):
     return (*batch, length, v.shape[-1]), dtypes.float32
 
 
-def _attention_reference(xs, arg, shape, dtype):
-    scale, mask_kind = arg
+def _attention_reference(xs, arg: Attention, shape, dtype):
+    scale, mask_kind = arg.scale, arg.mask
     q, k, v = (x.astype(F32, copy=False) for x in xs[:3])
     with np.errstate(all="ignore"):  # inf and nan are values here, as in ops.registry.run_reference
         scores = np.matmul(q, np.swapaxes(k, -1, -2)) * F32(scale)

@@ -24,9 +24,9 @@ def count(executed, op) -> int:
     total = 0
     for kind, arg in executed:
         if kind == "fused":
-            total += sum(i[0] == op for i in arg[1])
+            total += sum(i.op == op for i in arg.program)
         elif kind == "fused_reduce":
-            total += sum(i[0] == op for i in arg[3]) + (arg[0] == op)
+            total += sum(i.op == op for i in arg.program) + (arg.reduce == op)
         else:
             total += kind == op
     return total

@@ -109,9 +109,9 @@ def describe(schedule: Schedule) -> str:
     for i, n in enumerate(schedule.nodes):
         srcs = ", ".join(f"%{index[s]}" if s in index else f"buf{tuple(s.shape)}" for s in n.srcs)
         if n.op == "fused":
-            arg = " [" + " ".join(i[0] for i in n.arg[1]) + "]"
+            arg = " [" + " ".join(i.op for i in n.arg.program) + "]"
         elif n.op == "fused_reduce":
-            arg = f" {n.arg[0]}{n.arg[1]} of [" + " ".join(i[0] for i in n.arg[3]) + "]"
+            arg = f" {n.arg.reduce}{n.arg.axes} of [" + " ".join(i.op for i in n.arg.program) + "]"
         else:
             arg = "" if n.arg is None else f" {n.arg}"
         mark = " (in place)" if n in schedule.in_place else ""

@@ -20,6 +20,7 @@ from backends.llvm import codegen, threads
 from backends.llvm.compiler import compile_function
 from ops import dtypes
 from ops.elementwise import ELEMENTWISE
+from ops.fused import Instruction
 from ops.memory import write_in_place
 from ops.movement import VIEWS
 from ops.reduce import REDUCE
@@ -166,7 +167,7 @@ def linear(plan, node, arrays, out):
     """fused_linear (ops.linear): the RMSNorm of the input rows first, into a scratch buffer of
     m x k floats (two native loops: sum of squares, then scale), then the product over every
     weight with the epilogue applied as C is stored, all threads entering once."""
-    eps, j, src_types, program = node.arg
+    eps, j, src_types, program = node.arg.eps, node.arg.n_weights, node.arg.src_types, node.arg.program
     first = 1 if eps is None else 2
     a, weights, extras = arrays[0], arrays[first:first + j], arrays[first + j:]
     w_types, e_types = src_types[first:first + j], src_types[first + j:]
@@ -250,7 +251,7 @@ def attention(plan, node, arrays, out):
     """The attention op (ops.linear) with codegen.attention_kernel: query rows that read the
     same k and v (grouped-query heads, positions) are gathered into one table, in tiles that
     share every k and v row loaded; the groups are dealt to the threads."""
-    scale, kind = node.arg
+    scale, kind = node.arg.scale, node.arg.mask
     q, k, v = (x if x.strides[-1] == x.itemsize else plan.contiguous(x) for x in arrays[:3])
     mask = arrays[3] if kind else None
     nb = q.ndim - 2
@@ -313,15 +314,15 @@ def plan_node(plan, node, arrays, out):
     """Add the calls that compute `node` from `arrays` into `out`."""
     in_types = [s.dtype for s in node.srcs]
     if node.op == "fused":
-        elementwise(plan, node.arg[1], arrays, in_types, out, node.dtype)
+        elementwise(plan, node.arg.program, arrays, in_types, out, node.dtype)
     elif node.op == "fused_reduce":
-        reduce, axes, _, program = node.arg
+        reduce, axes, program = node.arg.reduce, node.arg.axes, node.arg.program
         reduction(plan, reduce, program, arrays, in_types, axes, out, node.dtype)
     elif node.op in ELEMENTWISE:
-        program = ((node.op, node.arg, tuple(range(len(arrays))), node.dtype),)
+        program = (Instruction(node.op, node.arg, tuple(range(len(arrays))), node.dtype),)
         elementwise(plan, program, arrays, in_types, out, node.dtype)
     elif node.op in REDUCE:
-        program = (("cast", node.dtype, (0,), node.dtype),)  # the identity: read the input as is
+        program = (Instruction("cast", node.dtype, (0,), node.dtype),)  # the identity: read the input as is
         reduction(plan, node.op, program, arrays, in_types, node.arg, out, node.dtype)
     elif node.op == "fused_linear":
         linear(plan, node, arrays, out)

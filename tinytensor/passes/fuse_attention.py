@@ -12,6 +12,7 @@ import math
 import networkx as nx
 
 from ops import dtypes
+from ops.linear import Attention
 from tinytensor.node import Node
 from tinytensor.passes.patterns import const_value, rewrite, under
 
@@ -76,7 +77,7 @@ def _match(g, out, outputs):
     if any(s in absorbed for s in srcs) or any(n in outputs or n.realized or not set(g.successors(n)) <= inside
                                                for n in absorbed):
         return None
-    return srcs, (scale, kind), list(absorbed)
+    return srcs, Attention(scale, kind), list(absorbed)
 
 
 def fuse_attention(g: nx.DiGraph, outputs) -> None:

@@ -9,6 +9,7 @@ in place into a `fused` (or `fused_reduce`) node whose arg is the program of its
 import networkx as nx
 
 from ops.elementwise import ELEMENTWISE
+from ops.fused import Fused, FusedReduce, Instruction
 from ops.reduce import REDUCE
 
 
@@ -54,17 +55,17 @@ def _rewrite(g, root, members):
             if src in index:
                 operands.append(index[src])
             elif _inlinable(src, root):
-                program.append(("const", src.arg, (), src.dtype))
+                program.append(Instruction("const", src.arg, (), src.dtype))
                 index[src] = -len(program)  # patched below, once the input count is known
                 operands.append(index[src])
             else:
                 index[src] = len(inputs)
                 inputs.append(src)
                 operands.append(index[src])
-        program.append((node.op, node.arg, tuple(operands), node.dtype))
+        program.append(Instruction(node.op, node.arg, tuple(operands), node.dtype))
         index[node] = -len(program)
     n_in = len(inputs)
-    program = tuple((op, arg, tuple(o if o >= 0 else n_in + (-o - 1) for o in operands), dt)
+    program = tuple(Instruction(op, arg, tuple(o if o >= 0 else n_in + (-o - 1) for o in operands), dt)
                     for op, arg, operands, dt in program)
     if not inputs:
         return  # constants only: nothing worth a kernel
@@ -73,10 +74,10 @@ def _rewrite(g, root, members):
         source = root.srcs[0]
         if source not in index:  # the reduction reads a view or a buffer directly
             return
-        arg = (root.op, root.arg, in_types, program)
+        arg = FusedReduce(root.op, root.arg, in_types, program)
         op = "fused_reduce"
     else:
-        op, arg = "fused", (in_types, program)
+        op, arg = "fused", Fused(in_types, program)
     for src in list(g.predecessors(root)):
         g.remove_edge(src, root)
     g.remove_nodes_from([n for n in members if n is not root])

@@ -13,6 +13,8 @@ A node is absorbed only when the fused kernel is its one reader and nobody asked
 import networkx as nx
 
 from ops import dtypes
+from ops.fused import Instruction
+from ops.linear import Linear
 from tinytensor.node import Node
 from tinytensor.passes.patterns import const_value, only_for, rewrite, under
 
@@ -101,11 +103,11 @@ def fuse_linear(g: nx.DiGraph, outputs) -> None:
         srcs += weights + extras
         j = len(weights)
         where = {"acc": 0, "extra": j, "ins": j + len(extras)}
-        resolved = tuple((op, arg, tuple(where[kind] + i for kind, i in operands), dt)
+        resolved = tuple(Instruction(op, arg, tuple(where[kind] + i for kind, i in operands), dt)
                          for op, arg, operands, dt in program)
         if not norm and not resolved:
             continue  # a plain product: the matmul kernel is the same kernel
-        arg = (eps, j, tuple(s.dtype for s in srcs), resolved)
+        arg = Linear(eps, j, tuple(s.dtype for s in srcs), resolved)
         rewrite(g, root, "fused_linear", srcs, arg, [n for n in absorbed if n is not root], outputs)
     merge_side_by_side(g, outputs)
 
@@ -115,15 +117,15 @@ def merge_side_by_side(g: nx.DiGraph, outputs) -> None:
     output is their outputs side by side, and each becomes a view of its columns."""
     groups: dict = {}
     for node in nx.topological_sort(g):
-        if node.op == "fused_linear" and node.arg[1] == 1 and node.arg[3] == ():
-            eps = node.arg[0]
+        if node.op == "fused_linear" and node.arg.n_weights == 1 and node.arg.program == ():
+            eps = node.arg.eps
             groups.setdefault((eps, node.srcs[:1 if eps is None else 2]), []).append(node)
     for (eps, head), nodes in groups.items():
         if len(nodes) < 2:
             continue
         weights = [n.srcs[-1] for n in nodes]
         merged = Node("fused_linear", head + tuple(weights),
-                      (eps, len(weights), tuple(s.dtype for s in head + tuple(weights)), "concat"))
+                      Linear(eps, len(weights), tuple(s.dtype for s in head + tuple(weights)), "concat"))
         g.add_edges_from((s, merged) for s in merged.srcs)
         start, rows = 0, nodes[0].shape[0]
         for node in nodes:
