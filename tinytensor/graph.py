@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from tinytensor.node import Node
+from tinytensor.node import Node, add_node, set_node
 from tinytensor.passes import run_passes
 
 
@@ -34,9 +34,8 @@ def build_graph(outputs) -> nx.DiGraph:
             continue
         seen.add(node)
         g.add_node(node)
-        for src in node.srcs:
-            g.add_edge(src, node)
-            stack.append(src)
+        add_node(g, node)
+        stack.extend(node.srcs)
     return g
 
 
@@ -52,10 +51,7 @@ def share_common_subexpressions(g: nx.DiGraph) -> dict[Node, Node]:
     canonical, by_key = {}, {}
     for node in list(nx.topological_sort(g)):
         if any(canonical[s] is not s for s in node.srcs):
-            for src in node.srcs:
-                g.remove_edge(src, node)
-            node.srcs = tuple(canonical[s] for s in node.srcs)
-            g.add_edges_from((src, node) for src in node.srcs)
+            set_node(g, node, node.op, (canonical[s] for s in node.srcs), node.arg)
         canonical[node] = by_key.setdefault(_key(node), node)
     return canonical
 
@@ -82,7 +78,7 @@ def plan_writes(g: nx.DiGraph) -> set[Node]:
         readers = [r for r in g.successors(target) if r is not node]
         if any(nx.has_path(g, node, r) for r in readers):
             continue  # something reads both the old and the new value: write into a copy
-        g.add_edges_from((r, node) for r in readers)
+        g.add_edges_from((r, node) for r in readers)  # order only (not a source): the one edge not from srcs
         in_place.add(node)
     return in_place
 

@@ -32,3 +32,25 @@ class Node:
 
     def __repr__(self):
         return f"Node({self.op}, {self.shape}, {self.dtype.name})"
+
+
+# A graph (networkx DiGraph) has an edge src -> node for each distinct source in node.srcs.
+# These two functions are the only way the passes change that, so the two never disagree.
+
+def add_node(g, node: Node) -> Node:
+    """Put a new node into the graph, read from its sources."""
+    g.add_edges_from((src, node) for src in node.srcs)
+    return node
+
+
+def set_node(g, node: Node, op: str, srcs, arg) -> list[Node]:
+    """Make node compute op(srcs, arg) in place, so that whoever reads it or asked for it still
+    gets it, and move its edges along. Returns the sources it no longer reads."""
+    srcs = tuple(srcs)
+    dropped = [src for src in dict.fromkeys(node.srcs) if src not in srcs]
+    for src in dict.fromkeys(node.srcs):
+        if g.has_edge(src, node):
+            g.remove_edge(src, node)
+    node.op, node.srcs, node.arg = op, srcs, arg
+    add_node(g, node)
+    return dropped

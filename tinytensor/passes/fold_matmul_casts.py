@@ -6,7 +6,7 @@ import networkx as nx
 
 from ops import dtypes
 from ops.movement import VIEWS
-from tinytensor.node import Node
+from tinytensor.node import Node, add_node, set_node
 from tinytensor.passes.patterns import remove_unread
 
 
@@ -32,14 +32,8 @@ def fold_matmul_casts(g: nx.DiGraph, outputs) -> None:
             cast, views = found
             node = cast.srcs[0]
             for view in reversed(views):
-                node = Node(view.op, (node,), view.arg)
-                g.add_edge(node.srcs[0], node)
+                node = add_node(g, Node(view.op, (node,), view.arg))
             srcs[i] = node
         if srcs != list(mm.srcs):
-            for old in mm.srcs:
-                if g.has_edge(old, mm):
-                    g.remove_edge(old, mm)
-                    detached.append(old)
-            mm.srcs, mm.arg = tuple(srcs), dtypes.float32
-            g.add_edges_from((s, mm) for s in mm.srcs)
+            detached += set_node(g, mm, "matmul", srcs, dtypes.float32)
     remove_unread(g, detached, set(outputs))  # the casts and views nothing reads any more

@@ -13,7 +13,7 @@ import networkx as nx
 
 from ops import dtypes
 from ops.linear import Attention
-from tinytensor.node import Node
+from tinytensor.node import Node, add_node
 from tinytensor.passes.patterns import const_value, rewrite, under
 
 
@@ -88,6 +88,5 @@ def fuse_attention(g: nx.DiGraph, outputs) -> None:
             continue
         srcs, arg, absorbed = found
         rank = len(srcs[1].shape)  # the kernel reads k itself: a view swapping k^T's last two axes
-        srcs[1] = Node("permute", (srcs[1],), tuple(range(rank - 2)) + (rank - 1, rank - 2))
-        g.add_edge(srcs[1].srcs[0], srcs[1])
+        srcs[1] = add_node(g, Node("permute", (srcs[1],), tuple(range(rank - 2)) + (rank - 1, rank - 2)))
         rewrite(g, out, "attention", srcs, arg, absorbed, outputs)

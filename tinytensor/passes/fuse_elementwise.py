@@ -11,6 +11,7 @@ import networkx as nx
 from ops.elementwise import ELEMENTWISE
 from ops.fused import Fused, FusedReduce, Instruction
 from ops.reduce import REDUCE
+from tinytensor.node import set_node
 
 
 def _joins(node, consumers, kernel_of, outputs) -> object:
@@ -78,9 +79,6 @@ def _rewrite(g, root, members):
         op = "fused_reduce"
     else:
         op, arg = "fused", Fused(in_types, program)
-    for src in list(g.predecessors(root)):
-        g.remove_edge(src, root)
     g.remove_nodes_from([n for n in members if n is not root])
-    root.op, root.srcs, root.arg = op, tuple(inputs), arg
-    g.add_edges_from((s, root) for s in inputs)
+    set_node(g, root, op, inputs, arg)
     g.remove_nodes_from([c for c in index if c in g and c.op == "const" and g.out_degree(c) == 0])

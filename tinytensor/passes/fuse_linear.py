@@ -15,7 +15,7 @@ import networkx as nx
 from ops import dtypes
 from ops.fused import Instruction
 from ops.linear import Linear
-from tinytensor.node import Node
+from tinytensor.node import Node, add_node, set_node
 from tinytensor.passes.patterns import const_value, only_for, rewrite, under
 
 F32 = dtypes.float32
@@ -126,12 +126,9 @@ def merge_side_by_side(g: nx.DiGraph, outputs) -> None:
         weights = [n.srcs[-1] for n in nodes]
         merged = Node("fused_linear", head + tuple(weights),
                       Linear(eps, len(weights), tuple(s.dtype for s in head + tuple(weights)), "concat"))
-        g.add_edges_from((s, merged) for s in merged.srcs)
+        add_node(g, merged)
         start, rows = 0, nodes[0].shape[0]
         for node in nodes:
-            for src in list(g.predecessors(node)):
-                g.remove_edge(src, node)
             width = node.shape[1]
-            node.op, node.srcs, node.arg = "shrink", (merged,), ((0, rows, 1), (start, start + width, 1))
-            g.add_edge(merged, node)
+            set_node(g, node, "shrink", (merged,), ((0, rows, 1), (start, start + width, 1)))
             start += width

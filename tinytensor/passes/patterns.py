@@ -1,5 +1,6 @@
 """What the pattern-matching passes share: looking through broadcasts, reading constants, and
 rewriting a matched group of nodes into one."""
+from tinytensor.node import set_node
 
 
 def under(node, ops=("expand",)):
@@ -24,11 +25,8 @@ def rewrite(g, root, op, srcs, arg, absorbed, outputs):
     """Make root compute op(srcs, arg) in place (so whoever reads or asked for root still gets
     it), drop the absorbed nodes, then whatever nothing reads any more."""
     detached = list(root.srcs) + [s for n in absorbed for s in n.srcs]
-    for src in list(g.predecessors(root)):
-        g.remove_edge(src, root)
     g.remove_nodes_from(absorbed)
-    root.op, root.srcs, root.arg = op, tuple(srcs), arg
-    g.add_edges_from((s, root) for s in root.srcs)
+    set_node(g, root, op, srcs, arg)
     remove_unread(g, detached, outputs)
 
 
