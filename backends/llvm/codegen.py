@@ -12,6 +12,7 @@ the loop vectoriser sees a unit-stride or broadcast stream.
 """
 import struct
 
+from backends.llvm import signatures
 from ops import dtypes
 
 STORAGE = {"float32": "float", "float16": "half", "bfloat16": "i16", "int8": "i8", "int32": "i32",
@@ -233,8 +234,7 @@ def _loop_kernel(name, program, in_types, out_type, rank, inner_strides, reduce)
     n_ops = len(in_types) + 1
     e = Emitter()
     types = [out_type, *in_types]
-    args = ", ".join([f"ptr noalias %p{j}" for j in range(n_ops)])
-    e.raw(f"define void @{name}(i64 %start, i64 %end, ptr %dims, ptr %strides, {args}) {{")
+    e.raw(signatures.loop(n_ops).header(name))
     e.raw("entry:")
     dims = [e.op(f"load i64, ptr {e.op(f'getelementptr i64, ptr %dims, i64 {d}')}") for d in range(rank)]
     stride = {}
@@ -330,10 +330,7 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     With bfloat16 weights A's rows must be pair-major (see pair_major)."""
     e = Emitter()
     j = len(w_types)
-    weights = "".join(f"ptr noalias %W{i}, i64 %ldw{i}, " for i in range(j))
-    extras = "".join(f", ptr noalias %E{i}, i64 %lde{i}" for i in range(len(extra_types)))
-    e.raw(f"define void @{name}(i64 %n0, i64 %n1, i64 %M, i64 %K, ptr noalias %A, i64 %lda, "
-          f"{weights}ptr noalias %C, i64 %ldc{extras}) {{")
+    e.raw(signatures.matmul_nt(j, len(extra_types)).header(name))
     e.raw("entry:\n  %none = icmp sge i64 %n0, %n1\n  br i1 %none, label %exit, label %n.loop")
     e.raw("n.loop:\n  %n = phi i64 [%n0, %entry], [%n.next, %m.done]")
     e.raw("  br label %m.loop")
@@ -437,8 +434,7 @@ def matmul_nn_kernel(name: str, a_type, b_type) -> str:
 
     void name(i64 m0, i64 m1, i64 N, i64 K, ptr A, i64 lda, ptr B, i64 ldb, ptr C, i64 ldc)"""
     e = Emitter()
-    e.raw(f"define void @{name}(i64 %m0, i64 %m1, i64 %N, i64 %K, ptr noalias %A, i64 %lda, "
-          f"ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) {{")
+    e.raw(signatures.MATMUL_NN.header(name))
     e.raw("entry:\n  %none = icmp sge i64 %m0, %m1\n  %empty = icmp sle i64 %N, 0\n  %skip = or i1 %none, %empty")
     e.raw("  br i1 %skip, label %exit, label %m.loop")
     e.raw("m.loop:\n  %m = phi i64 [%m0, %entry], [%m.next, %k.done]")
@@ -485,8 +481,7 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
     its q row, out row and mask row (mask elements mstride apart along the keys)."""
     R, KB = rows, ATTENTION_BLOCK
     e = Emitter()
-    e.raw(f"define void @{name}(i64 %r0, i64 %r1, ptr noalias %table, ptr noalias %K, i64 %ldk, ptr noalias %V, "
-          "i64 %ldv, i64 %S, i64 %D, i64 %DV, i64 %mstride) {")
+    e.raw(signatures.ATTENTION.header(name))
     e.raw("entry:")
     e.raw(f"  %accn = mul i64 %DV, {R}\n  %acc = alloca float, i64 %accn")
     e.raw(f"  %sc = alloca float, i64 {R * KB}\n  %mx = alloca float, i64 {R}\n  %sm = alloca float, i64 {R}")

@@ -1,0 +1,319 @@
+"""Lowering: each node the LLVM backend runs natively becomes *calls*, compiled kernels bound
+to their pointers and ranges, one per thread, collected in a Plan. Movement ops stay NumPy views
+(no copies); a node without a native kernel yet (gather, cat, pad, argmax, random numbers...) is
+not lowered here and runs its NumPy reference (see backend.py).
+"""
+from functools import partial
+
+import numpy as np
+
+import ops
+from backends.numpy_backend import run_node as reference_node
+from backends.llvm import codegen, signatures, threads
+from backends.llvm.compiler import compile_function
+from ops import dtypes
+from ops.elementwise import ELEMENTWISE
+from ops.fused import Instruction
+from ops.reduce import REDUCE
+
+_kernels: dict = {}
+
+
+def _kernel(key, make_ir, signature: signatures.Signature):
+    """The compiled function for a kernel structure, built on first use."""
+    if key not in _kernels:
+        name = f"k{len(_kernels)}"
+        _kernels[key] = compile_function(make_ir(name), name, signature.argtypes)
+    return _kernels[key]
+
+
+def _strides(a: np.ndarray) -> list[int]:
+    return [s // a.itemsize for s in a.strides]
+
+
+def collapse(shape, operand_strides):
+    """Merge neighbouring axes that every operand walks as one, and drop size-1 axes, so a
+    contiguous tensor of any rank becomes one flat loop."""
+    axes = [i for i, n in enumerate(shape) if n != 1] or [None]
+    dims = [shape[i] if i is not None else 1 for i in axes]
+    strides = [[s[i] if i is not None else 0 for i in axes] for s in operand_strides]
+    out_dims, out_strides = [dims[0]], [[s[0]] for s in strides]
+    for d in range(1, len(dims)):
+        if all(o[-1] == s[d] * dims[d] for o, s in zip(out_strides, strides)):
+            out_dims[-1] *= dims[d]
+            for o, s in zip(out_strides, strides):
+                o[-1] = s[d]
+        else:
+            out_dims.append(dims[d])
+            for o, s in zip(out_strides, strides):
+                o.append(s[d])
+    return out_dims, out_strides
+
+
+class Plan:
+    """The calls that compute one node, plus the copies they need first and the small arrays
+    (dims, strides) their pointers refer to, kept alive as long as the calls."""
+
+    def __init__(self, fixed: bool):
+        self.fixed = fixed  # buffers stay put (a prepared replay): copies must be redone per run
+        self.steps, self.keep = [], []
+
+    def contiguous(self, a: np.ndarray) -> np.ndarray:
+        if a.flags.c_contiguous:
+            return a
+        if not self.fixed:
+            return np.ascontiguousarray(a)
+        copy = np.empty(a.shape, a.dtype)
+        self.steps.append(partial(np.copyto, copy, a))
+        return copy
+
+    def kernel(self, calls: list):
+        self.steps.append(partial(threads.run, calls))
+
+    def run(self):
+        for step in self.steps:
+            step()
+
+
+def _loop_calls(plan, program, in_types, out_type, operands, dims, strides, reduce=None):
+    rank = len(dims)
+    inner = tuple(s[-1] if s[-1] in (0, 1) else None for s in strides)
+    key = ("reduce" if reduce else "ew", program, tuple(in_types), out_type, rank, inner, reduce)
+    build = codegen.reduce_kernel if reduce else codegen.elementwise_kernel
+    extra = (reduce,) if reduce else ()
+    fn = _kernel(key, lambda name: build(name, program, in_types, out_type, rank, inner, *extra),
+                 signatures.loop(len(operands)))
+    dims_arr, strides_arr = np.array(dims, np.int64), np.array(strides, np.int64).reshape(-1)
+    plan.keep += [dims_arr, strides_arr, *operands]
+    work = int(np.prod(dims)) * len(operands)
+    plan.kernel(threads.split(fn, dims[0], 1, work, dims_arr.ctypes.data, strides_arr.ctypes.data,
+                              *(a.ctypes.data for a in operands)))
+
+
+def elementwise(plan, program, arrays, in_types, out, out_type):
+    if out.size:
+        operands = [out, *arrays]
+        dims, strides = collapse(out.shape, [_strides(a) for a in operands])
+        _loop_calls(plan, program, in_types, out_type, operands, dims, strides)
+
+
+def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
+    """Reduce `axes` of the program's value: kept axes outside, reduced axes in one inner loop."""
+    if out.size == 0:
+        return
+    if arrays[0].size == 0:
+        plan.steps.append(partial(out.fill, 0))
+        return
+    kept = [i for i in range(arrays[0].ndim) if i not in axes]
+    nk = len(kept)
+    views = [np.transpose(a, kept + list(axes)) for a in arrays]
+    red_dims, red_strides = collapse(views[0].shape[nk:], [_strides(v)[nk:] for v in views])
+    if len(red_dims) > 1:  # reduced axes that do not merge: copy so that they do
+        views = [plan.contiguous(v) for v in views]
+        red_dims, red_strides = collapse(views[0].shape[nk:], [_strides(v)[nk:] for v in views])
+    out_strides = [_strides(out)[i] for i in kept]
+    kept_dims, kept_strides = collapse(views[0].shape[:nk], [out_strides] + [_strides(v)[:nk] for v in views])
+    strides = [k + r for k, r in zip(kept_strides, [[0]] + red_strides)]
+    _loop_calls(plan, program, in_types, out_type, [out, *views], kept_dims + red_dims, strides, reduce)
+
+
+def _block(m: int, weights: int = 1):
+    """Rows x columns of C per step: 4 x 3 keeps 12 accumulators and 7 loads in AVX2's 16
+    registers (measured best at 128 rows); one row streams 4 weight rows at a time. With two
+    weights (SwiGLU) each column needs two accumulators: 4 x 1 (8) measured 1.5x faster than
+    3 x 2 (12) at 64 and 128 rows, which spills."""
+    if weights == 1:
+        return (1, 4) if m < 4 else (4, 3)
+    return (1, 2) if m < 4 else (4, 1)
+
+
+def matmul(plan, a, b, a_type, b_type, out, out_type):
+    """Batched C = A @ B. B walked along k with unit stride (x @ W.T) uses the dot-product
+    kernel; B with unit-stride rows (p @ v) uses the row kernel; anything else is copied."""
+    m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
+    if out.size == 0 or k == 0:
+        plan.steps.append(partial(out.fill, 0))
+        return
+    if a.strides[-1] != a.itemsize:
+        a = plan.contiguous(a)
+    nt = b.strides[-2] == b.itemsize
+    if not nt and b.strides[-1] != b.itemsize:
+        b = plan.contiguous(b)
+    batch = list(np.ndindex(out.shape[:-2]))
+    threaded = len(batch) == 1
+    if nt and codegen.pair_major([b_type]):
+        a = _pair_major(plan, a, a_type)
+    plan.keep += [a, b, out]
+    groups = [g for idx in batch for g in (
+        _matmul_nt(a[idx], [np.swapaxes(b[idx], -1, -2)], out[idx], a_type, [b_type], out_type, threaded) if nt else
+        _matmul_nn(a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k, threaded))]
+    if threaded:
+        plan.kernel(threads.together(groups))
+    else:  # heads of attention: each product is small, so threads take whole products
+        plan.kernel(threads.spread([call for group in groups for call in group]))
+
+
+def linear(plan, node, arrays, out):
+    """fused_linear (ops.linear): the RMSNorm of the input rows first, into a scratch buffer of
+    m x k floats (two native loops: sum of squares, then scale), then the product over every
+    weight with the epilogue applied as C is stored, all threads entering once."""
+    eps, j, src_types, program = node.arg.eps, node.arg.n_weights, node.arg.src_types, node.arg.program
+    first = 1 if eps is None else 2
+    a, weights, extras = arrays[0], arrays[first:first + j], arrays[first + j:]
+    w_types, e_types = src_types[first:first + j], src_types[first + j:]
+    if a.strides[-1] != a.itemsize:
+        a = plan.contiguous(a)
+    if eps is not None:
+        a = _rms_norm(plan, a, arrays[1], src_types[1], eps)
+    if codegen.pair_major(w_types):
+        a = _pair_major(plan, a, dtypes.float32)
+    weights = [w if w.strides[-1] == w.itemsize else plan.contiguous(w) for w in weights]
+    extras = [x if x.strides[-1] == x.itemsize else plan.contiguous(x) for x in extras]
+    plan.keep += [a, *weights, *extras, out]
+    if out.size == 0:
+        return
+    if program == "concat":  # each weight fills its own columns
+        bounds = np.cumsum([0] + [w.shape[0] for w in weights])
+        groups = [group for w, t, c0, c1 in zip(weights, w_types, bounds, bounds[1:])
+                  for group in _matmul_nt(a, [w], out[:, c0:c1], dtypes.float32, [t], node.dtype, True)]
+    else:
+        groups = _matmul_nt(a, weights, out, dtypes.float32, w_types, node.dtype, True, extras, e_types, program)
+    plan.kernel(threads.together(groups))
+
+
+def _pair_major(plan, a, dtype):
+    """A copy of a whose rows are pair-major (codegen.pair_major), made by native copies."""
+    half = a.shape[-1] // 2
+    out = np.empty(a.shape, a.dtype)
+    plan.keep.append(out)
+    parts = ((out[..., :half], a[..., 0:2 * half:2]), (out[..., half:2 * half], a[..., 1:2 * half:2]),
+             (out[..., 2 * half:], a[..., 2 * half:]))
+    for dst, src in parts:
+        elementwise(plan, (("cast", dtype, (0,), dtype),), [src], [dtype], dst, dtype)
+    return out
+
+
+def _rms_norm(plan, x, g, g_type, eps):
+    """Llama's RMSNorm of x's rows as nn.rms_norm's ops compute it, into a new array."""
+    f32 = dtypes.float32
+    m, k = x.shape
+    total, normed = np.empty((m, 1), np.float32), np.empty((m, k), np.float32)
+    plan.keep += [total, normed]
+    reduction(plan, "sum", (("mul", None, (0, 0), f32),), [x], [f32], (1,), total, f32)
+    scale = (("const", (float(k),), (), f32), ("div", None, (1, 3), f32), ("const", (eps,), (), f32),
+             ("add", None, (4, 5), f32), ("rsqrt", None, (6,), f32), ("mul", None, (0, 7), f32),
+             ("mul", None, (8, 2), f32))
+    elementwise(plan, scale, [x, np.broadcast_to(total, (m, k)), np.broadcast_to(g, (m, k))], [f32, f32, g_type],
+                normed, f32)
+    return normed
+
+
+def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), program=()):
+    """Groups of calls (each group one kernel split across threads when `threaded`) computing
+    C = epilogue(A @ W[0].T, ..., E...): the row and column tails get their own kernels."""
+    m, k, n = A.shape[0], A.shape[1], C.shape[1]
+    mr, nr = _block(m, len(W))
+    groups = []
+    ld = lambda x: x.strides[0] // x.itemsize  # noqa: E731
+    mb, nb = m - m % mr, n - n % nr
+    for rows, row_block in ((range(0, mb), mr), (range(mb, m), 1)):
+        for cols, col_block in ((range(0, nb), nr), (range(nb, n), 1)):
+            if not len(rows) or not len(cols):
+                continue
+            key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program)
+            fn = _kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, w_types, c_type, row_block,
+                                                                    col_block, e_types, program),
+                         signatures.matmul_nt(len(W), len(E)))
+            work = len(cols) * k * sum(w.itemsize for w in W) if threaded else 0
+            weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], ld(w))]
+            extras = [x for e in [C, *E] for x in (e.ctypes.data + rows.start * e.strides[0] + cols.start * e.itemsize,
+                                                    ld(e))]
+            groups.append(threads.split(fn, len(cols), col_block, work, len(rows), k,
+                                        A.ctypes.data + rows.start * A.strides[0], ld(A), *weights, *extras))
+    return groups
+
+
+ATTENTION_TILE = 4  # query rows sharing each k and v row loaded, in groups of more than 8
+
+
+def attention(plan, node, arrays, out):
+    """The attention op (ops.linear) with codegen.attention_kernel: query rows that read the
+    same k and v (grouped-query heads, positions) are gathered into one table, in tiles that
+    share every k and v row loaded; the groups are dealt to the threads."""
+    scale, kind = node.arg.scale, node.arg.mask
+    q, k, v = (x if x.strides[-1] == x.itemsize else plan.contiguous(x) for x in arrays[:3])
+    mask = arrays[3] if kind else None
+    nb = q.ndim - 2
+    if out.size == 0 or k.shape[-2] == 0:
+        plan.steps.append(partial(np.copyto, out, reference_node(node, arrays)))
+        return
+    pairs = np.stack([_row_addresses(k, nb).ravel(), _row_addresses(v, nb).ravel()], axis=1)
+    order = np.lexsort(pairs.T[::-1])  # batch items that share k and v next to each other
+    columns = [_row_addresses(a, nb + 1).reshape(-1, q.shape[-2])[order].ravel() for a in (q, out)]
+    columns.append(np.zeros_like(columns[0]) if mask is None else
+                   _row_addresses(mask, nb + 1).reshape(-1, q.shape[-2])[order].ravel())
+    table = np.ascontiguousarray(np.stack(columns, axis=1), dtype=np.int64)
+    mstride = 0 if mask is None else mask.strides[-1] // mask.itemsize
+    plan.keep += [q, k, v, out, table] + ([mask] if mask is not None else [])
+    S, D, DV = k.shape[-2], q.shape[-1], v.shape[-1]
+    starts = np.flatnonzero(np.r_[True, np.any(pairs[order][1:] != pairs[order][:-1], axis=1)]) * q.shape[-2]
+    calls = []
+    for g0, g1, (kp, vp) in zip(starts, list(starts[1:]) + [len(table)], pairs[order][starts // q.shape[-2]]):
+        # a group of up to 8 rows (a GQA group at decode) is one tile; more go 4 at a time
+        tile = g1 - g0 if g1 - g0 <= 8 else ATTENTION_TILE
+        tiled = g0 + (g1 - g0) // tile * tile
+        for r0, r1, rows in ((int(g0), int(tiled), int(tile)), (int(tiled), int(g1), int((g1 - g0) % tile))):
+            if r0 == r1:
+                continue
+            fn = _kernel(("attention", rows, scale, kind),
+                         lambda name: codegen.attention_kernel(name, rows, scale, kind), signatures.ATTENTION)
+            piece = max(rows, -(-(r1 - r0) // threads.count() // rows) * rows)  # a share per thread in one group
+            calls += [partial(fn, a, min(a + piece, r1), table.ctypes.data, int(kp), k.strides[-2] // 4, int(vp),
+                              v.strides[-2] // 4, S, D, DV, mstride) for a in range(r0, r1, piece)]
+    plan.kernel(threads.spread(calls, work=len(table) * S * (D + DV)))
+
+
+def _row_addresses(a: np.ndarray, axes: int) -> np.ndarray:
+    """The address of a[i0, ..., i_{axes-1}, 0, ...] for every index of the first `axes` axes."""
+    offsets = np.zeros(a.shape[:axes], np.int64)
+    for axis in range(axes):
+        step = np.arange(a.shape[axis], dtype=np.int64) * a.strides[axis]
+        offsets = offsets + step.reshape([-1 if i == axis else 1 for i in range(axes)])
+    return a.ctypes.data + offsets
+
+
+def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
+    if c_type != dtypes.float32:  # the row kernel accumulates in C itself: float32 only
+        return [[lambda: np.copyto(C, ops.run_reference("matmul", [A, B], [a_type, b_type], None, C.shape, c_type))]]
+    fn = _kernel(("nn", a_type, b_type), lambda name: codegen.matmul_nn_kernel(name, a_type, b_type),
+                 signatures.MATMUL_NN)
+    return [threads.split(fn, m, 1, m * n * k if threaded else 0, n, k, A.ctypes.data, A.strides[0] // A.itemsize,
+                          B.ctypes.data, B.strides[0] // B.itemsize, C.ctypes.data, C.strides[0] // C.itemsize)]
+
+
+def native(node) -> bool:
+    return (node.op in ELEMENTWISE and bool(node.srcs)) or node.op in REDUCE or \
+        node.op in ("fused", "fused_reduce", "fused_linear", "attention") or \
+        (node.op == "matmul" and node.dtype.is_float)
+
+
+def plan_node(plan, node, arrays, out):
+    """Add the calls that compute `node` from `arrays` into `out`."""
+    in_types = [s.dtype for s in node.srcs]
+    if node.op == "fused":
+        elementwise(plan, node.arg.program, arrays, in_types, out, node.dtype)
+    elif node.op == "fused_reduce":
+        reduce, axes, program = node.arg.reduce, node.arg.axes, node.arg.program
+        reduction(plan, reduce, program, arrays, in_types, axes, out, node.dtype)
+    elif node.op in ELEMENTWISE:
+        program = (Instruction(node.op, node.arg, tuple(range(len(arrays))), node.dtype),)
+        elementwise(plan, program, arrays, in_types, out, node.dtype)
+    elif node.op in REDUCE:
+        program = (Instruction("cast", node.dtype, (0,), node.dtype),)  # the identity: read the input as is
+        reduction(plan, node.op, program, arrays, in_types, node.arg, out, node.dtype)
+    elif node.op == "fused_linear":
+        linear(plan, node, arrays, out)
+    elif node.op == "attention":
+        attention(plan, node, arrays, out)
+    else:
+        matmul(plan, *arrays, *in_types, out, node.dtype)
