@@ -54,16 +54,14 @@ def _setting(name: str):
     return parse
 
 
-def _text():
-    def parse(text: str) -> str:
-        if not text.strip():
-            raise argparse.ArgumentTypeError("is empty: give some text")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # bytes the terminal's locale could not decode
-            raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
-        return text
-    return parse
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give some text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the terminal's locale could not decode
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return text
 
 
 @contextlib.contextmanager
@@ -86,8 +84,8 @@ def parse_args(argv):
     p.add_argument("--size", choices=list(SIZES), help="a published Llama 3.1/3.2 size")
     p.add_argument("--checkpoint", help="a Hugging Face or Meta checkpoint folder, or a .gguf file "
                                         "(default: SmolLM2-135M-Instruct, fetched on first use)")
-    p.add_argument("--prompt", type=_text(), help=f"the prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--system", type=_text(), help="a system prompt for chat models")
+    p.add_argument("--prompt", type=_text, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--system", type=_text, help="a system prompt for chat models")
     p.add_argument("--chat", action="store_true", help="an interactive conversation")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template around the prompt")
     p.add_argument("--max-tokens", type=_whole(1), default=256, help="most tokens to generate (default: 256)")

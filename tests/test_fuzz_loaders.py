@@ -119,6 +119,14 @@ def copy_folder(originals, tmp_path_factory, name):
     return folder
 
 
+def with_json_field(folder, name, field, value):
+    """folder, with field of its JSON file `name` set to value."""
+    settings = json.loads((folder / name).read_text())
+    settings[field] = value
+    (folder / name).write_text(json.dumps(settings))
+    return folder
+
+
 @FUZZ
 @given(data=st.data())
 def test_safetensors_header_values_replaced(originals, tmp_path_factory, data):
@@ -155,11 +163,7 @@ def test_safetensors_bytes_damaged(originals, tmp_path_factory, edits, cut):
                               "max_position_embeddings", "rope_scaling", "model_type", "tie_word_embeddings"]),
        value=JSON_VALUES)
 def test_config_json_values_replaced(originals, tmp_path_factory, field, value):
-    folder = copy_folder(originals, tmp_path_factory, "hf")
-    config = json.loads((folder / "config.json").read_text())
-    config[field] = value
-    (folder / "config.json").write_text(json.dumps(config))
-    loads_or_says_one_line(folder)
+    loads_or_says_one_line(with_json_field(copy_folder(originals, tmp_path_factory, "hf"), "config.json", field, value))
 
 
 @FUZZ
@@ -167,11 +171,8 @@ def test_config_json_values_replaced(originals, tmp_path_factory, field, value):
                               "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope"]),
        value=JSON_VALUES)
 def test_params_json_values_replaced(originals, tmp_path_factory, field, value):
-    folder = copy_folder(originals, tmp_path_factory, "meta")
-    params = json.loads((folder / "params.json").read_text())
-    params[field] = value
-    (folder / "params.json").write_text(json.dumps(params))
-    loads_or_says_one_line(folder)
+    loads_or_says_one_line(with_json_field(copy_folder(originals, tmp_path_factory, "meta"), "params.json", field,
+                                           value))
 
 
 # ---- .pth -------------------------------------------------------------------------------------
