@@ -15,7 +15,7 @@ import numpy as np
 from models import checkpoint
 from models.config import LlamaConfig, rope_freq_factors
 from models.spm_tokenizer import SentencePieceTokenizer
-from models.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, _byte_to_unicode
+from models.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, byte_to_unicode
 from ops import dtypes
 
 GGUF_FROM_META = {meta: name for name, meta in checkpoint.GGUF_NAMES.items()}
@@ -121,7 +121,7 @@ def _llama3_vocabulary(tokenizer: Llama3Tokenizer) -> dict:
     """Meta's tiktoken ranks as byte-level BPE: each token's bytes as GPT-2's printable
     characters, and a merge (a, b) for every split of a token into two tokens, ordered by the
     rank of the token they make (tiktoken merges the pair whose result ranks lowest)."""
-    to_unicode = _byte_to_unicode()
+    to_unicode = byte_to_unicode()
     text = lambda b: "".join(to_unicode[c] for c in b)  # noqa: E731
     ranks = tokenizer.ranks
     merges = []
@@ -143,7 +143,7 @@ def _byte_vocabulary(vocab_size: int) -> dict:
     if vocab_size < 4:
         raise ValueError(f"a vocabulary of {vocab_size} tokens is too small to write (at least 4)")
     plain = vocab_size - 2
-    symbols = list(_byte_to_unicode().values())[:min(256, plain - 1)]
+    symbols = list(byte_to_unicode().values())[:min(256, plain - 1)]
     pairs = [(symbols[k % len(symbols)], symbols[k // len(symbols)])
              for k in range(min(plain - len(symbols), len(symbols) ** 2))]
     extra = [f"<|extra_{i}|>" for i in range(plain - len(symbols) - len(pairs))]

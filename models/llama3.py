@@ -116,14 +116,13 @@ class Llama:
         return self._generate(ids, max_tokens, sampler, stop_ids, on_prefill)
 
     def _generate(self, ids: np.ndarray, max_tokens: int, sampler, stop_ids, on_prefill):
-        ids = ids.tolist()
         length = min(len(ids) + max_tokens, self.context)
         cache = KVCache.allocate(self.config, length)
-        logits = self.forward(Tensor(np.asarray(ids, dtype=np.int64)), 0, cache, last_only=True).numpy()[-1]
+        logits = self.forward(Tensor(ids), 0, cache, last_only=True).numpy()[-1]
         if on_prefill:
             on_prefill()
         step = jit(lambda token, position: self.forward(token, position, cache))  # captured once
-        history, pos = list(ids), len(ids)
+        history, pos = ids.tolist(), len(ids)
         for _ in range(max_tokens):
             token = sampler(logits, history)
             if token in stop_ids:

@@ -88,7 +88,7 @@ def _split_long_runs(text: str, limit: int):
 
 
 @lru_cache(maxsize=1)
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's map from bytes to printable characters, so every byte is a visible symbol."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
@@ -191,7 +191,7 @@ class BPETokenizer(VocabTokenizer):
         self.ignore_merges = pre_tokenizer.ignore_merges if ignore_merges is None else ignore_merges
         self.merges = merges
         self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
-        self._to_unicode = _byte_to_unicode()
+        self._to_unicode = byte_to_unicode()
         self._to_byte = {c: b for b, c in self._to_unicode.items()}
         self._cache: dict[str, list[int]] = {}
 

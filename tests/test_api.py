@@ -72,7 +72,7 @@ def test_an_unknown_size_is_named():
 ])
 def test_a_nonsense_config_names_the_field(tmp_path, change, words):
     folder = tmp_path / "hf"
-    make_checkpoint.write_hf(folder, CONFIG, make_checkpoint.random_arrays(CONFIG))
+    make_checkpoint.write_hf(folder, CONFIG, checkpoint.RandomArrays(CONFIG))
     config = json.loads((folder / "config.json").read_text())
     config.update(change)
     config = {k: v for k, v in config.items() if v is not None}
@@ -84,7 +84,7 @@ def test_a_nonsense_config_names_the_field(tmp_path, change, words):
 
 def test_a_config_that_is_not_an_object(tmp_path):
     folder = tmp_path / "hf"
-    make_checkpoint.write_hf(folder, CONFIG, make_checkpoint.random_arrays(CONFIG))
+    make_checkpoint.write_hf(folder, CONFIG, checkpoint.RandomArrays(CONFIG))
     (folder / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a JSON object"):
         checkpoint.load(folder)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from models import checkpoint
 from models.config import LlamaConfig
 from models.gguf_writer import write_gguf
 from tools import make_checkpoint
@@ -29,7 +30,7 @@ def assert_one_line_error(result, *words):
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    write_gguf(path, TINY, make_checkpoint.random_arrays(TINY))
+    write_gguf(path, TINY, checkpoint.RandomArrays(TINY))
     return path
 
 
@@ -43,7 +44,7 @@ def test_folder_without_a_checkpoint(tmp_path):
 
 def test_truncated_safetensors(tmp_path):
     folder = tmp_path / "hf"
-    make_checkpoint.write_hf(folder, TINY, make_checkpoint.random_arrays(TINY))
+    make_checkpoint.write_hf(folder, TINY, checkpoint.RandomArrays(TINY))
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 1000])
@@ -139,7 +140,7 @@ def test_a_closed_pipe_ends_quietly(tiny_gguf):
 
 def test_folder_with_weights_but_no_tokenizer(tmp_path):
     folder = tmp_path / "hf"
-    make_checkpoint.write_hf(folder, TINY, make_checkpoint.random_arrays(TINY))
+    make_checkpoint.write_hf(folder, TINY, checkpoint.RandomArrays(TINY))
     assert_one_line_error(run("--checkpoint", str(folder)), "no tokenizer", "tokenizer.json", "tokenizer.model")
 
 

@@ -40,7 +40,7 @@ def loads_or_says_one_line(path):
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory):
     root = tmp_path_factory.mktemp("originals")
-    arrays = make_checkpoint.random_arrays(CONFIG)
+    arrays = checkpoint.RandomArrays(CONFIG)
     write_gguf(root / "m.gguf", CONFIG, arrays)
     make_checkpoint.write_hf(root / "hf", CONFIG, arrays, shard_bytes=1 << 30)
     make_checkpoint.write_meta(root / "meta", CONFIG, arrays, ffn=(32, None))
@@ -236,10 +236,10 @@ def test_pth_refuses_every_global_outside_its_allow_list(originals, tmp_path, pa
 @pytest.fixture(scope="module")
 def tokenizer_folder(originals, tmp_path_factory):
     """The HF folder with a small byte-level BPE tokenizer.json and tokenizer_config.json."""
-    from models.tokenizer import _byte_to_unicode
+    from models.tokenizer import byte_to_unicode
     folder = tmp_path_factory.mktemp("tok") / "hf"
     shutil.copytree(originals / "hf", folder)
-    symbols = list(_byte_to_unicode().values())
+    symbols = list(byte_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols)}
     vocab.update({"ĠĠ": 256, "he": 257})
     spec = {"model": {"type": "BPE", "vocab": vocab, "merges": ["Ġ Ġ", ["h", "e"]], "ignore_merges": False},

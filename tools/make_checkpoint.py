@@ -27,6 +27,7 @@ from ops import dtypes
 from tinytensor.state import safetensors_file
 
 HF_FROM_META = {meta: hf for hf, meta in checkpoint.HF_NAMES.items()}
+HF_TOP_FROM_META = {meta: hf for hf, meta in checkpoint.HF_TOP.items()}
 
 
 def permute_for_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -89,7 +90,7 @@ def write_hf(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dtype
 def _hf_name(c: LlamaConfig, name: str) -> tuple[str, int | None]:
     """A Meta weight's HF name, and the head count to permute its rows by (q and k only)."""
     if not name.startswith("layers."):
-        return {v: k for k, v in checkpoint.HF_TOP.items()}[name], None
+        return HF_TOP_FROM_META[name], None
     _, i, rest = name.split(".", 2)
     heads = {"attention.wq.weight": c.n_heads, "attention.wk.weight": c.n_kv_heads}.get(rest)
     return f"model.layers.{i}.{HF_FROM_META[rest]}", heads
@@ -121,10 +122,6 @@ def write_meta(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dty
         torch.save(state, folder / f"consolidated.{k:02d}.pth")
 
 
-def random_arrays(c: LlamaConfig, seed: int = 0) -> checkpoint.RandomArrays:
-    return checkpoint.RandomArrays(c, seed)
-
-
 # Not a published size: the Llama 3.2 layout (real vocabulary, tied head, RoPE factor 32) at a
 # size that writes in a second, for tests and for trying the tools.
 TINY = replace(SIZES["1b"], dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, head_dim=0,
@@ -146,7 +143,7 @@ def main(argv=None):
         print(f"error: {args.out} exists; choose a new path (nothing was overwritten)", file=sys.stderr)
         return 2
     c = TINY if args.size == "tiny" else SIZES[args.size]
-    weights = random_arrays(c, args.seed)
+    weights = checkpoint.RandomArrays(c, args.seed)  # made one tensor at a time, as written
     dtype = dtypes.to_dtype(args.dtype)
     # each layout gets the real Llama 3 tokenizer, so that the checkpoint runs as it is
     tokenizer_model = fetch("llama3-tokenizer")

@@ -15,3 +15,12 @@ def progress(items, description: str, total: int | None = None):
 
 class CheckpointError(Exception):
     """A weights file that cannot be used: the message names the file and the problem."""
+
+
+def check_no_overlap(path, spans: list[tuple[int, int, str]]):
+    """Tensors' byte ranges (start, end, name) must not share a byte: a file where they do is
+    damaged (or made to alias one tensor as another)."""
+    spans = sorted(spans)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors {first} and {second} overlap: the file is damaged")

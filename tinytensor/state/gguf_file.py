@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ops import dtypes
-from tinytensor.state import CheckpointError, progress
+from tinytensor.state import CheckpointError, check_no_overlap, progress
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -167,10 +167,7 @@ def _parse(path: Path) -> tuple[dict, list[_Tensor], np.ndarray]:
             cur.fail(f"tensor {name} is misplaced: {nbytes} bytes at offset {offset} (aligned to {alignment}) "
                      f"in a {cur.size}-byte file")
         tensors.append(_Tensor(name, tuple(reversed(dims)), kind, data_start + offset, data_start + offset + nbytes))
-    by_start = sorted(tensors, key=lambda t: t.start)
-    for a, b in zip(by_start, by_start[1:]):
-        if b.start < a.end:
-            cur.fail(f"tensors {a.name} and {b.name} overlap")
+    check_no_overlap(path, [(t.start, t.end, t.name) for t in tensors])
     return metadata, tensors, np.frombuffer(buffer, np.uint8)
 
 

@@ -29,7 +29,7 @@ class _Storage:
 def _rebuild_tensor(storage, offset, size, stride, *_unused):
     """A view of the storage; every index it can reach is checked to lie inside the storage
     first (as_strided would read any memory it is told to)."""
-    if not isinstance(storage, _Storage) or not _ints(offset, 1) or not _ints(size) or not _ints(stride) \
+    if not isinstance(storage, _Storage) or not _index(offset) or not _indices(size) or not _indices(stride) \
             or len(size) != len(stride):
         raise pickle.UnpicklingError("a tensor record that is not (storage, offset, sizes, strides)")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
@@ -42,10 +42,12 @@ def _rebuild_tensor(storage, offset, size, stride, *_unused):
     return view, storage.dtype
 
 
-def _ints(values, count=None) -> bool:
-    """Non-negative ints: one (count=1) or a tuple of them."""
-    values = (values,) if count == 1 else values
-    return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+def _index(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _indices(values) -> bool:
+    return isinstance(values, tuple) and all(map(_index, values))
 
 
 class _Unpickler(pickle.Unpickler):
@@ -67,7 +69,7 @@ class _Unpickler(pickle.Unpickler):
         if not isinstance(pid, tuple) or len(pid) != 5:
             raise pickle.UnpicklingError("a storage record that is not (kind, type, key, location, size)")
         kind, dtype, key, _location, numel = pid
-        if kind != "storage" or not isinstance(dtype, dtypes.DType) or not isinstance(key, str) or not _ints(numel, 1):
+        if kind != "storage" or not isinstance(dtype, dtypes.DType) or not isinstance(key, str) or not _index(numel):
             raise pickle.UnpicklingError("a storage record of an unsupported kind or type")
         try:
             info = self.archive.getinfo(f"{self.prefix}/data/{key}")

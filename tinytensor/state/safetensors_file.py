@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ops import dtypes
-from tinytensor.state import CheckpointError
+from tinytensor.state import CheckpointError, check_no_overlap
 
 DTYPES = {"F32": dtypes.float32, "F16": dtypes.float16, "BF16": dtypes.bfloat16,
           "I64": dtypes.int64, "I32": dtypes.int32, "I8": dtypes.int8, "BOOL": dtypes.bool_}
@@ -42,10 +42,7 @@ def read(path: Path) -> dict[str, tuple[np.ndarray, dtypes.DType]]:
             raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape {shape}")
         spans.append((start, end, name))
         out[name] = (data[base + start:base + end].view(dtype.storage).reshape(shape), dtype)
-    spans.sort()
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-        if start < end:
-            raise CheckpointError(f"{path}: tensors {first} and {second} overlap: the file is damaged")
+    check_no_overlap(path, spans)
     return out
 
 
