@@ -5,11 +5,10 @@
 
 Weights use Meta's names and layout (`layers.0.attention.wq.weight`, rows = output features);
 the loaders in models/checkpoint.py bring every on-disk format to that form.
-`python -m models.llama3 --help` runs the command line (models/cli.py).
+`python -m models.llama3 --help` runs the command line (models/cli.py, through __main__.py).
 """
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,8 +216,3 @@ def load(path_or_size=None, random_init: bool = False, dtype=None, context: int 
                               f"tokenizer.model and original/tokenizer.model; copy the model's tokenizer files "
                               f"next to its weights")
     return Llama(config, weights, tokenizer, context)
-
-
-if __name__ == "__main__":
-    from models.cli import main
-    sys.exit(main())
