@@ -10,6 +10,7 @@ import numpy as np
 import ops
 from backends.numpy_backend import run_node as reference_node
 from backends.llvm import codegen, signatures, threads
+from backends.llvm.attention import attention_kernel
 from backends.llvm.compiler import compile_function
 from ops import dtypes
 from ops.elementwise import ELEMENTWISE
@@ -237,7 +238,7 @@ ATTENTION_TILE = 4  # query rows sharing each k and v row loaded, in groups of m
 
 
 def attention(plan, node, arrays, out):
-    """The attention op (ops.linear) with codegen.attention_kernel: query rows that read the
+    """The attention op (ops.linear) with attention_kernel (attention.py): query rows that read the
     same k and v (grouped-query heads, positions) are gathered into one table, in tiles that
     share every k and v row loaded; the groups are dealt to the threads."""
     scale, kind = node.arg.scale, node.arg.mask
@@ -266,7 +267,7 @@ def attention(plan, node, arrays, out):
             if r0 == r1:
                 continue
             fn = _kernel(("attention", rows, scale, kind),
-                         lambda name: codegen.attention_kernel(name, rows, scale, kind), signatures.ATTENTION)
+                         lambda name: attention_kernel(name, rows, scale, kind), signatures.ATTENTION)
             piece = max(rows, -(-(r1 - r0) // threads.count() // rows) * rows)  # a share per thread in one group
             calls += [partial(fn, a, min(a + piece, r1), table.ctypes.data, int(kp), k.strides[-2] // 4, int(vp),
                               v.strides[-2] // 4, S, D, DV, mstride) for a in range(r0, r1, piece)]

@@ -1,0 +1,137 @@
+"""The fused attention kernel, on the kernel-building layer (kernel.py)."""
+from backends.llvm import signatures
+from backends.llvm.emitter import float_literal
+from backends.llvm.kernel import Kernel
+from ops import dtypes
+
+ATTENTION_BLOCK = 16  # keys whose scores are held at once: the online softmax rescales once per block
+NEG_INF = "0xFFF0000000000000"
+F32 = dtypes.float32
+
+
+def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
+    """out = softmax(q k^T * scale + mask) v for a tile of `rows` query rows at a time that share
+    one k and v (the query heads of a grouped-query head, times the query positions), with an
+    online softmax over blocks of keys: no score matrix is stored, each k and v row is loaded
+    once per tile, and keys that no row of the tile may see are skipped without being read.
+
+    void name(i64 r0, i64 r1, ptr table, ptr K, i64 ldk, ptr V, i64 ldv, i64 S, i64 D, i64 DV,
+    i64 mstride): rows r0..r1 (a multiple of `rows`) of table, whose row i holds the addresses of
+    its q row, out row and mask row (mask elements mstride apart along the keys)."""
+    R, KB = rows, ATTENTION_BLOCK
+    k = Kernel(name, signatures.ATTENTION)
+    acc = k.scratch("float", k.mul("%DV", R))  # row r's output accumulator at acc[r * DV:]
+    scores = k.scratch("float", R * KB)        # row r's scores of the block at scores[r * KB:]
+    peaks, sums = k.scratch("float", R), k.scratch("float", R)  # each row's running max and sum
+
+    def acc_at(x, r):
+        return k.at(acc, k.add(x, k.mul("%DV", r)))
+
+    with k.loop("%r0", "%r1", step=R, hint="tile") as t:
+        q, out, mask = [], [], []  # each row's addresses, from the table
+        for r in range(R):
+            desc = k.at("%table", k.mul(k.add(t, r), 3), "i64")
+            q.append(k.op(f"load ptr, ptr {desc}"))
+            out.append(k.op(f"load ptr, ptr {k.at(desc, 1, 'i64')}"))
+            mask.append(k.op(f"load ptr, ptr {k.at(desc, 2, 'i64')}"))
+            k.store(NEG_INF, k.at(peaks, r), F32)
+            k.store("0.0", k.at(sums, r), F32)
+        with k.loop("0", k.mul("%DV", R), hint="zero") as x:
+            k.store("0.0", k.at(acc, x), F32)
+
+        with k.loop("0", "%S", step=KB, hint="block") as j0:
+            jn = k.op(f"call i64 @llvm.smin.i64(i64 {k.op(f'sub i64 %S, {j0}')}, i64 {KB})")
+            with k.loop("0", jn, hint="scores") as jj:  # the block's scores, -inf where masked
+                key = k.add(j0, jj)
+                seen = [_visible(k, mask[r], key, mask_kind) for r in range(R)]
+                with k.when(_any(k, seen), hint="dot") as visible:
+                    dots = _dot_rows(k, q, k.mul(key, "%ldk"))
+                for r in range(R):
+                    s = k.op(f"fmul float {visible.join(dots[r], '0.0')}, {float_literal(scale)}")
+                    if mask_kind == "add":
+                        bias = k.op(f"load float, ptr {_mask_at(k, mask[r], key, 'float')}")
+                        s = k.op(f"fadd float {s}, {bias}")
+                    s = k.op(f"select i1 {seen[r]}, float {s}, float {NEG_INF}")
+                    k.store(s, k.at(scores, k.add(jj, r * KB)), F32)
+
+            # fold the block into each row's running max, sum and accumulator
+            corrections = []
+            for r in range(R):
+                old = k.op(f"load float, ptr {k.at(peaks, r)}")
+                peak = _fold(k, scores, r * KB, jn, old, lambda m, s: (
+                    k.op(f"call float @llvm.maximum.f32(float {m}, float {k.op(f'load float, ptr {s}')})")))
+                dead = k.op(f"fcmp oeq float {peak}, {NEG_INF}")  # nothing seen yet: keep zeros
+                corrections.append(k.op(f"select i1 {dead}, float 1.0, float {k.exp(k.op(f'fsub float {old}, {peak}'))}"))
+
+                def exp_score(total, s):  # scores[i] = exp(scores[i] - peak), 0 for a dead row
+                    p = k.exp(k.op(f"fsub float {k.op(f'load float, ptr {s}')}, {peak}"))
+                    p = k.op(f"select i1 {dead}, float 0.0, float {p}")
+                    k.store(p, s, F32)
+                    return k.op(f"fadd reassoc float {total}, {p}")
+                total = _fold(k, scores, r * KB, jn, "0.0", exp_score)
+                kept = k.op(f"fmul float {k.op(f'load float, ptr {k.at(sums, r)}')}, {corrections[r]}")
+                k.store(k.op(f"fadd float {kept}, {total}"), k.at(sums, r), F32)
+                k.store(peak, k.at(peaks, r), F32)
+            with k.loop("0", "%DV", hint="rescale") as x:
+                for r in range(R):
+                    at = acc_at(x, r)
+                    k.store(k.op(f"fmul float {k.op(f'load float, ptr {at}')}, {corrections[r]}"), at, F32)
+            with k.loop("0", jn, hint="accumulate") as jj:  # acc += p v, for keys some row gives weight
+                ps = [k.op(f"load float, ptr {k.at(scores, k.add(jj, r * KB))}") for r in range(R)]
+                vrow = k.mul(k.add(j0, jj), "%ldv")
+                with k.when(_any(k, [k.op(f"fcmp une float {p}, 0.0") for p in ps]), hint="weighted"):
+                    with k.loop("0", "%DV", hint="axpy", nonempty=True) as x:
+                        v = k.op(f"load float, ptr {k.at('%V', k.add(vrow, x))}")
+                        for r in range(R):
+                            at = acc_at(x, r)
+                            product = k.op(f"fmul contract float {ps[r]}, {v}")
+                            k.store(k.op(f"fadd contract float {k.op(f'load float, ptr {at}')}, {product}"), at, F32)
+
+        totals = [k.op(f"load float, ptr {k.at(sums, r)}") for r in range(R)]
+        with k.loop("0", "%DV", hint="write") as x:  # out = acc / sum
+            for r in range(R):
+                a = k.op(f"load float, ptr {acc_at(x, r)}")
+                k.store(k.op(f"fdiv float {a}, {totals[r]}"), k.at(out[r], x), F32)
+    return k.finish()
+
+
+def _mask_at(k, mask_row, key, storage) -> str:
+    """The address of this key's element in a row of the mask."""
+    return k.at(mask_row, k.mul(key, "%mstride"), storage)
+
+
+def _visible(k, mask_row, key, mask_kind) -> str:
+    """Whether this row may see this key: a boolean mask's element, else always."""
+    if mask_kind != "bool":
+        return "true"
+    element = k.op(f"load i8, ptr {_mask_at(k, mask_row, key, 'i8')}")
+    return k.op(f"icmp ne i8 {element}, 0")
+
+
+def _any(k, flags) -> str:
+    result = flags[0]
+    for f in flags[1:]:
+        result = k.op(f"or i1 {result}, {f}")
+    return result
+
+
+def _dot_rows(k, q, krow) -> list[str]:
+    """sum_d q[r][d] * K[krow + d] for every row r: one pass over the k row, R accumulators."""
+    with k.loop("0", "%D", hint="d", nonempty=True) as d:
+        kv = k.op(f"load float, ptr {k.at('%K', k.add(krow, d))}")
+        sums = []
+        for row in q:
+            s = k.carry("0.0")
+            product = k.op(f"fmul contract float {k.op(f'load float, ptr {k.at(row, d)}')}, {kv}")
+            s.set(k.op(f"fadd reassoc contract float {s.value}, {product}"))
+            sums.append(s)
+    return [s.final for s in sums]
+
+
+def _fold(k, scores, base, count, start, step) -> str:
+    """Fold scores[base : base + count] (count >= 1) into a value from `start`:
+    step(value, address of the score) -> the next value."""
+    with k.loop("0", count, hint="fold", nonempty=True) as i:
+        value = k.carry(start)
+        value.set(step(value.value, k.at(scores, k.add(i, base))))
+    return value.final

@@ -1,0 +1,141 @@
+"""The kernel-building layer: a kernel is written as the loop nest it is, and this module turns
+that into LLVM IR's blocks, branches and phis. No kernel writes a phi or a branch itself.
+
+    k = Kernel(name, signature)
+    with k.loop("0", "%N") as i:           # for i in range(0, N)
+        total = k.carry("0.0")             # a value carried around the loop (it owns its phis)
+        total.set(k.op(f"fadd reassoc float {total.value}, {k.load_at('%x', i, F32)}"))
+    k.store(total.final, "%out", F32)      # its value after the loop (the start when N <= 0)
+    ir = k.finish()
+
+`k.when(cond)` is an `if` without `else`; a value made inside reaches the code after it through
+`branch.join(inside, otherwise)`. Everything straight-line (loads that widen half types, stores
+that round, the instructions of a fused program) is the Emitter's, which Kernel extends.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from backends.llvm.emitter import DECLARATIONS, STORAGE, Emitter
+
+
+@dataclass
+class Carried:
+    """A loop-carried value: `value` inside the loop, `set(next)` once per iteration, `final`
+    after the loop."""
+    type: str
+    init: str
+    value: str
+    final: str
+    next: str | None = None
+
+    def set(self, value: str):
+        self.next = value
+
+
+@dataclass
+class _Loop:
+    label: str
+    phis: list = field(default_factory=list)  # the header's carried phis, written at close
+    carried: list = field(default_factory=list)
+
+
+@dataclass
+class Branch:
+    label: str
+    phis: list = field(default_factory=list)  # the join block's phis
+    n: int = 0
+
+    def join(self, inside: str, otherwise: str, type: str = "float") -> str:
+        """The value after the branch: `inside` when the condition held, else `otherwise`."""
+        self.n += 1
+        name = f"%{self.label}.v{self.n}"
+        self.phis.append(f"  {name} = phi {type} [{inside}, %{self.label}.end], [{otherwise}, %{self.label}.test]")
+        return name
+
+
+class Kernel(Emitter):
+    def __init__(self, name: str, signature):
+        super().__init__()
+        self.raw(signature.header(name))
+        self.raw("entry:")
+        self._loops: list[_Loop] = []
+        self._labels = 0
+        self._in_entry = True
+
+    def _label(self, hint: str) -> str:
+        self._labels += 1
+        self._in_entry = False
+        return f"{hint}.{self._labels}"  # a dot: no argument or temporary has one
+
+    # ---- index arithmetic and addresses ---------------------------------------------------------
+    def add(self, a, b) -> str:
+        return self.op(f"add i64 {a}, {b}")
+
+    def mul(self, a, b) -> str:
+        return self.op(f"mul i64 {a}, {b}")
+
+    def at(self, ptr: str, index, storage: str = "float") -> str:
+        """The address of element `index` of an array of `storage` (an LLVM type)."""
+        return self.op(f"getelementptr {storage}, ptr {ptr}, i64 {index}")
+
+    def load_at(self, ptr: str, index, d) -> str:
+        """Element `index` of an array of dtype d, widened to its compute type."""
+        return self.load(self.at(ptr, index, STORAGE[d.name]), d)
+
+    def store_at(self, value: str, ptr: str, index, d):
+        self.store(value, self.at(ptr, index, STORAGE[d.name]), d)
+
+    def scratch(self, storage: str, count) -> str:
+        """A stack array for the whole call; only at the start, before any loop or branch."""
+        assert self._in_entry, "scratch arrays are made in the entry block"
+        return self.op(f"alloca {storage}, i64 {count}")
+
+    # ---- control flow ---------------------------------------------------------------------------
+    @contextmanager
+    def loop(self, lo, hi, step=1, hint: str = "i", nonempty: bool = False):
+        """for i in range(lo, hi, step): yields i. `nonempty` when the caller knows lo < hi, which
+        saves the test on entry."""
+        L = _Loop(self._label(hint))
+        name = L.label
+        self.raw(f"  br label %{name}.pre\n{name}.pre:")
+        if nonempty:
+            self.raw(f"  br label %{name}")
+        else:
+            self.raw(f"  %{name}.empty = icmp sge i64 {lo}, {hi}")
+            self.raw(f"  br i1 %{name}.empty, label %{name}.done, label %{name}")
+        self.raw(f"{name}:\n  %{name}.i = phi i64 [{lo}, %{name}.pre], [%{name}.next, %{name}.latch]")
+        self.lines.append(L.phis)
+        self._loops.append(L)
+        yield f"%{name}.i"
+        self._loops.pop()
+        self.raw(f"  br label %{name}.latch\n{name}.latch:")
+        self.raw(f"  %{name}.next = add i64 %{name}.i, {step}\n  %{name}.more = icmp slt i64 %{name}.next, {hi}")
+        self.raw(f"  br i1 %{name}.more, label %{name}, label %{name}.done\n{name}.done:")
+        for c in L.carried:
+            assert c.next is not None, f"{c.value} was carried but never set"
+            L.phis.append(f"  {c.value} = phi {c.type} [{c.init}, %{name}.pre], [{c.next}, %{name}.latch]")
+            start = "" if nonempty else f"[{c.init}, %{name}.pre], "
+            self.raw(f"  {c.final} = phi {c.type} {start}[{c.next}, %{name}.latch]")
+
+    def carry(self, init: str, type: str = "float") -> Carried:
+        """A value carried around the innermost open loop, starting at `init`."""
+        c = Carried(type, init, self.tmp(), self.tmp())
+        self._loops[-1].carried.append(c)
+        return c
+
+    @contextmanager
+    def when(self, cond: str, hint: str = "if"):
+        """if cond: ...; yields the Branch whose join() brings values out."""
+        b = Branch(self._label(hint))
+        self.raw(f"  br label %{b.label}.test\n{b.label}.test:")
+        self.raw(f"  br i1 {cond}, label %{b.label}.then, label %{b.label}.join\n{b.label}.then:")
+        yield b
+        self.raw(f"  br label %{b.label}.end\n{b.label}.end:\n  br label %{b.label}.join\n{b.label}.join:")
+        self.lines.append(b.phis)
+
+    def finish(self) -> str:
+        """The module's text: the intrinsics' declarations and this kernel."""
+        body = []
+        for line in self.lines:
+            body.extend(line if isinstance(line, list) else [line])
+        return DECLARATIONS + "\n".join(body) + "\n  ret void\n}\n"
