@@ -62,7 +62,8 @@ def detect(path: Path) -> str:
 
 def load(path: Path, dtype=None):
     """(config, weights, tokenizer) from a checkpoint on disk. dtype: cast weights to it
-    (None keeps what the file holds; quantised GGUF tensors become float32)."""
+    (None keeps what the file holds: float types and the block types of ops/blocks.py as
+    stored, other quantised GGUF tensors as float32)."""
     path = Path(path)
     kind = detect(path)
     try:
@@ -93,6 +94,8 @@ def _unpermute_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
     """HF stores each head's q/k rows as [first halves of pairs, second halves]; Meta (and our
     rotate-pairs RoPE) interleaves them. This is the inverse of HF's conversion permute."""
     rows, cols = w.shape
+    if rows % (2 * n_heads):
+        return w  # not this config's shape: _check_shapes says so
     return np.ascontiguousarray(w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(0, 2, 1, 3)
                                 .reshape(rows, cols))
 
@@ -381,8 +384,9 @@ def _check_shapes(path: Path, config, arrays):
     for name, shape in expected_shapes(config).items():
         if name not in arrays:
             raise CheckpointError(f"{path}: weight {name} is missing")
-        if tuple(arrays[name][0].shape) != shape:
-            raise CheckpointError(f"{path}: weight {name} has shape {tuple(arrays[name][0].shape)}, "
+        array, dtype = arrays[name]
+        if dtype.logical_shape(array.shape) != shape:
+            raise CheckpointError(f"{path}: weight {name} has shape {dtype.logical_shape(array.shape)}, "
                                   f"expected {shape} for this model's config")
 
 

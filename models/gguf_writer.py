@@ -17,20 +17,24 @@ from models.config import LlamaConfig, rope_freq_factors
 from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, byte_to_unicode
 from ops import dtypes
+from ops.blocks import BLOCK
 
 GGUF_FROM_META = {meta: name for name, meta in checkpoint.GGUF_NAMES.items()}
 GGUF_TOP_FROM_META = {meta: name for name, meta in checkpoint.GGUF_TOP.items()}
-FILE_TYPES = {dtypes.float32: 0, dtypes.float16: 1, dtypes.bfloat16: 32}  # llama.cpp's LLAMA_FTYPE_*
+FILE_TYPES = {dtypes.float32: 0, dtypes.float16: 1, dtypes.bfloat16: 32,  # llama.cpp's LLAMA_FTYPE_*
+              dtypes.q4_0: 2, dtypes.q4_1: 3, dtypes.q8_0: 7, dtypes.q5_0: 8, dtypes.q5_1: 9}
 
 
 def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None,
                dtype: dtypes.DType = dtypes.float16):
-    """weights: Meta names -> float32 arrays (or already `dtype`). tokenizer: a loaded tokenizer,
+    """weights: Meta names -> float32 arrays (or already `dtype`; block types quantise float32
+    matrices, norms stay float32). tokenizer: a loaded tokenizer,
     or None for a stand-in byte-level vocabulary of config.vocab_size tokens (random test models)."""
     import gguf
 
     if dtype not in FILE_TYPES:
-        raise ValueError(f"GGUF weights as {dtype.name} are not written here (float32, float16, bfloat16)")
+        raise ValueError(f"GGUF weights as {dtype.name} are not written here "
+                         f"({', '.join(d.name for d in FILE_TYPES)})")
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_type("model")
     writer.add_name(config.name)
@@ -64,6 +68,11 @@ def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, np.ndarray], 
             writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float32))
         elif dtype == dtypes.float16:
             writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float16))
+        elif dtype.block and w.shape[-1] % BLOCK:  # rows of no whole blocks stay float16, as llama.cpp keeps them
+            writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float16))
+        elif dtype.block:  # gguf-py's quantisation is llama.cpp's reference one
+            kind = gguf.GGMLQuantizationType(dtype.block.ggml_type)
+            writer.add_tensor(gguf_name, gguf.quants.quantize(np.asarray(w, np.float32), kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, dtypes.narrow(np.asarray(w, np.float32), dtype),
                               raw_dtype=gguf.GGMLQuantizationType.BF16)

@@ -3,10 +3,17 @@
 float16 and bfloat16 are storage types: every op widens them to float32, computes, and rounds
 the result back. NumPy has no bfloat16, so its bits live in uint16 (the upper half of a float32),
 exactly as checkpoints store them.
+
+Block types (q8_0, q4_0, ... see ops/blocks.py) hold a GGUF file's bytes: a tensor of logical
+shape [..., K] is stored as uint8 [..., K / 32 * block_bytes]. They are weights: they can be
+read by rows (gather, slices of leading axes), multiplied (x @ W.T) and cast to a float type,
+which is their meaning (dequantisation).
 """
 from dataclasses import dataclass
 
 import numpy as np
+
+from ops import blocks
 
 
 @dataclass(frozen=True)
@@ -15,6 +22,18 @@ class DType:
     storage: np.dtype   # how the bits are held in a NumPy buffer
     rank: int           # position in the promotion order
     is_float: bool
+    block: object = None  # a block type's ops.blocks.Format
+
+    def storage_shape(self, shape) -> tuple[int, ...]:
+        """The shape of the buffer holding a tensor of this dtype and logical shape."""
+        if self.block is None:
+            return tuple(shape)
+        return (*shape[:-1], shape[-1] // blocks.BLOCK * self.block.block_bytes)
+
+    def logical_shape(self, storage_shape) -> tuple[int, ...]:
+        if self.block is None:
+            return tuple(storage_shape)
+        return (*storage_shape[:-1], storage_shape[-1] // self.block.block_bytes * blocks.BLOCK)
 
     @property
     def itemsize(self) -> int:
@@ -33,7 +52,9 @@ bfloat16 = DType("bfloat16", np.dtype(np.uint16), 4, True)
 float32 = DType("float32", np.dtype(np.float32), 5, True)
 
 ALL = (bool_, int8, int32, int64, float16, bfloat16, float32)
-BY_NAME = {d.name: d for d in ALL}
+BLOCKS = tuple(DType(f.name, np.dtype(np.uint8), 4, True, f) for f in blocks.FORMATS.values())
+BY_NAME = {d.name: d for d in ALL + BLOCKS}
+q8_0, q4_0, q4_1, q5_0, q5_1 = BLOCKS
 default_float = float32
 default_int = int64
 
@@ -80,6 +101,8 @@ def widen(x: np.ndarray, d: DType) -> np.ndarray:
         return (x.astype(np.uint32) << 16).view(np.float32)
     if d is float16:
         return x.astype(np.float32)
+    if d.block is not None:
+        return blocks.dequantize(x, d.block)
     return x
 
 
@@ -88,6 +111,7 @@ NARROW_CHUNK = 1 << 20
 
 def narrow(x: np.ndarray, d: DType) -> np.ndarray:
     """A computed array -> storage bits of dtype d (round to nearest even for bfloat16)."""
+    assert d.block is None, "no op computes a block type"
     if d is bfloat16:
         # in chunks, so rounding a 1 GB tensor needs no whole-tensor temporaries
         values = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)

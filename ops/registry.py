@@ -28,15 +28,30 @@ def define(name: str, infer: Callable, reference: Callable, computes: bool = Tru
     return OPS[name]
 
 
+# what may read a block-quantised weight (ops/blocks.py); views record for x @ W.T and are
+# folded into the product before anything runs (see run_reference)
+BLOCK_READERS = {"cast", "gather", "matmul", "fused_linear", "permute", "reshape", "expand"}
+BLOCK_RUNS = {"cast", "gather", "matmul", "fused_linear"}
+
+
 def infer(op: str, srcs, arg):
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
+    block = next((s.dtype for s in srcs if s.dtype.block), None)
+    if block and (op not in BLOCK_READERS or (op == "gather" and arg == len(srcs[0].shape) - 1)):
+        raise ValueError(f"{op} of a {block.name} tensor: block-quantised weights can be read by rows, "
+                         f"multiplied (x @ W.T) or cast; cast it to float32 first")
+    if op == "cast" and arg.block:
+        raise ValueError(f"cannot cast to {arg.name}: quantise with tools.quantize or load(dtype=...)")
     return OPS[op].infer(srcs, arg)
 
 
 def run_reference(op: str, arrays, src_dtypes, arg, shape, dtype) -> np.ndarray:
     """Evaluate one op with NumPy, on storage-form inputs, returning a storage-form array."""
     d = OPS[op]
+    if op not in BLOCK_RUNS and any(s.block for s in src_dtypes):
+        raise ValueError(f"{op} of a block-quantised tensor ({', '.join(s.name for s in src_dtypes)}) cannot run "
+                         f"on its bytes: only x @ W.T on a 2-D x reads it as stored; cast it to float32 first")
     if not d.computes:
         return d.reference(arrays, arg, shape, dtype)
     wide = [dtypes.widen(x, x_dtype) for x, x_dtype in zip(arrays, src_dtypes)]

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
 
 from models import checkpoint
-from models.config import meta_ffn_dim
+from models.config import LlamaConfig, meta_ffn_dim
 from models.gguf_writer import write_gguf
 from models.llama3 import KVCache, Llama
 from ops import dtypes
@@ -105,6 +105,18 @@ def test_gguf_layout_gives_the_same_logits(weights_and_logits, tmp_path, dtype):
         rounded = {k: Tensor(v, dtype=dtype).cast(dtypes.float32) if v.ndim > 1 else Tensor(v) for k, v in arrays.items()}
         want = Llama(config, rounded).logits(PROMPT)
     assert np.abs(Llama(*checkpoint.load(tmp_path / "m.gguf")).logits(PROMPT) - want).max() <= TOL
+
+
+@pytest.mark.parametrize("dtype", dtypes.BLOCKS, ids=lambda d: d.name)
+def test_quantised_gguf_is_computed_as_stored(backend, tmp_path, dtype):
+    """A Q8_0/Q4_0/... file keeps its blocks (never expanded) and gives the logits of the same
+    model with those blocks dequantised to float32: only the summation order differs."""
+    config = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=120, ffn_dim=96, max_context=64)
+    write_gguf(tmp_path / "m.gguf", config, checkpoint.RandomArrays(config), dtype=dtype)
+    config2, weights, _ = checkpoint.load(tmp_path / "m.gguf")
+    assert weights["layers.0.feed_forward.w1.weight"].dtype == dtype
+    want = Llama(config2, {k: Tensor(w.numpy()) for k, w in weights.items()}).logits(PROMPT)
+    assert np.abs(Llama(config2, weights).logits(PROMPT) - want).max() <= TOL
 
 
 def test_bfloat16_hf_checkpoint_loads_as_stored(weights_and_logits, tmp_path):

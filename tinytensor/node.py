@@ -19,7 +19,7 @@ class Node:
             raise TypeError(f"a {dtype} buffer must hold {dtype.storage}, got {array.dtype}")
         node = cls.__new__(cls)
         node.op, node.srcs, node.arg = "buffer", (), None
-        node.shape, node.dtype = tuple(array.shape), dtype
+        node.shape, node.dtype = dtype.logical_shape(array.shape), dtype
         node.buffer, node.writable = array, writable
         return node
 

@@ -131,10 +131,11 @@ class Tensor:
         return self
 
     def numpy(self) -> np.ndarray:
-        """A copy of the values; bfloat16 comes out as float32, as NumPy has no bfloat16."""
+        """A copy of the values; bfloat16 and block types come out as float32, as NumPy has
+        neither."""
         self.realize()
         return np.array(dtypes.widen(self.node.buffer, self.dtype) if self.dtype == dtypes.bfloat16
-                        else self.node.buffer, copy=True)
+                        or self.dtype.block else self.node.buffer, copy=True)
 
     def item(self):
         if self.numel != 1:

@@ -4,6 +4,7 @@ tests and benchmarks:
     python -m tools.make_checkpoint --size 1b --layout hf --dtype bfloat16 OUT_FOLDER
     python -m tools.make_checkpoint --size 1b --layout meta OUT_FOLDER     (needs torch)
     python -m tools.make_checkpoint --size 1b --layout gguf --dtype float16 OUT.gguf   (llama.cpp's layout)
+    python -m tools.make_checkpoint --size 8b --layout gguf --dtype q4_0 OUT.gguf      (quantised blocks)
 
 Weights come in Meta's names and layout (models.checkpoint.random_weights); each writer turns
 them into its format, including Hugging Face's permuted q/k rows and Meta's shards.
@@ -134,11 +135,14 @@ def main(argv=None):
     p.add_argument("--size", choices=[*SIZES, "tiny"], required=True,
                    help="a published size, or tiny (the 3.2 layout at dim 64, 2 layers)")
     p.add_argument("--layout", choices=["hf", "meta", "gguf"], required=True, help="the on-disk format")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16",
-                   help="the weights' dtype (default: bfloat16)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", *(d.name for d in dtypes.BLOCKS)],
+                   default="bfloat16", help="the weights' dtype; the block types (q8_0, q4_0, ...) are for "
+                                            "--layout gguf (default: bfloat16)")
     p.add_argument("--shards", type=int, default=1, help="Meta layout: model-parallel shards")
     p.add_argument("--seed", type=int, default=0, help="random weights' seed (default: 0)")
     args = p.parse_args(argv)
+    if dtypes.to_dtype(args.dtype).block and args.layout != "gguf":
+        p.error(f"--dtype {args.dtype} is a GGUF block type: use it with --layout gguf")
     if args.out.exists():
         print(f"error: {args.out} exists; choose a new path (nothing was overwritten)", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from ops.movement import VIEWS
 def run_node(node, arrays):
     if not native(node):
         return reference_node(node, arrays)
-    out = np.empty(node.shape, node.dtype.storage)
+    out = np.empty(node.dtype.storage_shape(node.shape), node.dtype.storage)
     plan = Plan(fixed=False)
     plan_node(plan, node, arrays, out)
     plan.run()
@@ -45,14 +45,14 @@ class LLVMBackend:
 def _prepare_node(plan, node, arrays):
     """The fixed array that will hold node's value on every replay, and the steps that fill it."""
     if native(node):
-        out = np.empty(node.shape, node.dtype.storage)
+        out = np.empty(node.dtype.storage_shape(node.shape), node.dtype.storage)
         plan_node(plan, node, arrays, out)
         return out
     reference = partial(reference_node, node, arrays)
     result = reference()
     if (node.op in VIEWS and any(np.shares_memory(result, a) for a in arrays)) or not node.srcs:
         return result  # a view of fixed buffers stays valid; a constant stays constant
-    out = np.empty(node.shape, node.dtype.storage)
+    out = np.empty(node.dtype.storage_shape(node.shape), node.dtype.storage)
     plan.steps.append(partial(lambda o, f: np.copyto(o, f()), out, reference))
     return out
 

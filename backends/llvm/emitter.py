@@ -200,6 +200,7 @@ declare float @llvm.minnum.f32(float, float)
 declare float @llvm.rint.f32(float)
 declare float @llvm.minimum.f32(float, float)
 declare float @tanhf(float)
+declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
 """ + "".join(f"declare {t} @llvm.{f}.{t}({t}, {t})\n" for t in ("i8", "i32", "i64") for f in ("smax", "smin")) \
     + "".join(f"declare {t} @llvm.abs.{t}({t}, i1)\n" for t in ("i8", "i32", "i64"))
 

@@ -85,6 +85,38 @@ class Kernel(Emitter):
     def store_at(self, value: str, ptr: str, index, d):
         self.store(value, self.at(ptr, index, STORAGE[d.name]), d)
 
+    # ---- vectors --------------------------------------------------------------------------------
+    def vload(self, ptr: str, n: int, element: str, align: int = 1) -> str:
+        """<n x element> from ptr (unaligned unless told)."""
+        return self.op(f"load <{n} x {element}>, ptr {ptr}, align {align}")
+
+    def splat(self, x: str, n: int, element: str = "float") -> str:
+        one = self.op(f"insertelement <{n} x {element}> poison, {element} {x}, i32 0")
+        return self.op(f"shufflevector <{n} x {element}> {one}, <{n} x {element}> poison, <{n} x i32> zeroinitializer")
+
+    def halves(self, v: str, n: int, element: str = "float") -> tuple[str, str]:
+        """The two halves of an <n x element> vector."""
+        lanes = lambda lo: ", ".join(f"i32 {i}" for i in range(lo, lo + n // 2))  # noqa: E731
+        return tuple(self.op(f"shufflevector <{n} x {element}> {v}, <{n} x {element}> poison, <{n // 2} x i32> <{lanes(lo)}>")
+                     for lo in (0, n // 2))
+
+    def concat(self, a: str, b: str, n: int, element: str) -> str:
+        """<2n x element> from two <n x element> vectors."""
+        lanes = ", ".join(f"i32 {i}" for i in range(2 * n))
+        return self.op(f"shufflevector <{n} x {element}> {a}, <{n} x {element}> {b}, <{2 * n} x i32> <{lanes}>")
+
+    def fold_to(self, v: str, n: int, lanes: int) -> str:
+        """Add the halves of a float vector until `lanes` remain (a partial horizontal sum)."""
+        while n > lanes:
+            lo, hi = self.halves(v, n)
+            n //= 2
+            v = self.op(f"fadd reassoc contract <{n} x float> {lo}, {hi}")
+        return v
+
+    def hsum(self, v: str, n: int) -> str:
+        """The sum of a float vector's lanes, in any order."""
+        return self.op(f"call reassoc float @llvm.vector.reduce.fadd.v{n}f32(float -0.0, <{n} x float> {v})")
+
     def scratch(self, storage: str, count) -> str:
         """A stack array for the whole call; only at the start, before any loop or branch."""
         assert self._in_entry, "scratch arrays are made in the entry block"

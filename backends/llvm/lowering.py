@@ -118,11 +118,14 @@ def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
     _loop_calls(plan, program, in_types, out_type, [out, *views], kept_dims + red_dims, strides, reduce)
 
 
-def _block(m: int, weights: int = 1):
+def _block(m: int, weights: int = 1, quantised: bool = False):
     """Rows x columns of C per step: 4 x 3 keeps 12 accumulators and 7 loads in AVX2's 16
     registers (measured best at 128 rows); one row streams 4 weight rows at a time. With two
     weights (SwiGLU) each column needs two accumulators: 4 x 1 (8) measured 1.5x faster than
-    3 x 2 (12) at 64 and 128 rows, which spills."""
+    3 x 2 (12) at 64 and 128 rows, which spills. A quantised block widens to 4 registers, so
+    fewer columns are in flight."""
+    if quantised:
+        return (1, 4 // weights) if m < 4 else (4, 2 // weights)
     if weights == 1:
         return (1, 4) if m < 4 else (4, 3)
     return (1, 2) if m < 4 else (4, 1)
@@ -213,7 +216,7 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     """Groups of calls (each group one kernel split across threads when `threaded`) computing
     C = epilogue(A @ W[0].T, ..., E...): the row and column tails get their own kernels."""
     m, k, n = A.shape[0], A.shape[1], C.shape[1]
-    mr, nr = _block(m, len(W))
+    mr, nr = _block(m, len(W), any(t.block for t in w_types))
     groups = []
     ld = lambda x: x.strides[0] // x.itemsize  # noqa: E731
     mb, nb = m - m % mr, n - n % nr
@@ -225,7 +228,7 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
             fn = _kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, w_types, c_type, row_block,
                                                                     col_block, e_types, program),
                          signatures.matmul_nt(len(W), len(E)))
-            work = len(cols) * k * sum(w.itemsize for w in W) if threaded else 0
+            work = len(cols) * sum(w.strides[0] for w in W) if threaded else 0  # bytes of weights
             weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], ld(w))]
             extras = [x for e in [C, *E] for x in (e.ctypes.data + rows.start * e.strides[0] + cols.start * e.itemsize,
                                                     ld(e))]
@@ -293,6 +296,8 @@ def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
 
 
 def native(node) -> bool:
+    if any(s.dtype.block for s in node.srcs) and node.op != "fused_linear":
+        return False  # the reference dequantises (a cast) or picks rows (a gather)
     return (node.op in ELEMENTWISE and bool(node.srcs)) or node.op in REDUCE or \
         node.op in ("fused", "fused_reduce", "fused_linear", "attention") or \
         (node.op == "matmul" and node.dtype.is_float)

@@ -1,7 +1,8 @@
-"""A weight stored as bfloat16 or float16 reaches a matmul as cast(weight) -> float32, through
-views (transpose, expand). Left alone, that cast converts the whole weight on every call. This
-pass moves the views onto the stored weight and lets the matmul read it as it is: the product's
-meaning is unchanged (the kernel widens each element in registers, which is all the cast did)."""
+"""A weight stored as bfloat16, float16 or a block type (q4_0, ...) reaches a matmul as
+cast(weight) -> float32, through views (transpose, expand). Left alone, that cast converts the
+whole weight on every call. This pass moves the views onto the stored weight and lets the matmul
+read it as it is: the product's meaning is unchanged (the kernel widens or dequantises each
+element in registers, which is all the cast did)."""
 import networkx as nx
 
 from ops import dtypes
@@ -10,13 +11,13 @@ from tinytensor.node import Node, add_node, set_node
 from tinytensor.passes.patterns import remove_unread
 
 
-def _half_source(node):
-    """The views from node down to a cast from a half type, or None."""
+def _stored_source(node):
+    """The views from node down to a cast from a half or block type, or None."""
     views = []
     while node.op in VIEWS:
         views.append(node)
         node = node.srcs[0]
-    if node.op == "cast" and node.dtype == dtypes.float32 and node.srcs[0].dtype in (dtypes.float16, dtypes.bfloat16):
+    if node.op == "cast" and node.dtype == dtypes.float32 and (node.srcs[0].dtype in (dtypes.float16, dtypes.bfloat16) or node.srcs[0].dtype.block):
         return node, views
     return None
 
@@ -26,7 +27,7 @@ def fold_matmul_casts(g: nx.DiGraph, outputs) -> None:
     for mm in [n for n in g if n.op == "matmul" and n.dtype == dtypes.float32 and n.arg is None]:
         srcs = list(mm.srcs)
         for i, src in enumerate(srcs):
-            found = _half_source(src)
+            found = _stored_source(src)
             if found is None:
                 continue
             cast, views = found

@@ -31,6 +31,8 @@ def fuse_elementwise(g: nx.DiGraph, outputs) -> None:
             continue
         if node.op in REDUCE:
             kernel_of[node] = node
+        elif any(s.dtype.block for s in node.srcs):
+            continue  # a block type's cast dequantises on its own (ops/blocks.py); nothing joins it
         elif node.op in ELEMENTWISE:
             kernel_of[node] = _joins(node, list(g.successors(node)), kernel_of, outputs) or node
     members: dict = {}

@@ -105,8 +105,8 @@ def fuse_linear(g: nx.DiGraph, outputs) -> None:
         where = {"acc": 0, "extra": j, "ins": j + len(extras)}
         resolved = tuple(Instruction(op, arg, tuple(where[kind] + i for kind, i in operands), dt)
                          for op, arg, operands, dt in program)
-        if not norm and not resolved:
-            continue  # a plain product: the matmul kernel is the same kernel
+        if not norm and not resolved and not w.dtype.block:
+            continue  # a plain product: the matmul kernel is the same kernel (it has none for blocks)
         arg = Linear(eps, j, tuple(s.dtype for s in srcs), resolved)
         rewrite(g, root, "fused_linear", srcs, arg, [n for n in absorbed if n is not root], outputs)
     merge_side_by_side(g, outputs)

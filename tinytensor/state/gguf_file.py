@@ -11,8 +11,9 @@ damaged file gives one CheckpointError, never a hang or a huge allocation. We re
 rather than with the `gguf` package: its reader builds a NumPy view per array element (13 s for
 a 128k-token vocabulary, against 0.3 s here) and trusts the header's counts.
 
-Float tensors are mapped in place; quantised ones (Q8_0, Q4_0, Q4_1, K-quants...) are
-dequantised to float32 at load, for now (with the `gguf` package's reference dequantisation).
+Float tensors and the block types of ops/blocks.py (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) are mapped
+in place, as stored; other quantised ones (K-quants, IQ...) are dequantised to float32 at load,
+for now (with the `gguf` package's reference dequantisation).
 """
 import math
 import mmap
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ops import dtypes
+from ops import blocks, dtypes
 from tinytensor.state import CheckpointError, check_no_overlap, progress
 
 MAGIC = b"GGUF"
@@ -176,7 +177,9 @@ def read_metadata(path: Path) -> dict:
 
 
 def read(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dtypes.DType]]]:
-    """(metadata, {name: (array, dtype)}): float tensors map the file, others are dequantised."""
+    """(metadata, {name: (array, dtype)}): float tensors and the block types of ops/blocks.py
+    map the file (a block tensor's array is its bytes, [rows, bytes per row]); others are
+    dequantised to float32."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
@@ -188,6 +191,10 @@ def read(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dtypes.DType]]]:
         if t.ggml_type in FLOATS:
             storage, dtype = FLOATS[t.ggml_type]
             out[t.name] = (raw.view(storage).reshape(t.shape), dtype)
+            continue
+        if t.ggml_type in blocks.BY_GGML_TYPE:
+            dtype = dtypes.BY_NAME[blocks.BY_GGML_TYPE[t.ggml_type].name]
+            out[t.name] = (raw.reshape(dtype.storage_shape(t.shape)), dtype)
             continue
         try:
             values = dequantize(np.asarray(raw).reshape(math.prod(t.shape[:-1]), -1), Q(t.ggml_type))

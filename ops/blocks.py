@@ -1,0 +1,74 @@
+"""Block-quantised element types, as GGUF files store them (ggml's layouts), and their meaning.
+
+A row of K values is K / 32 blocks of a fixed number of bytes; each block holds a float16 scale
+d (some also a float16 minimum m) and 32 small integers q:
+
+    q8_0  34 bytes: d, q int8[32]                         x = d * q
+    q4_0  18 bytes: d, q 4-bit[32]                        x = d * (q - 8)
+    q4_1  20 bytes: d, m, q 4-bit[32]                     x = d * q + m
+    q5_0  22 bytes: d, high bits u32, q 4-bit[32]         x = d * (q - 16), q 5-bit
+    q5_1  24 bytes: d, m, high bits u32, q 4-bit[32]      x = d * q + m, q 5-bit
+
+4-bit values are packed two per byte: byte j holds value j in its low nibble and value j + 16
+in its high nibble. The fifth bit of value j is bit j of the u32. `dequantize` is the one
+meaning every backend computes; tests hold it to the `gguf` package's dequantisation.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    block_bytes: int
+    ggml_type: int      # the type id in a GGUF file
+    has_min: bool       # a float16 m after d: x = d * q + m
+    high_bits: bool     # a u32 of fifth bits before the nibbles
+    offset: int         # subtracted from q when there is no m
+    nibbles: bool       # 4-bit values (else int8)
+
+    @property
+    def scale_bytes(self) -> int:  # the float16 fields
+        return 4 if self.has_min else 2
+
+    @property
+    def quants_at(self) -> int:  # where the packed values start in a block
+        return self.scale_bytes + (4 if self.high_bits else 0)
+
+
+FORMATS = {f.name: f for f in (
+    Format("q8_0", 34, 8, has_min=False, high_bits=False, offset=0, nibbles=False),
+    Format("q4_0", 18, 2, has_min=False, high_bits=False, offset=8, nibbles=True),
+    Format("q4_1", 20, 3, has_min=True, high_bits=False, offset=0, nibbles=True),
+    Format("q5_0", 22, 6, has_min=False, high_bits=True, offset=16, nibbles=True),
+    Format("q5_1", 24, 7, has_min=True, high_bits=True, offset=0, nibbles=True),
+)}
+BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
+
+
+def quants(blocks: np.ndarray, f: Format) -> np.ndarray:
+    """The integers q [n, 32] of blocks [n, block_bytes] (before the offset)."""
+    raw = blocks[:, f.quants_at:]
+    if not f.nibbles:
+        return raw.view(np.int8).astype(np.int32)
+    q = np.concatenate([raw & 0x0F, raw >> 4], axis=1).astype(np.int32)
+    if f.high_bits:
+        bits = blocks[:, f.scale_bytes:f.scale_bytes + 4].copy().view("<u4")  # [n, 1]
+        q |= (((bits >> np.arange(BLOCK, dtype=np.uint32)) & 1) << 4).astype(np.int32)
+    return q
+
+
+def dequantize(x: np.ndarray, f: Format) -> np.ndarray:
+    """Storage [..., K / 32 * block_bytes] (uint8) -> float32 values [..., K]."""
+    lead, row_bytes = x.shape[:-1], x.shape[-1]
+    blocks = np.ascontiguousarray(x).reshape(-1, f.block_bytes)
+    halves = blocks[:, :f.scale_bytes].copy().view("<f2").astype(np.float32)  # d (and m)
+    q = quants(blocks, f)
+    if f.has_min:
+        values = halves[:, :1] * q.astype(np.float32) + halves[:, 1:2]
+    else:
+        values = halves[:, :1] * (q - f.offset).astype(np.float32)
+    return values.reshape(*lead, row_bytes // f.block_bytes * BLOCK)
