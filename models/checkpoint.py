@@ -16,7 +16,7 @@ import numpy as np
 
 from models import config as configs
 from models.spm_tokenizer import SentencePieceTokenizer
-from models.tokenizer import BPETokenizer, Llama3Tokenizer, TokenizerError
+from models.tokenizer import PRE_TOKENIZERS, BPETokenizer, Llama3Tokenizer, TokenizerError
 from ops import dtypes
 from tinytensor import Tensor
 from tinytensor.state import CheckpointError, gguf_file, progress, pth_file, safetensors_file
@@ -301,7 +301,11 @@ def gguf_tokenizer(path: Path, m: dict):
         raise TokenizerError(f"{path}: tokenizer.chat_template is not a string")
     if kind == "gpt2":
         merges = _vocab_list(path, m, key("merges"), str, required=False)
-        return BPETokenizer(tokens, merges, types, m.get(key("pre"), "default"), ids["bos_token_id"],
+        pre = m.get(key("pre"), "default")
+        if pre not in PRE_TOKENIZERS:
+            raise TokenizerError(f"{path}: {key('pre')} is {pre!r}, a pre-tokenizer not supported here; known: "
+                                 f"{', '.join(PRE_TOKENIZERS)}")
+        return BPETokenizer(tokens, merges, types, pre, ids["bos_token_id"],
                             ids["eos_token_id"], add_bos, template, stops)
     scores = _vocab_list(path, m, key("scores"), float, len(tokens))
     bos = 1 if ids["bos_token_id"] is None else ids["bos_token_id"]
