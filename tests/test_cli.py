@@ -145,12 +145,20 @@ def test_folder_with_weights_but_no_tokenizer(tmp_path):
 
 
 def test_make_checkpoint_output_runs_as_it_is(tmp_path):
-    for layout, out in [("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")]:
+    for layout, out, dtype in [("hf", tmp_path / "hf", "bfloat16"), ("gguf", tmp_path / "m.gguf", "bfloat16"),
+                               ("gguf", tmp_path / "q.gguf", "q4_0")]:
         made = subprocess.run([sys.executable, "-m", "tools.make_checkpoint", "--size", "tiny", "--layout", layout,
-                               str(out)], capture_output=True, text=True, timeout=300)
+                               "--dtype", dtype, str(out)], capture_output=True, text=True, timeout=300)
         assert made.returncode == 0, made.stderr
         result = run("--checkpoint", str(out), "--max-tokens", "3", "--temperature", "0")
         assert result.returncode == 0 and "decode" in result.stderr, result.stderr
+
+
+def test_make_checkpoint_block_types_are_gguf_only(tmp_path):
+    made = subprocess.run([sys.executable, "-m", "tools.make_checkpoint", "--size", "tiny", "--layout", "hf",
+                           "--dtype", "q4_0", str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 2 and "use it with --layout gguf" in made.stderr
+    assert "Traceback" not in made.stderr and not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("tool", ["tools.fetch", "tools.tokenize", "tools.make_checkpoint", "tools.bench", "tools.perplexity",
