@@ -46,7 +46,6 @@ FORMATS = {f.name: f for f in (
     Format("q5_0", 22, 6, has_min=False, high_bits=True, offset=16, nibbles=True),
     Format("q5_1", 24, 7, has_min=True, high_bits=True, offset=0, nibbles=True),
 )}
-BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 
 def quants(blocks: np.ndarray, f: Format) -> np.ndarray:

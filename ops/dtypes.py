@@ -6,8 +6,8 @@ exactly as checkpoints store them.
 
 Block types (q8_0, q4_0, ... see ops/blocks.py) hold a GGUF file's bytes: a tensor of logical
 shape [..., K] is stored as uint8 [..., K / 32 * block_bytes]. They are weights: they can be
-read by rows (gather, slices of leading axes), multiplied (x @ W.T) and cast to a float type,
-which is their meaning (dequantisation).
+read by rows (gather), multiplied (x @ W.T) and cast to a float type, which is their meaning
+(dequantisation).
 """
 from dataclasses import dataclass
 
@@ -55,6 +55,7 @@ ALL = (bool_, int8, int32, int64, float16, bfloat16, float32)
 BLOCKS = tuple(DType(f.name, np.dtype(np.uint8), 4, True, f) for f in blocks.FORMATS.values())
 BY_NAME = {d.name: d for d in ALL + BLOCKS}
 q8_0, q4_0, q4_1, q5_0, q5_1 = BLOCKS
+BY_GGML_TYPE = {d.block.ggml_type: d for d in BLOCKS}  # a GGUF tensor's type id -> its block dtype
 default_float = float32
 default_int = int64
 

@@ -106,3 +106,19 @@ def test_blocks_are_weights_not_values():
     with pytest.raises(ValueError, match="cannot cast to q8_0"):
         Tensor(np.ones((2, 32), np.float32)).cast(dtypes.q8_0)
     assert np.allclose((w.cast(dtypes.float32) * 2).numpy(), 2 * dtypes.widen(raw, dtypes.q4_0))
+
+
+def test_swiglu_of_a_block_and_a_float_weight(backend):
+    """A gate in blocks beside an up projection in float16 (files mix types): each is its own
+    product, each within its bound."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    raw, gate = stored(rng, (32, 64), dtypes.q4_0)
+    up = rng.standard_normal((32, 64)).astype(np.float16)
+    got = (nn.linear(Tensor(x), Tensor.from_numpy(raw, dtypes.q4_0)).silu()
+           * nn.linear(Tensor(x), Tensor.from_numpy(up, dtypes.float16))).numpy()
+    x64, up64 = x.astype(np.float64), up.astype(np.float64)
+    a, b = x64 @ gate.T, x64 @ up64.T
+    silu = a / (1 + np.exp(-a))
+    reach = 1.1 * np.abs(b) * bound(x64, gate) + np.abs(silu) * bound(x64, up64) + 4 * EPS * np.abs(silu * b)
+    assert np.all(np.abs(got - silu * b) <= reach)

@@ -125,7 +125,7 @@ def _block(m: int, weights: int = 1, quantised: bool = False):
     3 x 2 (12) at 64 and 128 rows, which spills. A quantised block widens to 4 registers, so
     fewer columns are in flight."""
     if quantised:
-        return (1, 4 // weights) if m < 4 else (4, 2 // weights)
+        return (1, max(1, 4 // weights)) if m < 4 else (4, max(1, 2 // weights))
     if weights == 1:
         return (1, 4) if m < 4 else (4, 3)
     return (1, 2) if m < 4 else (4, 1)

@@ -17,7 +17,8 @@ def _stored_source(node):
     while node.op in VIEWS:
         views.append(node)
         node = node.srcs[0]
-    if node.op == "cast" and node.dtype == dtypes.float32 and (node.srcs[0].dtype in (dtypes.float16, dtypes.bfloat16) or node.srcs[0].dtype.block):
+    stored = node.srcs[0].dtype if node.op == "cast" else None
+    if node.dtype == dtypes.float32 and stored and (stored in (dtypes.float16, dtypes.bfloat16) or stored.block):
         return node, views
     return None
 

@@ -81,7 +81,9 @@ def fuse_linear(g: nx.DiGraph, outputs) -> None:
         gate = _sole_reader(g, silu, outputs) if silu is not None and silu.op == "silu" else None
         if gate is not None and gate.op == "mul":
             up = gate.srcs[1] if gate.srcs[0] is silu else gate.srcs[0]
+            # one kernel reads both weights as blocks or both as floats
             if _linear(up) and up.srcs[0] is a and _weight(up.srcs[1]).shape == w.shape \
+                    and bool(_weight(up.srcs[1]).dtype.block) == bool(w.dtype.block) \
                     and _sole_reader(g, up, outputs) is gate:
                 weights.append(_weight(up.srcs[1]))
                 program.append(("silu", None, (("acc", 0),), F32))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ops import blocks, dtypes
+from ops import dtypes
 from tinytensor.state import CheckpointError, check_no_overlap, progress
 
 MAGIC = b"GGUF"
@@ -192,8 +192,8 @@ def read(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dtypes.DType]]]:
             storage, dtype = FLOATS[t.ggml_type]
             out[t.name] = (raw.view(storage).reshape(t.shape), dtype)
             continue
-        if t.ggml_type in blocks.BY_GGML_TYPE:
-            dtype = dtypes.BY_NAME[blocks.BY_GGML_TYPE[t.ggml_type].name]
+        if t.ggml_type in dtypes.BY_GGML_TYPE:
+            dtype = dtypes.BY_GGML_TYPE[t.ggml_type]
             out[t.name] = (raw.reshape(dtype.storage_shape(t.shape)), dtype)
             continue
         try:
