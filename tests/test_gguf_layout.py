@@ -23,6 +23,7 @@ from models.config import from_gguf
 from models.gguf_writer import write_gguf
 from models.llama3 import Llama
 from ops import dtypes
+from tinytensor import Tensor
 from tinytensor.state import gguf_file
 
 TOL = 1e-4
@@ -186,6 +187,20 @@ def test_llamacpp_runs_our_gguf_and_agrees(checkpoints, llamacpp_bin, tmp_path):
         logits = model.logits(ids + generated)
     text = b"".join(model.tokenizer.token_bytes(i) for i in generated)  # llama.cpp prints raw bytes
     assert done.stdout.endswith(text + b"\n"), (done.stdout, generated)
+
+
+@pytest.mark.parametrize("dtype", dtypes.BLOCKS, ids=lambda d: d.name)
+def test_llamacpp_quantized_file_is_computed_as_stored(backend, checkpoints, llamacpp_bin, tmp_path, dtype):
+    """llama-quantize's blocks (every tensor, --pure) load as stored and give the logits of the
+    same blocks dequantised to float32: only the summation order differs."""
+    out = tmp_path / f"{dtype.name}.gguf"
+    done = subprocess.run([str(llamacpp_bin / "llama-quantize"), "--pure", str(checkpoints("factor32")[2]), str(out),
+                           dtype.name.upper()], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config, weights, tokenizer = checkpoint.load(out)
+    assert {w.dtype for name, w in weights.items() if name.endswith("wq.weight")} == {dtype}
+    want = Llama(config, {k: Tensor(w.numpy()) for k, w in weights.items()}).logits(PROMPT[:64])
+    assert np.abs(Llama(config, weights).logits(PROMPT[:64]) - want).max() <= TOL
 
 
 @pytest.mark.parametrize("name", ["llama-bpe", "gpt-2", "llama-spm"])
