@@ -12,6 +12,12 @@ d (some also a float16 minimum m) and 32 small integers q:
 4-bit values are packed two per byte: byte j holds value j in its low nibble and value j + 16
 in its high nibble. The fifth bit of value j is bit j of the u32. `dequantize` is the one
 meaning every backend computes; tests hold it to the `gguf` package's dequantisation.
+
+A product x @ W.T with W in blocks multiplies 8-bit activations, as llama.cpp does: each block
+of 32 values of a row of x is quantised to q8 (`quantize_rows`: d = max|x| / 127,
+q = round-half-even(x * 127 / max|x|)), so each block's dot product is a sum of integer
+products (exact) times d_w * d_x. `product` is that meaning; kernels differ from it only in
+the order of the float32 sums.
 """
 from dataclasses import dataclass
 
@@ -71,3 +77,27 @@ def dequantize(x: np.ndarray, f: Format) -> np.ndarray:
     else:
         values = halves[:, :1] * (q - f.offset).astype(np.float32)
     return values.reshape(*lead, row_bytes // f.block_bytes * BLOCK)
+
+
+# ---- products: x @ W.T on 8-bit activations ------------------------------------------------------
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 rows [m, K] -> their q8 blocks: (q int8 [m, K], d float32 [m, K / 32],
+    s float32 [m, K / 32] = d * sum(q), which formats with a minimum use). Every step is one
+    float32 operation, so a kernel doing the same steps gets the same bits."""
+    m, k = x.shape
+    blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(m, k // BLOCK, BLOCK)
+    amax = np.abs(blocks).max(axis=-1)
+    d = amax / np.float32(127)
+    inverse = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax != 0)
+    q = np.rint(blocks * inverse[..., None]).astype(np.int8)
+    s = d * q.sum(axis=-1, dtype=np.int32).astype(np.float32)
+    return q.reshape(m, k), d, s
+
+
+def product(x: np.ndarray, w: np.ndarray, f: Format) -> np.ndarray:
+    """x [m, K] float32 @ W.T for W [n, K] stored in format f: x's q8 blocks (quantize_rows)
+    times W's values, summed in float32."""
+    q, d, _ = quantize_rows(x)
+    a = (q.reshape(d.shape + (BLOCK,)).astype(np.float32) * d[..., None]).reshape(x.shape)
+    return a @ dequantize(w, f).T

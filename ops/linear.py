@@ -4,7 +4,8 @@ fused_linear: y = epilogue(norm(a) @ w1.T, ..., norm(a) @ wj.T, e1, ..., er)
     srcs (a [m, k], [g [k]], w1 [n, k] ... wj [n, k], e1 [m, n] ... er [m, n]);
     arg Linear(eps, n_weights, src_types, program). eps None: no norm; otherwise norm(a) is Llama's RMSNorm,
     a * rsqrt(mean(a^2) + eps) * g, computed in float32 as nn.rms_norm computes it. The weights
-    keep their stored dtype (a kernel widens them in registers). The program (see ops.fused) reads
+    keep their stored dtype (a kernel widens them in registers); block-quantised ones multiply
+    norm(a) quantised to 8 bits per block of 32 (ops.blocks.product), as llama.cpp does. The program (see ops.fused) reads
     the j products (float32) then the extras; an empty program means the first product, and
     "concat" the products side by side ([m, n1 + ... + nj]: Q, K and V from one kernel).
     Covers RMSNorm -> matmul, SwiGLU (silu(x @ Wg.T) * (x @ Wu.T)) and a residual add.
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ops import dtypes
+from ops import blocks, dtypes
 from ops.fused import Instruction, run_program
 from ops.registry import define, shape_str
 
@@ -68,15 +69,17 @@ def _linear_infer(srcs, arg):
 
 def _linear_reference(xs, arg: Linear, shape, dtype):
     j, src_types, program = arg.n_weights, arg.src_types, arg.program
-    wide = [dtypes.widen(x, t) for x, t in zip(xs, src_types)]
-    a, g, weights, _ = _linear_parts(wide, arg)
-    a = rms_normalize(a, g, arg.eps) if g is not None else a
-    products = [np.matmul(a, w.T) for w in weights]
+    a, g, weights, extras = _linear_parts(xs, arg)
+    a_type, g_type, w_types, extra_types = _linear_parts(src_types, arg)
+    a = dtypes.widen(a, a_type)
+    a = rms_normalize(a, dtypes.widen(g, g_type), arg.eps) if g is not None else a
+    # a block-quantised weight meets 8-bit activations (ops.blocks.product)
+    products = [blocks.product(a, w, t.block) if t.block else np.matmul(a, dtypes.widen(w, t).T)
+                for w, t in zip(weights, w_types)]
     if program == "concat":
         return np.concatenate(products, axis=-1)
     if not program:
         return products[0]
-    extras, extra_types = _linear_parts(xs, arg)[3], _linear_parts(src_types, arg)[3]  # the program widens
     return run_program(program, products + list(extras), (dtypes.float32,) * j + tuple(extra_types), shape)
 
 

@@ -31,7 +31,7 @@ def define(name: str, infer: Callable, reference: Callable, computes: bool = Tru
 # what may read a block-quantised weight (ops/blocks.py); views record for x @ W.T and are
 # folded into the product before anything runs (see run_reference)
 BLOCK_READERS = {"cast", "gather", "matmul", "fused_linear", "permute", "reshape", "expand"}
-BLOCK_RUNS = {"cast", "gather", "matmul", "fused_linear"}
+BLOCK_RUNS = {"cast", "gather", "fused_linear"}
 
 
 def infer(op: str, srcs, arg):
@@ -51,7 +51,8 @@ def run_reference(op: str, arrays, src_dtypes, arg, shape, dtype) -> np.ndarray:
     d = OPS[op]
     if op not in BLOCK_RUNS and any(s.block for s in src_dtypes):
         raise ValueError(f"{op} of a block-quantised tensor ({', '.join(s.name for s in src_dtypes)}) cannot run "
-                         f"on its bytes: only x @ W.T on a 2-D x reads it as stored; cast it to float32 first")
+                         f"on its bytes: only x @ W.T reads it as stored (as fused_linear: the fuse_linear pass); "
+                         f"cast it to float32 first")
     if not d.computes:
         return d.reference(arrays, arg, shape, dtype)
     wide = [dtypes.widen(x, x_dtype) for x, x_dtype in zip(arrays, src_dtypes)]

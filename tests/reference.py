@@ -69,3 +69,24 @@ def tensors(draw, dtype_choices=FLOATS, shape=None, low=-8.0, high=8.0):
     if dtype.is_float:
         return Tensor(draw(float_arrays(shape, low, high)), dtype=dtype)
     return Tensor(draw(int_arrays(shape, dtype, int(low), int(high))), dtype=dtype)
+
+
+# A product with block-quantised weights meets its input rounded to 8 bits per block of 32
+# (ops.blocks.quantize_rows): each value moves by at most half a step d = amax / 127, and as
+# noise that spreads evenly over the step its mean square is d^2 / 12. Since amax^2 <= the
+# block's sum of squares (32 mean squares), one product's relative mean-square error is at most
+# 32 / (12 * 127^2). Noise from the products on a logit's path adds (to first order).
+Q8_NMSE_PER_PRODUCT = 32 / (12 * 127 ** 2)
+
+
+def quantised_products_on_path(n_layers: int) -> int:
+    """The 8-bit products a logit passes through: Q/K/V, the output projection, gate/up and
+    down in every layer, then the head."""
+    return 4 * n_layers + 1
+
+
+def nmse(got: np.ndarray, want: np.ndarray) -> float:
+    """Normalised mean squared error, the measure llama.cpp's backend tests use for quantised
+    products."""
+    want = want.astype(np.float64)
+    return float(np.mean((got - want) ** 2) / np.mean(want ** 2))

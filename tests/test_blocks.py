@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from ops import dtypes
+from ops import blocks, dtypes
 from tinytensor import Tensor, nn
 
 FORMATS = dtypes.BLOCKS
@@ -27,6 +27,48 @@ def bound(x, w):
     return (x.shape[-1] + 1) * EPS * (np.abs(x) @ np.abs(w).T) + 1e-30
 
 
+def magnitudes(raw, dtype):
+    """Per weight, the size of the terms a kernel adds for it: |d| q (+ |m|) with q unsigned
+    (a 4/5-bit value and its offset or minimum are summed apart, so they may cancel)."""
+    f = dtype.block
+    blocks_ = raw.reshape(-1, f.block_bytes)
+    halves = np.abs(blocks_[:, :f.scale_bytes].copy().view("<f2").astype(np.float64))
+    q = np.abs(blocks.quants(blocks_, f)).astype(np.float64)
+    m = halves[:, 1:2] if f.has_min else f.offset * halves[:, :1]
+    return (halves[:, :1] * q + m).reshape(raw.shape[0], -1)
+
+
+def q8(x):
+    """x's q8 blocks as values (ops.blocks.quantize_rows, dequantised), in float64."""
+    q, d, _ = blocks.quantize_rows(x.astype(np.float32))
+    return q.reshape(d.shape + (32,)).astype(np.float64) * d[..., None].astype(np.float64)
+
+
+def product_bound(x, raw, dtype):
+    """How far a kernel's x @ W.T on blocks may be from ops.blocks.product: both sum the same
+    products of x's q8 values with W's (exact reals) in float32, the reference in K + 2
+    roundings of |w||a|, a kernel in K + 4 of its terms' magnitudes (see magnitudes)."""
+    a = np.abs(q8(x)).reshape(x.shape)
+    w = np.abs(dtypes.widen(raw, dtype)).astype(np.float64)
+    return (x.shape[-1] + 2) * EPS * (a @ w.T) + (x.shape[-1] + 4) * EPS * (a @ magnitudes(raw, dtype).T) + 1e-30
+
+
+def q8_reach(x, e, w_abs):
+    """How far x's q8 product with |w| may move when the kernel only has x to within e
+    (elementwise): each q may step by one where x * 127 / amax lies within reach of a
+    half-integer (rounding goes the other way), and the scale amax / 127 moves with amax."""
+    m, k = x.shape
+    xb, eb = np.abs(x).reshape(m, k // 32, 32), e.reshape(m, k // 32, 32)
+    amax, moved = xb.max(-1, keepdims=True), eb.max(-1, keepdims=True)
+    safe = np.where(amax > 0, amax, 1)
+    scaled = xb * 127 / safe
+    reach = 127 * (eb / safe + xb * moved / safe ** 2) + 4 * EPS * 128  # + the float32 inverse and product
+    may_step = np.abs(scaled - np.floor(scaled) - 0.5) <= reach
+    step = (amax + moved) / 127
+    per_value = may_step * step + moved / 127 * (scaled + 1)
+    return np.where(amax > 0, per_value, eb).reshape(m, k) @ w_abs.T
+
+
 @pytest.mark.parametrize("dtype", FORMATS, ids=lambda d: d.name)
 def test_meaning_is_ggufs_dequantisation(dtype):
     rng = np.random.default_rng(1)
@@ -38,6 +80,20 @@ def test_meaning_is_ggufs_dequantisation(dtype):
     assert t.shape == (7, 256) and np.array_equal(t.numpy(), want)
 
 
+def test_activations_meet_blocks_in_eight_bits():
+    """ops.blocks.quantize_rows: each block's largest magnitude becomes 127, every value moves by
+    at most half a step d = amax / 127, an all-zero block stays zero, and s = d * sum(q)."""
+    x = np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32) * np.float32([[1], [1e-3], [300]])
+    x[1, 32:64] = 0
+    q, d, s = blocks.quantize_rows(x)
+    assert q.dtype == np.int8 and d.shape == s.shape == (3, 3)
+    qb, xb = q.reshape(3, 3, 32).astype(np.float64), x.reshape(3, 3, 32).astype(np.float64)
+    assert np.array_equal(np.abs(qb).max(-1), np.where(d > 0, 127, 0))
+    assert np.all(np.abs(qb * d[..., None] - xb) <= d[..., None] / 2 * (1 + 4 * EPS))
+    assert np.array_equal(d[1, 1], 0) and not qb[1, 1].any()
+    assert np.allclose(s, d * qb.sum(-1), rtol=EPS)
+
+
 @pytest.mark.parametrize("dtype", FORMATS, ids=lambda d: d.name)
 @pytest.mark.parametrize("m, n, k", [(1, 37, 32), (1, 8, 96), (3, 13, 64), (5, 6, 160), (9, 17, 32)])
 def test_product_reads_blocks_as_stored(backend, dtype, m, n, k):
@@ -47,7 +103,7 @@ def test_product_reads_blocks_as_stored(backend, dtype, m, n, k):
     x = rng.standard_normal((m, k)).astype(np.float32)
     got = nn.linear(Tensor(x), Tensor.from_numpy(raw, dtype)).numpy()
     assert got.shape == (m, n)
-    assert np.all(np.abs(got - x @ w.T) <= bound(x, w))
+    assert np.all(np.abs(got - blocks.product(x, raw, dtype.block)) <= product_bound(x, raw, dtype))
 
 
 @pytest.mark.parametrize("m", [1, 6])
@@ -58,10 +114,10 @@ def test_every_fusion_reads_blocks(backend, m):
     dim, ffn, eps = 64, 96, 1e-5
     x = rng.standard_normal((m, dim)).astype(np.float32)
     g = (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32)
-    (wq, q), (wk, kk), (wv, v) = (stored(rng, (n, dim), d) for n, d in
-                                  ((64, dtypes.q4_0), (32, dtypes.q8_0), (32, dtypes.q5_1)))
-    (wg, gate), (wu, up) = stored(rng, (ffn, dim), dtypes.q4_1), stored(rng, (ffn, dim), dtypes.q4_1)
-    wd, down = stored(rng, (dim, ffn), dtypes.q5_0)
+    (wq, _), (wk, _), (wv, _) = (stored(rng, (n, dim), d) for n, d in
+                                 ((64, dtypes.q4_0), (32, dtypes.q8_0), (32, dtypes.q5_1)))
+    (wg, _), (wu, _) = stored(rng, (ffn, dim), dtypes.q4_1), stored(rng, (ffn, dim), dtypes.q4_1)
+    wd, _ = stored(rng, (dim, ffn), dtypes.q5_0)
     T = Tensor.from_numpy
     h = nn.rms_norm(Tensor(x), Tensor(g), eps)
     qkv = [nn.linear(h, T(raw, d)) for raw, d in ((wq, dtypes.q4_0), (wk, dtypes.q8_0), (wv, dtypes.q5_1))]
@@ -69,21 +125,27 @@ def test_every_fusion_reads_blocks(backend, m):
     out = Tensor(x) + nn.linear(hidden, T(wd, dtypes.q5_0))
     out.realize(*qkv)  # one graph, so the fusions see every reader
 
-    # exact (float64) values, and how far float32 may carry each from them: the norm's sum of
-    # squares (dim roundings, halved by the square root, then 4 more), each product's bound,
+    # exact (float64) values, and how far the kernels' float32 may carry each from them: the
+    # norm's sum of squares (dim roundings, halved by the square root, then 4 more), each
+    # product's summation bound and the q8 steps its input's error can cause (q8_reach),
     # silu (|silu'| <= 1.1, and 4 roundings) times up, and the last product and residual add
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
     normed = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * g64
-    d_normed = (dim / 2 + 4) * EPS * np.abs(normed)
-    for product, w in zip(qkv, (q, kk, v)):
-        assert np.all(np.abs(product.numpy() - normed @ w.T) <= bound(normed, w) + d_normed @ np.abs(w).T)
-    a, b = normed @ gate.T, normed @ up.T
-    d_a, d_b = (bound(normed, w) + d_normed @ np.abs(w).T for w in (gate, up))
+    d_normed = (dim / 2 + 5) * EPS * np.abs(normed)
+
+    def want(a, d_a, raw, dtype):  # (a's q8 product with W, how far a kernel may be from it)
+        w = dtypes.widen(raw, dtype).astype(np.float64)
+        return q8(a).reshape(a.shape) @ w.T, product_bound(a, raw, dtype) + q8_reach(a, d_a, np.abs(w))
+
+    for product, raw, dtype in zip(qkv, (wq, wk, wv), (dtypes.q4_0, dtypes.q8_0, dtypes.q5_1)):
+        value, reach = want(normed, d_normed, raw, dtype)
+        assert np.all(np.abs(product.numpy() - value) <= reach)
+    (a, d_a), (b, d_b) = (want(normed, d_normed, raw, dtypes.q4_1) for raw in (wg, wu))
     silu = a / (1 + np.exp(-a))
     h64 = silu * b
     d_h = 1.1 * np.abs(b) * d_a + np.abs(silu) * d_b + 4 * EPS * np.abs(h64)
-    want = x64 + h64 @ down.T
-    assert np.all(np.abs(out.numpy() - want) <= bound(h64, down) + d_h @ np.abs(down).T + EPS * np.abs(want))
+    value, reach = want(h64, d_h, wd, dtypes.q5_0)
+    assert np.all(np.abs(out.numpy() - (x64 + value)) <= reach + EPS * np.abs(x64 + value))
 
 
 @pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_1], ids=lambda d: d.name)
@@ -118,7 +180,8 @@ def test_swiglu_of_a_block_and_a_float_weight(backend):
     got = (nn.linear(Tensor(x), Tensor.from_numpy(raw, dtypes.q4_0)).silu()
            * nn.linear(Tensor(x), Tensor.from_numpy(up, dtypes.float16))).numpy()
     x64, up64 = x.astype(np.float64), up.astype(np.float64)
-    a, b = x64 @ gate.T, x64 @ up64.T
+    a, b = q8(x64).reshape(x.shape) @ gate.T, x64 @ up64.T  # the block product meets x in 8 bits
     silu = a / (1 + np.exp(-a))
-    reach = 1.1 * np.abs(b) * bound(x64, gate) + np.abs(silu) * bound(x64, up64) + 4 * EPS * np.abs(silu * b)
+    reach = 1.1 * np.abs(b) * product_bound(x, raw, dtypes.q4_0) + np.abs(silu) * bound(x64, up64) \
+        + 4 * EPS * np.abs(silu * b)
     assert np.all(np.abs(got - silu * b) <= reach)

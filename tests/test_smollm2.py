@@ -1,5 +1,13 @@
-"""The real SmolLM2-135M-Instruct (Q4_1 GGUF) generates exactly what transformers generates
-from the same file (it dequantizes it the same way), token for token."""
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF). Dequantised at load (dtype float32) it generates
+exactly what transformers generates from the same file (it dequantizes it the same way), token
+for token. As stored, its products meet 8-bit activations as llama.cpp's do (ops.blocks), which
+moves single logits but not the model: its perplexity stays within the 0.5% the quantisation
+issue sets, of the exact model's and of llama-perplexity's on the same file."""
+import inspect
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -7,13 +15,35 @@ import torch
 from models.chat import chat_tokens
 from models.llama3 import load
 from models.sampling import make_sampler
+from ops import dtypes
+from tools.perplexity import perplexity
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers."]
+CONTEXT, CHUNKS = 128, None  # every chunk of the text: ~11
 
 
 @pytest.fixture(scope="module")
 def ours(smollm2_path):
-    return load(smollm2_path)
+    """Dequantised at load: float32 products, transformers' arithmetic."""
+    return load(smollm2_path, dtype="float32", context=CONTEXT * 4)
+
+
+@pytest.fixture(scope="module")
+def stored(smollm2_path):
+    return load(smollm2_path, context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory):
+    """English text every Python has: the docstrings of a few standard modules (~1100 words)."""
+    import argparse
+    import json
+    import logging
+    import unittest
+    text = "\n\n".join(inspect.getdoc(m) for m in (argparse, unittest, logging, subprocess, json))
+    path = tmp_path_factory.mktemp("prose") / "prose.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +71,24 @@ def test_prefill_logits_match_transformers(backend, ours, reference):
     # float32 through 30 layers, logits up to ~40: summation order alone moves them by ~1e-4
     # (8.6e-5 seen). Bound: 1e-5 of the largest logit, about 84 float32 ulps at that scale.
     np.testing.assert_allclose(ours.logits(ids), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
+def test_as_stored_it_keeps_its_blocks_and_its_perplexity(backend, stored, smollm2_path, prose):
+    assert stored.weights["layers.0.feed_forward.w1.weight"].dtype == dtypes.q4_1
+    text = prose.read_text(encoding="utf-8")
+    exact = load(smollm2_path, dtype="float32", context=CONTEXT)
+    (ppl, _), (want, _) = (perplexity(m, text, CONTEXT, CHUNKS) for m in (stored, exact))
+    assert abs(ppl - want) <= 0.005 * want
+
+
+def test_as_stored_perplexity_is_llamacpps(stored, smollm2_path, prose, llamacpp_bin):
+    """llama-perplexity computes the same 8-bit products (its q8_1 activations round the scale to
+    float16 and halves away from zero: not bit-equal) on the same chunks: within 0.5%."""
+    ours = subprocess.run([sys.executable, "-m", "tools.perplexity", "--checkpoint", str(smollm2_path),
+                           "--file", str(prose), "--context", str(CONTEXT)], capture_output=True, text=True)
+    theirs = subprocess.run([str(llamacpp_bin / "llama-perplexity"), "-m", str(smollm2_path), "-f", str(prose),
+                             "-c", str(CONTEXT), "-t", "2"], capture_output=True, text=True)
+    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr[-2000:]
+    final = r"Final estimate: PPL = ([\d.]+)"
+    ppl, their_ppl = (float(re.search(final, out).group(1)) for out in (ours.stdout, theirs.stdout + theirs.stderr))
+    assert abs(ppl - their_ppl) <= 0.005 * their_ppl

@@ -3,7 +3,7 @@ changing only the target (triple, CPU, features); nothing is run there."""
 import pytest
 
 from backends.llvm import codegen
-from backends.llvm.target import AARCH64_NEON, X86_64_AVX2, X86_64_AVX512, assembly, host
+from backends.llvm.target import AARCH64_NEON, X86_64_AVX2, X86_64_AVX512, X86_64_AVX512_VNNI, assembly, host
 from ops import dtypes
 
 F32, BF16 = dtypes.float32, dtypes.bfloat16
@@ -33,6 +33,18 @@ def test_matmul_kernels_use_fused_multiply_add_vectors(kernel, target, expected)
                          ids=["x86-avx2", "x86-avx512", "aarch64-neon"])
 def test_elementwise_kernels_vectorise(target, register):
     assert register in assembly(KERNELS["fused-mul-add"](), target)
+
+
+@pytest.mark.parametrize("target, instructions", [
+    (X86_64_AVX2, ("vpmaddubsw", "vpmaddwd")),
+    (X86_64_AVX512_VNNI, ("vpdpbusd",)),
+    (AARCH64_NEON, ("smull", "addp")),  # widening multiplies, pairwise adds (sdot needs +dotprod)
+], ids=["x86-avx2", "x86-vnni", "aarch64-neon"])
+def test_block_products_use_integer_dot_products(target, instructions):
+    """q4_0 weights meet 8-bit activations in the target's byte dot product (blocks.dot)."""
+    asm = assembly(codegen.matmul_nt_kernel("k", F32, (dtypes.q4_0,), F32, 1, 1, target=target), target)
+    for needle in instructions:
+        assert needle in asm, f"{needle} missing for {target.cpu}"
 
 
 def test_without_avx512_no_zmm():

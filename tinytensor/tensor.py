@@ -423,6 +423,8 @@ class Tensor:
         a, b = self, self._as_tensor(other)
         if a.ndim == 0 or b.ndim == 0:
             raise ValueError(f"matmul: both operands need at least 1 axis, got shapes {a.shape} and {b.shape}")
+        if b.dtype.block and b.ndim == 2 and b.node.op == "permute":
+            return a._block_product(b)
         dtype = dtypes.promote(a.dtype, b.dtype)
         a2 = a.cast(dtype).reshape((1,) + a.shape) if a.ndim == 1 else a.cast(dtype)
         b2 = b.cast(dtype).reshape(b.shape + (1,)) if b.ndim == 1 else b.cast(dtype)
@@ -442,6 +444,17 @@ class Tensor:
         return out.reshape(shape)
 
     __matmul__ = matmul
+
+    def _block_product(self, wt) -> "Tensor":
+        """x @ W.T for W stored in blocks (nn.linear's form), read as stored: x meets it
+        quantised to 8 bits per block (ops.blocks.product), as in llama.cpp. Any other product
+        with a block tensor casts it (dequantises it) first."""
+        x = self.cast(dtypes.float32)
+        if x.shape[-1] != wt.shape[0]:
+            raise ValueError(f"matmul: cannot multiply shapes {self.shape} and {wt.shape} "
+                             f"(inner sizes {x.shape[-1]} and {wt.shape[0]} differ)")
+        rows = x.reshape((-1, x.shape[-1]))._op("matmul", wt, arg=dtypes.float32)
+        return rows.reshape(x.shape[:-1] + wt.shape[-1:])
 
     def __rmatmul__(self, other):
         return self._as_tensor(other).matmul(self)

@@ -9,11 +9,10 @@
 - attention_kernel: online-softmax attention over blocks of keys (attention.py).
 """
 from backends.llvm import signatures
-from backends.llvm.blocks import read_block
 from backends.llvm.emitter import compute_type, evaluate
 from backends.llvm.kernel import Kernel
+from backends.llvm.quantised import block_sums
 from ops import dtypes
-from ops.blocks import BLOCK
 
 
 def elementwise_kernel(name: str, program, in_types, out_type, rank: int, inner_strides) -> str:
@@ -82,7 +81,8 @@ def _combine(reduce, t, acc, value) -> str:
 
 # ---- matrix products ------------------------------------------------------------------------------
 
-def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra_types=(), program=()) -> str:
+def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra_types=(), program=(),
+                     target=None) -> str:
     """C[m, n] = epilogue(sum_k A[m, k] * W1[n, k], ..., sum_k A[m, k] * Wj[n, k], E1[m, n], ...):
     A and every W run along k with unit stride, the form of x @ W.T with PyTorch-layout weights.
     Each step computes an mr x nr block of C from mr rows of A and nr rows of each weight, so
@@ -94,17 +94,19 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     void name(i64 n0, i64 n1, i64 M, i64 K, ptr A, i64 lda, (ptr W, i64 ldw) x j, ptr C, i64 ldc,
     (ptr E, i64 lde) x extras): columns n0..n1 (a multiple of nr) and all M rows (a multiple of mr).
     With bfloat16 weights A's rows must be pair-major (see pair_major). Block-quantised weights
-    (all of them or none) have their leading dimension in bytes."""
-    k = Kernel(name, signatures.matmul_nt(len(w_types), len(extra_types)))
+    (all of them or none; their leading dimension in bytes) meet A as q8 blocks (quantised.py);
+    `target` picks the integer dot product's instructions (the host by default)."""
+    quantised = any(t.block for t in w_types)
+    assert not quantised or all(t.block for t in w_types), "one kernel reads blocks or floats, not both"
+    k = Kernel(name, signatures.matmul_nt(len(w_types), len(extra_types), quantised))
     block = [(i, r, c) for i in range(len(w_types)) for r in range(mr) for c in range(nr)]
     with k.loop("%n0", "%n1", step=nr, hint="n") as n:
         with k.loop("0", "%M", step=mr, hint="m") as m:
-            rows = [k.mul(k.add(m, r), "%lda") for r in range(mr)]
             cols = [[k.mul(k.add(n, c), f"%ldw{i}") for c in range(nr)] for i in range(len(w_types))]
-            if any(t.block for t in w_types):
-                sums = _block_sums(k, a_type, w_types, rows, cols, block)
+            if quantised:
+                sums = block_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, block, target)
             else:
-                sums = _sums(k, a_type, w_types, rows, cols, block)
+                sums = _sums(k, a_type, w_types, [k.mul(k.add(m, r), "%lda") for r in range(mr)], cols, block)
             for r in range(mr):
                 row = k.add(m, r)
                 for c in range(nr):
@@ -142,33 +144,6 @@ def _sums(k, a_type, w_types, rows, cols, block):
                 tails[i, r, c] = k.op(f"fadd float {sums[i, r, c]}, {k.op(f'fmul float {x}, {y}')}")
         sums = {x: tail.join(tails[x], sums[x]) for x in block}
     return sums
-
-
-LANES = 8  # float lanes each block sum is kept in until the end (one AVX2 register)
-
-
-def _block_sums(k, a_type, w_types, rows, cols, block):
-    """Like _sums for block-quantised weights: a loop over blocks of 32, each weight block read
-    once (blocks.read_block) and multiplied into every row of the step. A block adds
-    d * (q . a) (+ m * sum(a)) to a vector of partial sums, summed across lanes at the end."""
-    assert a_type == dtypes.float32 and all(t.block for t in w_types), "blocks are multiplied with float32 rows"
-    formats = [t.block for t in w_types]
-    vec = f"<{LANES} x float>"
-    with k.loop("0", k.op(f"lshr i64 %K, {BLOCK.bit_length() - 1}"), hint="blocks") as b:
-        acc = {x: k.carry("zeroinitializer", vec) for x in block}
-        a = [k.vload(k.at("%A", k.add(row, k.mul(b, BLOCK))), BLOCK, "float", 4) for row in rows]
-        a_sums = [k.fold_to(x, BLOCK, LANES) for x in a] if any(f.has_min for f in formats) else None
-        for i, f in enumerate(formats):
-            for c, col in enumerate(cols[i]):
-                w = read_block(k, f, k.at(f"%W{i}", k.add(col, k.mul(b, f.block_bytes)), "i8"))
-                d, m = k.splat(w.d, LANES), w.m and k.splat(w.m, LANES)
-                for r, x in enumerate(a):
-                    dot = k.fold_to(k.op(f"fmul contract <{BLOCK} x float> {w.q}, {x}"), BLOCK, LANES)
-                    total = k.op(f"fadd reassoc contract {vec} {acc[i, r, c].value}, {k.op(f'fmul contract {vec} {d}, {dot}')}")
-                    if m:
-                        total = k.op(f"fadd reassoc contract {vec} {total}, {k.op(f'fmul contract {vec} {m}, {a_sums[r]}')}")
-                    acc[i, r, c].set(total)
-    return {x: k.hsum(acc[x].final, LANES) for x in block}
 
 
 def pair_major(w_types) -> bool:

@@ -117,6 +117,10 @@ class Kernel(Emitter):
         """The sum of a float vector's lanes, in any order."""
         return self.op(f"call reassoc float @llvm.vector.reduce.fadd.v{n}f32(float -0.0, <{n} x float> {v})")
 
+    def prefetch(self, ptr: str):
+        """Ask for the cache line at ptr to be read (a hint: it never faults)."""
+        self.raw(f"  call void @llvm.prefetch.p0(ptr {ptr}, i32 0, i32 3, i32 1)")
+
     def scratch(self, storage: str, count) -> str:
         """A stack array for the whole call; only at the start, before any loop or branch."""
         assert self._in_entry, "scratch arrays are made in the entry block"

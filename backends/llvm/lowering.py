@@ -4,15 +4,18 @@ to their pointers and ranges, one per thread, collected in a Plan. Movement ops 
 not lowered here and runs its NumPy reference (see backend.py).
 """
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 
 import ops
 from backends.numpy_backend import run_node as reference_node
 from backends.llvm import codegen, signatures, threads
+from backends.llvm.quantised import quantize_rows_kernel
 from backends.llvm.attention import attention_kernel
 from backends.llvm.compiler import compile_function
 from ops import dtypes
+from ops.blocks import BLOCK
 from ops.elementwise import ELEMENTWISE
 from ops.fused import Instruction
 from ops.reduce import REDUCE
@@ -125,7 +128,7 @@ def _block(m: int, weights: int = 1, quantised: bool = False):
     3 x 2 (12) at 64 and 128 rows, which spills. A quantised block widens to 4 registers, so
     fewer columns are in flight."""
     if quantised:
-        return (1, max(1, 4 // weights)) if m < 4 else (4, max(1, 2 // weights))
+        return (1, 1) if m < 4 else (4, max(1, 2 // weights))
     if weights == 1:
         return (1, 4) if m < 4 else (4, 3)
     return (1, 2) if m < 4 else (4, 1)
@@ -176,13 +179,46 @@ def linear(plan, node, arrays, out):
     plan.keep += [a, *weights, *extras, out]
     if out.size == 0:
         return
+    # block weights meet the rows as q8 blocks, made once for all of them
+    q8 = _quantize_rows(plan, a) if any(t.block for t in w_types) else None
     if program == "concat":  # each weight fills its own columns
         bounds = np.cumsum([0] + [w.shape[0] for w in weights])
         groups = [group for w, t, c0, c1 in zip(weights, w_types, bounds, bounds[1:])
-                  for group in _matmul_nt(a, [w], out[:, c0:c1], dtypes.float32, [t], node.dtype, True)]
+                  for group in _matmul_nt(q8 if t.block else a, [w], out[:, c0:c1], dtypes.float32, [t],
+                                          node.dtype, True)]
     else:
-        groups = _matmul_nt(a, weights, out, dtypes.float32, w_types, node.dtype, True, extras, e_types, program)
+        groups = _matmul_nt(q8 if q8 else a, weights, out, dtypes.float32, w_types, node.dtype, True, extras,
+                            e_types, program)
     plan.kernel(threads.together(groups))
+
+
+class QuantisedRows(NamedTuple):
+    """Rows as q8 blocks (ops.blocks.quantize_rows): bytes [m, k], scales and sums [m, k / 32]."""
+    q: np.ndarray
+    d: np.ndarray
+    s: np.ndarray
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+def _quantize_rows(plan, a) -> QuantisedRows:
+    m, k = a.shape
+    rows = QuantisedRows(np.empty((m, k), np.int8), *(np.empty((m, k // BLOCK), np.float32) for _ in range(2)))
+    plan.keep += list(rows)
+    fn = _kernel(("quantize_rows",), quantize_rows_kernel, signatures.QUANTIZE_ROWS)
+    plan.kernel(threads.split(fn, m, 1, a.size, k, a.ctypes.data, a.strides[0] // a.itemsize,
+                              *(x.ctypes.data for x in rows)))
+    return rows
+
+
+def _row_args(A, start: int) -> list:
+    """A kernel's arguments for the rows of A from `start`: float rows and their leading
+    dimension, or q8 rows (signatures.matmul_nt)."""
+    if isinstance(A, QuantisedRows):
+        return [x.ctypes.data + start * x.strides[0] for x in A]
+    return [A.ctypes.data + start * A.strides[0], A.strides[0] // A.itemsize]
 
 
 def _pair_major(plan, a, dtype):
@@ -216,7 +252,8 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     """Groups of calls (each group one kernel split across threads when `threaded`) computing
     C = epilogue(A @ W[0].T, ..., E...): the row and column tails get their own kernels."""
     m, k, n = A.shape[0], A.shape[1], C.shape[1]
-    mr, nr = _block(m, len(W), any(t.block for t in w_types))
+    quantised = any(t.block for t in w_types)
+    mr, nr = _block(m, len(W), quantised)
     groups = []
     ld = lambda x: x.strides[0] // x.itemsize  # noqa: E731
     mb, nb = m - m % mr, n - n % nr
@@ -227,13 +264,13 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
             key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program)
             fn = _kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, w_types, c_type, row_block,
                                                                     col_block, e_types, program),
-                         signatures.matmul_nt(len(W), len(E)))
+                         signatures.matmul_nt(len(W), len(E), quantised))
             work = len(cols) * sum(w.strides[0] for w in W) if threaded else 0  # bytes of weights
             weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], ld(w))]
             extras = [x for e in [C, *E] for x in (e.ctypes.data + rows.start * e.strides[0] + cols.start * e.itemsize,
                                                     ld(e))]
-            groups.append(threads.split(fn, len(cols), col_block, work, len(rows), k,
-                                        A.ctypes.data + rows.start * A.strides[0], ld(A), *weights, *extras))
+            groups.append(threads.split(fn, len(cols), col_block, work, len(rows), k, *_row_args(A, rows.start),
+                                        *weights, *extras))
     return groups
 
 

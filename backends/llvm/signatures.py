@@ -32,14 +32,21 @@ def loop(operands: int) -> Signature:
                       *((f"p{i}", ARRAY) for i in range(operands))))
 
 
-def matmul_nt(weights: int, extras: int) -> Signature:
+def matmul_nt(weights: int, extras: int, quantised: bool = False) -> Signature:
     """C = epilogue(A @ W1.T, ..., E1, ...): columns n0..n1, M rows, K deep; each array with its
-    leading dimension."""
-    return Signature((("n0", INT), ("n1", INT), ("M", INT), ("K", INT), ("A", ARRAY), ("lda", INT),
+    leading dimension. Quantised (block weights): A is the rows' q8 blocks as
+    ops.blocks.quantize_rows makes them: the bytes (rows K apart), AD the scales and AS the scaled
+    sums (rows K / 32 apart)."""
+    a = (("A", ARRAY), ("AD", ARRAY), ("AS", ARRAY)) if quantised else (("A", ARRAY), ("lda", INT))
+    return Signature((("n0", INT), ("n1", INT), ("M", INT), ("K", INT), *a,
                       *(p for i in range(weights) for p in ((f"W{i}", ARRAY), (f"ldw{i}", INT))),
                       ("C", ARRAY), ("ldc", INT),
                       *(p for i in range(extras) for p in ((f"E{i}", ARRAY), (f"lde{i}", INT)))))
 
+
+QUANTIZE_ROWS = Signature((("r0", INT), ("r1", INT), ("K", INT), ("X", ARRAY), ("ldx", INT), ("Q", ARRAY),
+                           ("D", ARRAY), ("S", ARRAY)))
+"""Rows r0..r1 of X quantised to q8 blocks (ops.blocks.quantize_rows): Q [*, K], D and S [*, K / 32]."""
 
 MATMUL_NN = Signature((("m0", INT), ("m1", INT), ("N", INT), ("K", INT), ("A", ARRAY), ("lda", INT),
                        ("B", ARRAY), ("ldb", INT), ("C", ARRAY), ("ldc", INT)))

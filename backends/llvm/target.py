@@ -38,6 +38,9 @@ X86_64_AVX2 = Target("x86_64-unknown-linux-gnu", "haswell", "+avx,+avx2,+fma,+f1
 # skylake-avx512 prefers 256-bit vectors by default (512-bit ones lower its clock); ask for zmm
 X86_64_AVX512 = Target("x86_64-unknown-linux-gnu", "skylake-avx512",
                        "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,-prefer-256-bit")
+# with VNNI, byte dot products are one instruction (vpdpbusd) instead of two
+X86_64_AVX512_VNNI = Target("x86_64-unknown-linux-gnu", "icelake-server",
+                            "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512vnni")
 AARCH64_NEON = Target("aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+fp-armv8,+fullfp16")
 
 

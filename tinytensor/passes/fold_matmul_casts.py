@@ -1,8 +1,8 @@
-"""A weight stored as bfloat16, float16 or a block type (q4_0, ...) reaches a matmul as
-cast(weight) -> float32, through views (transpose, expand). Left alone, that cast converts the
-whole weight on every call. This pass moves the views onto the stored weight and lets the matmul
-read it as it is: the product's meaning is unchanged (the kernel widens or dequantises each
-element in registers, which is all the cast did)."""
+"""A weight stored as bfloat16 or float16 reaches a matmul as cast(weight) -> float32, through
+views (transpose, expand). Left alone, that cast converts the whole weight on every call. This pass moves the views onto the stored weight and lets the matmul
+read it as it is: the product's meaning is unchanged (the kernel widens each element in registers,
+which is all the cast did). Block-quantised weights are not cast: x @ W.T reads them as stored
+(Tensor.matmul), with its own meaning (ops.blocks.product)."""
 import networkx as nx
 
 from ops import dtypes
@@ -12,13 +12,13 @@ from tinytensor.passes.patterns import remove_unread
 
 
 def _stored_source(node):
-    """The views from node down to a cast from a half or block type, or None."""
+    """The views from node down to a cast from a half type, or None."""
     views = []
     while node.op in VIEWS:
         views.append(node)
         node = node.srcs[0]
     stored = node.srcs[0].dtype if node.op == "cast" else None
-    if node.dtype == dtypes.float32 and stored and (stored in (dtypes.float16, dtypes.bfloat16) or stored.block):
+    if node.dtype == dtypes.float32 and stored in (dtypes.float16, dtypes.bfloat16):
         return node, views
     return None
 
