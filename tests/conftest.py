@@ -44,9 +44,8 @@ def llamacpp_sources():
 def llamacpp_bin():
     """llama.cpp's built tools (an optional oracle): $LLAMACPP_BIN, or where
     ../shared/tools/llamacpp-peer.sh builds them."""
-    from pathlib import Path
-    peer = Path(os.environ.get("LLAMACPP_PEER_DIR") or Path.home() / ".cache" / "llamacpp-peer")
-    folder = Path(os.environ.get("LLAMACPP_BIN") or peer / "llama.cpp" / "build" / "bin")
-    if not (folder / "llama-simple").exists():
+    from tools import llamacpp
+    folder = llamacpp.bin_folder()
+    if llamacpp.find("llama-simple") is None:
         pytest.skip(f"llama.cpp is not built in {folder}: run ../shared/tools/llamacpp-peer.sh or set LLAMACPP_BIN")
     return folder

@@ -185,3 +185,28 @@ def test_swiglu_of_a_block_and_a_float_weight(backend):
     reach = 1.1 * np.abs(b) * product_bound(x, raw, dtypes.q4_0) + np.abs(silu) * bound(x64, up64) \
         + 4 * EPS * np.abs(silu * b)
     assert np.all(np.abs(got - silu * b) <= reach)
+
+
+@pytest.mark.parametrize("kind", ["vnni", "avx2", "generic"])
+@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q5_1], ids=lambda d: d.name)
+def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
+    """Each target's byte dot product (backends/llvm/blocks.py), run here where this CPU has its
+    instructions: the same products within the same bound."""
+    import backends
+    from backends.llvm import blocks as llvm_blocks, lowering
+    from backends.llvm.target import host
+    features = set(host().features.split(","))
+    needs = {"vnni": "+avx512vnni", "avx2": "+avx2"}.get(kind)
+    if needs and needs not in features and "+avxvnni" not in features:
+        pytest.skip(f"this CPU lacks {needs}")
+    monkeypatch.setattr(llvm_blocks, "_kind", lambda target: kind)
+    monkeypatch.setattr(lowering, "_kernels", {})  # compile anew with this kind
+    backends.use("llvm")
+    try:
+        rng = np.random.default_rng(11)
+        raw, _ = stored(rng, (13, 96), dtype)
+        x = rng.standard_normal((5, 96)).astype(np.float32)
+        got = nn.linear(Tensor(x), Tensor.from_numpy(raw, dtype)).numpy()
+    finally:
+        backends.use(None)
+    assert np.all(np.abs(got - blocks.product(x, raw, dtype.block)) <= product_bound(x, raw, dtype))

@@ -1,6 +1,8 @@
-"""Generation speed: prefill and decode tokens per second on each backend, beside Hugging Face
-transformers (PyTorch CPU, float32) on the same architecture when it is installed. Medians;
-the peer runs in the same process and moment, since these machines are shared and noisy.
+"""Generation speed: prefill and decode tokens per second on each backend, beside llama.cpp's
+llama-bench on the same GGUF file and threads (when it is built, see tools/llamacpp.py) and Hugging
+Face transformers (PyTorch CPU, float32) on the same architecture when it is installed, with the
+ratios to llama.cpp. Medians; the peers run in the same run, since these machines are shared and
+noisy.
 
     python -m tools.bench                                  # SmolLM2-135M (the default model)
     python -m tools.bench --size 1b --random-init          # the true Llama 3.2 1B shape
@@ -13,9 +15,11 @@ import time
 import numpy as np
 
 import backends
+from backends.llvm.threads import count as thread_count
 from models.llama3 import KVCache, load
 from tinytensor import Tensor
 from tinytensor.jit import jit
+from tools import llamacpp
 
 
 def bench_backend(model, prompt: list[int], decode: int, repeat: int) -> tuple[float, float]:
@@ -76,7 +80,7 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed (default: 16)")
     p.add_argument("--repeat", type=int, default=3, help="prefills timed, after one warm-up (default: 3)")
     p.add_argument("--backends", default="llvm,numpy", help="backends to time, comma-separated (default: llvm,numpy)")
-    p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--no-peer", action="store_true", help="skip the peers (llama.cpp, transformers)")
     args = p.parse_args(argv)
     model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype,
                  context=args.prompt_tokens + args.decode_tokens + 1)
@@ -84,13 +88,35 @@ def main(argv=None):
     name = model.config.name
     print(f"{name}: {args.prompt_tokens}-token prompt, {args.decode_tokens} decode steps, medians\n")
     print(f"{'engine':<28} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    ours = {}
     for backend in args.backends.split(","):
         backends.use(backend)
-        pre, dec = bench_backend(model, prompt, args.decode_tokens, args.repeat)
-        print(f"{'tinytensor ' + backend:<28} {pre:>14.1f} {dec:>13.2f}")
-    peer = None if args.no_peer else bench_transformers(model, prompt, args.decode_tokens, args.repeat)
+        ours[backend] = bench_backend(model, prompt, args.decode_tokens, args.repeat)
+        print(f"{'tinytensor ' + backend:<28} {ours[backend][0]:>14.1f} {ours[backend][1]:>13.2f}")
+    if args.no_peer:
+        return
+    gguf = peer_file(args)
+    cpp = gguf and llamacpp.bench(gguf, thread_count(), args.prompt_tokens, args.decode_tokens, max(args.repeat, 3))
+    if cpp:
+        print(f"{'llama.cpp (llama-bench)':<28} {cpp[0]:>14.1f} {cpp[1]:>13.2f}")
+        for backend, (pre, dec) in ours.items():
+            print(f"{'  ratio ' + backend + ' / llama.cpp':<28} {pre / cpp[0]:>14.2f} {dec / cpp[1]:>13.2f}")
+    peer = bench_transformers(model, prompt, args.decode_tokens, args.repeat)
     if peer:
         print(f"{'transformers f32 (PyTorch)':<28} {peer[0]:>14.1f} {peer[1]:>13.2f}")
+
+
+def peer_file(args) -> str | None:
+    """The GGUF file llama.cpp runs beside us: the checkpoint when it is one (as stored: no
+    --dtype), or SmolLM2's, the default model."""
+    if args.dtype or args.random_init:
+        return None
+    if args.checkpoint:
+        return args.checkpoint if args.checkpoint.endswith(".gguf") else None
+    if args.size:
+        return None
+    from models.assets import fetch
+    return str(fetch("smollm2-135m"))
 
 
 if __name__ == "__main__":

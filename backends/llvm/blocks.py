@@ -2,10 +2,11 @@
 knows each format's bytes, and the integer dot product of a block with a block of 8-bit
 activations, with the instructions the target has for it.
 
-A block comes out as 32 bytes of integers, a float scale d and, for every format but q8_0, a
-float m added to each value: value = d * q + m, with q unsigned (0..31) and m = the format's
-minimum, or -offset * d for q4_0 and q5_0. Keeping q unsigned is what the byte dot products
-multiply (unsigned x signed); the offset comes back as m times the activations' sum.
+A block comes out as 32 signed bytes w, a float scale d and, for q4_1 and q5_1, a float minimum
+m: value = d * w (+ m), w being q minus the format's offset. The activations arrive as unsigned
+bytes a + 128 (quantised.quantize_rows_kernel stores them so), which is what the byte dot product
+instructions take (unsigned x signed); w . (a + 128) - 128 * sum(w) is the exact w . a, and the
+second term is computed once per weight block (`prepare`) for every row that meets it.
 """
 from dataclasses import dataclass
 
@@ -14,14 +15,15 @@ from ops.blocks import BLOCK, Format
 
 BYTES = f"<{BLOCK} x i8>"
 LANES = 8  # the i32 (and then float) lanes a block's dot product is kept in
+SUMS = f"<{LANES} x i32>"
 
 
 @dataclass
 class Block:
-    q: str             # <32 x i8>: unsigned integers, or signed ones (q8_0)
-    signed: bool
+    w: str             # <32 x i8>, signed
     d: str             # float
-    m: str | None      # float added to each value; None for q8_0
+    m: str | None      # float minimum (q4_1, q5_1), else None
+    prepared: str | None = None  # what `prepare` computed for dot
 
 
 def read_block(k, f: Format, at: str) -> Block:
@@ -29,36 +31,56 @@ def read_block(k, f: Format, at: str) -> Block:
     d = _half(k, at)
     quants = k.at(at, f.quants_at, "i8")
     if not f.nibbles:
-        return Block(k.vload(quants, BLOCK, "i8"), True, d, None)
+        return Block(k.vload(quants, BLOCK, "i8"), d, None)
     packed = k.vload(quants, BLOCK // 2, "i8")  # byte j: value j in the low nibble, j + 16 in the high
-    low = k.op(f"and <16 x i8> {packed}, {_splat_i8(15, 16)}")
-    high = k.op(f"lshr <16 x i8> {packed}, {_splat_i8(4, 16)}")
+    low = k.op(f"and <16 x i8> {packed}, {_splat(15, 16)}")
+    high = k.op(f"lshr <16 x i8> {packed}, {_splat(4, 16)}")
     q = k.concat(low, high, BLOCK // 2, "i8")
     if f.high_bits:  # bit j of a u32 is value j's fifth bit
         bits = k.op(f"load i32, ptr {k.at(at, f.scale_bytes, 'i8')}, align 1")
         fifth = k.op(f"zext <32 x i1> {k.op(f'bitcast i32 {bits} to <32 x i1>')} to {BYTES}")
-        q = k.op(f"or {BYTES} {q}, {k.op(f'shl {BYTES} {fifth}, {_splat_i8(4, BLOCK)}')}")
-    m = _half(k, k.at(at, 2, "i8")) if f.has_min else k.op(f"fmul float {d}, -{f.offset}.0")
-    return Block(q, False, d, m)
+        q = k.op(f"or {BYTES} {q}, {k.op(f'shl {BYTES} {fifth}, {_splat(4, BLOCK)}')}")
+    if f.offset:
+        q = k.op(f"sub {BYTES} {q}, {_splat(f.offset, BLOCK)}")
+    return Block(q, d, _half(k, k.at(at, 2, "i8")) if f.has_min else None)
 
 
-def dot(k, w: Block, a: str, target: Target | None = None) -> str:
-    """<8 x i32> partial sums of w.q . a (a: 32 signed bytes), each lane the sum of 4
-    neighbouring products: exact, whichever instructions compute it (no sum can saturate:
-    |q| <= 128 and |a| <= 127)."""
-    u, s = w.q, a
-    if w.signed:  # unsigned x signed: |w| times a with w's sign
-        u = k.op(f"call {BYTES} @llvm.abs.v32i8({BYTES} {w.q}, i1 false)")
-        negative = k.op(f"icmp slt {BYTES} {w.q}, zeroinitializer")
-        s = k.op(f"select <32 x i1> {negative}, {BYTES} {k.op(f'sub {BYTES} zeroinitializer, {a}')}, {BYTES} {a}")
+def _kind(target: Target | None) -> str:
     features = set((target or host()).features.split(","))
     if "+avxvnni" in features or {"+avx512vnni", "+avx512vl"} <= features:
-        return k.op(f"call <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32> zeroinitializer, {BYTES} {u}, {BYTES} {s})")
-    if "+avx2" in features:
-        pairs = k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {u}, {BYTES} {s})")
-        return k.op(f"call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> {pairs}, <16 x i16> {_splat(1, 16, 'i16')})")
+        return "vnni"
+    return "avx2" if "+avx2" in features else "generic"
+
+
+def prepare(k, w: Block, target: Target | None = None, small: bool = True) -> Block:
+    """What dot needs of a weight block for every row: -128 * its lane sums (VNNI), 128 * them
+    (AVX2, |w| <= 16: `small`), or |w| (AVX2, 8-bit w: (a + 128) * w would saturate)."""
+    kind = _kind(target)
+    if kind == "vnni":
+        bias = k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} zeroinitializer, {BYTES} {_splat(-128, BLOCK)}, {BYTES} {w.w})")
+        w.prepared = k.op(f"sub {SUMS} zeroinitializer, {bias}")
+    elif kind == "avx2" and small:
+        w.prepared = _maddubs(k, _splat(-128, BLOCK), w.w)
+    elif kind == "avx2":
+        w.prepared = k.op(f"call {BYTES} @llvm.abs.v32i8({BYTES} {w.w}, i1 false)")
+    return w
+
+
+def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True) -> str:
+    """<8 x i32> partial sums of w . (a - 128) for a prepared block and 32 unsigned bytes a, each
+    lane the sum of 4 neighbouring products: exact, whichever instructions compute it."""
+    kind = _kind(target)
+    if kind == "vnni":
+        return k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} {w.prepared}, {BYTES} {a}, {BYTES} {w.w})")
+    if kind == "avx2" and small:
+        return k.op(f"sub {SUMS} {_maddubs(k, a, w.w)}, {w.prepared}")
+    signed = k.op(f"xor {BYTES} {a}, {_splat(-128, BLOCK)}")
+    if kind == "avx2":  # |w| times a with w's sign
+        negative = k.op(f"icmp slt {BYTES} {w.w}, zeroinitializer")
+        flipped = k.op(f"select <32 x i1> {negative}, {BYTES} {k.op(f'sub {BYTES} zeroinitializer, {signed}')}, {BYTES} {signed}")
+        return _maddubs(k, w.prepared, flipped)
     wide = f"<{BLOCK} x i32>"  # anything else: widen and add neighbours; LLVM picks the instructions
-    products = k.op(f"mul {wide} {k.op(f'zext {BYTES} {u} to {wide}')}, {k.op(f'sext {BYTES} {s} to {wide}')}")
+    products = k.op(f"mul {wide} {k.op(f'sext {BYTES} {w.w} to {wide}')}, {k.op(f'sext {BYTES} {signed} to {wide}')}")
     n = BLOCK
     while n > LANES:
         even, odd = (k.op(f"shufflevector <{n} x i32> {products}, <{n} x i32> poison, <{n // 2} x i32> "
@@ -68,13 +90,15 @@ def dot(k, w: Block, a: str, target: Target | None = None) -> str:
     return products
 
 
+def _maddubs(k, u: str, s: str) -> str:
+    """Unsigned bytes u times signed bytes s, summed in fours into i32 lanes (AVX2)."""
+    pairs = k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {u}, {BYTES} {s})")
+    return k.op(f"call {SUMS} @llvm.x86.avx2.pmadd.wd(<16 x i16> {pairs}, <16 x i16> {_splat(1, 16, 'i16')})")
+
+
 def _half(k, at: str) -> str:
     return k.op(f"fpext half {k.op(f'load half, ptr {at}, align 1')} to float")
 
 
-def _splat_i8(value: int, n: int) -> str:
-    return _splat(value, n, "i8")
-
-
-def _splat(value: int, n: int, element: str) -> str:
+def _splat(value: int, n: int, element: str = "i8") -> str:
     return "<" + ", ".join([f"{element} {value}"] * n) + ">"

@@ -1,9 +1,9 @@
 """Products with block-quantised weights (ops.blocks.product), as llama.cpp computes them: the
 rows of x are quantised to q8 blocks once (quantize_rows_kernel), then every weight block meets
 every row block in an integer dot product (blocks.dot) scaled by d_w * d_x into 8 float lanes,
-plus m_w times the row block's scaled sum for the formats with a minimum or an offset."""
+plus m_w times the row block's scaled sum for the formats with a minimum."""
 from backends.llvm import signatures
-from backends.llvm.blocks import LANES, dot, read_block
+from backends.llvm.blocks import LANES, dot, prepare, read_block
 from backends.llvm.kernel import Kernel
 from ops import dtypes
 from ops.blocks import BLOCK
@@ -20,7 +20,7 @@ PREFETCH_BYTES = 4096
 def quantize_rows_kernel(name: str) -> str:
     """void name(i64 r0, i64 r1, i64 K, ptr X, i64 ldx, ptr Q, ptr D, ptr S): rows r0..r1 of X
     quantised as ops.blocks.quantize_rows does it, one float32 operation per step in the same
-    order, so both give the same bits."""
+    order, so both give the same bits. Q holds q + 128 (unsigned bytes: see blocks.py)."""
     k = Kernel(name, signatures.QUANTIZE_ROWS)
     blocks = k.op(f"lshr i64 %K, {SHIFT}")
     with k.loop("%r0", "%r1", hint="row") as r:
@@ -34,7 +34,8 @@ def quantize_rows_kernel(name: str) -> str:
             scaled = k.op(f"fmul {FLOATS} {x}, {k.splat(inverse, BLOCK)}")
             rounded = k.op(f"call {FLOATS} @llvm.roundeven.v32f32({FLOATS} {scaled})")
             q = k.op(f"fptosi {FLOATS} {rounded} to <{BLOCK} x i8>")
-            k.raw(f"  store <{BLOCK} x i8> {q}, ptr {k.at('%Q', k.add(k.mul(r, '%K'), k.mul(b, BLOCK)), 'i8')}, align 1")
+            unsigned = k.op(f"xor <{BLOCK} x i8> {q}, <{', '.join(['i8 -128'] * BLOCK)}>")
+            k.raw(f"  store <{BLOCK} x i8> {unsigned}, ptr {k.at('%Q', k.add(k.mul(r, '%K'), k.mul(b, BLOCK)), 'i8')}, align 1")
             total = k.op(f"call i32 @llvm.vector.reduce.add.v32i32(<{BLOCK} x i32> "
                          f"{k.op(f'sext <{BLOCK} x i8> {q} to <{BLOCK} x i32>')})")
             at = k.add(k.mul(r, blocks), b)
@@ -46,26 +47,29 @@ def quantize_rows_kernel(name: str) -> str:
 def block_sums(k, w_types, rows, cols, block, target=None):
     """{(weight, row, col): sum_k x[row, k] * W[col, k]} over the q8 blocks of x (the kernel's
     A, AD, AS) and weights in blocks; rows are row indices, cols each weight row's byte offset.
-    Each weight block is read once and multiplied into every row of the step."""
+    Each weight block is read (and prepared for the dot product) once and multiplied into every
+    row of the step."""
     formats = [t.block for t in w_types]
     vec = f"<{LANES} x float>"
     blocks = k.op(f"lshr i64 %K, {SHIFT}")
     with k.loop("0", blocks, hint="blocks") as b:
         acc = {x: k.carry("zeroinitializer", vec) for x in block}
-        minimum = {x: k.carry("0.0") for x in block if formats[x[0]].nibbles}  # sum of m_w * s_x
+        minimum = {x: k.carry("0.0") for x in block if formats[x[0]].has_min}  # sum of m_w * s_x
         a = [k.vload(k.at("%A", k.add(k.mul(row, "%K"), k.mul(b, BLOCK)), "i8"), BLOCK, "i8") for row in rows]
         at = [k.add(k.mul(row, blocks), b) for row in rows]
-        d_x = [k.load_at("%AD", x, F32) for x in at]
+        d_x = [k.splat(k.load_at("%AD", x, F32), LANES) for x in at]
         s_x = [k.load_at("%AS", x, F32) for x in at] if minimum else None
         for i, f in enumerate(formats):
             for c, col in enumerate(cols[i]):
                 at_w = k.add(col, k.mul(b, f.block_bytes))
                 k.prefetch(k.at(f"%W{i}", k.add(at_w, PREFETCH_BYTES), "i8"))
-                w = read_block(k, f, k.at(f"%W{i}", at_w, "i8"))
+                w = prepare(k, read_block(k, f, k.at(f"%W{i}", at_w, "i8")), target, f.nibbles)
+                d_w = k.splat(w.d, LANES)
                 for r in range(len(rows)):
-                    sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target)} to {vec}")
-                    scale = k.splat(k.op(f"fmul float {w.d}, {d_x[r]}"), LANES)
-                    step = k.op(f"fmul contract {vec} {scale}, {sums}")
+                    sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.nibbles)} to {vec}")
+                    # (sums * d_w) * d_x: a multiply and a fused add (d_w * d_x first became a
+                    # scalar multiply and a broadcast per row and column)
+                    step = k.op(f"fmul contract {vec} {k.op(f'fmul {vec} {sums}, {d_w}')}, {d_x[r]}")
                     acc[i, r, c].set(k.op(f"fadd reassoc contract {vec} {acc[i, r, c].value}, {step}"))
                     if w.m is not None:
                         term = k.op(f"fmul contract float {w.m}, {s_x[r]}")
