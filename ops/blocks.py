@@ -66,11 +66,16 @@ def quants(blocks: np.ndarray, f: Format) -> np.ndarray:
     return q
 
 
+def scales(blocks: np.ndarray, f: Format) -> np.ndarray:
+    """The float16 fields of blocks [n, block_bytes] as float32 [n, 1] (d) or [n, 2] (d, m)."""
+    return blocks[:, :f.scale_bytes].copy().view("<f2").astype(np.float32)
+
+
 def dequantize(x: np.ndarray, f: Format) -> np.ndarray:
     """Storage [..., K / 32 * block_bytes] (uint8) -> float32 values [..., K]."""
     lead, row_bytes = x.shape[:-1], x.shape[-1]
     blocks = np.ascontiguousarray(x).reshape(-1, f.block_bytes)
-    halves = blocks[:, :f.scale_bytes].copy().view("<f2").astype(np.float32)  # d (and m)
+    halves = scales(blocks, f)
     q = quants(blocks, f)
     if f.has_min:
         values = halves[:, :1] * q.astype(np.float32) + halves[:, 1:2]

@@ -11,9 +11,9 @@ import numpy as np
 import ops
 from backends.numpy_backend import run_node as reference_node
 from backends.llvm import codegen, signatures, threads
-from backends.llvm.quantised import quantize_rows_kernel
 from backends.llvm.attention import attention_kernel
 from backends.llvm.compiler import compile_function
+from backends.llvm.quantised import quantize_rows_kernel
 from ops import dtypes
 from ops.blocks import BLOCK
 from ops.elementwise import ELEMENTWISE
@@ -209,7 +209,7 @@ def _quantize_rows(plan, a) -> QuantisedRows:
     rows = QuantisedRows(np.empty((m, k), np.int8), *(np.empty((m, k // BLOCK), np.float32) for _ in range(2)))
     plan.keep += list(rows)
     fn = _kernel(("quantize_rows",), quantize_rows_kernel, signatures.QUANTIZE_ROWS)
-    plan.kernel(threads.split(fn, m, 1, a.size, k, a.ctypes.data, a.strides[0] // a.itemsize,
+    plan.kernel(threads.split(fn, m, 1, a.size, k, a.ctypes.data, _leading(a),
                               *(x.ctypes.data for x in rows)))
     return rows
 
@@ -219,7 +219,12 @@ def _row_args(A, start: int) -> list:
     dimension, or q8 rows (signatures.matmul_nt)."""
     if isinstance(A, QuantisedRows):
         return [x.ctypes.data + start * x.strides[0] for x in A]
-    return [A.ctypes.data + start * A.strides[0], A.strides[0] // A.itemsize]
+    return [A.ctypes.data + start * A.strides[0], _leading(A)]
+
+
+def _leading(x: np.ndarray) -> int:
+    """The leading dimension of a matrix with unit-stride rows, in elements (bytes for blocks)."""
+    return x.strides[0] // x.itemsize
 
 
 def _pair_major(plan, a, dtype):
@@ -256,7 +261,6 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     quantised = any(t.block for t in w_types)
     mr, nr = _block(m, len(W), quantised)
     groups = []
-    ld = lambda x: x.strides[0] // x.itemsize  # noqa: E731
     mb, nb = m - m % mr, n - n % nr
     for rows, row_block in ((range(0, mb), mr), (range(mb, m), 1)):
         for cols, col_block in ((range(0, nb), nr), (range(nb, n), 1)):
@@ -267,9 +271,9 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
                                                                     col_block, e_types, program),
                          signatures.matmul_nt(len(W), len(E), quantised))
             work = len(cols) * sum(w.strides[0] for w in W) if threaded else 0  # bytes of weights
-            weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], ld(w))]
+            weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], _leading(w))]
             extras = [x for e in [C, *E] for x in (e.ctypes.data + rows.start * e.strides[0] + cols.start * e.itemsize,
-                                                    ld(e))]
+                                                    _leading(e))]
             groups.append(threads.split(fn, len(cols), col_block, work, len(rows), k, *_row_args(A, rows.start),
                                         *weights, *extras))
     return groups
@@ -329,8 +333,8 @@ def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
         return [[lambda: np.copyto(C, ops.run_reference("matmul", [A, B], [a_type, b_type], None, C.shape, c_type))]]
     fn = _kernel(("nn", a_type, b_type), lambda name: codegen.matmul_nn_kernel(name, a_type, b_type),
                  signatures.MATMUL_NN)
-    return [threads.split(fn, m, 1, m * n * k if threaded else 0, n, k, A.ctypes.data, A.strides[0] // A.itemsize,
-                          B.ctypes.data, B.strides[0] // B.itemsize, C.ctypes.data, C.strides[0] // C.itemsize)]
+    return [threads.split(fn, m, 1, m * n * k if threaded else 0, n, k, A.ctypes.data, _leading(A),
+                          B.ctypes.data, _leading(B), C.ctypes.data, _leading(C))]
 
 
 def native(node) -> bool:

@@ -1,8 +1,9 @@
 """A weight stored as bfloat16 or float16 reaches a matmul as cast(weight) -> float32, through
-views (transpose, expand). Left alone, that cast converts the whole weight on every call. This pass moves the views onto the stored weight and lets the matmul
-read it as it is: the product's meaning is unchanged (the kernel widens each element in registers,
-which is all the cast did). Block-quantised weights are not cast: x @ W.T reads them as stored
-(Tensor.matmul), with its own meaning (ops.blocks.product)."""
+views (transpose, expand). Left alone, that cast converts the whole weight on every call. This
+pass moves the views onto the stored weight and lets the matmul read it as it is: the product's
+meaning is unchanged (the kernel widens each element in registers, which is all the cast did).
+Block-quantised weights are not cast: x @ W.T reads them as stored (Tensor.matmul), with its own
+meaning (ops.blocks.product)."""
 import networkx as nx
 
 from ops import dtypes
