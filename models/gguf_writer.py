@@ -17,12 +17,13 @@ from models.config import LlamaConfig, rope_freq_factors
 from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, byte_to_unicode
 from ops import dtypes
-from ops.blocks import BLOCK
+from ops.blocks import quantize
 
 GGUF_FROM_META = {meta: name for name, meta in checkpoint.GGUF_NAMES.items()}
 GGUF_TOP_FROM_META = {meta: name for name, meta in checkpoint.GGUF_TOP.items()}
 FILE_TYPES = {dtypes.float32: 0, dtypes.float16: 1, dtypes.bfloat16: 32,  # llama.cpp's LLAMA_FTYPE_*
-              dtypes.q4_0: 2, dtypes.q4_1: 3, dtypes.q8_0: 7, dtypes.q5_0: 8, dtypes.q5_1: 9}
+              dtypes.q4_0: 2, dtypes.q4_1: 3, dtypes.q8_0: 7, dtypes.q5_0: 8, dtypes.q5_1: 9,
+              dtypes.q4_k: 14, dtypes.q5_k: 16, dtypes.q6_k: 18}  # every matrix one K-quant: the _S files
 
 
 def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None,
@@ -68,11 +69,11 @@ def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, np.ndarray], 
             writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float32))
         elif dtype == dtypes.float16:
             writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float16))
-        elif dtype.block and w.shape[-1] % BLOCK:  # rows of no whole blocks stay float16, as llama.cpp keeps them
+        elif dtype.block and w.shape[-1] % dtype.block.values:  # rows of no whole blocks stay float16
             writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float16))
-        elif dtype.block:  # gguf-py's quantisation is llama.cpp's reference one
+        elif dtype.block:
             kind = gguf.GGMLQuantizationType(dtype.block.ggml_type)
-            writer.add_tensor(gguf_name, gguf.quants.quantize(np.asarray(w, np.float32), kind), raw_dtype=kind)
+            writer.add_tensor(gguf_name, quantize(np.asarray(w, np.float32), dtype.block), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, dtypes.narrow(np.asarray(w, np.float32), dtype),
                               raw_dtype=gguf.GGMLQuantizationType.BF16)

@@ -5,7 +5,7 @@ the result back. NumPy has no bfloat16, so its bits live in uint16 (the upper ha
 exactly as checkpoints store them.
 
 Block types (q8_0, q4_0, ... see ops/blocks.py) hold a GGUF file's bytes: a tensor of logical
-shape [..., K] is stored as uint8 [..., K / 32 * block_bytes]. They are weights: they can be
+shape [..., K] is stored as uint8 [..., K / values * block_bytes] (32 or 256 values a block). They are weights: they can be
 read by rows (gather), multiplied (x @ W.T) and cast to a float type, which is their meaning
 (dequantisation).
 """
@@ -28,12 +28,12 @@ class DType:
         """The shape of the buffer holding a tensor of this dtype and logical shape."""
         if self.block is None:
             return tuple(shape)
-        return (*shape[:-1], shape[-1] // blocks.BLOCK * self.block.block_bytes)
+        return (*shape[:-1], shape[-1] // self.block.values * self.block.block_bytes)
 
     def logical_shape(self, storage_shape) -> tuple[int, ...]:
         if self.block is None:
             return tuple(storage_shape)
-        return (*storage_shape[:-1], storage_shape[-1] // self.block.block_bytes * blocks.BLOCK)
+        return (*storage_shape[:-1], storage_shape[-1] // self.block.block_bytes * self.block.values)
 
     @property
     def itemsize(self) -> int:
@@ -54,7 +54,7 @@ float32 = DType("float32", np.dtype(np.float32), 5, True)
 ALL = (bool_, int8, int32, int64, float16, bfloat16, float32)
 BLOCKS = tuple(DType(f.name, np.dtype(np.uint8), 4, True, f) for f in blocks.FORMATS.values())
 BY_NAME = {d.name: d for d in ALL + BLOCKS}
-q8_0, q4_0, q4_1, q5_0, q5_1 = BLOCKS
+q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k = BLOCKS
 BY_GGML_TYPE = {d.block.ggml_type: d for d in BLOCKS}  # a GGUF tensor's type id -> its block dtype
 default_float = float32
 default_int = int64

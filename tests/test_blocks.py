@@ -13,11 +13,24 @@ FORMATS = dtypes.BLOCKS
 EPS = np.finfo(np.float32).eps
 
 
+SIMPLE = [d for d in FORMATS if d.block.values == 32]
+K_QUANTS = [d for d in FORMATS if d.block.values == 256]
+
+
 def stored(rng, shape, dtype, spread=1.0):
-    """(the bytes of a random matrix quantised to dtype, the values they mean)."""
-    w = (rng.standard_normal(shape) * spread).astype(np.float32)
-    raw = quantize(w, GGMLQuantizationType(dtype.block.ggml_type))
-    return raw, dequantize(raw, GGMLQuantizationType(dtype.block.ggml_type)).astype(np.float32)
+    """(the bytes of a random matrix quantised to dtype, the values they mean). The gguf package
+    cannot quantise to K-quants: their super-blocks are random bytes, every bit pattern of the
+    integers, scales and minimums, with random float16 d and dmin of the given spread."""
+    kind = GGMLQuantizationType(dtype.block.ggml_type)
+    if dtype.block.values == 32:
+        raw = quantize((rng.standard_normal(shape) * spread).astype(np.float32), kind)
+    else:
+        f = dtype.block
+        raw = rng.integers(0, 256, dtype.storage_shape(shape), dtype=np.uint8)
+        halves = raw.reshape(-1, f.block_bytes)[:, [slice(0, 4), slice(208, 210)][f.name == "q6_k"]]
+        halves[:] = (rng.standard_normal(halves.shape[:1] + (halves.shape[1] // 2,)) * spread / 512
+                     ).astype(np.float16).view(np.uint8)
+    return raw, dequantize(raw, kind).astype(np.float32)
 
 
 def bound(x, w):
@@ -28,14 +41,13 @@ def bound(x, w):
 
 
 def magnitudes(raw, dtype):
-    """Per weight, the size of the terms a kernel adds for it: |d| q (+ |m|) with q unsigned
-    (a 4/5-bit value and its offset or minimum are summed apart, so they may cancel)."""
-    f = dtype.block
-    blocks_ = raw.reshape(-1, f.block_bytes)
-    halves = np.abs(blocks.scales(blocks_, f)).astype(np.float64)
-    q = np.abs(blocks.quants(blocks_, f)).astype(np.float64)
-    m = halves[:, 1:2] if f.has_min else f.offset * halves[:, :1]
-    return (halves[:, :1] * q + m).reshape(raw.shape[0], -1)
+    """Per weight, the size of the terms a kernel adds for it: |scale w| + |minimum| (the
+    integer sums are exact; a value's minimum is added apart from it, so they may cancel)."""
+    w, scale, minimum = blocks.sub_blocks(raw.reshape(-1, dtype.block.block_bytes), dtype.block)
+    size = np.abs(scale.astype(np.float64) * w)
+    if minimum is not None:
+        size += np.abs(minimum.astype(np.float64))
+    return size.reshape(raw.shape[0], -1)
 
 
 def q8(x):
@@ -80,6 +92,23 @@ def test_meaning_is_ggufs_dequantisation(dtype):
     assert t.shape == (7, 256) and np.array_equal(t.numpy(), want)
 
 
+@pytest.mark.parametrize("dtype, simple", [(dtypes.q4_k, dtypes.q4_1), (dtypes.q5_k, dtypes.q5_1),
+                                           (dtypes.q6_k, dtypes.q5_1)], ids=lambda d: d.name)
+def test_k_quants_we_write_are_ggmls_layout(dtype, simple):
+    """ops.kquants.quantize: the gguf package reads our super-blocks as we do (llama.cpp's
+    layout), zero rows stay zero, and the rounding error is no worse than that of the simple
+    format with as many bits (or fewer) from llama.cpp's own quantisation, on Gaussian rows."""
+    x = np.random.default_rng(4).standard_normal((16, 512)).astype(np.float32)
+    x[3], x[4, :256] = 0, np.abs(x[4, :256])  # an empty row; a super-block with no negative value
+    raw = blocks.quantize(x, dtype.block)
+    assert raw.shape == dtype.storage_shape(x.shape)
+    got = dtypes.widen(raw, dtype)
+    assert np.array_equal(got, dequantize(raw, GGMLQuantizationType(dtype.block.ggml_type)))
+    assert not got[3].any()
+    theirs = dtypes.widen(blocks.quantize(x, simple.block), simple)
+    assert np.sqrt(np.mean((got - x) ** 2)) <= np.sqrt(np.mean((theirs - x) ** 2)) * 1.01
+
+
 def test_activations_meet_blocks_in_eight_bits():
     """ops.blocks.quantize_rows: each block's largest magnitude becomes 127, every value moves by
     at most half a step d = amax / 127, an all-zero block stays zero, and s = d * sum(q)."""
@@ -97,8 +126,10 @@ def test_activations_meet_blocks_in_eight_bits():
 @pytest.mark.parametrize("dtype", FORMATS, ids=lambda d: d.name)
 @pytest.mark.parametrize("m, n, k", [(1, 37, 32), (1, 8, 96), (3, 13, 64), (5, 6, 160), (9, 17, 32)])
 def test_product_reads_blocks_as_stored(backend, dtype, m, n, k):
-    """x @ W.T for decode (one row) and prefill shapes, with row and column tails."""
+    """x @ W.T for decode (one row) and prefill shapes, with row and column tails (rows of 32 to
+    160 values, 256 to 1280 for the K-quants)."""
     rng = np.random.default_rng(m * 1000 + n + k)
+    k = k * dtype.block.values // 32
     raw, w = stored(rng, (n, k), dtype)
     x = rng.standard_normal((m, k)).astype(np.float32)
     got = nn.linear(Tensor(x), Tensor.from_numpy(raw, dtype)).numpy()
@@ -106,23 +137,32 @@ def test_product_reads_blocks_as_stored(backend, dtype, m, n, k):
     assert np.all(np.abs(got - blocks.product(x, raw, dtype.block)) <= product_bound(x, raw, dtype))
 
 
+MIXES = {  # (dim, ffn, [q, k, v], gate, up, down)
+    "simple": (64, 96, [dtypes.q4_0, dtypes.q8_0, dtypes.q5_1], dtypes.q4_1, dtypes.q4_1, dtypes.q5_0),
+    # Q4_K_M-style: q6_k for v and down; a K-quant beside a simple format in one kernel
+    "k": (256, 512, [dtypes.q4_k, dtypes.q8_0, dtypes.q6_k], dtypes.q4_k, dtypes.q5_0, dtypes.q6_k),
+    "k5": (256, 256, [dtypes.q5_k, dtypes.q5_k, dtypes.q6_k], dtypes.q5_k, dtypes.q5_k, dtypes.q6_k),
+}
+
+
+@pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("m", [1, 6])
-def test_every_fusion_reads_blocks(backend, m):
+def test_every_fusion_reads_blocks(backend, m, mix):
     """The model's fusions on quantised weights, formats mixed as Q4_K_M-style files mix them:
     RMSNorm prologue with Q, K and V side by side, SwiGLU over two weights, residual epilogue."""
     rng = np.random.default_rng(m)
-    dim, ffn, eps = 64, 96, 1e-5
+    dim, ffn, qkv_types, gate_type, up_type, down_type = MIXES[mix]
+    eps = 1e-5
     x = rng.standard_normal((m, dim)).astype(np.float32)
     g = (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32)
-    (wq, _), (wk, _), (wv, _) = (stored(rng, (n, dim), d) for n, d in
-                                 ((64, dtypes.q4_0), (32, dtypes.q8_0), (32, dtypes.q5_1)))
-    (wg, _), (wu, _) = stored(rng, (ffn, dim), dtypes.q4_1), stored(rng, (ffn, dim), dtypes.q4_1)
-    wd, _ = stored(rng, (dim, ffn), dtypes.q5_0)
+    (wq, _), (wk, _), (wv, _) = (stored(rng, (n, dim), d) for n, d in zip((64, 32, 32), qkv_types))
+    (wg, _), (wu, _) = stored(rng, (ffn, dim), gate_type), stored(rng, (ffn, dim), up_type)
+    wd, _ = stored(rng, (dim, ffn), down_type)
     T = Tensor.from_numpy
     h = nn.rms_norm(Tensor(x), Tensor(g), eps)
-    qkv = [nn.linear(h, T(raw, d)) for raw, d in ((wq, dtypes.q4_0), (wk, dtypes.q8_0), (wv, dtypes.q5_1))]
-    hidden = nn.linear(h, T(wg, dtypes.q4_1)).silu() * nn.linear(h, T(wu, dtypes.q4_1))
-    out = Tensor(x) + nn.linear(hidden, T(wd, dtypes.q5_0))
+    qkv = [nn.linear(h, T(raw, d)) for raw, d in zip((wq, wk, wv), qkv_types)]
+    hidden = nn.linear(h, T(wg, gate_type)).silu() * nn.linear(h, T(wu, up_type))
+    out = Tensor(x) + nn.linear(hidden, T(wd, down_type))
     out.realize(*qkv)  # one graph, so the fusions see every reader
 
     # exact (float64) values, and how far the kernels' float32 may carry each from them: the
@@ -137,21 +177,21 @@ def test_every_fusion_reads_blocks(backend, m):
         w = dtypes.widen(raw, dtype).astype(np.float64)
         return q8(a).reshape(a.shape) @ w.T, product_bound(a, raw, dtype) + q8_reach(a, d_a, np.abs(w))
 
-    for product, raw, dtype in zip(qkv, (wq, wk, wv), (dtypes.q4_0, dtypes.q8_0, dtypes.q5_1)):
+    for product, raw, dtype in zip(qkv, (wq, wk, wv), qkv_types):
         value, reach = want(normed, d_normed, raw, dtype)
         assert np.all(np.abs(product.numpy() - value) <= reach)
-    (a, d_a), (b, d_b) = (want(normed, d_normed, raw, dtypes.q4_1) for raw in (wg, wu))
+    (a, d_a), (b, d_b) = (want(normed, d_normed, raw, d) for raw, d in ((wg, gate_type), (wu, up_type)))
     silu = a / (1 + np.exp(-a))
     h64 = silu * b
     d_h = 1.1 * np.abs(b) * d_a + np.abs(silu) * d_b + 4 * EPS * np.abs(h64)
-    value, reach = want(h64, d_h, wd, dtypes.q5_0)
+    value, reach = want(h64, d_h, wd, down_type)
     assert np.all(np.abs(out.numpy() - (x64 + value)) <= reach + EPS * np.abs(x64 + value))
 
 
-@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_1], ids=lambda d: d.name)
+@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_1, dtypes.q6_k], ids=lambda d: d.name)
 def test_embedding_reads_only_its_rows(backend, dtype):
     rng = np.random.default_rng(3)
-    raw, w = stored(rng, (50, 64), dtype)
+    raw, w = stored(rng, (50, 256), dtype)
     ids = np.array([4, 0, 49, 4], np.int64)
     rows = nn.embedding(Tensor(ids), Tensor.from_numpy(raw, dtype))
     assert rows.dtype == dtype  # still blocks: the cast after it dequantises four rows
@@ -188,7 +228,8 @@ def test_swiglu_of_a_block_and_a_float_weight(backend):
 
 
 @pytest.mark.parametrize("kind", ["vnni", "avx2", "generic"])
-@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q5_1], ids=lambda d: d.name)
+@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q5_1, dtypes.q4_k, dtypes.q6_k],
+                         ids=lambda d: d.name)
 def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
     """Each target's byte dot product (backends/llvm/blocks.py), run here where this CPU has its
     instructions: the same products within the same bound."""
@@ -203,9 +244,33 @@ def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
     backends.use("llvm")
     try:
         rng = np.random.default_rng(11)
-        raw, _ = stored(rng, (13, 96), dtype)
-        x = rng.standard_normal((5, 96)).astype(np.float32)
+        k = 3 * dtype.block.values
+        raw, _ = stored(rng, (13, k), dtype)
+        x = rng.standard_normal((5, k)).astype(np.float32)
         got = nn.linear(Tensor(x), Tensor.from_numpy(raw, dtype)).numpy()
     finally:
         backends.use(None)
     assert np.all(np.abs(got - blocks.product(x, raw, dtype.block)) <= product_bound(x, raw, dtype))
+
+
+@pytest.mark.parametrize("kind", ["IQ4_NL", "Q3_K"])
+def test_types_without_kernels_load_as_bfloat16_with_a_note(tmp_path, capsys, kind):
+    """A GGUF tensor of a type with no kernels here (IQ*, Q2_K, Q3_K) is dequantised at load, by
+    the gguf package, to bfloat16 (half of float32's memory), and the loader says so."""
+    import gguf
+    from tinytensor.state import gguf_file
+    kind = GGMLQuantizationType[kind]
+    values, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    raw = np.random.default_rng(5).integers(0, 256, (6, 512 // values * block_bytes), dtype=np.uint8)
+    d_at = 0 if kind == GGMLQuantizationType.IQ4_NL else block_bytes - 2  # where the float16 d is
+    raw.reshape(-1, block_bytes)[:, d_at:d_at + 2] = np.array([0.01], np.float16).view(np.uint8)
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_tensor("x", raw, raw_dtype=kind)  # a byte shape: it works out the values
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    _, tensors = gguf_file.read(tmp_path / "m.gguf")
+    got, dtype = tensors["x"]
+    assert dtype == dtypes.bfloat16 and got.shape == (6, 512)
+    want = dtypes.narrow(dequantize(raw, kind).astype(np.float32), dtypes.bfloat16)
+    assert np.array_equal(got, want)
+    assert f"1 {kind.name} tensors have no native kernels here; they were dequantised to bfloat16" \
+        in capsys.readouterr().err

@@ -190,7 +190,7 @@ def test_llamacpp_runs_our_gguf_and_agrees(checkpoints, llamacpp_bin, tmp_path):
     assert done.stdout.endswith(text + b"\n"), (done.stdout, generated)
 
 
-@pytest.mark.parametrize("dtype", dtypes.BLOCKS, ids=lambda d: d.name)
+@pytest.mark.parametrize("dtype", [d for d in dtypes.BLOCKS if d.block.values == 32], ids=lambda d: d.name)
 def test_llamacpp_quantized_file_is_computed_as_stored(backend, checkpoints, llamacpp_bin, tmp_path, dtype):
     """llama-quantize's blocks (every tensor, --pure) load as stored and give the logits of the
     same blocks dequantised to float32, but for the activations' 8-bit rounding (as in
@@ -204,6 +204,50 @@ def test_llamacpp_quantized_file_is_computed_as_stored(backend, checkpoints, lla
     want = Llama(config, {k: Tensor(w.numpy()) for k, w in weights.items()}).logits(PROMPT[:64])
     got = Llama(config, weights).logits(PROMPT[:64])
     assert nmse(got, want) <= quantised_products_on_path(config.n_layers) * Q8_NMSE_PER_PRODUCT
+
+
+def k_quant_sized(tmp_path):
+    """Our float32 GGUF of a random model whose rows are whole K-quant super-blocks (256)."""
+    from models.config import LlamaConfig
+    config = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=512, max_context=64)
+    write_gguf(tmp_path / "f32.gguf", config, checkpoint.RandomArrays(config), dtype=dtypes.float32)
+    return tmp_path / "f32.gguf"
+
+
+@pytest.mark.parametrize("ftype, kinds", [("Q4_K_M", {dtypes.q4_k, dtypes.q6_k}), ("Q5_K_M", {dtypes.q5_k, dtypes.q6_k}),
+                                          ("Q6_K", {dtypes.q6_k})])
+def test_llamacpp_k_quant_file_is_computed_as_stored(backend, llamacpp_bin, tmp_path, ftype, kinds):
+    """The files people download most: llama-quantize's Q4_K_M (and Q5_K_M, Q6_K) mix of
+    K-quants load as stored and give the logits of the same blocks dequantised to float32, but
+    for the activations' 8-bit rounding (as in test_llama's quantised test)."""
+    out = tmp_path / f"{ftype}.gguf"
+    done = subprocess.run([str(llamacpp_bin / "llama-quantize"), str(k_quant_sized(tmp_path)), str(out), ftype],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config, weights, _ = checkpoint.load(out)
+    assert {w.dtype for w in weights.values() if w.dtype.block} == kinds
+    want = Llama(config, {k: Tensor(w.numpy()) for k, w in weights.items()}).logits([t % config.vocab_size for t in PROMPT[:64]])
+    got = Llama(config, weights).logits([t % config.vocab_size for t in PROMPT[:64]])
+    assert nmse(got, want) <= quantised_products_on_path(config.n_layers) * Q8_NMSE_PER_PRODUCT
+
+
+@pytest.mark.parametrize("dtype", [dtypes.q4_k, dtypes.q5_k, dtypes.q6_k], ids=lambda d: d.name)
+def test_llamacpp_reads_our_k_quants_as_we_do(llamacpp_bin, tmp_path, dtype):
+    """Our K-quant files, dequantised by llama.cpp's own C code (llama-quantize to F32), hold
+    exactly the values we compute from them; and llama.cpp generates from them."""
+    config, weights, _ = checkpoint.load(k_quant_sized(tmp_path))
+    ours = tmp_path / f"{dtype.name}.gguf"
+    write_gguf(ours, config, {name: w.numpy() for name, w in weights.items()}, dtype=dtype)
+    back = tmp_path / "back.gguf"
+    done = subprocess.run([str(llamacpp_bin / "llama-quantize"), "--allow-requantize", str(ours), str(back), "F32"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (_, mine), (_, theirs) = gguf_file.read(ours), gguf_file.read(back)
+    assert any(dt == dtype for _, dt in mine.values())
+    for name, (raw, dt) in mine.items():
+        assert np.array_equal(dtypes.widen(raw, dt).reshape(theirs[name][0].shape), theirs[name][0]), name
+    done = subprocess.run([str(llamacpp_bin / "llama-simple"), "-m", str(ours), "-n", "4", "ab"], capture_output=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", ["llama-bpe", "gpt-2", "llama-spm"])

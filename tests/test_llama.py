@@ -114,7 +114,8 @@ def test_quantised_gguf_is_computed_as_stored(backend, tmp_path, dtype):
     model with those blocks dequantised to float32, but for its activations' 8-bit rounding
     (see reference.Q8_NMSE_PER_PRODUCT): the float model is the oracle, the rounding's noise
     the bound."""
-    config = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=120, ffn_dim=96, max_context=64)
+    dim, ffn = (64, 96) if dtype.block.values == 32 else (256, 512)  # whole blocks in every row
+    config = LlamaConfig(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=120, ffn_dim=ffn, max_context=64)
     write_gguf(tmp_path / "m.gguf", config, checkpoint.RandomArrays(config), dtype=dtype)
     config2, weights, _ = checkpoint.load(tmp_path / "m.gguf")
     assert weights["layers.0.feed_forward.w1.weight"].dtype == dtype

@@ -1,17 +1,23 @@
-"""Block-quantised weights (ops/blocks.py) in registers: reading one block, the one place that
-knows each format's bytes, and the integer dot product of a block with a block of 8-bit
+"""Block-quantised weights (ops/blocks.py) in registers: reading one block of a simple format,
+the one place that knows their bytes (kquants.py knows the K-quants'), and the integer dot product of a block with a block of 8-bit
 activations, with the instructions the target has for it.
 
-A block comes out as 32 signed bytes w, a float scale d and, for q4_1 and q5_1, a float minimum
-m: value = d * w (+ m), w being q minus the format's offset. The activations arrive as unsigned
-bytes a + 128 (quantised.quantize_rows_kernel stores them so), which is what the byte dot product
-instructions take (unsigned x signed); w . (a + 128) - 128 * sum(w) is the exact w . a, and the
+A (sub-)block of 32 values comes out as 32 signed bytes w, the scales d of its values as 8 float
+lanes (lane i scales values 4i..4i+3, the lanes the dot product sums them into: q6_k has two
+scales per 32 values) and, for the formats with one, a float minimum m: value = d * w (+ m), w
+being q minus the format's offset. The activations arrive as unsigned bytes a + 128
+(quantised.quantize_rows_kernel stores them so), which is what the byte dot product instructions
+take (unsigned x signed); w . (a + 128) - 128 * sum(w) is the exact w . a, and the
 second term is computed once per weight block (`prepare`) for every row that meets it.
 """
 from dataclasses import dataclass
 
+from backends.llvm.emitter import constant
 from backends.llvm.target import Target, host
+from ops import dtypes
 from ops.blocks import BLOCK, Format
+
+F16 = dtypes.float16
 
 BYTES = f"<{BLOCK} x i8>"
 LANES = 8  # the i32 (and then float) lanes a block's dot product is kept in
@@ -21,28 +27,28 @@ SUMS = f"<{LANES} x i32>"
 @dataclass
 class Block:
     w: str             # <32 x i8>, signed
-    d: str             # float
-    m: str | None      # float minimum (q4_1, q5_1), else None
+    d: str             # <8 x float>, each lane's scale
+    m: str | None      # float minimum (q4_1, q5_1, q4_k, q5_k), else None
     prepared: str | None = None  # what `prepare` computed for dot
 
 
 def read_block(k, f: Format, at: str) -> Block:
-    """The block at address `at`."""
-    d = _half(k, at)
+    """The block of a simple format (32 values) at address `at`."""
+    d = k.splat(k.load(at, F16), LANES)
     quants = k.at(at, f.quants_at, "i8")
-    if not f.nibbles:
+    if f.bits == 8:
         return Block(k.vload(quants, BLOCK, "i8"), d, None)
     packed = k.vload(quants, BLOCK // 2, "i8")  # byte j: value j in the low nibble, j + 16 in the high
-    low = k.op(f"and <16 x i8> {packed}, {_splat(15, 16)}")
-    high = k.op(f"lshr <16 x i8> {packed}, {_splat(4, 16)}")
+    low = k.op(f"and <16 x i8> {packed}, {constant(15, 16)}")
+    high = k.op(f"lshr <16 x i8> {packed}, {constant(4, 16)}")
     q = k.concat(low, high, BLOCK // 2, "i8")
     if f.high_bits:  # bit j of a u32 is value j's fifth bit
         bits = k.op(f"load i32, ptr {k.at(at, f.scale_bytes, 'i8')}, align 1")
         fifth = k.op(f"zext <32 x i1> {k.op(f'bitcast i32 {bits} to <32 x i1>')} to {BYTES}")
-        q = k.op(f"or {BYTES} {q}, {k.op(f'shl {BYTES} {fifth}, {_splat(4, BLOCK)}')}")
+        q = k.op(f"or {BYTES} {q}, {k.op(f'shl {BYTES} {fifth}, {constant(4, BLOCK)}')}")
     if f.offset:
-        q = k.op(f"sub {BYTES} {q}, {_splat(f.offset, BLOCK)}")
-    return Block(q, d, _half(k, k.at(at, 2, "i8")) if f.has_min else None)
+        q = k.op(f"sub {BYTES} {q}, {constant(f.offset, BLOCK)}")
+    return Block(q, d, k.load(k.at(at, 2, "i8"), F16) if f.has_min else None)
 
 
 def _kind(target: Target | None) -> str:
@@ -54,13 +60,13 @@ def _kind(target: Target | None) -> str:
 
 def prepare(k, w: Block, target: Target | None = None, small: bool = True) -> Block:
     """What dot needs of a weight block for every row: -128 * its lane sums (VNNI), 128 * them
-    (AVX2, |w| <= 16: `small`), or |w| (AVX2, 8-bit w: (a + 128) * w would saturate)."""
+    (AVX2, |w| <= 32: `small`, so pairs of (a + 128) * w fit in i16), or |w| (AVX2, 8-bit w: (a + 128) * w would saturate)."""
     kind = _kind(target)
     if kind == "vnni":
-        bias = k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} zeroinitializer, {BYTES} {_splat(-128, BLOCK)}, {BYTES} {w.w})")
+        bias = k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} zeroinitializer, {BYTES} {constant(-128, BLOCK)}, {BYTES} {w.w})")
         w.prepared = k.op(f"sub {SUMS} zeroinitializer, {bias}")
     elif kind == "avx2" and small:
-        w.prepared = _maddubs(k, _splat(-128, BLOCK), w.w)
+        w.prepared = _maddubs(k, constant(-128, BLOCK), w.w)
     elif kind == "avx2":
         w.prepared = k.op(f"call {BYTES} @llvm.abs.v32i8({BYTES} {w.w}, i1 false)")
     return w
@@ -74,7 +80,7 @@ def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True) -
         return k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} {w.prepared}, {BYTES} {a}, {BYTES} {w.w})")
     if kind == "avx2" and small:
         return k.op(f"sub {SUMS} {_maddubs(k, a, w.w)}, {w.prepared}")
-    signed = k.op(f"xor {BYTES} {a}, {_splat(-128, BLOCK)}")
+    signed = k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}")
     if kind == "avx2":  # |w| times a with w's sign
         negative = k.op(f"icmp slt {BYTES} {w.w}, zeroinitializer")
         flipped = k.op(f"select <32 x i1> {negative}, {BYTES} {k.op(f'sub {BYTES} zeroinitializer, {signed}')}, {BYTES} {signed}")
@@ -93,12 +99,5 @@ def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True) -
 def _maddubs(k, u: str, s: str) -> str:
     """Unsigned bytes u times signed bytes s, summed in fours into i32 lanes (AVX2)."""
     pairs = k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {u}, {BYTES} {s})")
-    return k.op(f"call {SUMS} @llvm.x86.avx2.pmadd.wd(<16 x i16> {pairs}, <16 x i16> {_splat(1, 16, 'i16')})")
+    return k.op(f"call {SUMS} @llvm.x86.avx2.pmadd.wd(<16 x i16> {pairs}, <16 x i16> {constant(1, 16, 'i16')})")
 
-
-def _half(k, at: str) -> str:
-    return k.op(f"fpext half {k.op(f'load half, ptr {at}, align 1')} to float")
-
-
-def _splat(value: int, n: int, element: str = "i8") -> str:
-    return "<" + ", ".join([f"{element} {value}"] * n) + ">"

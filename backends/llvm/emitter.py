@@ -23,6 +23,11 @@ def float_literal(v) -> str:
     return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(np.float32(v))))[0]
 
 
+def constant(value: int, n: int, element: str = "i8") -> str:
+    """An <n x element> vector with every lane `value`, as a literal."""
+    return "<" + ", ".join([f"{element} {value}"] * n) + ">"
+
+
 class Emitter:
     def __init__(self):
         self.lines, self.n = [], 0

@@ -20,8 +20,8 @@ from backends.llvm.emitter import DECLARATIONS, STORAGE, Emitter
 
 @dataclass
 class Carried:
-    """A loop-carried value: `value` inside the loop, `set(next)` once per iteration, `final`
-    after the loop."""
+    """A loop-carried value: `value` at the top of the loop body, `set(next)` in it (again to
+    update it: `current` is the latest), `final` after the loop."""
     type: str
     init: str
     value: str
@@ -30,6 +30,10 @@ class Carried:
 
     def set(self, value: str):
         self.next = value
+
+    @property
+    def current(self) -> str:
+        return self.next or self.value
 
 
 @dataclass

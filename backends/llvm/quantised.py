@@ -4,6 +4,7 @@ every row block in an integer dot product (blocks.dot) scaled by d_w * d_x into 
 plus m_w times the row block's scaled sum for the formats with a minimum."""
 from backends.llvm import signatures
 from backends.llvm.blocks import LANES, dot, prepare, read_block
+from backends.llvm.kquants import read_sub_block
 from backends.llvm.kernel import Kernel
 from ops import dtypes
 from ops.blocks import BLOCK
@@ -47,32 +48,39 @@ def quantize_rows_kernel(name: str) -> str:
 def block_sums(k, w_types, rows, cols, block, target=None):
     """{(weight, row, col): sum_k x[row, k] * W[col, k]} over the q8 blocks of x (the kernel's
     A, AD, AS) and weights in blocks; rows are row indices, cols each weight row's byte offset.
-    Each weight block is read (and prepared for the dot product) once and multiplied into every
-    row of the step."""
+    Each weight (sub-)block is read (and prepared for the dot product) once and multiplied into
+    every row of the step. The k loop steps by the largest block (256 values when a K-quant is
+    among the weights), reading the smaller ones' blocks in a straight run."""
     formats = [t.block for t in w_types]
+    step = max(f.values for f in formats)
+    subs = step // BLOCK
     vec = f"<{LANES} x float>"
-    blocks = k.op(f"lshr i64 %K, {SHIFT}")
-    with k.loop("0", blocks, hint="blocks") as b:
+    with k.loop("0", k.op(f"udiv i64 %K, {step}"), hint="group") as g:
         acc = {x: k.carry("zeroinitializer", vec) for x in block}
         minimum = {x: k.carry("0.0") for x in block if formats[x[0]].has_min}  # sum of m_w * s_x
-        a = [k.vload(k.at("%A", k.add(k.mul(row, "%K"), k.mul(b, BLOCK)), "i8"), BLOCK, "i8") for row in rows]
-        at = [k.add(k.mul(row, blocks), b) for row in rows]
-        d_x = [k.splat(k.load_at("%AD", x, F32), LANES) for x in at]
-        s_x = [k.load_at("%AS", x, F32) for x in at] if minimum else None
-        for i, f in enumerate(formats):
-            for c, col in enumerate(cols[i]):
-                at_w = k.add(col, k.mul(b, f.block_bytes))
-                k.prefetch(k.at(f"%W{i}", k.add(at_w, PREFETCH_BYTES), "i8"))
-                w = prepare(k, read_block(k, f, k.at(f"%W{i}", at_w, "i8")), target, f.nibbles)
-                d_w = k.splat(w.d, LANES)
-                for r in range(len(rows)):
-                    sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.nibbles)} to {vec}")
-                    # (sums * d_w) * d_x: a multiply and a fused add (d_w * d_x first became a
-                    # scalar multiply and a broadcast per row and column)
-                    step = k.op(f"fmul contract {vec} {k.op(f'fmul {vec} {sums}, {d_w}')}, {d_x[r]}")
-                    acc[i, r, c].set(k.op(f"fadd reassoc contract {vec} {acc[i, r, c].value}, {step}"))
-                    if w.m is not None:
-                        term = k.op(f"fmul contract float {w.m}, {s_x[r]}")
-                        minimum[i, r, c].set(k.op(f"fadd reassoc contract float {minimum[i, r, c].value}, {term}"))
+        for s in range(subs):
+            b = k.add(k.mul(g, subs), s)  # x's block
+            a = [k.vload(k.at("%A", k.add(k.mul(row, "%K"), k.mul(b, BLOCK)), "i8"), BLOCK, "i8") for row in rows]
+            at = [k.add(k.mul(row, k.op(f"lshr i64 %K, {SHIFT}")), b) for row in rows]
+            d_x = [k.splat(k.load_at("%AD", x, F32), LANES) for x in at]
+            s_x = [k.load_at("%AS", x, F32) for x in at] if minimum else None
+            for i, f in enumerate(formats):
+                per = f.values // BLOCK  # x's blocks per block of this weight
+                for c, col in enumerate(cols[i]):
+                    at_w = k.add(col, k.mul(k.op(f"udiv i64 {b}, {per}"), f.block_bytes))
+                    where = k.at(f"%W{i}", at_w, "i8")
+                    # the prefetch moves through a block as its sub-blocks are read
+                    k.prefetch(k.at(f"%W{i}", k.add(at_w, PREFETCH_BYTES + s % per * f.block_bytes // per), "i8"))
+                    w = read_block(k, f, where) if per == 1 else read_sub_block(k, f, where, s % per)
+                    w = prepare(k, w, target, f.bits < 8)
+                    for r in range(len(rows)):
+                        sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.bits < 8)} to {vec}")
+                        # (sums * d_w) * d_x: a multiply and a fused add (d_w * d_x first became a
+                        # scalar multiply and a broadcast per row and column)
+                        term = k.op(f"fmul contract {vec} {k.op(f'fmul {vec} {sums}, {w.d}')}, {d_x[r]}")
+                        acc[i, r, c].set(k.op(f"fadd reassoc contract {vec} {acc[i, r, c].current}, {term}"))
+                        if w.m is not None:
+                            term = k.op(f"fmul contract float {w.m}, {s_x[r]}")
+                            minimum[i, r, c].set(k.op(f"fadd reassoc contract float {minimum[i, r, c].current}, {term}"))
     sums = {x: k.hsum(acc[x].final, LANES) for x in block}
     return {x: k.op(f"fadd float {s}, {minimum[x].final}") if x in minimum else s for x, s in sums.items()}

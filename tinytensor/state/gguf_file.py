@@ -11,13 +11,16 @@ damaged file gives one CheckpointError, never a hang or a huge allocation. We re
 rather than with the `gguf` package: its reader builds a NumPy view per array element (13 s for
 a 128k-token vocabulary, against 0.3 s here) and trusts the header's counts.
 
-Float tensors and the block types of ops/blocks.py (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) are mapped
-in place, as stored; other quantised ones (K-quants, IQ...) are dequantised to float32 at load,
-for now (with the `gguf` package's reference dequantisation).
+Float tensors and the block types of ops/blocks.py (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+Q6_K) are mapped in place, as stored. Other quantised ones (IQ*, Q2_K, Q3_K, ...) have no kernels
+here: they are dequantised at load, with the `gguf` package's reference dequantisation, to
+bfloat16 (half the memory of float32; a model of them is then computed as a bf16 one), with a
+note saying so.
 """
 import math
 import mmap
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,27 +182,44 @@ def read_metadata(path: Path) -> dict:
 def read(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dtypes.DType]]]:
     """(metadata, {name: (array, dtype)}): float tensors and the block types of ops/blocks.py
     map the file (a block tensor's array is its bytes, [rows, bytes per row]); others are
-    dequantised to float32."""
+    dequantised to bfloat16, with a note on stderr."""
     from gguf import GGMLQuantizationType as Q
-    from gguf.quants import dequantize
 
     path = Path(path)
     metadata, tensors, buffer = _parse(path)
-    out = {}
+    out, converted = {}, {}
     for t in progress(tensors, f"reading {path.name}"):
         raw = buffer[t.start:t.end]
         if t.ggml_type in FLOATS:
             storage, dtype = FLOATS[t.ggml_type]
             out[t.name] = (raw.view(storage).reshape(t.shape), dtype)
-            continue
-        if t.ggml_type in dtypes.BY_GGML_TYPE:
+        elif t.ggml_type in dtypes.BY_GGML_TYPE:
             dtype = dtypes.BY_GGML_TYPE[t.ggml_type]
             out[t.name] = (raw.reshape(dtype.storage_shape(t.shape)), dtype)
-            continue
+        else:
+            out[t.name] = (_to_bfloat16(path, t, raw), dtypes.bfloat16)
+            converted[Q(t.ggml_type).name] = converted.get(Q(t.ggml_type).name, 0) + 1
+    if converted:
+        kinds = ", ".join(f"{n} {name}" for name, n in sorted(converted.items()))
+        print(f"note: {path.name}: {kinds} tensors have no native kernels here; they were dequantised to "
+              f"bfloat16 at load (Q4_0, Q8_0 and the Q4_K/Q5_K/Q6_K files are computed as stored)", file=sys.stderr)
+    return metadata, out
+
+
+DEQUANTIZE_ROWS = 1 << 14  # rows dequantised at once: bounds the float32 temporary of a big tensor
+
+
+def _to_bfloat16(path: Path, t: _Tensor, raw: np.ndarray) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    rows = raw.reshape(math.prod(t.shape[:-1]), -1)
+    out = np.empty((rows.shape[0], t.shape[-1]), np.uint16)
+    for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
         try:
-            values = dequantize(np.asarray(raw).reshape(math.prod(t.shape[:-1]), -1), Q(t.ggml_type))
+            values = dequantize(np.asarray(rows[start:start + DEQUANTIZE_ROWS]), Q(t.ggml_type))
         except NotImplementedError:
             raise CheckpointError(f"{path}: tensor {t.name} is {Q(t.ggml_type).name}, which the gguf "
                                   f"package cannot dequantize") from None
-        out[t.name] = (values.reshape(t.shape).astype(np.float32, copy=False), dtypes.float32)
-    return metadata, out
+        out[start:start + DEQUANTIZE_ROWS] = dtypes.narrow(values.astype(np.float32, copy=False), dtypes.bfloat16)
+    return out.reshape(t.shape)

@@ -42,6 +42,12 @@ def _rebuild_tensor(storage, offset, size, stride, *_unused):
     return view, storage.dtype
 
 
+def _is_tensor(value) -> bool:
+    """What _rebuild_tensor makes (a damaged pickle can build other tuples in its place)."""
+    return type(value) is tuple and len(value) == 2 and isinstance(value[0], np.ndarray) \
+        and isinstance(value[1], dtypes.DType)
+
+
 def _index(value) -> bool:
     return type(value) is int and value >= 0
 
@@ -119,6 +125,6 @@ def read(path: Path) -> dict[str, tuple[np.ndarray, dtypes.DType]]:
             # a damaged pickle fails in many ways inside the unpickler; none of them runs code
             raise CheckpointError(f"{path}: its data.pkl is damaged ({type(e).__name__}: {e}); "
                                   f"download it again") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, tuple) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and _is_tensor(v) for k, v in state.items()):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     return dict(state)
