@@ -1,6 +1,6 @@
 """Block-quantised weights (ops/blocks.py) in registers: reading one block of a simple format,
-the one place that knows their bytes (kquants.py knows the K-quants'), and the integer dot product of a block with a block of 8-bit
-activations, with the instructions the target has for it.
+the one place that knows their bytes (kquants.py knows the K-quants'), and the integer dot
+product of a block with a block of 8-bit activations, with the instructions the target has.
 
 A (sub-)block of 32 values comes out as 32 signed bytes w, the scales d of its values as 8 float
 lanes (lane i scales values 4i..4i+3, the lanes the dot product sums them into: q6_k has two

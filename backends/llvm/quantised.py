@@ -4,7 +4,7 @@ every row block in an integer dot product (blocks.dot) scaled by d_w * d_x into 
 plus m_w times the row block's scaled sum for the formats with a minimum."""
 from backends.llvm import signatures
 from backends.llvm.blocks import LANES, dot, prepare, read_block
-from backends.llvm.kquants import read_sub_block
+from backends.llvm.kquants import read_sub_block, read_super_block
 from backends.llvm.kernel import Kernel
 from ops import dtypes
 from ops.blocks import BLOCK
@@ -57,7 +57,9 @@ def block_sums(k, w_types, rows, cols, block, target=None):
     vec = f"<{LANES} x float>"
     with k.loop("0", k.op(f"udiv i64 %K, {step}"), hint="group") as g:
         acc = {x: k.carry("zeroinitializer", vec) for x in block}
-        minimum = {x: k.carry("0.0") for x in block if formats[x[0]].has_min}  # sum of m_w * s_x
+        # the simple formats' minimums, sum of m_w * s_x (a K-quant's go into acc, 8 at once)
+        minimum = {x: k.carry("0.0") for x in block if formats[x[0]].has_min and formats[x[0]].values == BLOCK}
+        supers = {}
         for s in range(subs):
             b = k.add(k.mul(g, subs), s)  # x's block
             a = [k.vload(k.at("%A", k.add(k.mul(row, "%K"), k.mul(b, BLOCK)), "i8"), BLOCK, "i8") for row in rows]
@@ -71,7 +73,17 @@ def block_sums(k, w_types, rows, cols, block, target=None):
                     where = k.at(f"%W{i}", at_w, "i8")
                     # the prefetch moves through a block as its sub-blocks are read
                     k.prefetch(k.at(f"%W{i}", k.add(at_w, PREFETCH_BYTES + s % per * f.block_bytes // per), "i8"))
-                    w = read_block(k, f, where) if per == 1 else read_sub_block(k, f, where, s % per)
+                    if per == 1:
+                        w = read_block(k, f, where)
+                    else:
+                        if s % per == 0:
+                            supers[i, c] = sup = read_super_block(k, f, where)
+                            for r, x in enumerate(at):  # minimums times the s_x of x's 8 blocks here
+                                if sup.minimums is not None:
+                                    s_x8 = k.vload(k.at("%AS", x), LANES, "float")
+                                    term = k.op(f"fmul contract {vec} {sup.minimums}, {s_x8}")
+                                    acc[i, r, c].set(k.op(f"fadd reassoc contract {vec} {acc[i, r, c].current}, {term}"))
+                        w = read_sub_block(k, f, supers[i, c], s % per)
                     w = prepare(k, w, target, f.bits < 8)
                     for r in range(len(rows)):
                         sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.bits < 8)} to {vec}")
