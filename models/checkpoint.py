@@ -17,7 +17,7 @@ import numpy as np
 from models import config as configs
 from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import PRE_TOKENIZERS, BPETokenizer, Llama3Tokenizer, TokenizerError
-from ops import dtypes
+from ops import blocks, dtypes
 from tinytensor import Tensor
 from tinytensor.state import CheckpointError, gguf_file, progress, pth_file, safetensors_file
 
@@ -61,9 +61,10 @@ def detect(path: Path) -> str:
 
 
 def load(path: Path, dtype=None):
-    """(config, weights, tokenizer) from a checkpoint on disk. dtype: cast weights to it
-    (None keeps what the file holds: float types and the block types of ops/blocks.py as
-    stored, other quantised GGUF tensors as float32)."""
+    """(config, weights, tokenizer) from a checkpoint on disk. dtype: cast weights to it, or
+    quantise them to it when it is a block type ('q8_0', 'q4_0', ...: see `quantised`); None
+    keeps what the file holds (float types and the block types of ops/blocks.py as stored, other
+    quantised GGUF tensors as bfloat16)."""
     path = Path(path)
     kind = detect(path)
     try:
@@ -72,11 +73,31 @@ def load(path: Path, dtype=None):
         config_file = {"hf": path / "config.json", "meta": path / "params.json", "gguf": path}[kind]
         raise CheckpointError(f"{config_file}: {e}") from None
     _check_shapes(path, config, arrays)
+    dtype = None if dtype is None else dtypes.to_dtype(dtype)
     weights = {}
     for name, (array, dt) in progress(arrays.items(), f"loading {path.name}", len(arrays)):
+        if dtype is not None and dtype.block:
+            weights[name] = quantised(array, dt, dtype)
+            continue
         t = Tensor.from_numpy(array, dt)
         weights[name] = t if dtype is None else t.cast(dtype).realize()
     return config, weights, tokenizer
+
+
+QUANTISE_ROWS = 4096  # rows quantised at once: bounds the float32 temporary of a big matrix
+
+
+def quantised(array: np.ndarray, dt, dtype) -> Tensor:
+    """A weight in the block type `dtype`, quantised in memory as llama-quantize would write it
+    (ops.blocks.quantize), a few thousand rows at a time. Vectors (the norms) and matrices whose
+    rows are not whole blocks stay as they are, as in a GGUF file."""
+    if dt == dtype or array.ndim != 2 or array.shape[-1] % dtype.block.values:
+        return Tensor.from_numpy(array, dt)
+    out = np.empty(dtype.storage_shape(dt.logical_shape(array.shape)), np.uint8)
+    for start in range(0, array.shape[0], QUANTISE_ROWS):
+        rows = dtypes.widen(np.asarray(array[start:start + QUANTISE_ROWS]), dt).astype(np.float32, copy=False)
+        out[start:start + QUANTISE_ROWS] = blocks.quantize(rows, dtype.block)
+    return Tensor.from_numpy(out, dtype)
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------
@@ -424,5 +445,8 @@ class RandomArrays(Mapping):
 def random_weights(c: configs.LlamaConfig, seed: int = 0, dtype=dtypes.float32) -> dict[str, Tensor]:
     """The exact architecture with random weights (for benchmarks and tests), as Tensors of dtype."""
     arrays = RandomArrays(c, seed)
+    if dtype.block:
+        return {name: quantised(arrays[name], dtypes.float32, dtype)
+                for name in progress(arrays, "random weights", len(arrays))}
     return {name: Tensor.from_numpy(dtypes.narrow(arrays[name], dtype), dtype)
             for name in progress(arrays, "random weights", len(arrays))}

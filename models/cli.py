@@ -16,6 +16,7 @@ from models.chat import chat_tokens, has_chat_format
 from models.config import SIZES
 from models.sampling import DEFAULTS, RULES, check_setting, make_sampler
 from models.tokenizer import StreamDecoder, TokenizerError
+from ops import dtypes
 from tinytensor.state import CheckpointError
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -102,8 +103,9 @@ def parse_args(argv):
                           help=f"divide the scores of tokens already seen, 1 is none (default: {DEFAULTS['repetition_penalty']})")
     sampling.add_argument("--seed", type=int, help="make sampling reproducible")
     p.add_argument("--random-init", action="store_true", help="random weights in --size's exact architecture")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="cast the weights (default: as stored; float32 for quantised and random weights)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", *(d.name for d in dtypes.BLOCKS)],
+                   help="cast the weights, or quantise them at load to a GGUF block type such as q8_0 or q4_0 "
+                        "(default: as stored; float32 for random weights)")
     p.add_argument("--context", type=_whole(1), default=8192, help="positions to make room for (default: 8192)")
     args = p.parse_args(argv)
     if args.random_init and not args.size:

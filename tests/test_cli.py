@@ -74,6 +74,15 @@ def test_generates_from_a_checkpoint_and_reports_speed(tiny_gguf):
     assert "prefill" in result.stderr and "decode" in result.stderr and "tok/s" in result.stderr
 
 
+def test_weights_quantised_at_load(tiny_gguf):
+    """--dtype q4_0: a float16 file's matrices quantised in memory; the same greedy run works."""
+    result = run("--checkpoint", str(tiny_gguf), "--raw", "--prompt", "hello", "--max-tokens", "5",
+                 "--temperature", "0", "--dtype", "q4_0")
+    assert result.returncode == 0, result.stderr
+    assert "decode" in result.stderr
+    assert_one_line_error(run("--checkpoint", str(tiny_gguf), "--dtype", "q3_k"), "invalid choice")
+
+
 def test_seed_makes_sampling_reproducible(tiny_gguf):
     args = ("--checkpoint", str(tiny_gguf), "--raw", "--prompt", "hello", "--max-tokens", "8", "--seed", "3",
             "--temperature", "1.0")

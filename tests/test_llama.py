@@ -133,3 +133,24 @@ def test_bfloat16_hf_checkpoint_loads_as_stored(weights_and_logits, tmp_path):
     rounded = {k: Tensor(v, dtype=dtypes.bfloat16) for k, v in arrays.items()}
     want = Llama(config, rounded).logits(PROMPT)
     assert np.abs(Llama(config2, weights).logits(PROMPT) - want).max() <= TOL
+
+
+@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0], ids=lambda d: d.name)
+def test_bfloat16_checkpoint_quantised_at_load(weights_and_logits, tmp_path, dtype):
+    """load(path, dtype="q8_0"): a bf16 HF folder quantised in memory holds the very blocks
+    llama-quantize's layout would (our GGUF writer's, from the same bf16 values); norms, and
+    matrices whose rows are not whole blocks (this model's dim is 48), stay as stored."""
+    config, arrays, _ = weights_and_logits
+    make_checkpoint.write_hf(tmp_path / "bf16", config, arrays, dtypes.bfloat16)
+    config2, weights, _ = checkpoint.load(tmp_path / "bf16", dtype=dtype.name)
+    assert weights["layers.0.feed_forward.w2.weight"].dtype == dtype
+    assert weights["norm.weight"].dtype == dtypes.bfloat16
+    values = {k: w.cast(dtypes.float32).numpy() for k, w in checkpoint.load(tmp_path / "bf16")[1].items()}
+    write_gguf(tmp_path / "m.gguf", config2, values, dtype=dtype)
+    _, stored, _ = checkpoint.load(tmp_path / "m.gguf")
+    quantised = [name for name, w in weights.items() if w.dtype == dtype]
+    assert quantised == [name for name, w in stored.items() if w.dtype == dtype]
+    assert len(quantised) == config.n_layers  # the down projections: rows of ffn_dim = 128
+    for name in quantised:
+        assert np.array_equal(weights[name].numpy(), stored[name].numpy()), name
+    assert all(weights[name].dtype == dtypes.bfloat16 for name in weights if name not in quantised)
