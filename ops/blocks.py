@@ -137,4 +137,3 @@ def product(x: np.ndarray, w: np.ndarray, f: Format) -> np.ndarray:
     q, d, _ = quantize_rows(x)
     a = (q.reshape(d.shape + (BLOCK,)).astype(np.float32) * d[..., None]).reshape(x.shape)
     return a @ dequantize(w, f).T
-

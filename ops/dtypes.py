@@ -5,9 +5,9 @@ the result back. NumPy has no bfloat16, so its bits live in uint16 (the upper ha
 exactly as checkpoints store them.
 
 Block types (q8_0, q4_0, ... see ops/blocks.py) hold a GGUF file's bytes: a tensor of logical
-shape [..., K] is stored as uint8 [..., K / values * block_bytes] (32 or 256 values a block). They are weights: they can be
-read by rows (gather), multiplied (x @ W.T) and cast to a float type, which is their meaning
-(dequantisation).
+shape [..., K] is stored as uint8 [..., K / values * block_bytes] (32 or 256 values a block).
+They are weights: they can be read by rows (gather), multiplied (x @ W.T) and cast to a float
+type, which is their meaning (dequantisation).
 """
 from dataclasses import dataclass
 

@@ -66,14 +66,13 @@ def quantize(x: np.ndarray, f) -> np.ndarray:
     Each sub-block's scale (and minimum) is its range over the integers' range, the 6- or 8-bit
     scales of a super-block the nearest steps of its largest one: llama.cpp's layout, without
     the search for the scale that its quantize_row_*_ref makes (a little more rounding error)."""
-    n, k = x.shape
     blocks = np.ascontiguousarray(x, np.float32).reshape(-1, SUPER)
     out = np.zeros((blocks.shape[0], f.block_bytes), np.uint8)
     if f.name == "q6_k":
         _pack_q6_k(blocks, out)
     else:
         _pack_q45_k(blocks, out, levels=(1 << f.bits) - 1, high_bits=f.high_bits)
-    return out.reshape(n, -1)
+    return out.reshape(x.shape[0], -1)
 
 
 def _pack_q45_k(x, out, levels: int, high_bits: bool):

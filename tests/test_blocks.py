@@ -27,7 +27,7 @@ def stored(rng, shape, dtype, spread=1.0):
     else:
         f = dtype.block
         raw = rng.integers(0, 256, dtype.storage_shape(shape), dtype=np.uint8)
-        halves = raw.reshape(-1, f.block_bytes)[:, [slice(0, 4), slice(208, 210)][f.name == "q6_k"]]
+        halves = raw.reshape(-1, f.block_bytes)[:, slice(208, 210) if f.name == "q6_k" else slice(0, 4)]
         halves[:] = (rng.standard_normal(halves.shape[:1] + (halves.shape[1] // 2,)) * spread / 512
                      ).astype(np.float16).view(np.uint8)
     return raw, dequantize(raw, kind).astype(np.float32)

@@ -28,7 +28,7 @@ SUMS = f"<{LANES} x i32>"
 class Block:
     w: str             # <32 x i8>, signed
     d: str             # <8 x float>, each lane's scale
-    m: str | None      # float minimum (q4_1, q5_1, q4_k, q5_k), else None
+    m: str | None      # float minimum (q4_1, q5_1; a K-quant's stay in its kquants.SuperBlock), else None
     prepared: str | None = None  # what `prepare` computed for dot
 
 
@@ -60,7 +60,8 @@ def _kind(target: Target | None) -> str:
 
 def prepare(k, w: Block, target: Target | None = None, small: bool = True) -> Block:
     """What dot needs of a weight block for every row: -128 * its lane sums (VNNI), 128 * them
-    (AVX2, |w| <= 32: `small`, so pairs of (a + 128) * w fit in i16), or |w| (AVX2, 8-bit w: (a + 128) * w would saturate)."""
+    (AVX2, |w| <= 32: `small`, so pairs of (a + 128) * w fit in i16), or |w| (AVX2, 8-bit w:
+    (a + 128) * w would saturate)."""
     kind = _kind(target)
     if kind == "vnni":
         bias = k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} zeroinitializer, {BYTES} {constant(-128, BLOCK)}, {BYTES} {w.w})")

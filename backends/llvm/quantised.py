@@ -4,6 +4,7 @@ every row block in an integer dot product (blocks.dot) scaled by d_w * d_x into 
 plus m_w times the row block's scaled sum for the formats with a minimum."""
 from backends.llvm import signatures
 from backends.llvm.blocks import LANES, dot, prepare, read_block
+from backends.llvm.emitter import constant
 from backends.llvm.kquants import read_sub_block, read_super_block
 from backends.llvm.kernel import Kernel
 from ops import dtypes
@@ -35,7 +36,7 @@ def quantize_rows_kernel(name: str) -> str:
             scaled = k.op(f"fmul {FLOATS} {x}, {k.splat(inverse, BLOCK)}")
             rounded = k.op(f"call {FLOATS} @llvm.roundeven.v32f32({FLOATS} {scaled})")
             q = k.op(f"fptosi {FLOATS} {rounded} to <{BLOCK} x i8>")
-            unsigned = k.op(f"xor <{BLOCK} x i8> {q}, <{', '.join(['i8 -128'] * BLOCK)}>")
+            unsigned = k.op(f"xor <{BLOCK} x i8> {q}, {constant(-128, BLOCK)}")
             k.raw(f"  store <{BLOCK} x i8> {unsigned}, ptr {k.at('%Q', k.add(k.mul(r, '%K'), k.mul(b, BLOCK)), 'i8')}, align 1")
             total = k.op(f"call i32 @llvm.vector.reduce.add.v32i32(<{BLOCK} x i32> "
                          f"{k.op(f'sext <{BLOCK} x i8> {q} to <{BLOCK} x i32>')})")
@@ -52,38 +53,32 @@ def block_sums(k, w_types, rows, cols, block, target=None):
     every row of the step. The k loop steps by the largest block (256 values when a K-quant is
     among the weights), reading the smaller ones' blocks in a straight run."""
     formats = [t.block for t in w_types]
-    step = max(f.values for f in formats)
-    subs = step // BLOCK
+    subs = max(f.sub_blocks for f in formats)  # x's blocks per step
     vec = f"<{LANES} x float>"
-    with k.loop("0", k.op(f"udiv i64 %K, {step}"), hint="group") as g:
+    blocks = k.op(f"lshr i64 %K, {SHIFT}")  # x's blocks per row
+    with k.loop("0", k.op(f"udiv i64 %K, {subs * BLOCK}"), hint="group") as g:
         acc = {x: k.carry("zeroinitializer", vec) for x in block}
         # the simple formats' minimums, sum of m_w * s_x (a K-quant's go into acc, 8 at once)
-        minimum = {x: k.carry("0.0") for x in block if formats[x[0]].has_min and formats[x[0]].values == BLOCK}
+        minimum = {x: k.carry("0.0") for x in block if formats[x[0]].has_min and formats[x[0]].sub_blocks == 1}
         supers = {}
         for s in range(subs):
             b = k.add(k.mul(g, subs), s)  # x's block
             a = [k.vload(k.at("%A", k.add(k.mul(row, "%K"), k.mul(b, BLOCK)), "i8"), BLOCK, "i8") for row in rows]
-            at = [k.add(k.mul(row, k.op(f"lshr i64 %K, {SHIFT}")), b) for row in rows]
+            at = [k.add(k.mul(row, blocks), b) for row in rows]
             d_x = [k.splat(k.load_at("%AD", x, F32), LANES) for x in at]
             s_x = [k.load_at("%AS", x, F32) for x in at] if minimum else None
             for i, f in enumerate(formats):
-                per = f.values // BLOCK  # x's blocks per block of this weight
+                sub = s % f.sub_blocks
                 for c, col in enumerate(cols[i]):
-                    at_w = k.add(col, k.mul(k.op(f"udiv i64 {b}, {per}"), f.block_bytes))
+                    at_w = k.add(col, k.mul(k.op(f"udiv i64 {b}, {f.sub_blocks}"), f.block_bytes))
                     where = k.at(f"%W{i}", at_w, "i8")
-                    # the prefetch moves through a block as its sub-blocks are read
-                    k.prefetch(k.at(f"%W{i}", k.add(at_w, PREFETCH_BYTES + s % per * f.block_bytes // per), "i8"))
-                    if per == 1:
+                    if f.sub_blocks == 1:
+                        k.prefetch(k.at(where, PREFETCH_BYTES, "i8"))
                         w = read_block(k, f, where)
                     else:
-                        if s % per == 0:
-                            supers[i, c] = sup = read_super_block(k, f, where)
-                            for r, x in enumerate(at):  # minimums times the s_x of x's 8 blocks here
-                                if sup.minimums is not None:
-                                    s_x8 = k.vload(k.at("%AS", x), LANES, "float")
-                                    term = k.op(f"fmul contract {vec} {sup.minimums}, {s_x8}")
-                                    acc[i, r, c].set(k.op(f"fadd reassoc contract {vec} {acc[i, r, c].current}, {term}"))
-                        w = read_sub_block(k, f, supers[i, c], s % per)
+                        if sub == 0:
+                            supers[i, c] = _super_block(k, f, where, at, [acc[i, r, c] for r in range(len(rows))])
+                        w = read_sub_block(k, f, supers[i, c], sub)
                     w = prepare(k, w, target, f.bits < 8)
                     for r in range(len(rows)):
                         sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.bits < 8)} to {vec}")
@@ -96,3 +91,18 @@ def block_sums(k, w_types, rows, cols, block, target=None):
                             minimum[i, r, c].set(k.op(f"fadd reassoc contract float {minimum[i, r, c].current}, {term}"))
     sums = {x: k.hsum(acc[x].final, LANES) for x in block}
     return {x: k.op(f"fadd float {s}, {minimum[x].final}") if x in minimum else s for x, s in sums.items()}
+
+
+def _super_block(k, f, where, at, accs):
+    """A K-quant super-block's shared part, read once: its lines prefetched ahead, and (q4_k,
+    q5_k) its 8 minimums times the s_x of x's 8 blocks at `at` (one per row) added to each row's
+    8-lane sum in one step."""
+    for line in range(0, f.block_bytes, 64):
+        k.prefetch(k.at(where, PREFETCH_BYTES + line, "i8"))
+    sup = read_super_block(k, f, where)
+    if sup.minimums is not None:
+        vec = f"<{LANES} x float>"
+        for x, acc in zip(at, accs):
+            term = k.op(f"fmul contract {vec} {sup.minimums}, {k.vload(k.at('%AS', x), LANES, 'float')}")
+            acc.set(k.op(f"fadd reassoc contract {vec} {acc.current}, {term}"))
+    return sup
