@@ -66,13 +66,7 @@ def load(path: Path, dtype=None):
     keeps what the file holds (float types and the block types of ops/blocks.py as stored, other
     quantised GGUF tensors as bfloat16)."""
     path = Path(path)
-    kind = detect(path)
-    try:
-        config, arrays, tokenizer = {"hf": _load_hf, "meta": _load_meta, "gguf": _load_gguf}[kind](path)
-    except configs.ConfigError as e:  # every config is checked once, when it is read
-        config_file = {"hf": path / "config.json", "meta": path / "params.json", "gguf": path}[kind]
-        raise CheckpointError(f"{config_file}: {e}") from None
-    _check_shapes(path, config, arrays)
+    config, arrays, tokenizer = read(path)
     dtype = None if dtype is None else dtypes.to_dtype(dtype)
     weights = {}
     for name, (array, dt) in progress(arrays.items(), f"loading {path.name}", len(arrays)):
@@ -84,7 +78,18 @@ def load(path: Path, dtype=None):
     return config, weights, tokenizer
 
 
-QUANTISE_ROWS = 4096  # rows quantised at once: bounds the float32 temporary of a big matrix
+def read(path: Path):
+    """(config, {Meta name: (array, dtype)}, tokenizer) as the checkpoint stores them: the arrays
+    memory-mapped where the format allows, every shape checked against the config."""
+    path = Path(path)
+    kind = detect(path)
+    try:
+        config, arrays, tokenizer = {"hf": _load_hf, "meta": _load_meta, "gguf": _load_gguf}[kind](path)
+    except configs.ConfigError as e:  # every config is checked once, when it is read
+        config_file = {"hf": path / "config.json", "meta": path / "params.json", "gguf": path}[kind]
+        raise CheckpointError(f"{config_file}: {e}") from None
+    _check_shapes(path, config, arrays)
+    return config, arrays, tokenizer
 
 
 def quantised(array: np.ndarray, dt, dtype) -> Tensor:
@@ -93,11 +98,7 @@ def quantised(array: np.ndarray, dt, dtype) -> Tensor:
     rows are not whole blocks stay as they are, as in a GGUF file."""
     if dt == dtype or array.ndim != 2 or array.shape[-1] % dtype.block.values:
         return Tensor.from_numpy(array, dt)
-    out = np.empty(dtype.storage_shape(dt.logical_shape(array.shape)), np.uint8)
-    for start in range(0, array.shape[0], QUANTISE_ROWS):
-        rows = dtypes.widen(np.asarray(array[start:start + QUANTISE_ROWS]), dt).astype(np.float32, copy=False)
-        out[start:start + QUANTISE_ROWS] = blocks.quantize(rows, dtype.block)
-    return Tensor.from_numpy(out, dtype)
+    return Tensor.from_numpy(dtypes.convert(array, dt, dtype), dtype)
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------

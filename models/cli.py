@@ -22,7 +22,7 @@ from tinytensor.state import CheckpointError
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see --help)\n")
 
@@ -81,7 +81,7 @@ def _interrupt_ends_reply(in_chat: bool):
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m models.llama3", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m models.llama3", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), help="a published Llama 3.1/3.2 size")
     p.add_argument("--checkpoint", help="a Hugging Face or Meta checkpoint folder, or a .gguf file "
                                         "(default: SmolLM2-135M-Instruct, fetched on first use)")

@@ -8,35 +8,93 @@ writes, so that llama.cpp loads what we write and we read what it writes the sam
   llama.cpp's pre-tokenizer name, or SentencePiece tokens and scores; the chat template;
 - weights in Meta's row layout under llama.cpp's names, 1-D norms in F32.
 """
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from models import checkpoint
+from models import checkpoint, quant_mix
 from models.config import LlamaConfig, rope_freq_factors
+from models.quant_mix import FileType
 from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, byte_to_unicode
 from ops import dtypes
-from ops.blocks import quantize
+from tinytensor.state import progress
 
 GGUF_FROM_META = {meta: name for name, meta in checkpoint.GGUF_NAMES.items()}
 GGUF_TOP_FROM_META = {meta: name for name, meta in checkpoint.GGUF_TOP.items()}
-FILE_TYPES = {dtypes.float32: 0, dtypes.float16: 1, dtypes.bfloat16: 32,  # llama.cpp's LLAMA_FTYPE_*
-              dtypes.q4_0: 2, dtypes.q4_1: 3, dtypes.q8_0: 7, dtypes.q5_0: 8, dtypes.q5_1: 9,
-              dtypes.q4_k: 14, dtypes.q5_k: 16, dtypes.q6_k: 18}  # every matrix one K-quant: the _S files
 
 
-def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None,
-               dtype: dtypes.DType = dtypes.float16):
-    """weights: Meta names -> float32 arrays (or already `dtype`; block types quantise float32
-    matrices, norms stay float32). tokenizer: a loaded tokenizer,
-    or None for a stand-in byte-level vocabulary of config.vocab_size tokens (random test models)."""
+def write_gguf(path: Path, config: LlamaConfig, weights: Mapping, tokenizer=None,
+               dtype: dtypes.DType | FileType = dtypes.float16) -> dict[str, dtypes.DType]:
+    """Write the checkpoint at `path`, one tensor at a time (peak memory: about one tensor).
+
+    weights: Meta names -> float arrays, or (array, dtype) pairs as checkpoint.read gives them
+    (stored bits of any float or block type; a tensor already in its target type is copied as
+    it is). dtype: one type for every matrix (norms stay float32; rows that are not whole
+    blocks fall back as llama.cpp's do), or a models.quant_mix.FileType such as Q4_K_M.
+    tokenizer: a loaded tokenizer, or None for a stand-in byte-level vocabulary of
+    config.vocab_size tokens (random test models). The file appears at `path` only once it is
+    complete. Returns each GGUF tensor's type."""
     import gguf
 
-    if dtype not in FILE_TYPES:
-        raise ValueError(f"GGUF weights as {dtype.name} are not written here "
-                         f"({', '.join(d.name for d in FILE_TYPES)})")
-    writer = gguf.GGUFWriter(str(path), "llama")
+    file_type = dtype if isinstance(dtype, FileType) else quant_mix.pure(dtype)
+    shapes = checkpoint.expected_shapes(config)
+    plan = {}  # GGUF name -> (Meta name, target dtype)
+    for name in weights:
+        if name not in shapes:
+            raise ValueError(f"{name} is not a weight of this model's config")
+        plan[gguf_name(name)] = (name, file_type.tensor_type(name, shapes[name], config))
+    writer = gguf.GGUFWriter(None, "llama")
+    _add_hyperparameters(writer, gguf, config, file_type.ftype)
+    for key, value in vocabulary(tokenizer, config.vocab_size).items():
+        writer.add_key_value(key, value, _value_type(gguf, value))
+
+    factors = rope_freq_factors(config)
+    extra = {"rope_freqs.weight": np.array(factors, np.float32)} if any(f != 1.0 for f in factors) else {}
+    for name, array in extra.items():
+        writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
+    for name, (meta, target) in plan.items():
+        storage = target.storage_shape(shapes[meta])
+        writer.add_tensor_info(name, storage, target.storage, math.prod(storage) * target.itemsize,
+                               raw_dtype=_ggml_type(gguf, target))
+    partial = path.with_name(path.name + ".partial")
+    try:
+        writer.open_output_file(partial)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for array in extra.values():
+            writer.write_tensor_data(array)
+        for name, (meta, target) in progress(plan.items(), f"writing {path.name}", len(plan)):
+            value = weights[meta]
+            array, source = value if isinstance(value, tuple) else (value, dtypes.from_numpy_dtype(value.dtype))
+            writer.write_tensor_data(np.ascontiguousarray(dtypes.convert(array, source, target)))
+        writer.close()
+        partial.replace(path)
+    finally:
+        writer.close()
+        partial.unlink(missing_ok=True)
+    return {name: target for name, (_, target) in plan.items()}
+
+
+def gguf_name(meta: str) -> str:
+    if meta.startswith("layers."):
+        _, i, rest = meta.split(".", 2)
+        return f"blk.{i}.{GGUF_FROM_META[rest]}"
+    return GGUF_TOP_FROM_META[meta]
+
+
+def _ggml_type(gguf, dtype: dtypes.DType):
+    if dtype.block:
+        return gguf.GGMLQuantizationType(dtype.block.ggml_type)
+    return {"float32": gguf.GGMLQuantizationType.F32, "float16": gguf.GGMLQuantizationType.F16,
+            "bfloat16": gguf.GGMLQuantizationType.BF16}[dtype.name]
+
+
+def _add_hyperparameters(writer, gguf, config: LlamaConfig, file_type: int):
+    """The `general.*` and `llama.*` keys, as llama.cpp's converter writes them."""
     writer.add_type("model")
     writer.add_name(config.name)
     writer.add_block_count(config.n_layers)
@@ -49,38 +107,10 @@ def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, np.ndarray], 
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_file_type(FILE_TYPES[dtype])
+    writer.add_file_type(file_type)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, value in vocabulary(tokenizer, config.vocab_size).items():
-        writer.add_key_value(key, value, _value_type(gguf, value))
-
-    factors = rope_freq_factors(config)
-    if any(f != 1.0 for f in factors):
-        writer.add_tensor("rope_freqs.weight", np.array(factors, np.float32))
-    for name, w in weights.items():
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            gguf_name = f"blk.{i}.{GGUF_FROM_META[rest]}"
-        else:
-            gguf_name = GGUF_TOP_FROM_META[name]
-        if w.ndim == 1 or dtype == dtypes.float32:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float32))
-        elif dtype == dtypes.float16:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float16))
-        elif dtype.block and w.shape[-1] % dtype.block.values:  # rows of no whole blocks stay float16
-            writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float16))
-        elif dtype.block:
-            kind = gguf.GGMLQuantizationType(dtype.block.ggml_type)
-            writer.add_tensor(gguf_name, quantize(np.asarray(w, np.float32), dtype.block), raw_dtype=kind)
-        else:
-            writer.add_tensor(gguf_name, dtypes.narrow(np.asarray(w, np.float32), dtype),
-                              raw_dtype=gguf.GGMLQuantizationType.BF16)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def _value_type(gguf, value):

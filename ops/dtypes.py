@@ -130,3 +130,21 @@ def narrow(x: np.ndarray, d: DType) -> np.ndarray:
         return x != 0
     with np.errstate(invalid="ignore", over="ignore"):
         return x.astype(d.storage)
+
+
+CONVERT_ROWS = 4096  # rows converted at once: bounds the float32 temporary of a big matrix
+
+
+def convert(x: np.ndarray, source: DType, target: DType) -> np.ndarray:
+    """Storage bits of `source` -> storage bits of `target` (float or block types), through
+    float32 a few thousand rows at a time, so converting a 2 GB embedding never holds it as
+    float32. The same dtype gives x itself (a memory-mapped file's bytes stay mapped)."""
+    if source == target:
+        return x
+    out = np.empty(target.storage_shape(source.logical_shape(x.shape)), target.storage)
+    for start in range(0, max(len(x), 1), CONVERT_ROWS):
+        values = widen(np.asarray(x[start:start + CONVERT_ROWS]), source).astype(np.float32, copy=False)
+        out[start:start + CONVERT_ROWS] = blocks.quantize(values, target.block) if target.block \
+            else narrow(values, target)
+    return out
+
