@@ -42,9 +42,11 @@ def bound(x, w):
 
 def magnitudes(raw, dtype):
     """Per weight, the size of the terms a kernel adds for it: |scale w| + |minimum| (the
-    integer sums are exact; a value's minimum is added apart from it, so they may cancel)."""
+    integer sums are exact; a value's minimum is added apart from it, so they may cancel), or
+    with the offset apart too (column_lanes: |scale (w + offset)| + |scale offset| + |minimum|)."""
     w, scale, minimum = blocks.sub_blocks(raw.reshape(-1, dtype.block.block_bytes), dtype.block)
-    size = np.abs(scale.astype(np.float64) * w)
+    offset = dtype.block.offset
+    size = np.abs(scale.astype(np.float64)) * (np.abs(w + offset) + offset)
     if minimum is not None:
         size += np.abs(minimum.astype(np.float64))
     return size.reshape(raw.shape[0], -1)
@@ -124,10 +126,12 @@ def test_activations_meet_blocks_in_eight_bits():
 
 
 @pytest.mark.parametrize("dtype", FORMATS, ids=lambda d: d.name)
-@pytest.mark.parametrize("m, n, k", [(1, 37, 32), (1, 8, 96), (3, 13, 64), (5, 6, 160), (9, 17, 32)])
+@pytest.mark.parametrize("m, n, k", [(1, 37, 32), (1, 8, 96), (3, 13, 64), (5, 6, 160), (9, 17, 32), (6, 16, 64),
+                                     (12, 27, 96)])
 def test_product_reads_blocks_as_stored(backend, dtype, m, n, k):
     """x @ W.T for decode (one row) and prefill shapes, with row and column tails (rows of 32 to
-    160 values, 256 to 1280 for the K-quants)."""
+    160 values, 256 to 1280 for the K-quants; 8 columns at a time for the column-lane kernels,
+    with 4 or 8 rows)."""
     rng = np.random.default_rng(m * 1000 + n + k)
     k = k * dtype.block.values // 32
     raw, w = stored(rng, (n, k), dtype)
@@ -146,7 +150,7 @@ MIXES = {  # (dim, ffn, [q, k, v], gate, up, down)
 
 
 @pytest.mark.parametrize("mix", MIXES)
-@pytest.mark.parametrize("m", [1, 6])
+@pytest.mark.parametrize("m", [1, 6, 12])
 def test_every_fusion_reads_blocks(backend, m, mix):
     """The model's fusions on quantised weights, formats mixed as Q4_K_M-style files mix them:
     RMSNorm prologue with Q, K and V side by side, SwiGLU over two weights, residual epilogue."""
@@ -228,7 +232,7 @@ def test_swiglu_of_a_block_and_a_float_weight(backend):
 
 
 @pytest.mark.parametrize("kind", ["vnni", "avx2", "generic"])
-@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q5_1, dtypes.q4_k, dtypes.q6_k],
+@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_1, dtypes.q4_k, dtypes.q6_k],
                          ids=lambda d: d.name)
 def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
     """Each target's byte dot product (backends/llvm/blocks.py), run here where this CPU has its

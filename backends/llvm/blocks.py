@@ -86,8 +86,25 @@ def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True) -
         negative = k.op(f"icmp slt {BYTES} {w.w}, zeroinitializer")
         flipped = k.op(f"select <32 x i1> {negative}, {BYTES} {k.op(f'sub {BYTES} zeroinitializer, {signed}')}, {BYTES} {signed}")
         return _maddubs(k, w.prepared, flipped)
-    wide = f"<{BLOCK} x i32>"  # anything else: widen and add neighbours; LLVM picks the instructions
-    products = k.op(f"mul {wide} {k.op(f'sext {BYTES} {w.w} to {wide}')}, {k.op(f'sext {BYTES} {signed} to {wide}')}")
+    return _widened_sums(k, k.op(f"sext {BYTES} {signed} to <{BLOCK} x i32>"), w.w)
+
+
+def dot_add(k, acc: str, a: str, w: str, target: Target | None = None) -> str:
+    """acc + the <8 x i32> lane sums (4 neighbours each) of unsigned bytes a times signed bytes
+    w, for |w| <= 63 (so that AVX2's i16 pairs of 255 * w cannot saturate)."""
+    kind = _kind(target)
+    if kind == "vnni":
+        return k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} {acc}, {BYTES} {a}, {BYTES} {w})")
+    if kind == "avx2":
+        return k.op(f"add {SUMS} {acc}, {_maddubs(k, a, w)}")
+    return k.op(f"add {SUMS} {acc}, {_widened_sums(k, k.op(f'zext {BYTES} {a} to <{BLOCK} x i32>'), w)}")
+
+
+def _widened_sums(k, a_wide: str, w: str) -> str:
+    """<8 x i32> sums of 4 neighbouring products of i32 lanes a_wide and signed bytes w, in
+    generic IR (LLVM picks the instructions)."""
+    wide = f"<{BLOCK} x i32>"
+    products = k.op(f"mul {wide} {k.op(f'sext {BYTES} {w} to {wide}')}, {a_wide}")
     n = BLOCK
     while n > LANES:
         even, odd = (k.op(f"shufflevector <{n} x i32> {products}, <{n} x i32> poison, <{n // 2} x i32> "

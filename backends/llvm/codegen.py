@@ -11,6 +11,7 @@
 from backends.llvm import signatures
 from backends.llvm.emitter import compute_type, evaluate
 from backends.llvm.kernel import Kernel
+from backends.llvm import column_lanes
 from backends.llvm.quantised import block_sums
 from ops import dtypes
 
@@ -103,7 +104,9 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     with k.loop("%n0", "%n1", step=nr, hint="n") as n:
         with k.loop("0", "%M", step=mr, hint="m") as m:
             cols = [[k.mul(k.add(n, c), f"%ldw{i}") for c in range(nr)] for i in range(len(w_types))]
-            if quantised:
+            if quantised and nr == column_lanes.COLUMNS and column_lanes.reads(w_types):
+                sums = column_lanes.column_lane_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, target)
+            elif quantised:
                 sums = block_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, block, target)
             else:
                 sums = _sums(k, a_type, w_types, [k.mul(k.add(m, r), "%lda") for r in range(mr)], cols, block)

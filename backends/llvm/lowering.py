@@ -10,7 +10,7 @@ import numpy as np
 
 import ops
 from backends.numpy_backend import run_node as reference_node
-from backends.llvm import codegen, signatures, threads
+from backends.llvm import codegen, column_lanes, signatures, threads
 from backends.llvm.attention import attention_kernel
 from backends.llvm.compiler import compile_function
 from backends.llvm.quantised import quantize_rows_kernel
@@ -121,13 +121,18 @@ def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
     _loop_calls(plan, program, in_types, out_type, [out, *views], kept_dims + red_dims, strides, reduce)
 
 
-def _block(m: int, weights: int = 1, quantised: bool = False):
+LANE_ROWS = 8  # x rows per step of the column-lane kernels (8 and 16: 1.6x the 4 x 4 block_sums at 64 rows)
+
+
+def _block(m: int, weights: int = 1, quantised: bool = False, lanes: bool = False):
     """Rows x columns of C per step: 4 x 3 keeps 12 accumulators and 7 loads in AVX2's 16
     registers (measured best at 128 rows); one row streams 4 weight rows at a time. With two
     weights (SwiGLU) each column needs two accumulators: 4 x 1 (8) measured 1.5x faster than
     3 x 2 (12) at 64 and 128 rows, which spills. Block weights (with AVX-512's 32 registers): 4 x 4
     measured 5-30% faster than 4 x 2 at 64 rows; one row reads one weight row at a time (1 x 1
     streamed 10-15% faster than 1 x 4, as llama.cpp reads them)."""
+    if lanes and m >= 4:  # column_lanes: 8 columns in the lanes of each vector
+        return (LANE_ROWS if m >= LANE_ROWS else 4, column_lanes.COLUMNS)
     if quantised:
         return (1, 1) if m < 4 else (4, max(1, 4 // weights))
     if weights == 1:
@@ -259,7 +264,7 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     C = epilogue(A @ W[0].T, ..., E...): the row and column tails get their own kernels."""
     m, k, n = A.shape[0], A.shape[1], C.shape[1]
     quantised = any(t.block for t in w_types)
-    mr, nr = _block(m, len(W), quantised)
+    mr, nr = _block(m, len(W), quantised, column_lanes.reads(w_types))
     groups = []
     mb, nb = m - m % mr, n - n % nr
     for rows, row_block in ((range(0, mb), mr), (range(mb, m), 1)):
