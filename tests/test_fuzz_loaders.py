@@ -89,6 +89,19 @@ def test_a_huge_array_length_fails_at_once(smollm2_path, tmp_path):
     assert time.perf_counter() - start < 5
 
 
+@pytest.mark.parametrize("name", [b"blk.0.attn_q.weight", b"general.architecture"])
+def test_a_name_with_a_control_character_is_refused_on_one_line(originals, tmp_path, name):
+    """The fuzz test once turned a byte of a tensor's name into a newline, and the message that
+    quoted the name ran over two lines."""
+    data = bytearray((originals / "m.gguf").read_bytes())
+    data[data.index(name) + 3] = ord("\n")
+    path = tmp_path / "m.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="has control characters"):
+        checkpoint.load(path)
+    loads_or_says_one_line(path)
+
+
 def test_misplaced_and_overlapping_tensors_are_refused(originals, tmp_path):
     from tinytensor.state import gguf_file
     data = (originals / "m.gguf").read_bytes()

@@ -75,6 +75,14 @@ class _Cursor:
         except UnicodeDecodeError:
             self.fail(f"{what} is not UTF-8")
 
+    def name(self, what: str) -> str:
+        """A key's or tensor's name: a string of printable characters (a damaged byte otherwise;
+        the messages that quote a name stay one line)."""
+        name = self.string(what)
+        if not name.isprintable():
+            self.fail(f"{what} {name!r} has control characters")
+        return name
+
     def value(self, kind: int, what: str):
         if kind in SCALARS:
             return self.scalar(kind, what)
@@ -139,13 +147,13 @@ def _parse(path: Path) -> tuple[dict, list[_Tensor], np.ndarray]:
     n_tensors, n_keys = cur.u64("the tensor count"), cur.u64("the key count")
     metadata = {}
     for k in range(n_keys):
-        key = cur.string(f"key {k}")
+        key = cur.name(f"key {k}")
         metadata[key] = cur.value(cur.u32(f"{key}'s type"), key)
     if n_tensors > (cur.size - cur.pos) // 32:  # a tensor info takes at least 32 bytes
         cur.fail(f"it claims {n_tensors} tensors, more than the file can hold")
     infos = []
     for k in range(n_tensors):
-        name = cur.string(f"tensor {k}'s name")
+        name = cur.name(f"tensor {k}'s name")
         n_dims = cur.u32(f"{name}'s dimension count")
         if not 1 <= n_dims <= MAX_DIMS:
             cur.fail(f"tensor {name} has {n_dims} dimensions")
