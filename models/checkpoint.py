@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from models import config as configs
+from models.quant_mix import fallback
 from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import PRE_TOKENIZERS, BPETokenizer, Llama3Tokenizer, TokenizerError
-from ops import blocks, dtypes
+from ops import dtypes
 from tinytensor import Tensor
 from tinytensor.state import CheckpointError, gguf_file, progress, pth_file, safetensors_file
 
@@ -94,11 +95,13 @@ def read(path: Path):
 
 def quantised(array: np.ndarray, dt, dtype) -> Tensor:
     """A weight in the block type `dtype`, quantised in memory as llama-quantize would write it
-    (ops.blocks.quantize), a few thousand rows at a time. Vectors (the norms) and matrices whose
-    rows are not whole blocks stay as they are, as in a GGUF file."""
-    if dt == dtype or array.ndim != 2 or array.shape[-1] % dtype.block.values:
+    (ops.blocks.quantize), a few thousand rows at a time. Vectors (the norms) stay as they are;
+    matrices whose rows are not whole blocks take llama.cpp's fallback type, as our GGUF writer
+    gives them (quant_mix.fallback), or stay as they are where that is a float type."""
+    target = fallback(dtype, dt.logical_shape(array.shape)[-1]) if array.ndim == 2 else dt
+    if target == dt or not target.block:
         return Tensor.from_numpy(array, dt)
-    return Tensor.from_numpy(dtypes.convert(array, dt, dtype), dtype)
+    return Tensor.from_numpy(dtypes.convert(array, dt, target), target)
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------

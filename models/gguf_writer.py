@@ -71,11 +71,12 @@ def write_gguf(path: Path, config: LlamaConfig, weights: Mapping, tokenizer=None
             value = weights[meta]
             array, source = value if isinstance(value, tuple) else (value, dtypes.from_numpy_dtype(value.dtype))
             writer.write_tensor_data(np.ascontiguousarray(dtypes.convert(array, source, target)))
-        writer.close()
-        partial.replace(path)
-    finally:
+    except BaseException:
         writer.close()
         partial.unlink(missing_ok=True)
+        raise
+    writer.close()
+    partial.replace(path)
     return {name: target for name, (_, target) in plan.items()}
 
 

@@ -147,4 +147,3 @@ def convert(x: np.ndarray, source: DType, target: DType) -> np.ndarray:
         out[start:start + CONVERT_ROWS] = blocks.quantize(values, target.block) if target.block \
             else narrow(values, target)
     return out
-

@@ -5,7 +5,6 @@ llama.cpp loads and scores as we do; and it never loses what the user had."""
 import re
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,20 +79,22 @@ def test_every_tensor_gets_llama_quantize_type(llamacpp_bin, f32_gguf, tmp_path,
             assert np.array_equal(raw, other[name][0]), name
 
 
-@pytest.mark.parametrize("layout", ["hf", "meta"])
-def test_a_folder_quantises_to_the_blocks_of_quantising_at_load(tmp_path, layout):
+@pytest.mark.parametrize("layout, file_type, dtype", [("hf", "q4_0", "q4_0"), ("meta", "q4_0", "q4_0"),
+                                                     ("hf", "q4_k_s", "q4_k")])
+def test_a_folder_quantises_to_the_blocks_of_quantising_at_load(tmp_path, layout, file_type, dtype):
     """From a bf16 folder, tensor by tensor, to the very blocks load(dtype=...) makes in memory,
-    with the folder's tokenizer and chat template."""
+    with the folder's tokenizer and chat template (q4_k: the tiny model's rows of 64 and 192
+    values are no whole super-blocks, and both fall back to q5_0, as llama-quantize does)."""
     folder = tmp_path / layout
     made = subprocess.run([sys.executable, "-m", "tools.make_checkpoint", "--size", "tiny", "--layout", layout,
                            "--dtype", "bfloat16", str(folder)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert made.returncode == 0, made.stderr
-    out = tmp_path / "q4_0.gguf"
-    done = run(folder, out, "--type", "q4_0", "--pure")
+    out = tmp_path / f"{file_type}.gguf"
+    done = run(folder, out, "--type", file_type, "--pure")
     assert done.returncode == 0, done.stderr
-    assert "Q4_0 (pure)" in done.stderr
+    assert f"{file_type.upper()} (pure)" in done.stderr
     config, weights, tokenizer = checkpoint.load(out)
-    want_config, want, want_tokenizer = checkpoint.load(folder, dtype="q4_0")
+    want_config, want, want_tokenizer = checkpoint.load(folder, dtype=dtype)
     assert config.n_layers == want_config.n_layers and config.tied_embeddings == want_config.tied_embeddings
     assert set(weights) == set(want)
     for name, w in weights.items():  # the norms: float32 in a GGUF file, bf16 in the folder, the same values
