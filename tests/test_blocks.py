@@ -231,25 +231,28 @@ def test_swiglu_of_a_block_and_a_float_weight(backend):
     assert np.all(np.abs(got - silu * b) <= reach)
 
 
-@pytest.mark.parametrize("kind", ["vnni", "avx2", "generic"])
-@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_1, dtypes.q4_k, dtypes.q6_k],
-                         ids=lambda d: d.name)
+@pytest.mark.parametrize("kind", ["vnni", "vnni-256", "avx2", "generic"])
+@pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_1, dtypes.q4_k, dtypes.q5_k,
+                                   dtypes.q6_k], ids=lambda d: d.name)
 def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
     """Each target's byte dot product (backends/llvm/blocks.py), run here where this CPU has its
-    instructions: the same products within the same bound."""
+    instructions: the same products within the same bound, the column-lane kernels with 16
+    lanes (AVX-512 VNNI) or 8 (AVX-VNNI's 256-bit form, AVX2, generic) and their column tails."""
     import backends
-    from backends.llvm import blocks as llvm_blocks, lowering
+    from backends.llvm import blocks as llvm_blocks, column_lanes, lowering
     from backends.llvm.target import host
     kinds = ["generic", "avx2", "vnni"]  # each CPU that has one has those before it
-    if kinds.index(kind) > kinds.index(llvm_blocks._kind(host())):
+    if kinds.index(kind.split("-")[0]) > kinds.index(llvm_blocks._kind(host())):
         pytest.skip(f"this CPU has no {kind} instructions")
-    monkeypatch.setattr(llvm_blocks, "_kind", lambda target: kind)
+    monkeypatch.setattr(llvm_blocks, "_kind", lambda target: kind.split("-")[0])
+    if kind == "vnni-256":
+        monkeypatch.setattr(column_lanes, "wide_lanes", lambda target=None: False)
     monkeypatch.setattr(lowering, "_kernels", {})  # compile anew with this kind
     backends.use("llvm")
     try:
         rng = np.random.default_rng(11)
         k = 3 * dtype.block.values
-        raw, _ = stored(rng, (13, k), dtype)
+        raw, _ = stored(rng, (21, k), dtype)
         x = rng.standard_normal((5, k)).astype(np.float32)
         got = nn.linear(Tensor(x), Tensor.from_numpy(raw, dtype)).numpy()
     finally:

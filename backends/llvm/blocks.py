@@ -58,6 +58,12 @@ def _kind(target: Target | None) -> str:
     return "avx2" if "+avx2" in features else "generic"
 
 
+def full_range(target: Target | None = None) -> bool:
+    """Whether dot_add is exact for every signed byte w, not only |w| <= 63 (AVX2's pmaddubsw
+    saturates its pairs of 255 * w at 32767; vpdpbusd and the generic IR sum in i32)."""
+    return _kind(target) != "avx2"
+
+
 def prepare(k, w: Block, target: Target | None = None, small: bool = True) -> Block:
     """What dot needs of a weight block for every row: -128 * its lane sums (VNNI), 128 * them
     (AVX2, |w| <= 32: `small`, so pairs of (a + 128) * w fit in i16), or |w| (AVX2, 8-bit w:
@@ -89,15 +95,24 @@ def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True) -
     return _widened_sums(k, k.op(f"sext {BYTES} {signed} to <{BLOCK} x i32>"), w.w)
 
 
-def dot_add(k, acc: str, a: str, w: str, target: Target | None = None) -> str:
-    """acc + the <8 x i32> lane sums (4 neighbours each) of unsigned bytes a times signed bytes
-    w, for |w| <= 63 (so that AVX2's i16 pairs of 255 * w cannot saturate)."""
+def dot_add(k, acc: str, a: str, w: str, target: Target | None = None, lanes: int = LANES) -> str:
+    """acc + the <lanes x i32> lane sums (4 neighbours each) of unsigned bytes a times signed
+    bytes w, for |w| <= 63 (so that AVX2's i16 pairs of 255 * w cannot saturate). 16 lanes
+    (one zmm) need AVX-512 VNNI (see wide_lanes)."""
     kind = _kind(target)
+    sums, data = f"<{lanes} x i32>", f"<{4 * lanes} x i8>"
     if kind == "vnni":
-        return k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} {acc}, {BYTES} {a}, {BYTES} {w})")
+        return k.op(f"call {sums} @llvm.x86.avx512.vpdpbusd.{32 * lanes}({sums} {acc}, {data} {a}, {data} {w})")
+    assert lanes == LANES, f"{lanes} lanes need VNNI"
     if kind == "avx2":
         return k.op(f"add {SUMS} {acc}, {_maddubs(k, a, w)}")
     return k.op(f"add {SUMS} {acc}, {_widened_sums(k, k.op(f'zext {BYTES} {a} to <{BLOCK} x i32>'), w)}")
+
+
+def wide_lanes(target: Target | None = None) -> bool:
+    """Whether dot_add can take 16 lanes: AVX-512 VNNI (not AVX-VNNI's 256-bit form alone)."""
+    features = set((target or host()).features.split(","))
+    return _kind(target) == "vnni" and {"+avx512vnni", "+avx512bw"} <= features
 
 
 def _widened_sums(k, a_wide: str, w: str) -> str:

@@ -83,7 +83,7 @@ def _combine(reduce, t, acc, value) -> str:
 # ---- matrix products ------------------------------------------------------------------------------
 
 def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra_types=(), program=(),
-                     target=None) -> str:
+                     target=None, fixed=None) -> str:
     """C[m, n] = epilogue(sum_k A[m, k] * W1[n, k], ..., sum_k A[m, k] * Wj[n, k], E1[m, n], ...):
     A and every W run along k with unit stride, the form of x @ W.T with PyTorch-layout weights.
     Each step computes an mr x nr block of C from mr rows of A and nr rows of each weight, so
@@ -96,16 +96,23 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     (ptr E, i64 lde) x extras): columns n0..n1 (a multiple of nr) and all M rows (a multiple of mr).
     With bfloat16 weights A's rows must be pair-major (see pair_major). Block-quantised weights
     (all of them or none; their leading dimension in bytes) meet A as q8 blocks (quantised.py);
-    `target` picks the integer dot product's instructions (the host by default)."""
+    `target` picks the integer dot product's instructions (the host by default). `fixed`, (K,
+    (ldw, ...)), builds those in as constants, ignoring the arguments: the column-lane kernels
+    read 16 weight rows and 8 rows of A at once, and with their distances known every address is
+    one base register plus a constant (with them unknown, 40-odd pointers spilled to the stack)."""
     quantised = any(t.block for t in w_types)
     assert not quantised or all(t.block for t in w_types), "one kernel reads blocks or floats, not both"
     k = Kernel(name, signatures.matmul_nt(len(w_types), len(extra_types), quantised))
     block = [(i, r, c) for i in range(len(w_types)) for r in range(mr) for c in range(nr)]
+    lanes = quantised and nr == column_lanes.columns(target) and column_lanes.reads(w_types, target)
+    scales = column_lanes.scratch(k, w_types, target) if lanes else ()
     with k.loop("%n0", "%n1", step=nr, hint="n") as n:
         with k.loop("0", "%M", step=mr, hint="m") as m:
-            cols = [[k.mul(k.add(n, c), f"%ldw{i}") for c in range(nr)] for i in range(len(w_types))]
-            if quantised and nr == column_lanes.COLUMNS and column_lanes.reads(w_types):
-                sums = column_lanes.column_lane_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, target)
+            ldw = [str(x) for x in fixed[1]] if fixed else [f"%ldw{i}" for i in range(len(w_types))]
+            cols = [[k.mul(k.add(n, c), ldw[i]) for c in range(nr)] for i in range(len(w_types))]
+            if lanes:
+                sums = column_lanes.column_lane_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, target,
+                                                     str(fixed[0]) if fixed else "%K", scales)
             elif quantised:
                 sums = block_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, block, target)
             else:

@@ -53,15 +53,15 @@ def read_sub_block(k, f: Format, sup: SuperBlock, sub: int) -> Block:
     if f.name == "q6_k":
         h, t = divmod(sub, 4)
         ql = k.vload(k.at(at, 64 * h + 32 * (t % 2), "i8"), BLOCK, "i8")
-        low = _bits(k, ql, 4 * (t // 2), 15)
+        low = bitfield(k, ql, 4 * (t // 2), 15)
         qh = k.vload(k.at(at, 128 + 32 * h, "i8"), BLOCK, "i8")
-        high = k.op(f"shl {BYTES} {_bits(k, qh, 2 * t, 3)}, {constant(4, BLOCK)}")
+        high = k.op(f"shl {BYTES} {bitfield(k, qh, 2 * t, 3)}, {constant(4, BLOCK)}")
         w = k.op(f"sub {BYTES} {k.op(f'or {BYTES} {low}, {high}')}, {constant(32, BLOCK)}")
         return Block(w, _lanes(k, sup.scales, 16, [8 * h + 2 * t] * 4 + [8 * h + 2 * t + 1] * 4), None)
     qs = k.vload(k.at(at, f.block_bytes - 128 + 32 * (sub // 2), "i8"), BLOCK, "i8")
-    w = _bits(k, qs, 4 * (sub % 2), 15)
+    w = bitfield(k, qs, 4 * (sub % 2), 15)
     if f.high_bits:  # q5_k: bit `sub` of qh[l] is value l's fifth bit
-        fifth = _bits(k, k.vload(k.at(at, 16, "i8"), BLOCK, "i8"), sub, 1)
+        fifth = bitfield(k, k.vload(k.at(at, 16, "i8"), BLOCK, "i8"), sub, 1)
         w = k.op(f"or {BYTES} {w}, {k.op(f'shl {BYTES} {fifth}, {constant(4, BLOCK)}')}")
     return Block(w, _lanes(k, sup.scales, LANES, [sub] * LANES), None)
 
@@ -72,8 +72,11 @@ def _lanes(k, v: str, n: int, picks: list[int]) -> str:
                 f"<{', '.join(f'i32 {x}' for x in picks)}>")
 
 
-def _bits(k, v: str, shift: int, mask: int) -> str:
-    """(v >> shift) & mask, bytewise."""
-    if shift:
-        v = k.op(f"lshr {BYTES} {v}, {constant(shift, BLOCK)}")
-    return k.op(f"and {BYTES} {v}, {constant(mask, BLOCK)}")
+def bitfield(k, v: str, shift, mask: int, n: int = BLOCK) -> str:
+    """(v >> shift) & mask, bytewise, for an <n x i8>; shift a constant or an i64 known only
+    when the kernel runs."""
+    if isinstance(shift, str):
+        v = k.op(f"lshr <{n} x i8> {v}, {k.splat(k.op(f'trunc i64 {shift} to i8'), n, 'i8')}")
+    elif shift:
+        v = k.op(f"lshr <{n} x i8> {v}, {constant(shift, n)}")
+    return k.op(f"and <{n} x i8> {v}, {constant(mask, n)}")

@@ -124,15 +124,15 @@ def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
 LANE_ROWS = 8  # x rows per step of the column-lane kernels (8 and 16: 1.6x the 4 x 4 block_sums at 64 rows)
 
 
-def _block(m: int, weights: int = 1, quantised: bool = False, lanes: bool = False):
+def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0):
     """Rows x columns of C per step: 4 x 3 keeps 12 accumulators and 7 loads in AVX2's 16
     registers (measured best at 128 rows); one row streams 4 weight rows at a time. With two
     weights (SwiGLU) each column needs two accumulators: 4 x 1 (8) measured 1.5x faster than
     3 x 2 (12) at 64 and 128 rows, which spills. Block weights (with AVX-512's 32 registers): 4 x 4
     measured 5-30% faster than 4 x 2 at 64 rows; one row reads one weight row at a time (1 x 1
     streamed 10-15% faster than 1 x 4, as llama.cpp reads them)."""
-    if lanes and m >= 4:  # column_lanes: 8 columns in the lanes of each vector
-        return (LANE_ROWS if m >= LANE_ROWS else 4, column_lanes.COLUMNS)
+    if lanes and m >= 4:  # column_lanes: `lanes` columns in the lanes of each vector
+        return (LANE_ROWS if m >= LANE_ROWS else 4, lanes)
     if quantised:
         return (1, 1) if m < 4 else (4, max(1, 4 // weights))
     if weights == 1:
@@ -264,16 +264,19 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     C = epilogue(A @ W[0].T, ..., E...): the row and column tails get their own kernels."""
     m, k, n = A.shape[0], A.shape[1], C.shape[1]
     quantised = any(t.block for t in w_types)
-    mr, nr = _block(m, len(W), quantised, column_lanes.reads(w_types))
+    lanes = column_lanes.columns() if column_lanes.reads(w_types) else 0
+    mr, nr = _block(m, len(W), quantised, lanes)
     groups = []
     mb, nb = m - m % mr, n - n % nr
     for rows, row_block in ((range(0, mb), mr), (range(mb, m), 1)):
         for cols, col_block in ((range(0, nb), nr), (range(nb, n), 1)):
             if not len(rows) or not len(cols):
                 continue
-            key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program)
+            # the column-lane kernels are built for their K and weights' strides (codegen.matmul_nt_kernel)
+            fixed = (k, tuple(_leading(w) for w in W)) if lanes and (row_block, col_block) == (mr, lanes) else None
+            key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program, fixed)
             fn = _kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, w_types, c_type, row_block,
-                                                                    col_block, e_types, program),
+                                                                    col_block, e_types, program, fixed=fixed),
                          signatures.matmul_nt(len(W), len(E), quantised))
             work = len(cols) * sum(w.strides[0] for w in W) if threaded else 0  # bytes of weights
             weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], _leading(w))]
