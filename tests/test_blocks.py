@@ -127,11 +127,11 @@ def test_activations_meet_blocks_in_eight_bits():
 
 @pytest.mark.parametrize("dtype", FORMATS, ids=lambda d: d.name)
 @pytest.mark.parametrize("m, n, k", [(1, 37, 32), (1, 8, 96), (3, 13, 64), (5, 6, 160), (9, 17, 32), (6, 16, 64),
-                                     (12, 27, 96)])
+                                     (12, 27, 96), (17, 33, 64)])
 def test_product_reads_blocks_as_stored(backend, dtype, m, n, k):
     """x @ W.T for decode (one row) and prefill shapes, with row and column tails (rows of 32 to
-    160 values, 256 to 1280 for the K-quants; 8 columns at a time for the column-lane kernels,
-    with 4 or 8 rows)."""
+    160 values, 256 to 1280 for the K-quants; 16 or 8 columns at a time for the column-lane
+    kernels, with 12 or 4 rows, then single rows)."""
     rng = np.random.default_rng(m * 1000 + n + k)
     k = k * dtype.block.values // 32
     raw, w = stored(rng, (n, k), dtype)

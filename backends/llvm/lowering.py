@@ -121,7 +121,9 @@ def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
     _loop_calls(plan, program, in_types, out_type, [out, *views], kept_dims + red_dims, strides, reduce)
 
 
-LANE_ROWS = 8  # x rows per step of the column-lane kernels (8 and 16: 1.6x the 4 x 4 block_sums at 64 rows)
+# x rows per step of the column-lane kernels: 8 and 16 lanes ran 1.6x the 4 x 4 block_sums at 64
+# rows; with 16 lanes, 12 rows ran 0.9-1.3x 8 rows on q4_k and q6_k at 64, 96 and 128 rows
+LANE_ROWS = 12
 
 
 def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0):
@@ -266,14 +268,19 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     quantised = any(t.block for t in w_types)
     lanes = column_lanes.columns() if column_lanes.reads(w_types) else 0
     mr, nr = _block(m, len(W), quantised, lanes)
-    groups = []
-    mb, nb = m - m % mr, n - n % nr
-    for rows, row_block in ((range(0, mb), mr), (range(mb, m), 1)):
+    groups, row_groups, start = [], [], 0
+    # rows in steps of mr, then (column lanes) 4: a lane kernel's single rows each transpose the weights again
+    for step in dict.fromkeys((mr, 4 if lanes and mr > 4 else mr, 1)):
+        end = start + (m - start) // step * step
+        row_groups.append((range(start, end), step))
+        start = end
+    nb = n - n % nr
+    for rows, row_block in row_groups:
         for cols, col_block in ((range(0, nb), nr), (range(nb, n), 1)):
             if not len(rows) or not len(cols):
                 continue
             # the column-lane kernels are built for their K and weights' strides (codegen.matmul_nt_kernel)
-            fixed = (k, tuple(_leading(w) for w in W)) if lanes and (row_block, col_block) == (mr, lanes) else None
+            fixed = (k, tuple(_leading(w) for w in W)) if lanes and col_block == lanes and row_block > 1 else None
             key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program, fixed)
             fn = _kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, w_types, c_type, row_block,
                                                                     col_block, e_types, program, fixed=fixed),
