@@ -177,6 +177,18 @@ def test_help_exits_cleanly(tool):
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
 
 
+def test_bench_ops_runs_every_case_quickly():
+    """tools.bench_ops --quick: every case runs and prints a positive rate (a smoke test, not
+    a timing: the figures live in the README)."""
+    result = subprocess.run([sys.executable, "-m", "tools.bench_ops", "--quick", "--repeat", "1"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for case in ("float32", "bfloat16", "q4_0", "q8_0", "q4_k", "q6_k", "over 128 positions"):
+        rates = [float(line.split()[-1]) for line in lines if line.startswith("  ") and case in line]
+        assert rates and all(r > 0 for r in rates), (case, result.stdout)
+
+
 def test_ctrl_c_in_a_chat_stops_the_reply_not_the_chat(tmp_path):
     import signal
     import time

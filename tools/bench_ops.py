@@ -67,6 +67,17 @@ def matmul(m: int, n: int, k: int, repeat: int) -> tuple[float, float]:
         flops / median_seconds(lambda: x32 @ w32.T, repeat) / 1e9
 
 
+def block_matmul(m: int, n: int, k: int, dtype, repeat: int) -> float:
+    """llvm GFLOP/s for x[m, k] @ W[n, k].T with W in a block format, kept as stored (prefill)."""
+    from ops import blocks
+    rng = np.random.default_rng(3)
+    raw = blocks.quantize(rng.standard_normal((n, k), dtype=np.float32), dtype.block)
+    w = Tensor.from_numpy(raw, dtype).realize()
+    step = jit(lambda x: nn.linear(x, w))
+    x = Tensor(rng.standard_normal((m, k), dtype=np.float32))
+    return 2 * m * n * k / median_seconds(lambda: step(x), repeat) / 1e9
+
+
 def attention(length: int, repeat: int) -> tuple[float, float]:
     """(llvm GB/s, numpy-backend GB/s) of one decode query (32 heads, 8 KV heads, head 64) over
     `length` cached positions: bytes of K and V read per second."""
@@ -126,6 +137,10 @@ def main(argv=None):
     del os.environ["TT_THREADS"]
     threads.count.cache_clear()
     print(f"  the last matmul on 1 thread: {one:.1f} GFLOP/s ({ours / one:.2f}x speed-up on {threads.count()} threads)")
+    print(f"\n{'matmul on blocks (prefill)':<34} {'llvm GFLOP/s':>12}")
+    m, n, k = (64, 8192, 2048) if not args.quick else (16, 256, 256)
+    for dtype in (dtypes.q4_0, dtypes.q8_0, dtypes.q4_k, dtypes.q6_k):
+        print(f"  x[{m}, {k}] @ W[{n}, {k}].T {dtype.name:<6} {block_matmul(m, n, k, dtype, r):>9.1f}")
     print(f"\n{'attention, one query (decode)':<34} {'llvm GB/s':>10} {'numpy-backend GB/s':>19}")
     for length in ((1024, 8192) if not args.quick else (128,)):
         ours, theirs = attention(length, r)
