@@ -122,8 +122,9 @@ def read(path: Path) -> dict[str, tuple[np.ndarray, dtypes.DType]]:
             raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
         except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error,
                 zipfile.BadZipFile, RecursionError, MemoryError, OverflowError) as e:
-            # a damaged pickle fails in many ways inside the unpickler; none of them runs code
-            raise CheckpointError(f"{path}: its data.pkl is damaged ({type(e).__name__}: {e}); "
+            # a damaged pickle fails in many ways inside the unpickler; none of them runs code. Their
+            # messages may quote the damaged bytes (a newline among them): repr keeps it one line
+            raise CheckpointError(f"{path}: its data.pkl is damaged ({type(e).__name__}: {str(e)!r}); "
                                   f"download it again") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and _is_tensor(v) for k, v in state.items()):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
