@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 import backends
-from ops import dtypes
+from ops import blocks, dtypes
 from tinytensor import Tensor, nn
 from tinytensor.jit import jit
 
@@ -69,7 +69,6 @@ def matmul(m: int, n: int, k: int, repeat: int) -> tuple[float, float]:
 
 def block_matmul(m: int, n: int, k: int, dtype, repeat: int) -> float:
     """llvm GFLOP/s for x[m, k] @ W[n, k].T with W in a block format, kept as stored (prefill)."""
-    from ops import blocks
     rng = np.random.default_rng(3)
     raw = blocks.quantize(rng.standard_normal((n, k), dtype=np.float32), dtype.block)
     w = Tensor.from_numpy(raw, dtype).realize()

@@ -8,10 +8,9 @@
 - matmul_nn_kernel: p @ v, a vectorised multiply-add per row.
 - attention_kernel: online-softmax attention over blocks of keys (attention.py).
 """
-from backends.llvm import signatures
+from backends.llvm import column_lanes, signatures
 from backends.llvm.emitter import compute_type, evaluate
 from backends.llvm.kernel import Kernel
-from backends.llvm import column_lanes
 from backends.llvm.quantised import block_sums
 from ops import dtypes
 
@@ -98,7 +97,7 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     (all of them or none; their leading dimension in bytes) meet A as q8 blocks (quantised.py);
     `target` picks the integer dot product's instructions (the host by default). `fixed`, (K,
     (ldw, ...)), builds those in as constants, ignoring the arguments: the column-lane kernels
-    read 16 weight rows and 8 rows of A at once, and with their distances known every address is
+    read 16 weight rows and 12 rows of A at once, and with their distances known every address is
     one base register plus a constant (with them unknown, 40-odd pointers spilled to the stack)."""
     quantised = any(t.block for t in w_types)
     assert not quantised or all(t.block for t in w_types), "one kernel reads blocks or floats, not both"
@@ -106,9 +105,9 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     block = [(i, r, c) for i in range(len(w_types)) for r in range(mr) for c in range(nr)]
     lanes = quantised and nr == column_lanes.columns(target) and column_lanes.reads(w_types, target)
     scales = column_lanes.scratch(k, w_types, target) if lanes else ()
+    ldw = [str(x) for x in fixed[1]] if fixed else [f"%ldw{i}" for i in range(len(w_types))]
     with k.loop("%n0", "%n1", step=nr, hint="n") as n:
         with k.loop("0", "%M", step=mr, hint="m") as m:
-            ldw = [str(x) for x in fixed[1]] if fixed else [f"%ldw{i}" for i in range(len(w_types))]
             cols = [[k.mul(k.add(n, c), ldw[i]) for c in range(nr)] for i in range(len(w_types))]
             if lanes:
                 sums = column_lanes.column_lane_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, target,

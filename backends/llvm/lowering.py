@@ -270,7 +270,7 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     mr, nr = _block(m, len(W), quantised, lanes)
     groups, row_groups, start = [], [], 0
     # rows in steps of mr, then (column lanes) 4: a lane kernel's single rows each transpose the weights again
-    for step in dict.fromkeys((mr, 4 if lanes and mr > 4 else mr, 1)):
+    for step in [mr, 4, 1] if lanes and mr > 4 else [mr, 1]:
         end = start + (m - start) // step * step
         row_groups.append((range(start, end), step))
         start = end
