@@ -65,3 +65,25 @@ def test_model_decode_replay_equals_eager_forward(backend):
         want = model.forward(ids, pos, eager_cache).numpy()
         got = step(ids, Tensor([pos])).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_replay_gathers_at_indices_computed_in_the_step(backend, monkeypatch):
+    """A gather whose indices the step itself computes (rows of a table at start + 0, 1, 2) runs
+    only on replay: when a capture is prepared, the native steps before it have not run, so their
+    buffers hold whatever memory held (filled with 0x7f bytes here, so reading them would fail)."""
+    import backends.llvm.backend as llvm_backend
+
+    class FreshMemory:  # numpy, with np.empty's memory made visibly not zero
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(shape, dtype=float):
+            out = np.empty(shape, dtype)
+            out.view(np.uint8).fill(0x7F)
+            return out
+    monkeypatch.setattr(llvm_backend, "np", FreshMemory())
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    step = jit(lambda start: Tensor(table)[start + Tensor.arange(3)] * 2.0)
+    for start in (0, 5, 2, 7):
+        np.testing.assert_array_equal(step(Tensor([start])).numpy(), table[start:start + 3] * 2.0)

@@ -29,7 +29,7 @@ def bench_backend(model, prompt: list[int], decode: int, repeat: int) -> tuple[f
     for r in range(repeat + 1):  # the first round compiles and warms up
         cache = KVCache.allocate(model.config, length)
         start = time.perf_counter()
-        model.forward(Tensor(np.array(prompt)), 0, cache, last=1).numpy()
+        model.forward(Tensor(np.array(prompt)), 0, cache, rows=slice(-1, None)).numpy()
         if r:
             prefill_times.append(time.perf_counter() - start)
     step = jit(lambda token, pos: model.forward(token, pos, cache))

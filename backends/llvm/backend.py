@@ -49,9 +49,14 @@ def _prepare_node(plan, node, arrays):
         plan_node(plan, node, arrays, out)
         return out
     reference = partial(reference_node, node, arrays)
-    result = reference()
-    if (node.op in VIEWS and any(np.shares_memory(result, a) for a in arrays)) or not node.srcs:
-        return result  # a view of fixed buffers stays valid; a constant stays constant
+    if not node.srcs:
+        return reference()  # a constant stays constant
+    if node.op in VIEWS:
+        result = reference()
+        if any(np.shares_memory(result, a) for a in arrays):
+            return result  # a view of fixed buffers stays valid
+    # Anything else runs only on replay: here the native steps before it have not run, so its
+    # inputs hold no values yet (a gather's indices computed in the graph would be garbage)
     out = np.empty(node.dtype.storage_shape(node.shape), node.dtype.storage)
     plan.steps.append(partial(lambda o, f: np.copyto(o, f()), out, reference))
     return out

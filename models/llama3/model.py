@@ -83,18 +83,18 @@ class Llama:
         x = x + self.attention(i, h, start, positions, cache)
         return x + self.mlp(i, nn.rms_norm(x, self.w(f"layers.{i}.ffn_norm.weight"), eps))
 
-    def forward(self, tokens: Tensor, start, cache: KVCache, last: int | None = None) -> Tensor:
-        """Logits [len(tokens), vocab] (or [last, vocab]: of the last tokens only, sparing the
-        output head the rest) for tokens at positions start.. , given the cache filled for the
-        positions before start. `start` may be a one-element int tensor: then the graph does not
-        depend on the position (see jit)."""
+    def forward(self, tokens: Tensor, start, cache: KVCache, rows=None) -> Tensor:
+        """Logits [len(tokens), vocab] for tokens at positions start.. , given the cache filled
+        for the positions before start; with rows (a slice, or an int tensor of indices into
+        tokens) only those rows' logits, sparing the output head the rest. `start` and rows may
+        be tensors: then the graph depends on neither (see jit)."""
         start = start if isinstance(start, Tensor) else Tensor([start])
         positions = start + Tensor.arange(tokens.shape[0])
         x = nn.embedding(tokens, self.w("tok_embeddings.weight")).cast(dtypes.float32)  # activations are f32
         for i in range(self.config.n_layers):
             x = self.block(i, x, start, positions, cache)
-        if last is not None:
-            x = x[-last:]
+        if rows is not None:
+            x = x[rows]
         head = self.w("tok_embeddings.weight" if self.config.tied_embeddings else "output.weight")
         return nn.linear(nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps), head)
 
@@ -118,7 +118,7 @@ class Llama:
     def _generate(self, ids: np.ndarray, max_tokens: int, sampler, stop_ids, on_prefill):
         length = min(len(ids) + max_tokens, self.context)
         cache = KVCache.allocate(self.config, length)
-        logits = self.forward(Tensor(ids), 0, cache, last=1).numpy()[-1]
+        logits = self.forward(Tensor(ids), 0, cache, rows=slice(-1, None)).numpy()[-1]
         if on_prefill:
             on_prefill()
         step = jit(lambda token, position: self.forward(token, position, cache))  # captured once
