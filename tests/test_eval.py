@@ -203,12 +203,18 @@ def run_lm_eval(lm, files):
                                    fewshot_random_seed=1234)
 
 
-def test_log_likelihoods_and_answers_match_lm_evals_hf_model(files, model_pair):
+def adapter_for(model):
+    """tools.lm_eval's model around a model already loaded."""
     from tools.lm_eval import TinytensorLM
-    ours, hf = model_pair
-    adapter = TinytensorLM.__new__(TinytensorLM)  # the adapter around the model already loaded
-    adapter.model, adapter.tokenizer, adapter.scorer = ours, ours.tokenizer, Scorer(ours)
+    adapter = TinytensorLM.__new__(TinytensorLM)
+    adapter.model, adapter.tokenizer, adapter.scorer = model, model.tokenizer, Scorer(model)
     lm_eval.api.model.LM.__init__(adapter)
+    return adapter
+
+
+def test_log_likelihoods_and_answers_match_lm_evals_hf_model(files, model_pair):
+    ours, hf = model_pair
+    adapter = adapter_for(ours)
     want, got = run_lm_eval(hf, files), run_lm_eval(adapter, files)
     direct = evaluate(ours, our_tasks(files), shots=2, progress=False)
     for name, samples in want["samples"].items():
@@ -227,6 +233,16 @@ def test_log_likelihoods_and_answers_match_lm_evals_hf_model(files, model_pair):
                 assert got["results"][name][metric] == figures[metric], (name, metric)
                 key = metric.split(",")[0]
                 assert math.isclose(direct["tasks"][name][key], figures[metric]), (name, metric)
+
+
+def test_rolling_log_likelihood_matches_lm_evals_hf_model(model_pair):
+    """loglikelihood_rolling (lm-eval's perplexity tasks): the text in disjoint windows."""
+    from lm_eval.api.instance import Instance
+    ours, hf = model_pair
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "Paris is the capital of France."]
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    np.testing.assert_allclose(adapter_for(ours).loglikelihood_rolling(requests),
+                               hf.loglikelihood_rolling(requests, disable_tqdm=True), atol=1e-3, rtol=0)
 
 
 # ---- the scorer's prefix reuse -------------------------------------------------------------------

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from models.scoring import log_softmax
+
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """log p(target) for each row of logits, in float64."""
-    logits = logits.astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-    return logits[np.arange(len(targets)), targets] - log_norm
+    return log_softmax(logits)[np.arange(len(targets)), targets]
 
 
 def chunk_nlls(model, tokens: list[int], context: int, add_bos: bool, chunks: int | None = None):
