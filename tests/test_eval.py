@@ -282,11 +282,16 @@ def test_eval_command_writes_figures(files, smollm2_path, tmp_path):
     ("too many shots", ["--task", "mmlu", "--data", "{files}/mmlu-csv", "--shots", "9"], "few-shot"),
     ("unknown task", ["--task", "hellaswag", "--data", "{tmp}"], "invalid choice"),
     ("negative limit", ["--task", "mmlu", "--data", "{files}/mmlu-csv", "--limit", "0"], "--limit"),
+    ("output folder missing", ["--task", "mmlu", "--data", "{files}/mmlu-csv", "--output", "{tmp}/no/r.json"],
+     "existing folder"),
+    ("answer not a letter", ["--task", "mmlu", "--data", "{tmp}/bad-answer"], "answer letter"),
 ])
 def test_bad_input_is_one_line(files, tmp_path, problem, args, expected):
     (tmp_path / "bad-csv" / "test").mkdir(parents=True)
     (tmp_path / "bad-csv" / "test" / "anatomy_test.csv").write_text("question,A,B\n")
     write_parquet(tmp_path / "only-train" / "train-00000-of-00001.parquet", trivia_rows(TRIVIA_TRAIN))
+    (tmp_path / "bad-answer" / "test").mkdir(parents=True)
+    (tmp_path / "bad-answer" / "test" / "anatomy_test.csv").write_text("Q,a,b,c,d,AB\n")
     done = run_eval(*[a.format(tmp=tmp_path, files=files) for a in args])
     assert done.returncode == 2, (problem, done.stdout, done.stderr)
     assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr, (problem, done.stderr)

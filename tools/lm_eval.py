@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - the message is the point
     sys.exit("error: tools.lm_eval needs lm-evaluation-harness: pip install -e '.[eval]'")
 
 from models.scoring import Scorer, encode, encode_pair
+from tools.eval.run import fit
 from tools.eval.tasks import cut_at_stops
 
 
@@ -38,10 +39,8 @@ class TinytensorLM(LM):
             j = i + 1
             while j < len(pairs) and pairs[j][0] == pairs[i][0]:
                 j += 1
-            context = pairs[i][0]
-            longest = max(len(c) for _, c in pairs[i:j])
-            over = len(context) + longest - 1 - self.model.context
-            out += self.scorer.loglikelihoods(context[max(over, 0):], [c for _, c in pairs[i:j]])
+            context = fit(pairs[i][0], max(len(c) for _, c in pairs[i:j]), self.model.context)
+            out += self.scorer.loglikelihoods(context, [c for _, c in pairs[i:j]])
             i = j
         return out
 

@@ -53,8 +53,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--shots {args.shots}: give 0 or more")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit {args.limit}: give at least 1")
-        if args.output and args.output.is_dir():
-            raise ValueError(f"--output {args.output} is a folder: give a file name")
+        if args.output and (args.output.is_dir() or not args.output.parent.is_dir()):
+            raise ValueError(f"--output {args.output}: give a file name in an existing folder")
         subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
         tasks = load_tasks(args.task, args.data, subjects)
         model = load(args.checkpoint, dtype=args.dtype, context=args.context)

@@ -127,7 +127,7 @@ def _mmlu_csv(path: Path, subject: str) -> list[dict]:
         raise DataError(f"{path}: cannot read it ({e})") from None
     docs = []
     for n, row in enumerate(rows, 1):
-        if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
+        if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
             raise DataError(f"{path}: line {n} has {len(row)} columns; MMLU's CSV rows are question, "
                             f"A, B, C, D, answer letter (A-D)")
         docs.append({"question": row[0], "subject": subject, "choices": row[1:5],
@@ -135,48 +135,50 @@ def _mmlu_csv(path: Path, subject: str) -> list[dict]:
     return docs
 
 
-# ---- CommonsenseQA -------------------------------------------------------------------------------
+# ---- CommonsenseQA and TriviaQA: a validation split scored, a train split for few-shot ------------
+
+def _docs_by_split(root: Path, to_doc) -> dict[str, list[dict]]:
+    """{split: [to_doc(row, file)]} over the data files whose names say their split."""
+    splits: dict[str, list[dict]] = {}
+    for f in table_files(root):
+        split = split_of(f, dev="validation")
+        if split is not None:
+            splits.setdefault(split, []).extend(to_doc(row, f) for row in read_rows(f))
+    return splits
+
 
 def commonsense_qa(root: Path) -> dict[str, list[dict]]:
     """{split: [doc]}, docs as tau/commonsense_qa's rows: question, choices {label, text}, answerKey."""
-    splits: dict[str, list[dict]] = {}
-    for f in table_files(root):
-        split = split_of(f, dev="validation")
-        if split is None:
-            continue
-        for row in read_rows(f):
-            if isinstance(row, dict) and isinstance(row.get("question"), dict):  # the original jsonl
-                _need(row["question"], ("stem", "choices"), f, "CommonsenseQA's original question")
-                choices = row["question"]["choices"]
-                row = {"id": row.get("id"), "question": row["question"]["stem"],
-                       "question_concept": row["question"].get("question_concept"),
-                       "choices": {"label": [c["label"] for c in choices], "text": [c["text"] for c in choices]},
-                       "answerKey": row.get("answerKey", "")}
-            _need(row, ("question", "choices", "answerKey"), f, "tau/commonsense_qa's columns")
-            if len(row["choices"]["text"]) != 5:
-                raise DataError(f"{f}: a CommonsenseQA row needs 5 choices, got {len(row['choices']['text'])}")
-            splits.setdefault(split, []).append(row)
-    return splits
+    return _docs_by_split(root, _commonsense_qa_doc)
 
 
-# ---- TriviaQA ------------------------------------------------------------------------------------
+def _commonsense_qa_doc(row, f: Path) -> dict:
+    if isinstance(row, dict) and isinstance(row.get("question"), dict):  # the original jsonl
+        _need(row["question"], ("stem", "choices"), f, "CommonsenseQA's original question")
+        choices = row["question"]["choices"]
+        row = {"id": row.get("id"), "question": row["question"]["stem"],
+               "question_concept": row["question"].get("question_concept"),
+               "choices": {"label": [c["label"] for c in choices], "text": [c["text"] for c in choices]},
+               "answerKey": row.get("answerKey", "")}
+    _need(row, ("question", "choices", "answerKey"), f, "tau/commonsense_qa's columns")
+    if len(row["choices"]["text"]) != 5:
+        raise DataError(f"{f}: a CommonsenseQA row needs 5 choices, got {len(row['choices']['text'])}")
+    return row
+
 
 def triviaqa(root: Path) -> dict[str, list[dict]]:
     """{split: [doc]}, docs as trivia_qa's rc.nocontext rows: question, question_id, answer {aliases, ...}."""
-    splits: dict[str, list[dict]] = {}
-    for f in table_files(root):
-        split = split_of(f, dev="validation")
-        if split is None:
-            continue
-        for row in read_rows(f):
-            if isinstance(row, dict) and "Question" in row:  # the original JSON
-                _need(row, ("Question", "Answer"), f, "TriviaQA's original JSON")
-                answer = row["Answer"]
-                row = {"question": row["Question"], "question_id": row.get("QuestionId"),
-                       "answer": {"aliases": answer.get("Aliases", []), "value": answer.get("Value"),
-                                  "normalized_aliases": answer.get("NormalizedAliases", [])}}
-            _need(row, ("question", "answer"), f, "trivia_qa's columns")
-            if not isinstance(row["answer"], dict) or "aliases" not in row["answer"]:
-                raise DataError(f"{f}: a TriviaQA row's answer needs its aliases")
-            splits.setdefault(split, []).append(row)
-    return splits
+    return _docs_by_split(root, _triviaqa_doc)
+
+
+def _triviaqa_doc(row, f: Path) -> dict:
+    if isinstance(row, dict) and "Question" in row:  # the original JSON
+        _need(row, ("Question", "Answer"), f, "TriviaQA's original JSON")
+        answer = row["Answer"]
+        row = {"question": row["Question"], "question_id": row.get("QuestionId"),
+               "answer": {"aliases": answer.get("Aliases", []), "value": answer.get("Value"),
+                          "normalized_aliases": answer.get("NormalizedAliases", [])}}
+    _need(row, ("question", "answer"), f, "trivia_qa's columns")
+    if not isinstance(row["answer"], dict) or "aliases" not in row["answer"]:
+        raise DataError(f"{f}: a TriviaQA row's answer needs its aliases")
+    return row
