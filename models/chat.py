@@ -13,9 +13,15 @@ def llama3_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool =
         return [sp["<|start_header_id|>"], *tokenizer.encode(role), sp["<|end_header_id|>"],
                 *tokenizer.encode("\n\n")]
 
+    def content(c):  # a string, or parts: {"type": "image"} is the <|image|> token
+        if isinstance(c, str):
+            return tokenizer.encode(c.strip())
+        return [i for part in c for i in
+                ([sp["<|image|>"]] if part["type"] == "image" else tokenizer.encode(part["text"].strip()))]
+
     ids = [tokenizer.bos_id]
     for m in messages:
-        ids += header(m["role"]) + tokenizer.encode(m["content"].strip()) + [sp["<|eot_id|>"]]
+        ids += header(m["role"]) + content(m["content"]) + [sp["<|eot_id|>"]]
     return ids + (header("assistant") if add_generation_prompt else [])
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models import config as configs
+from models import config as configs, vision_checkpoint, vision_config
 from models.quant_mix import fallback
 from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import PRE_TOKENIZERS, BPETokenizer, Llama3Tokenizer, TokenizerError
@@ -71,11 +71,11 @@ def load(path: Path, dtype=None):
     dtype = None if dtype is None else dtypes.to_dtype(dtype)
     weights = {}
     for name, (array, dt) in progress(arrays.items(), f"loading {path.name}", len(arrays)):
-        if dtype is not None and dtype.block:
+        if dtype is not None and dtype.block and not vision_checkpoint.stays_float(name):
             weights[name] = quantised(array, dt, dtype)
             continue
         t = Tensor.from_numpy(array, dt)
-        weights[name] = t if dtype is None else t.cast(dtype).realize()
+        weights[name] = t if dtype is None or dtype.block else t.cast(dtype).realize()
     return config, weights, tokenizer
 
 
@@ -126,7 +126,10 @@ def _unpermute_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _load_hf(folder: Path):
-    config = configs.from_hf(_read_json(folder / "config.json"))
+    settings = _read_json(folder / "config.json")
+    vision = isinstance(settings, dict) and settings.get("model_type") == "mllama"
+    config = vision_config.from_hf(settings) if vision else configs.from_hf(settings)
+    text = config.text if vision else config
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(_read_json(index)["weight_map"].values()))
@@ -141,25 +144,31 @@ def _load_hf(folder: Path):
         raw.update(safetensors_file.read(folder / name))
     arrays = {}
     for name, (array, dt) in raw.items():
+        if vision:
+            name = vision_checkpoint.text_form(name)
+            if name.startswith(("vision_model.", "multi_modal_projector.")):
+                arrays[name] = (array, dt)
+                continue
         if name in HF_TOP:
             arrays[HF_TOP[name]] = (array, dt)
             continue
         parts = name.split(".", 3)
-        if parts[:2] != ["model", "layers"] or parts[3] not in HF_NAMES:
+        names = {**HF_NAMES, **vision_checkpoint.CROSS_NAMES} if vision else HF_NAMES
+        if parts[:2] != ["model", "layers"] or parts[3] not in names:
             continue  # e.g. rotary_emb.inv_freq: derived, not a weight
-        meta = HF_NAMES[parts[3]]
-        if meta == "attention.wq.weight":
-            array = _unpermute_hf(array, config.n_heads)
+        meta = names[parts[3]]
+        if meta == "attention.wq.weight":  # (cross-attention has no RoPE: its q/k are as trained)
+            array = _unpermute_hf(array, text.n_heads)
         elif meta == "attention.wk.weight":
-            array = _unpermute_hf(array, config.n_kv_heads)
+            array = _unpermute_hf(array, text.n_kv_heads)
         arrays[f"layers.{parts[2]}.{meta}"] = (array, dt)
-    return config, arrays, hf_tokenizer(folder)
+    return config, arrays, hf_tokenizer(folder, config.image_token_id if vision else None)
 
 
-def hf_tokenizer(folder: Path):
+def hf_tokenizer(folder: Path, image_token_id: int | None = None):
     for candidate in (folder / "original" / "tokenizer.model", folder / "tokenizer.model"):
         if candidate.exists():
-            tokenizer = Llama3Tokenizer(candidate)
+            tokenizer = Llama3Tokenizer(candidate, image_token_id)
             tokenizer.chat_template = _chat_template(folder, _tokenizer_settings(folder))
             return tokenizer
     if (folder / "tokenizer.json").exists():
@@ -391,7 +400,9 @@ def generation_settings(path) -> dict:
 
 # ---- checks ---------------------------------------------------------------------------------
 
-def expected_shapes(c: configs.LlamaConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(c) -> dict[str, tuple[int, ...]]:
+    if isinstance(c, vision_config.MllamaConfig):
+        return vision_checkpoint.expected_shapes(c, expected_shapes)
     shapes = {"tok_embeddings.weight": (c.vocab_size, c.dim), "norm.weight": (c.dim,)}
     if not c.tied_embeddings:
         shapes["output.weight"] = (c.vocab_size, c.dim)
@@ -426,14 +437,14 @@ def random_array(name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray
     if len(shape) == 1:
         return np.ones(shape, np.float32)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[1] ** -0.5)
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(int(np.prod(shape[1:])) ** -0.5)
 
 
 class RandomArrays(Mapping):
     """The exact architecture's weights as float32 arrays, each made when it is read, so that
     writing a random 8B checkpoint never holds more than one float32 tensor."""
 
-    def __init__(self, c: configs.LlamaConfig, seed: int = 0):
+    def __init__(self, c, seed: int = 0):
         self.shapes, self.seed = expected_shapes(c), seed
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -446,11 +457,13 @@ class RandomArrays(Mapping):
         return len(self.shapes)
 
 
-def random_weights(c: configs.LlamaConfig, seed: int = 0, dtype=dtypes.float32) -> dict[str, Tensor]:
-    """The exact architecture with random weights (for benchmarks and tests), as Tensors of dtype."""
+def random_weights(c, seed: int = 0, dtype=dtypes.float32) -> dict[str, Tensor]:
+    """The exact architecture (a LlamaConfig or a vision MllamaConfig) with random weights (for
+    benchmarks and tests), as Tensors of dtype."""
     arrays = RandomArrays(c, seed)
     if dtype.block:
-        return {name: quantised(arrays[name], dtypes.float32, dtype)
+        return {name: Tensor.from_numpy(arrays[name]) if vision_checkpoint.stays_float(name)
+                else quantised(arrays[name], dtypes.float32, dtype)
                 for name in progress(arrays, "random weights", len(arrays))}
     return {name: Tensor.from_numpy(dtypes.narrow(arrays[name], dtype), dtype)
             for name in progress(arrays, "random weights", len(arrays))}

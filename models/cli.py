@@ -14,6 +14,8 @@ import time
 
 from models.chat import chat_tokens, has_chat_format
 from models.config import SIZES
+from models.images import open_image
+from models.vision_config import VISION_SIZES
 from models.sampling import DEFAULTS, RULES, check_setting, make_sampler
 from models.tokenizer import StreamDecoder, TokenizerError
 from ops import dtypes
@@ -82,11 +84,14 @@ def _interrupt_ends_reply(in_chat: bool):
 
 def parse_args(argv):
     p = OneLineParser(prog="python -m models.llama3", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=list(SIZES), help="a published Llama 3.1/3.2 size")
+    p.add_argument("--size", choices=[*SIZES, *VISION_SIZES], help="a published Llama 3.1/3.2 size "
+                                                                     "(11b and 90b: Llama 3.2 Vision)")
     p.add_argument("--checkpoint", help="a Hugging Face or Meta checkpoint folder, or a .gguf file "
                                         "(default: SmolLM2-135M-Instruct, fetched on first use)")
     p.add_argument("--prompt", type=_text, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--system", type=_text, help="a system prompt for chat models")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image (JPEG, PNG, WebP...) the prompt is about, for Llama 3.2 Vision; repeat for more")
     p.add_argument("--chat", action="store_true", help="an interactive conversation")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template around the prompt")
     p.add_argument("--max-tokens", type=_whole(1), default=256, help="most tokens to generate (default: 256)")
@@ -112,6 +117,8 @@ def parse_args(argv):
         p.error("--random-init needs --size")
     if args.size and args.checkpoint:
         p.error("give --size or --checkpoint, not both")
+    if args.image and args.chat:
+        p.error("--image goes with --prompt, not --chat")
     return args
 
 
@@ -119,6 +126,7 @@ def run(args) -> None:
     from models import checkpoint
     from models.llama3 import load
 
+    images = [open_image(path) for path in args.image]  # a bad image fails now, not after loading
     start = time.perf_counter()
     model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype, context=args.context)
     load_s = time.perf_counter() - start
@@ -141,7 +149,8 @@ def run(args) -> None:
             prefill_s = time.perf_counter() - t0
         decoder, text, note = StreamDecoder(tok), [], ""
         with _interrupt_ends_reply(args.chat) as interrupted:
-            for token in model.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done):
+            for token in model.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done,
+                                        images=images):
                 text.append(decoder.add(token))
                 sys.stdout.write(text[-1])
                 sys.stdout.flush()
@@ -155,17 +164,22 @@ def run(args) -> None:
             note = f" | the context of {model.context} positions is full: raise --context"
         if prefill_s is not None:
             decode_s = time.perf_counter() - t0 - prefill_s
-            print(f"[{f'load {load_s:.1f} s | ' if load_s is not None else ''}prompt {len(ids)} tokens, prefill "
+            vision = f"{len(images)} image(s) encoded in {model.vision_seconds:.1f} s | " if images else ""
+            print(f"[{f'load {load_s:.1f} s | ' if load_s is not None else ''}{vision}prompt {len(ids)} tokens, prefill "
                   f"{len(ids) / prefill_s:.1f} tok/s | {n} tokens, decode "
                   f"{max(n - 1, 0) / decode_s if n > 1 else 0.0:.1f} tok/s{note}]", file=sys.stderr)
         return "".join(text)
 
     if not args.chat:
         prompt = args.prompt or DEFAULT_PROMPT
-        if use_chat:
-            reply(chat_tokens(tok, messages + [{"role": "user", "content": prompt}]), load_s)
+        if images and "<|image|>" not in tok.special:
+            raise ValueError("--image needs a Llama 3.2 Vision checkpoint: this tokenizer has no <|image|> token")
+        if use_chat:  # the Instruct template puts the images before the text
+            content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}] if images else prompt
+            reply(chat_tokens(tok, messages + [{"role": "user", "content": content}]), load_s)
         else:
-            reply(tok.encode(prompt, bos=True), load_s)
+            images_first = [tok.bos_id] + [tok.special["<|image|>"]] * len(images) + tok.encode(prompt) if images else []
+            reply(images_first or tok.encode(prompt, bos=True), load_s)
         return
     print(f"[load {load_s:.1f} s] chat: type a message; an empty line or Ctrl-D ends, Ctrl-C stops a reply",
           file=sys.stderr)

@@ -158,19 +158,24 @@ def from_hf(d: dict) -> LlamaConfig:
     d = _fields(d, "config.json")
     if d.get("model_type", "llama") != "llama":
         raise ConfigError(f"model_type {d.get('model_type')!r} is not a Llama-architecture model")
+    return hf_text_config(d, "", str(d.get("_name_or_path") or "llama"))
+
+
+def hf_text_config(d: dict, where: str, name: str) -> LlamaConfig:
+    """The Llama fields of a Hugging Face config (a whole config.json, or a Vision model's
+    text_config; `where` prefixes the field names in errors)."""
+    def field(key, kind, default=REQUIRED, value=None):
+        return _typed(d.get(key) if value is None else value, where + key, kind, default)
+
     theta, scaling = _rope_from_hf(d)
-    n_heads = _typed(d.get("num_attention_heads"), "num_attention_heads", int)
+    n_heads = field("num_attention_heads", int)
     return LlamaConfig(
-        dim=_typed(d.get("hidden_size"), "hidden_size", int),
-        n_layers=_typed(d.get("num_hidden_layers"), "num_hidden_layers", int), n_heads=n_heads,
-        n_kv_heads=_typed(d.get("num_key_value_heads"), "num_key_value_heads", int, n_heads),
-        vocab_size=_typed(d.get("vocab_size"), "vocab_size", int),
-        ffn_dim=_typed(d.get("intermediate_size"), "intermediate_size", int),
-        norm_eps=_typed(d.get("rms_norm_eps"), "rms_norm_eps", float, 1e-5),
-        rope_theta=_typed(theta, "rope_theta", float), rope_scaling=scaling,
+        dim=field("hidden_size", int), n_layers=field("num_hidden_layers", int), n_heads=n_heads,
+        n_kv_heads=field("num_key_value_heads", int, n_heads), vocab_size=field("vocab_size", int),
+        ffn_dim=field("intermediate_size", int), norm_eps=field("rms_norm_eps", float, 1e-5),
+        rope_theta=field("rope_theta", float, value=theta), rope_scaling=scaling,
         tied_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_context=_typed(d.get("max_position_embeddings"), "max_position_embeddings", int, 131072),
-        head_dim=_typed(d.get("head_dim"), "head_dim", int, 0), name=str(d.get("_name_or_path") or "llama"))
+        max_context=field("max_position_embeddings", int, 131072), head_dim=field("head_dim", int, 0), name=name)
 
 
 def from_meta(d: dict, vocab_size: int | None = None) -> LlamaConfig:

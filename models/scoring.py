@@ -10,7 +10,6 @@ token). Answers of one token each (" A", " B", ...) are scored together from one
 """
 import numpy as np
 
-from models.llama3.model import KVCache
 from tinytensor import Tensor
 from tinytensor.jit import jit
 
@@ -71,7 +70,7 @@ class Scorer:
             size = self.FIRST_CACHE
             while size < length:
                 size *= 2
-            self.cache = KVCache.allocate(self.model.config, min(size, self.model.context))
+            self.cache = self.model.new_cache(min(size, self.model.context))
             self.cached, self.step, self.passes = [], None, {}
 
     def _run(self, ids: list[int], keep_from: int) -> np.ndarray:

@@ -34,7 +34,9 @@ class TokenizerError(Exception):
 
 
 class Llama3Tokenizer:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, image_token_id: int | None = None):
+        """image_token_id: where a Llama 3.2 Vision model reads <|image|> (Hugging Face's 128256,
+        one past the special tokens; Meta's tokenizer.model names it at 128011)."""
         import tiktoken
 
         path = Path(path)
@@ -50,6 +52,9 @@ class Llama3Tokenizer:
                                   for i in range(LLAMA3_N_SPECIAL - len(LLAMA3_SPECIAL))]
         self.ranks = ranks  # token bytes -> rank (= id)
         self.special = {name: len(ranks) + i for i, name in enumerate(names)}
+        if image_token_id is not None:
+            self.special["<|reserved_special_token_image_meta|>"] = self.special.pop("<|image|>")
+            self.special["<|image|>"] = image_token_id
         self.model = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                        special_tokens=self.special)
         self.bos_id, self.eos_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"]

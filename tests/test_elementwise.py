@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ops import dtypes
+from ops.elementwise import erf
 from tests.reference import FLOATS, INTS, assert_close, float_arrays, int_arrays, tensors, values
 from tinytensor import Tensor
 
@@ -26,6 +27,7 @@ UNARY = {  # name: (NumPy meaning, low, high) with the domain where the function
     "relu": (lambda x: np.maximum(x, 0), -8, 8),
     "sigmoid": (_sigmoid, -30, 30),
     "silu": (lambda x: x * _sigmoid(x), -30, 30),
+    "gelu": (lambda x: x * 0.5 * (1 + erf(x / np.sqrt(2))), -30, 30),
 }
 
 
@@ -46,6 +48,32 @@ def test_exp_over_the_whole_float32_range(backend):
     want = np.exp(x.astype(np.float64))
     want = np.where(want > np.finfo(np.float32).max, np.inf, want)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2.0**-149, equal_nan=True)
+
+
+def test_erf_matches_the_c_library_to_float64_precision():
+    """ops.elementwise.erf (NumPy has none) against math.erf, over its whole range and the
+    special values; GELU's reference meaning rests on it."""
+    import math
+    x = np.concatenate([np.linspace(-9, 9, 20001), [0.0, -0.0, 1e-300, 1e-8, np.inf, -np.inf]])
+    want = np.array([math.erf(v) for v in x])
+    # term n of the series carries n roundings from its recurrence; the terms that make the sum sit
+    # near n = x^2 <= 36; exp and the last products add a few: 64 eps bounds it (8 seen)
+    np.testing.assert_allclose(erf(x), want, rtol=64 * np.finfo(np.float64).eps, atol=0)
+    assert np.isnan(erf(np.nan))
+
+
+def test_gelu_is_x_times_phi(backend):
+    """The activation of Llama 3.2 Vision's encoder (PyTorch's default, exact-erf GELU), against
+    x/2 (1 + erf(x/sqrt 2)) in float64 with the C library's erf. In float32 the erf carries one
+    rounding (<= 2^-24 near +-1) which 1 + erf keeps as an absolute error, times |x|/2; the
+    products round 3 times. (PyTorch's own float32 erf is ~8 ulp off near -1: 1.5e-4 relative
+    at x = -2.9, so it is not the yardstick here.)"""
+    import math
+    x = np.linspace(-12, 12, 40001, dtype=np.float32)
+    want = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    got = Tensor(x).gelu().numpy().astype(np.float64)
+    bound = 4 * np.finfo(np.float32).eps * np.abs(want) + np.abs(x) * 2.0 ** -25 + 2.0 ** -149
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
 
 
 @pytest.mark.parametrize("name", ["exp", "sqrt", "sigmoid"])

@@ -43,6 +43,26 @@ def test_rms_norm(backend, x, data):
                  atol=summation_error(x.shape[-1], 64) * 8)
 
 
+def test_layer_norm_matches_torch(backend):
+    """PyTorch's LayerNorm (Llama 3.2 Vision's encoder) in float32: mean, biased variance, eps
+    inside the root, weight and bias; rows of 1280 as there, some far from zero mean. The two
+    mean reductions each sum 1280 terms, the rest is a few roundings per element."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((7, 1280)) * rng.uniform(0.1, 30, (7, 1)) + rng.uniform(-50, 50, (7, 1)))
+    x, w, b = x.astype(np.float32), rng.standard_normal(1280).astype(np.float32), rng.standard_normal(1280).astype(np.float32)
+    tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
+    want = torch.nn.functional.layer_norm(tx, (1280,), tw, tb, eps=1e-5).numpy()
+    got = nn.layer_norm(Tensor(x), Tensor(w), Tensor(b), 1e-5).numpy()
+    # each side's mean carries up to summation_error(n, mean |x|), which centring turns into that
+    # over the row's std in every normalised value (times |w|); the variance's sum of n squares
+    # (relative error n eps) and the last roundings add a few eps of (|w| + |b|) * O(3)
+    x64 = x.astype(np.float64)
+    shift = summation_error(1280, np.abs(x64).mean(-1, keepdims=True)) / x64.std(-1, keepdims=True)
+    bound = 2 * np.abs(w) * (shift + 3 * summation_error(1280, 1)) + 8 * 2.0 ** -24 * (3 * np.abs(w) + np.abs(b))
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+
+
 @given(data=st.data())
 def test_linear_uses_pytorch_weight_layout(backend, data):
     dtype = data.draw(st.sampled_from(FLOATS))

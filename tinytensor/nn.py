@@ -32,6 +32,16 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     return normed if weight is None else normed * weight
 
 
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the last axis (the biased variance), times weight plus
+    bias: PyTorch's LayerNorm, computed in float32."""
+    x32 = _f32(x)
+    centred = x32 - x32.mean(-1, keepdim=True)
+    out = centred * ((centred * centred).mean(-1, keepdim=True) + eps).rsqrt()
+    out = out if weight is None else out * weight
+    return (out if bias is None else out + bias).cast(x.dtype)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T (+ bias), with weight stored [out_features, in_features] as in PyTorch."""
     out = x @ weight.transpose(-1, -2)

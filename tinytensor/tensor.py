@@ -214,6 +214,7 @@ class Tensor:
     def relu(self): return self._unary("relu")
     def sigmoid(self): return self._unary("sigmoid")
     def silu(self): return self._unary("silu")
+    def gelu(self): return self._unary("gelu")
     def square(self): return self * self
     def maximum(self, o): return self._binary("maximum", o)
     def minimum(self, o): return self._binary("minimum", o)

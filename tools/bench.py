@@ -16,7 +16,7 @@ import numpy as np
 
 import backends
 from backends.llvm.threads import count as thread_count
-from models.llama3 import KVCache, load
+from models.llama3 import load
 from tinytensor import Tensor
 from tinytensor.jit import jit
 from tools import llamacpp
@@ -27,7 +27,7 @@ def bench_backend(model, prompt: list[int], decode: int, repeat: int) -> tuple[f
     length = len(prompt) + decode + 1
     prefill_times, step_times = [], []
     for r in range(repeat + 1):  # the first round compiles and warms up
-        cache = KVCache.allocate(model.config, length)
+        cache = model.new_cache(length)
         start = time.perf_counter()
         model.forward(Tensor(np.array(prompt)), 0, cache, rows=slice(-1, None)).numpy()
         if r:

@@ -167,6 +167,9 @@ class Emitter:
             return s if op == "sigmoid" else self.op(f"fmul float {x}, {s}")
         if op == "tanh":
             return self.op(f"call float @tanhf(float {x})")
+        if op == "gelu":  # x * Phi(x) = x/2 (1 + erf(x / sqrt 2)), the C library's erf as PyTorch's
+            erf = self.op(f"call float @erff(float {self.op(f'fmul float {x}, {float_literal(0.5 ** 0.5)}')})")
+            return self.op(f"fmul float {self.op(f'fmul float {x}, 0.5')}, {self.op(f'fadd float 1.0, {erf}')}")
         return self.op(f"call float @llvm.{UNARY_INTRINSIC[op]}.f32(float {x})")
 
     def cast(self, x: str, src, dst) -> str:
@@ -205,6 +208,7 @@ declare float @llvm.minnum.f32(float, float)
 declare float @llvm.rint.f32(float)
 declare float @llvm.minimum.f32(float, float)
 declare float @tanhf(float)
+declare float @erff(float)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
 declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 declare <32 x float> @llvm.fabs.v32f32(<32 x float>)

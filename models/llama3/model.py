@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from models.config import SIZES, LlamaConfig, rope_frequencies
+from models.vision_config import VISION_SIZES, MllamaConfig
 from models.tokenizer import Llama3Tokenizer
 from tinytensor import Tensor, dtypes, nn
 from tinytensor.jit import jit
@@ -38,13 +39,14 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[1]  # (layer 0 always self-attends)
 
 
 class Llama:
     def __init__(self, config: LlamaConfig, weights: dict[str, Tensor], tokenizer=None, context: int = 8192):
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
         self.context = min(config.max_context, context)  # positions this instance can hold
+        self.n_token_ids = config.vocab_size  # ids the embedding has rows for
         angles = np.outer(np.arange(self.context, dtype=np.float64),
                           np.array(rope_frequencies(config), dtype=np.float32))
         self.rope_cos = Tensor(np.cos(angles).astype(np.float32))  # [positions, head_dim / 2]
@@ -99,25 +101,34 @@ class Llama:
         return nn.linear(nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps), head)
 
     # ---- the Python API -------------------------------------------------------------------------
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """Logits [len(ids), vocab] of one fresh sequence, in one batched pass (a prefill)."""
+    def new_cache(self, length: int, ids=None, images=()) -> KVCache:
+        """A cache for `length` positions of the prompt `ids` (models with images override it)."""
+        if images:
+            raise ValueError(f"{self.config.name} is a text model: images need a Llama 3.2 Vision checkpoint")
+        return KVCache.allocate(self.config, length)
+
+    def logits(self, ids: list[int], images=()) -> np.ndarray:
+        """Logits [len(ids), vocab] of one fresh sequence, in one batched pass (a prefill);
+        images (paths or PIL images) for a vision model, one per <|image|> token in ids."""
         ids = self._check_ids(ids)
-        cache = KVCache.allocate(self.config, len(ids))
+        cache = self.new_cache(len(ids), ids, images)
         return self.forward(Tensor(ids), 0, cache).numpy()
 
-    def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None):
+    def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None, images=()):
         """Yield new token ids: the prompt in one pass, then one token per step with the cache.
-        sampler: (logits, history) -> id, e.g. models.sampling.make_sampler(temperature=0)."""
+        sampler: (logits, history) -> id, e.g. models.sampling.make_sampler(temperature=0);
+        images as for `logits`."""
         ids = self._check_ids(ids)
         if type(max_tokens) is not int or max_tokens < 1:
             raise ValueError(f"max_tokens is {max_tokens!r}: give a whole number >= 1")
         if not callable(sampler):
             raise TypeError(f"sampler must be a function (logits, history) -> id, got {type(sampler).__name__}")
-        return self._generate(ids, max_tokens, sampler, stop_ids, on_prefill)
-
-    def _generate(self, ids: np.ndarray, max_tokens: int, sampler, stop_ids, on_prefill):
         length = min(len(ids) + max_tokens, self.context)
-        cache = KVCache.allocate(self.config, length)
+        cache = self.new_cache(length, ids, list(images))  # images are read and encoded now, not lazily
+        return self._generate(ids, max_tokens, sampler, stop_ids, on_prefill, cache)
+
+    def _generate(self, ids: np.ndarray, max_tokens: int, sampler, stop_ids, on_prefill, cache: KVCache):
+        length = cache.length
         logits = self.forward(Tensor(ids), 0, cache, rows=slice(-1, None)).numpy()[-1]
         if on_prefill:
             on_prefill()
@@ -144,9 +155,9 @@ class Llama:
         wrong = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
         if wrong:
             raise TypeError(f"token ids must be ints, got {wrong[0]!r}")
-        outside = [int(i) for i in ids if not 0 <= i < self.config.vocab_size]
+        outside = [int(i) for i in ids if not 0 <= i < self.n_token_ids]
         if outside:
-            raise ValueError(f"token id {outside[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(f"token id {outside[0]} is outside the vocabulary [0, {self.n_token_ids})")
         if len(ids) > self.context:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context holds "
                              f"{self.context}: shorten it or use --context")
@@ -156,7 +167,7 @@ class Llama:
 # ---- loading ------------------------------------------------------------------------------------
 
 HF_REPOS = {"1b": "Llama-3.2-1B", "3b": "Llama-3.2-3B", "8b": "Llama-3.1-8B", "70b": "Llama-3.1-70B",
-            "405b": "Llama-3.1-405B"}
+            "405b": "Llama-3.1-405B", "11b": "Llama-3.2-11B-Vision", "90b": "Llama-3.2-90B-Vision"}
 
 
 def find_local(size: str) -> Path:
@@ -194,9 +205,10 @@ def load(path_or_size=None, random_init: bool = False, dtype=None, context: int 
     if path_or_size is None:
         path_or_size = fetch("smollm2-135m")
     if random_init:
-        if path_or_size not in SIZES:
-            raise ValueError(f"--random-init needs a size ({', '.join(SIZES)}), got {path_or_size!r}")
-        config = SIZES[path_or_size]
+        if path_or_size not in SIZES and path_or_size not in VISION_SIZES:
+            raise ValueError(f"--random-init needs a size ({', '.join([*SIZES, *VISION_SIZES])}), "
+                             f"got {path_or_size!r}")
+        config = SIZES.get(path_or_size) or VISION_SIZES[path_or_size]
         dt = dtypes.to_dtype(dtype or "float32")
         need, free = config.n_params() * dt.itemsize, available_memory()
         if need > 0.9 * free:
@@ -204,9 +216,10 @@ def load(path_or_size=None, random_init: bool = False, dtype=None, context: int 
             raise MemoryError(f"{path_or_size} with random {dt.name} weights needs {need / 2**30:.1f} GiB "
                               f"but {free / 2**30:.1f} GiB is free: "
                               f"{'use --dtype bfloat16' if halved else 'pick a smaller size'}")
-        tokenizer = Llama3Tokenizer(fetch("llama3-tokenizer"))
-        return Llama(config, checkpoint.random_weights(config, dtype=dt), tokenizer, context)
-    if path_or_size in SIZES:
+        vision = isinstance(config, MllamaConfig)
+        tokenizer = Llama3Tokenizer(fetch("llama3-tokenizer"), config.image_token_id if vision else None)
+        return _model(config, checkpoint.random_weights(config, dtype=dt), tokenizer, context)
+    if path_or_size in SIZES or path_or_size in VISION_SIZES:
         path_or_size = find_local(path_or_size)
     elif isinstance(path_or_size, str) and re.fullmatch(r"\d+(\.\d+)?[bBmM]", path_or_size) \
             and not Path(path_or_size).exists():
@@ -216,4 +229,15 @@ def load(path_or_size=None, random_init: bool = False, dtype=None, context: int 
         raise CheckpointError(f"{path_or_size}: has weights but no tokenizer: looked for tokenizer.json, "
                               f"tokenizer.model and original/tokenizer.model; copy the model's tokenizer files "
                               f"next to its weights")
-    return Llama(config, weights, tokenizer, context)
+    return _model(config, weights, tokenizer, context, Path(path_or_size))
+
+
+def _model(config, weights, tokenizer, context, folder=None) -> Llama:
+    """A Llama, or for a Llama 3.2 Vision config the model with its image encoder."""
+    if not isinstance(config, MllamaConfig):
+        return Llama(config, weights, tokenizer, context)
+    from models.images import ImageSettings
+    from models.llama3.mllama import VisionLlama
+    v = config.vision
+    settings = ImageSettings.from_folder(folder, v.image_size, v.max_tiles) if folder and folder.is_dir() else None
+    return VisionLlama(config, weights, tokenizer, context, settings)

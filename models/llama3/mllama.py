@@ -1,0 +1,118 @@
+"""Llama 3.2 Vision (11B, 90B): the Llama text model with cross-attention layers that read the
+image encoder's features, written against the Tensor API only.
+
+    layer i in cross_attention_layers:
+        x + tanh(g_attn) * seen * cross_attention(rms_norm(x), image features)
+          + tanh(g_mlp) * seen * mlp(rms_norm(.))
+    every other layer: the Llama block (models/llama3/model.py)
+
+A text row attends to the images whose span holds its position (models/images.py); `seen` is 0
+for rows that see no image, so those rows pass the layer unchanged, as Meta's reference does
+(current transformers zeroes only the MLP part there). The image keys and values of every cross
+layer are computed once per prompt and kept in the cache for the whole generation; a prompt
+without images skips the cross layers.
+"""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.images import ImageError, ImageSettings, Pixels, image_spans, open_image, preprocess
+from models.llama3.model import KVCache, Llama
+from models.llama3.vision import VisionEncoder
+from models.vision_config import MllamaConfig
+from tinytensor import Tensor, nn
+
+NEVER = np.iinfo(np.int64).max  # the end of a span that runs on through generation
+
+
+@dataclass
+class VisionKVCache(KVCache):
+    """Self-attention layers: as KVCache. A cross layer's keys/values entries hold its image keys
+    and values [kv_heads, vision tokens, head_dim] (None without images); first/end give each
+    vision token the text positions [first, end) that see it."""
+    first: Tensor | None = None
+    end: Tensor | None = None
+
+
+class VisionLlama(Llama):
+    def __init__(self, config: MllamaConfig, weights: dict[str, Tensor], tokenizer=None, context: int = 8192,
+                 image_settings: ImageSettings | None = None):
+        super().__init__(config.text, weights, tokenizer, context)
+        self.mllama = config
+        self.cross_layers = frozenset(config.cross_attention_layers)
+        self.n_token_ids = config.text.vocab_size + config.extra_tokens  # the image token's row too
+        self.encoder = VisionEncoder(config.vision, weights)
+        v = config.vision
+        self.image_settings = image_settings or ImageSettings(v.image_size, v.max_tiles)
+        self.vision_seconds = 0.0  # the last prompt's image encoding time
+
+    # ---- images -----------------------------------------------------------------------------
+    def pixels(self, image) -> Pixels:
+        """A path or PIL image -> the encoder's input."""
+        if not hasattr(image, "getbands"):
+            image = open_image(image)
+        return preprocess(image, self.image_settings)
+
+    def new_cache(self, length: int, ids=None, images=()) -> VisionKVCache:
+        """The self-attention cache, with the images' keys and values for every cross layer
+        when the prompt `ids` has images (one per <|image|> token)."""
+        c = self.config
+        shape = (c.n_kv_heads, length, c.head_dim)
+        keys = [None if i in self.cross_layers else Tensor.zeros(shape).contiguous() for i in range(c.n_layers)]
+        values = [None if i in self.cross_layers else Tensor.zeros(shape).contiguous() for i in range(c.n_layers)]
+        kept = [t for t in keys + values if t is not None]
+        kept[0].realize(*kept[1:])
+        cache = VisionKVCache(keys, values)
+        spans = image_spans(list(ids), self.mllama.image_token_id) if ids is not None else []
+        if len(spans) != len(images):
+            raise ImageError(f"the prompt has {len(spans)} <|image|> token(s) but {len(images)} image(s) were "
+                             f"given: put one <|image|> where each image belongs")
+        if images:
+            self._attach(cache, spans, [self.pixels(image) for image in images])
+        return cache
+
+    def _attach(self, cache: VisionKVCache, spans, pixels: list[Pixels]):
+        started = time.perf_counter()
+        c, v = self.config, self.mllama.vision
+        features = [self.encoder(px.values, px.aspect_ratio_id, px.tiles) for px in pixels]
+        features = features[0].cat(*features[1:], axis=0) if len(features) > 1 else features[0]
+        n = features.shape[0]
+        for i in sorted(self.cross_layers):
+            p = f"layers.{i}.cross_attention."
+            k = nn.linear(features, self.w(p + "wk.weight")).reshape(n, c.n_kv_heads, c.head_dim)
+            k = nn.rms_norm(k, self.w(p + "k_norm.weight"), c.norm_eps)
+            val = nn.linear(features, self.w(p + "wv.weight")).reshape(n, c.n_kv_heads, c.head_dim)
+            cache.keys[i] = k.transpose(0, 1).contiguous()
+            cache.values[i] = val.transpose(0, 1).contiguous()
+        first = np.zeros((len(pixels), v.max_tiles, v.patches), np.int64)
+        end = np.zeros_like(first)  # padding tiles: [0, 0) holds no position
+        for j, ((a, b), px) in enumerate(zip(spans, pixels)):
+            first[j, :px.tiles], end[j, :px.tiles] = a, NEVER if b == -1 else b
+        cache.first, cache.end = Tensor(first.reshape(-1)), Tensor(end.reshape(-1))
+        made = [cache.keys[i] for i in self.cross_layers] + [cache.values[i] for i in self.cross_layers]
+        made[0].realize(*made[1:])
+        self.vision_seconds = time.perf_counter() - started
+
+    # ---- the cross-attention block ------------------------------------------------------------
+    def block(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        if i not in self.cross_layers:
+            return super().block(i, x, start, positions, cache)
+        if cache.keys[i] is None:
+            return x  # no image in this prompt: the layer is skipped
+        c, p, eps = self.config, f"layers.{i}.", self.config.norm_eps
+        seq, n = x.shape[0], cache.first.shape[0]
+        pos = positions.reshape(seq, 1)
+        visible = (cache.first.reshape(1, n) <= pos).where(pos < cache.end.reshape(1, n), False)
+        seen = visible.cast(x.dtype).max(-1, keepdim=True)  # [seq, 1]: 1 where the row sees an image
+        mask = (seen == 0).where(True, visible)  # a row that sees nothing attends anywhere, then is zeroed
+
+        h = nn.rms_norm(x, self.w(p + "attention_norm.weight"), eps)
+        q = nn.linear(h, self.w(p + "cross_attention.wq.weight")).reshape(seq, c.n_heads, c.head_dim)
+        q = nn.rms_norm(q, self.w(p + "cross_attention.q_norm.weight"), eps)
+        out = nn.scaled_dot_product_attention(q.transpose(0, 1), cache.keys[i], cache.values[i], attn_mask=mask)
+        out = nn.linear(out.transpose(0, 1).reshape(seq, c.n_heads * c.head_dim),
+                        self.w(p + "cross_attention.wo.weight"))
+        x = x + self.w(p + "cross_attention_gate").tanh() * (out * seen)
+        h = self.mlp(i, nn.rms_norm(x, self.w(p + "ffn_norm.weight"), eps))
+        return x + self.w(p + "cross_mlp_gate").tanh() * (h * seen)
