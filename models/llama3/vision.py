@@ -84,7 +84,9 @@ class VisionEncoder:
 
         # per patch: the final state, then the kept states interleaved feature by feature
         # (transformers stacks them on a last axis and flattens it)
-        inter = kept[0].stack(*kept[1:], axis=-1).reshape(T, padded, D * len(kept))
-        features = x.reshape(T, padded, D).cat(inter, axis=-1)[:, :P].reshape(T * P, c.output_dim)
+        features = x.reshape(T, padded, D)
+        if kept:
+            features = features.cat(kept[0].stack(*kept[1:], axis=-1).reshape(T, padded, D * len(kept)), axis=-1)
+        features = features[:, :P].reshape(T * P, c.output_dim)
         return nn.linear(features, self.weights["multi_modal_projector.weight"],
                          self.weights["multi_modal_projector.bias"])

@@ -1,0 +1,64 @@
+"""Llama 3.2 Vision's image encoder at its true shape, random weights: seconds per image.
+
+    python -m tools.bench_vision [--size 11b] [--dtype q4_0] [--layers 2] [--image photo.jpg]
+
+The encoder runs all its tiles (4 x 1608 tokens) through every layer, so its cost is the same for
+any image. With --layers k it runs k local layers and k global ones (of 32 and 8), and the
+per-layer times are scaled up to the whole encoder, saying so, to keep a run short.
+"""
+import argparse
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from models import checkpoint
+from models.images import ImageSettings, open_image, preprocess
+from models.llama3.vision import VisionEncoder
+from models.vision_checkpoint import stays_float
+from models.vision_config import VISION_SIZES
+from ops import dtypes
+from tinytensor import Tensor
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tools.bench_vision", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=list(VISION_SIZES), default="11b")
+    p.add_argument("--dtype", default="q4_0", help="the encoder's matrices (default q4_0)")
+    p.add_argument("--layers", type=int, default=0, help="local and global layers to run (0: all)")
+    p.add_argument("--image", help="an image file (default: a random 900 x 1200 picture)")
+    args = p.parse_args(argv)
+    full = VISION_SIZES[args.size]
+    v = full.vision
+    local, glob = (args.layers, min(args.layers, v.n_global_layers)) if args.layers else (v.n_layers, v.n_global_layers)
+    vision = replace(v, n_layers=local, n_global_layers=glob,
+                     intermediate_layers=tuple(i for i in v.intermediate_layers if i < local))
+    vision = replace(vision, output_dim=vision.dim * (1 + len(vision.intermediate_layers)))
+    config = replace(full, vision=vision)
+    shapes = checkpoint.expected_shapes(config)
+    names = [n for n in shapes if n.startswith(("vision_model.", "multi_modal_projector."))]
+    dt = dtypes.to_dtype(args.dtype)
+    arrays = checkpoint.RandomArrays(config)
+    weights = {n: Tensor.from_numpy(arrays[n]) if stays_float(n) and dt.block
+               else checkpoint.quantised(arrays[n], dtypes.float32, dt) if dt.block
+               else Tensor.from_numpy(dtypes.narrow(arrays[n], dt), dt) for n in names}
+    if args.image:
+        image = open_image(args.image)
+    else:
+        from PIL import Image
+        image = Image.fromarray((np.random.default_rng(0).random((900, 1200, 3)) * 255).astype(np.uint8))
+    t0 = time.perf_counter()
+    px = preprocess(image, ImageSettings(v.image_size, v.max_tiles))
+    t1 = time.perf_counter()
+    VisionEncoder(vision, weights)(px.values, px.aspect_ratio_id, px.tiles).realize()
+    t2 = time.perf_counter()
+    ran = local + glob
+    print(f"{args.size} encoder, {args.dtype}, {px.tiles} of {v.max_tiles} tiles real: preprocessing {t1 - t0:.2f} s, "
+          f"{ran} layers in {t2 - t1:.1f} s ({(t2 - t1) / ran:.1f} s per layer)")
+    if ran < v.n_layers + v.n_global_layers:
+        print(f"whole encoder ({v.n_layers} + {v.n_global_layers} layers), scaled from these: "
+              f"{(t2 - t1) / ran * (v.n_layers + v.n_global_layers):.0f} s per image")
+
+
+if __name__ == "__main__":
+    main()
