@@ -31,9 +31,9 @@ def main(argv=None):
     full = VISION_SIZES[args.size]
     v = full.vision
     local, glob = (args.layers, min(args.layers, v.n_global_layers)) if args.layers else (v.n_layers, v.n_global_layers)
-    vision = replace(v, n_layers=local, n_global_layers=glob,
-                     intermediate_layers=tuple(i for i in v.intermediate_layers if i < local))
-    vision = replace(vision, output_dim=vision.dim * (1 + len(vision.intermediate_layers)))
+    kept = tuple(i for i in v.intermediate_layers if i < local)
+    vision = replace(v, n_layers=local, n_global_layers=glob, intermediate_layers=kept,
+                     output_dim=v.dim * (1 + len(kept)))
     config = replace(full, vision=vision)
     shapes = checkpoint.expected_shapes(config)
     names = [n for n in shapes if n.startswith(("vision_model.", "multi_modal_projector."))]
