@@ -143,6 +143,7 @@ def _load_hf(folder: Path):
             raise CheckpointError(f"{folder / name}: missing (listed in model.safetensors.index.json)")
         raw.update(safetensors_file.read(folder / name))
     arrays = {}
+    names = {**HF_NAMES, **vision_checkpoint.CROSS_NAMES} if vision else HF_NAMES
     for name, (array, dt) in raw.items():
         if vision:
             name = vision_checkpoint.text_form(name)
@@ -153,7 +154,6 @@ def _load_hf(folder: Path):
             arrays[HF_TOP[name]] = (array, dt)
             continue
         parts = name.split(".", 3)
-        names = {**HF_NAMES, **vision_checkpoint.CROSS_NAMES} if vision else HF_NAMES
         if parts[:2] != ["model", "layers"] or parts[3] not in names:
             continue  # e.g. rotary_emb.inv_freq: derived, not a weight
         meta = names[parts[3]]
@@ -457,13 +457,14 @@ class RandomArrays(Mapping):
         return len(self.shapes)
 
 
-def random_weights(c, seed: int = 0, dtype=dtypes.float32) -> dict[str, Tensor]:
+def random_weights(c, seed: int = 0, dtype=dtypes.float32, only=None) -> dict[str, Tensor]:
     """The exact architecture (a LlamaConfig or a vision MllamaConfig) with random weights (for
-    benchmarks and tests), as Tensors of dtype."""
+    benchmarks and tests), as Tensors of dtype; only: a name test, to make just those weights."""
     arrays = RandomArrays(c, seed)
+    names = [name for name in arrays if only is None or only(name)]
     if dtype.block:
         return {name: Tensor.from_numpy(arrays[name]) if vision_checkpoint.stays_float(name)
                 else quantised(arrays[name], dtypes.float32, dtype)
-                for name in progress(arrays, "random weights", len(arrays))}
+                for name in progress(names, "random weights", len(names))}
     return {name: Tensor.from_numpy(dtypes.narrow(arrays[name], dtype), dtype)
-            for name in progress(arrays, "random weights", len(arrays))}
+            for name in progress(names, "random weights", len(names))}

@@ -178,8 +178,10 @@ def run(args) -> None:
             content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}] if images else prompt
             reply(chat_tokens(tok, messages + [{"role": "user", "content": content}]), load_s)
         else:
-            images_first = [tok.bos_id] + [tok.special["<|image|>"]] * len(images) + tok.encode(prompt) if images else []
-            reply(images_first or tok.encode(prompt, bos=True), load_s)
+            ids = tok.encode(prompt, bos=True)
+            if images:  # BOS, the images, the text
+                ids = ids[:1] + [tok.special["<|image|>"]] * len(images) + ids[1:]
+            reply(ids, load_s)
         return
     print(f"[load {load_s:.1f} s] chat: type a message; an empty line or Ctrl-D ends, Ctrl-C stops a reply",
           file=sys.stderr)

@@ -32,11 +32,14 @@ class ImageSettings:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ImageError(f"{path}: not valid JSON ({e})") from None
-        size = d.get("size") or {}
-        settings = ImageSettings(int(size.get("height", tile_size)), int(d.get("max_image_tiles", max_tiles)),
-                                 tuple(d.get("image_mean", ImageSettings.mean)),
-                                 tuple(d.get("image_std", ImageSettings.std)),
-                                 float(d.get("rescale_factor", 1 / 255)))
+        try:
+            size = d.get("size") or {}
+            settings = ImageSettings(int(size.get("height", tile_size)), int(d.get("max_image_tiles", max_tiles)),
+                                     tuple(map(float, d.get("image_mean", ImageSettings.mean))),
+                                     tuple(map(float, d.get("image_std", ImageSettings.std))),
+                                     float(d.get("rescale_factor", 1 / 255)))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ImageError(f"{path}: a setting is not of its type ({e})") from None
         if settings.tile_size != tile_size or settings.max_tiles > max_tiles:
             raise ImageError(f"{path}: tiles of {settings.tile_size} px, up to {settings.max_tiles}, but the vision "
                              f"model takes {tile_size} px, up to {max_tiles}")

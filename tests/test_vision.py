@@ -299,3 +299,13 @@ def test_command_line_with_an_image(vision_folder, tmp_path):
     assert result.stdout.rstrip("\n") == model.tokenizer.decode(tokens)
     assert_one_line_error(run("--checkpoint", str(folder), "--image", str(tmp_path / "none.jpg"), "--prompt", "x"),
                           "no such image file")
+
+
+def test_a_broken_preprocessor_config_is_one_line(vision_folder, tmp_path):
+    from tests.test_cli import assert_one_line_error, run
+    folder, _ = vision_folder
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).symlink_to(folder / f)
+    (tmp_path / "tokenizer.model").symlink_to(folder / "original" / "tokenizer.model")
+    (tmp_path / "preprocessor_config.json").write_text('{"size": {"height": null}}')
+    assert_one_line_error(run("--checkpoint", str(tmp_path), "--prompt", "x"), "preprocessor_config.json")

@@ -15,10 +15,8 @@ import numpy as np
 from models import checkpoint
 from models.images import ImageSettings, open_image, preprocess
 from models.llama3.vision import VisionEncoder
-from models.vision_checkpoint import stays_float
 from models.vision_config import VISION_SIZES
 from ops import dtypes
-from tinytensor import Tensor
 
 
 def main(argv=None):
@@ -35,13 +33,8 @@ def main(argv=None):
     vision = replace(v, n_layers=local, n_global_layers=glob, intermediate_layers=kept,
                      output_dim=v.dim * (1 + len(kept)))
     config = replace(full, vision=vision)
-    shapes = checkpoint.expected_shapes(config)
-    names = [n for n in shapes if n.startswith(("vision_model.", "multi_modal_projector."))]
-    dt = dtypes.to_dtype(args.dtype)
-    arrays = checkpoint.RandomArrays(config)
-    weights = {n: Tensor.from_numpy(arrays[n]) if stays_float(n) and dt.block
-               else checkpoint.quantised(arrays[n], dtypes.float32, dt) if dt.block
-               else Tensor.from_numpy(dtypes.narrow(arrays[n], dt), dt) for n in names}
+    weights = checkpoint.random_weights(config, dtype=dtypes.to_dtype(args.dtype),
+                                        only=lambda n: n.startswith(("vision_model.", "multi_modal_projector.")))
     if args.image:
         image = open_image(args.image)
     else:

@@ -57,13 +57,7 @@ class VisionLlama(Llama):
     def new_cache(self, length: int, ids=None, images=()) -> VisionKVCache:
         """The self-attention cache, with the images' keys and values for every cross layer
         when the prompt `ids` has images (one per <|image|> token)."""
-        c = self.config
-        shape = (c.n_kv_heads, length, c.head_dim)
-        keys = [None if i in self.cross_layers else Tensor.zeros(shape).contiguous() for i in range(c.n_layers)]
-        values = [None if i in self.cross_layers else Tensor.zeros(shape).contiguous() for i in range(c.n_layers)]
-        kept = [t for t in keys + values if t is not None]
-        kept[0].realize(*kept[1:])
-        cache = VisionKVCache(keys, values)
+        cache = VisionKVCache.allocate(self.config, length, skip=self.cross_layers)
         spans = image_spans(list(ids), self.mllama.image_token_id) if ids is not None else []
         if len(spans) != len(images):
             raise ImageError(f"the prompt has {len(spans)} <|image|> token(s) but {len(images)} image(s) were "

@@ -29,13 +29,15 @@ class KVCache:
     keys: list[Tensor]
     values: list[Tensor]
 
-    @staticmethod
-    def allocate(config: LlamaConfig, length: int) -> "KVCache":
+    @classmethod
+    def allocate(cls, config: LlamaConfig, length: int, skip=frozenset()) -> "KVCache":
+        """Buffers for every layer but those in skip (None there: layers without self-attention)."""
         shape = (config.n_kv_heads, length, config.head_dim)
-        fresh = lambda: Tensor.zeros(shape).contiguous()  # noqa: E731
-        keys, values = [fresh() for _ in range(config.n_layers)], [fresh() for _ in range(config.n_layers)]
-        keys[0].realize(*keys[1:], *values)
-        return KVCache(keys, values)
+        fresh = lambda i: None if i in skip else Tensor.zeros(shape).contiguous()  # noqa: E731
+        keys, values = [fresh(i) for i in range(config.n_layers)], [fresh(i) for i in range(config.n_layers)]
+        made = [t for t in keys + values if t is not None]
+        made[0].realize(*made[1:])
+        return cls(keys, values)
 
     @property
     def length(self) -> int:
