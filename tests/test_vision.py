@@ -246,13 +246,12 @@ def test_text_only_prompt_equals_the_reference(vision_folder, monkeypatch):
 
 
 def test_transformers_5_layout_loads_the_same(vision_folder, tmp_path):
-    """What transformers >= 5 saves (model.language_model.*, lm_head.weight) reads as the hub's names."""
-    from safetensors.torch import save_file
+    """What transformers >= 5's save_pretrained writes (its config.json, model.language_model.*,
+    lm_head.weight) reads as the hub's files do."""
     folder, oracle = vision_folder
-    for f in ("config.json", "preprocessor_config.json"):
-        (tmp_path / f).write_text((folder / f).read_text())
+    oracle.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text((folder / "preprocessor_config.json").read_text())
     (tmp_path / "tokenizer.model").write_bytes((folder / "original" / "tokenizer.model").read_bytes())
-    save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(tmp_path / "model.safetensors"))
     ids, sizes = PROMPTS["one tile"]
     images = [picture(*sizes[0])]
     np.testing.assert_array_equal(load(tmp_path, context=32).logits(ids, images=images),
