@@ -17,6 +17,7 @@ from models.config import SIZES
 from models.images import open_image
 from models.vision_config import VISION_SIZES
 from models.sampling import DEFAULTS, RULES, check_setting, make_sampler
+from models.sequence_cache import CachedSequence
 from models.tokenizer import StreamDecoder, TokenizerError
 from ops import dtypes
 from tinytensor.state import CheckpointError
@@ -139,18 +140,32 @@ def run(args) -> None:
     sampler = make_sampler(**settings, seed=args.seed)
     use_chat = not args.raw and not args.random_init and has_chat_format(tok)
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    conversation = None  # a chat's cache: each turn computes only what the previous turns did not
+
+    def tokens(ids, prefill_done):
+        nonlocal conversation
+        if not args.chat:
+            return model.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done, images=images)
+        ids = model.check_ids(ids).tolist()
+        need = min(len(ids) + args.max_tokens, model.context)
+        if conversation is None or conversation.length < need:  # room for a few turns more
+            conversation = CachedSequence(model, min(max(2 * need, 1024), model.context))
+        return conversation.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done)
 
     def reply(ids, load_s=None) -> str:
         """Stream one reply; Ctrl-C stops it (in a chat, the conversation goes on)."""
-        t0, prefill_s = time.perf_counter(), None
+        t0, prefill_s, prefilled_at, fresh = time.perf_counter(), None, None, len(ids)
+        computed = conversation.computed if conversation else 0
 
         def prefill_done():
-            nonlocal prefill_s
-            prefill_s = time.perf_counter() - t0
+            nonlocal prefill_s, prefilled_at, fresh
+            prefilled_at = time.perf_counter()  # images are encoded before the prefill: not counted in it
+            prefill_s = prefilled_at - t0 - (model.vision_seconds if images else 0.0)
+            if args.chat:  # a turn computes only the prompt tokens the conversation's cache lacks
+                fresh = conversation.computed - computed
         decoder, text, note = StreamDecoder(tok), [], ""
         with _interrupt_ends_reply(args.chat) as interrupted:
-            for token in model.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done,
-                                        images=images):
+            for token in tokens(ids, prefill_done):
                 text.append(decoder.add(token))
                 sys.stdout.write(text[-1])
                 sys.stdout.flush()
@@ -163,10 +178,11 @@ def run(args) -> None:
         if not note and n < args.max_tokens and len(ids) + n > model.context:
             note = f" | the context of {model.context} positions is full: raise --context"
         if prefill_s is not None:
-            decode_s = time.perf_counter() - t0 - prefill_s
+            decode_s = time.perf_counter() - prefilled_at
             vision = f"{len(images)} image(s) encoded in {model.vision_seconds:.1f} s | " if images else ""
-            print(f"[{f'load {load_s:.1f} s | ' if load_s is not None else ''}{vision}prompt {len(ids)} tokens, prefill "
-                  f"{len(ids) / prefill_s:.1f} tok/s | {n} tokens, decode "
+            reused = f" ({len(ids) - fresh} cached)" if args.chat else ""
+            print(f"[{f'load {load_s:.1f} s | ' if load_s is not None else ''}{vision}prompt {len(ids)} tokens{reused}, "
+                  f"prefill {fresh / prefill_s:.1f} tok/s | {n} tokens, decode "
                   f"{max(n - 1, 0) / decode_s if n > 1 else 0.0:.1f} tok/s{note}]", file=sys.stderr)
         return "".join(text)
 

@@ -10,8 +10,7 @@ token). Answers of one token each (" A", " B", ...) are scored together from one
 """
 import numpy as np
 
-from tinytensor import Tensor
-from tinytensor.jit import jit
+from models.sequence_cache import CachedSequence
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -42,62 +41,34 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - (np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)) + top)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class Scorer:
     """Log-likelihoods and greedy continuations of token sequences for one model, one sequence
     at a time, with the cache of the previous one reused where the new one starts the same."""
 
     FIRST_CACHE = 512  # positions; the cache doubles (up to the model's context) when a sequence needs more
-    BUCKET = 32        # a pass's length is rounded up to this, so that few lengths are captured
 
     def __init__(self, model):
-        self.model = model
-        self.cache, self.cached, self.step, self.passes = None, [], None, {}
-        self.tokens_computed = 0  # tokens run through the model (the work prefix reuse saves shows here)
+        self.model, self.sequence, self.computed_before = model, None, 0
+
+    @property
+    def tokens_computed(self) -> int:
+        """Tokens run through the model (the work prefix reuse saves shows here)."""
+        return self.computed_before + (self.sequence.computed if self.sequence else 0)
 
     def _reserve(self, length: int) -> None:
         if length > self.model.context:
             raise ValueError(f"a sequence of {length} tokens does not fit the context of "
                              f"{self.model.context}: raise --context or shorten it")
-        if self.cache is None or self.cache.length < length:
+        if self.sequence is None or self.sequence.length < length:
             size = self.FIRST_CACHE
             while size < length:
                 size *= 2
-            self.cache = self.model.new_cache(min(size, self.model.context))
-            self.cached, self.step, self.passes = [], None, {}
+            self.computed_before = self.tokens_computed
+            self.sequence = CachedSequence(self.model, min(size, self.model.context))
 
     def _run(self, ids: list[int], keep_from: int) -> np.ndarray:
-        """Logits [len(ids) - keep_from, vocab] of positions keep_from.. of ids, computing only
-        what the cache does not already hold (and never less than position keep_from).
-
-        A pass is a captured step (tinytensor.jit) for its length rounded up to BUCKET tokens:
-        building a 30-layer graph costs ~0.1 s, more than a short pass computes. The padding
-        tokens go after the real ones, so their keys and values land in positions no real token
-        has yet; the cache's record of what it holds ends at the real ones."""
         self._reserve(len(ids))
-        start = min(common_prefix(self.cached, ids), keep_from)
-        new, wanted = ids[start:], len(ids) - keep_from
-        size = -(-len(new) // self.BUCKET) * self.BUCKET
-        if start + size > self.cache.length:
-            size = len(new)
-        tokens = np.zeros(size, dtype=np.int64)
-        tokens[:len(new)] = new
-        key = (size, wanted)
-        if key not in self.passes:
-            cache = self.cache
-            self.passes[key] = jit(lambda t, at, rows: self.model.forward(t, at, cache, rows=rows))
-        rows = np.arange(len(new) - wanted, len(new), dtype=np.int64)
-        logits = self.passes[key](Tensor(tokens), Tensor([start]), Tensor(rows)).numpy()
-        self.cached = list(ids)
-        self.tokens_computed += len(new)
-        return logits
+        return self.sequence.run(ids, keep_from)
 
     def loglikelihoods(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
         """(log p(continuation | context), whether it is the greedy continuation) for each
@@ -121,10 +92,7 @@ class Scorer:
         string in decode(tokens so far) (generation ends; the caller cuts the text there)."""
         self._reserve(min(len(context) + max_tokens, self.model.context))
         logits = self._run(list(context), len(context) - 1)[-1]
-        if self.step is None:
-            cache = self.cache
-            self.step = jit(lambda token, position: self.model.forward(token, position, cache))
-        out, pos = [], len(context)
+        out = []
         while len(out) < max_tokens:
             token = int(np.argmax(logits))
             if token in stop_ids:
@@ -132,10 +100,7 @@ class Scorer:
             out.append(token)
             if stop_text and any(s in decode(out) for s in stop_text):
                 break
-            if pos >= self.cache.length:
+            if len(self.sequence.tokens) >= self.sequence.length:
                 break
-            logits = self.step(Tensor(np.array([token], dtype=np.int64)), Tensor([pos])).numpy()[-1]
-            self.cached.append(token)
-            self.tokens_computed += 1
-            pos += 1
+            logits = self.sequence.advance(token)
         return out

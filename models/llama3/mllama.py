@@ -89,9 +89,13 @@ class VisionLlama(Llama):
         self.vision_seconds = time.perf_counter() - started
 
     # ---- the cross-attention block ------------------------------------------------------------
-    def block(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+    def block(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache) -> Tensor:
         if i not in self.cross_layers:
             return super().block(i, x, start, positions, cache)
+        if not isinstance(cache, KVCache):  # a batch of sequences (forward_batch)
+            if any(one.keys[i] is not None for one in cache):
+                raise ValueError("a batched step takes text-only sequences: run image prompts alone")
+            return x
         if cache.keys[i] is None:
             return x  # no image in this prompt: the layer is skipped
         c, p, eps = self.config, f"layers.{i}.", self.config.norm_eps

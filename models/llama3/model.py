@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from models.config import SIZES, LlamaConfig, rope_frequencies
+from models.sequence_cache import CachedSequence
 from models.vision_config import VISION_SIZES, MllamaConfig
 from models.tokenizer import Llama3Tokenizer
 from tinytensor import Tensor, dtypes, nn
-from tinytensor.jit import jit
 from tinytensor.state import CheckpointError
 
 
@@ -58,7 +58,7 @@ class Llama:
         return self.weights[name]
 
     # ---- the blocks, bottom up ----------------------------------------------------------------
-    def attention(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+    def attention(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache) -> Tensor:
         c, p = self.config, f"layers.{i}.attention."
         seq = x.shape[0]
         q = nn.linear(x, self.w(p + "wq.weight")).reshape(seq, c.n_heads, c.head_dim)
@@ -67,21 +67,32 @@ class Llama:
         cos = self.rope_cos[positions].reshape(seq, 1, c.head_dim // 2)
         sin = self.rope_sin[positions].reshape(seq, 1, c.head_dim // 2)
         q, k = nn.rotary_embedding(q, cos, sin), nn.rotary_embedding(k, cos, sin)
+        if isinstance(cache, KVCache):
+            out = self.attend(i, q, k, v, start, positions, cache)
+        else:  # a batch: row b is the next token of the sequence cache[b] holds
+            rows = [self.attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], start[b:b + 1], positions[b:b + 1], one)
+                    for b, one in enumerate(cache)]
+            out = rows[0].cat(*rows[1:]) if len(rows) > 1 else rows[0]
+        return nn.linear(out.reshape(seq, c.n_heads * c.head_dim), self.w(p + "wo.weight"))
 
-        # write this step's keys and values at their positions, then attend over the whole
-        # preallocated cache with the positions not yet written masked out
+    def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, start: Tensor, positions: Tensor,
+               cache: KVCache) -> Tensor:
+        """One sequence's attention [seq, heads, head_dim]: write this step's keys and values
+        from `start` on, then attend over the whole preallocated cache with the positions not
+        yet written masked out."""
+        seq = q.shape[0]
         cache.keys[i].assign_at(start, k.transpose(0, 1), axis=1)
         cache.values[i].assign_at(start, v.transpose(0, 1), axis=1)
         visible = Tensor.arange(cache.length).reshape(1, cache.length) <= positions.reshape(seq, 1)
         out = nn.scaled_dot_product_attention(q.transpose(0, 1), cache.keys[i], cache.values[i], attn_mask=visible)
-        return nn.linear(out.transpose(0, 1).reshape(seq, c.n_heads * c.head_dim), self.w(p + "wo.weight"))
+        return out.transpose(0, 1)
 
     def mlp(self, i: int, x: Tensor) -> Tensor:
         p = f"layers.{i}.feed_forward."
         gate = nn.linear(x, self.w(p + "w1.weight")).silu()
         return nn.linear(gate * nn.linear(x, self.w(p + "w3.weight")), self.w(p + "w2.weight"))
 
-    def block(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+    def block(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache) -> Tensor:
         eps = self.config.norm_eps
         h = nn.rms_norm(x, self.w(f"layers.{i}.attention_norm.weight"), eps)
         x = x + self.attention(i, h, start, positions, cache)
@@ -93,7 +104,16 @@ class Llama:
         tokens) only those rows' logits, sparing the output head the rest. `start` and rows may
         be tensors: then the graph depends on neither (see jit)."""
         start = start if isinstance(start, Tensor) else Tensor([start])
-        positions = start + Tensor.arange(tokens.shape[0])
+        return self.run(tokens, start, start + Tensor.arange(tokens.shape[0]), cache, rows)
+
+    def forward_batch(self, tokens: Tensor, positions: Tensor, writes: Tensor, caches: list[KVCache]) -> Tensor:
+        """Logits [B, vocab] of one step of B sequences at once (continuous batching): row b is
+        the next token of the sequence in caches[b], at position positions[b], its keys and
+        values written at writes[b] (its position; a row with no sequence writes past the
+        context, where no position looks). Every weight is read once for the B rows."""
+        return self.run(tokens, writes, positions, caches)
+
+    def run(self, tokens: Tensor, start: Tensor, positions: Tensor, cache, rows=None) -> Tensor:
         x = nn.embedding(tokens, self.w("tok_embeddings.weight")).cast(dtypes.float32)  # activations are f32
         for i in range(self.config.n_layers):
             x = self.block(i, x, start, positions, cache)
@@ -112,7 +132,7 @@ class Llama:
     def logits(self, ids: list[int], images=()) -> np.ndarray:
         """Logits [len(ids), vocab] of one fresh sequence, in one batched pass (a prefill);
         images (paths or PIL images) for a vision model, one per <|image|> token in ids."""
-        ids = self._check_ids(ids)
+        ids = self.check_ids(ids)
         cache = self.new_cache(len(ids), ids, images)
         return self.forward(Tensor(ids), 0, cache).numpy()
 
@@ -120,34 +140,16 @@ class Llama:
         """Yield new token ids: the prompt in one pass, then one token per step with the cache.
         sampler: (logits, history) -> id, e.g. models.sampling.make_sampler(temperature=0);
         images as for `logits`."""
-        ids = self._check_ids(ids)
+        ids = self.check_ids(ids)
         if type(max_tokens) is not int or max_tokens < 1:
             raise ValueError(f"max_tokens is {max_tokens!r}: give a whole number >= 1")
         if not callable(sampler):
             raise TypeError(f"sampler must be a function (logits, history) -> id, got {type(sampler).__name__}")
         length = min(len(ids) + max_tokens, self.context)
         cache = self.new_cache(length, ids, list(images))  # images are read and encoded now, not lazily
-        return self._generate(ids, max_tokens, sampler, stop_ids, on_prefill, cache)
+        return CachedSequence(self, length, cache).generate(ids.tolist(), max_tokens, sampler, stop_ids, on_prefill)
 
-    def _generate(self, ids: np.ndarray, max_tokens: int, sampler, stop_ids, on_prefill, cache: KVCache):
-        length = cache.length
-        logits = self.forward(Tensor(ids), 0, cache, rows=slice(-1, None)).numpy()[-1]
-        if on_prefill:
-            on_prefill()
-        step = jit(lambda token, position: self.forward(token, position, cache))  # captured once
-        history, pos = ids.tolist(), len(ids)
-        for _ in range(max_tokens):
-            token = sampler(logits, history)
-            if token in stop_ids:
-                return
-            yield token
-            if pos >= length:
-                return
-            history.append(token)
-            logits = step(Tensor(np.array([token], dtype=np.int64)), Tensor([pos])).numpy()[-1]
-            pos += 1
-
-    def _check_ids(self, ids) -> np.ndarray:
+    def check_ids(self, ids) -> np.ndarray:
         """Token ids as given to the API: whole numbers in [0, vocab), at least one, fitting the context."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise TypeError(f"token ids must be a list of ints, got {type(ids).__name__}: encode text with "

@@ -1,0 +1,199 @@
+"""Continuous batching: one loop owns the model and advances every running sequence by one token
+per step in one batched pass (Llama.forward_batch: each weight read once for all of them), while
+new requests join between steps and finished or cancelled ones leave.
+
+    submit -> waiting (bounded) -> a free slot: the one whose cache shares the longest prefix
+    with the prompt (prompt caching) -> prefill of what the slot lacks, one chunk per turn of
+    the loop (a long prompt delays the others' next token by one chunk, not by all of it)
+    -> decoding, batched with the other slots -> done: the slot keeps its tokens for the next
+
+A request hears of its progress through its `emit` callback, called on the engine's thread:
+emit("prompt", [(logprob, top), ...]) once for echo requests (the prompt's own log-probabilities),
+emit("token", Token) per generated token, and emit("done", reason) last, reason "stop" (a stop
+id), "length" (max_tokens or the context), "cancelled" or "error: ..." (the engine goes on).
+"""
+import collections
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.scoring import log_softmax
+from models.sequence_cache import CachedSequence, common_prefix
+from tinytensor import Tensor
+from tinytensor.jit import jit
+
+
+class Busy(Exception):
+    """The waiting queue is full: come back later."""
+
+
+@dataclass
+class Token:
+    id: int
+    logprob: float | None = None     # log p of this token under the model, when asked for
+    top: list = field(default_factory=list)  # [(id, logprob)] of the likeliest tokens, when asked for
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    max_tokens: int
+    sampler: object                  # (logits, history) -> id, models.sampling.make_sampler
+    emit: object                     # (kind, payload) -> None, see the module's docstring
+    stop_ids: frozenset = frozenset()
+    logprobs: int | None = None      # None: none; k: each token's log p and the k likeliest
+    echo: bool = False               # the prompt's log-probabilities too (position 0 has none)
+    cancelled: bool = False          # set from any thread; the engine frees the slot at the next turn
+    generated: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list]:
+    logp = log_softmax(logits)
+    top = np.argsort(-logp, kind="stable")[:k] if k else []
+    return float(logp[token]), [(int(i), float(logp[i])) for i in top]
+
+
+class Slot:
+    def __init__(self, model, length: int):
+        self.sequence = CachedSequence(model, length)
+        self.request: Request | None = None
+        self.prefilled = 0               # prompt tokens in the cache so far, while prefilling
+        self.next_token: int | None = None  # sampled, not yet in the cache, while decoding
+
+
+class Engine:
+    CHUNK = 256  # prompt tokens per prefill pass
+
+    def __init__(self, model, parallel: int = 4, queue: int = 64):
+        """parallel slots of the model's context each (one more position: the scratch row that
+        a batched step's idle rows write to); at most `queue` requests wait for a slot."""
+        self.model, self.queue_bound = model, queue
+        self.scratch = model.context
+        self.slots = [Slot(model, model.context + 1) for _ in range(parallel)]
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.wake = threading.Condition()
+        self.steps: dict[int, jit] = {}  # batch width -> the captured step over slots[:width]
+        self.stopped = False
+
+    # ---- from any thread ------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request; Busy when the queue is full. The prompt must fit the context."""
+        if not 1 <= len(request.ids) <= self.model.context:
+            raise ValueError(f"the prompt has {len(request.ids)} tokens but the context holds "
+                             f"{self.model.context}")
+        with self.wake:
+            if len(self.waiting) >= self.queue_bound:
+                raise Busy(f"{len(self.waiting)} requests are waiting already")
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+
+    def busy_slots(self) -> int:
+        return sum(s.request is not None for s in self.slots)
+
+    def serve_forever(self) -> None:
+        """The loop that owns the model (run it on one thread)."""
+        while True:
+            with self.wake:
+                self.wake.wait_for(lambda: self.stopped or self.waiting or self.busy_slots())
+                if self.stopped:
+                    return
+            self.turn()
+
+    # ---- on the engine's thread -----------------------------------------------------------------
+    def turn(self) -> None:
+        """One turn: drop what was cancelled, admit waiting requests to free slots, one prefill
+        chunk, one batched decode step."""
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, "cancelled")
+        self._admit()
+        prefilling = [s for s in self.slots if s.request is not None and s.next_token is None]
+        if prefilling:
+            self._guarded(prefilling[0], self._prefill_chunk)
+        if any(s.next_token is not None for s in self.slots):
+            self._decode_step()
+
+    def _guarded(self, slot: Slot, work) -> None:
+        try:
+            work(slot)
+        except Exception as e:  # one request's failure ends that request, not the server
+            slot.sequence.tokens = []
+            self._finish(slot, f"error: {e}")
+
+    def _admit(self) -> None:
+        with self.wake:
+            while self.waiting and any(s.request is None for s in self.slots):
+                request = self.waiting.popleft()
+                if request.cancelled:
+                    request.emit("done", "cancelled")
+                    continue
+                free = [s for s in self.slots if s.request is None]
+                # the longest shared prefix; among equals the lowest slot, so the batch stays narrow
+                slot = max(free, key=lambda s: (common_prefix(s.sequence.tokens, request.ids), -self.slots.index(s)))
+                slot.request, slot.next_token = request, None
+                slot.prefilled = 0 if request.echo else min(common_prefix(slot.sequence.tokens, request.ids),
+                                                            len(request.ids) - 1)
+
+    def _prefill_chunk(self, slot: Slot) -> None:
+        r = slot.request
+        begin, end = slot.prefilled, min(slot.prefilled + self.CHUNK, len(r.ids))
+        # rows begin..end-1 score tokens begin+1..end; for an echo every row, else the last only
+        keep_from = begin if r.echo else end - 1
+        logits = slot.sequence.run(r.ids[:end], keep_from)
+        slot.prefilled = end
+        if r.echo:
+            scored = [_logprobs(row, r.ids[j + 1], r.logprobs or 0)
+                      for j, row in zip(range(begin, min(end, len(r.ids) - 1)), logits)]
+            r.emit("prompt", ([(None, [])] if begin == 0 else []) + scored)
+        if end == len(r.ids):
+            self._sampled(slot, logits[-1])
+
+    def _decode_step(self) -> None:
+        width = 1 + max(i for i, s in enumerate(self.slots) if s.next_token is not None)
+        tokens, positions = np.zeros(width, np.int64), np.zeros(width, np.int64)
+        writes = np.full(width, self.scratch, np.int64)  # idle rows: position 0, written to the scratch row
+        for b, slot in enumerate(self.slots[:width]):
+            if slot.next_token is not None:
+                tokens[b] = slot.next_token
+                positions[b] = writes[b] = len(slot.sequence.tokens)
+        if width not in self.steps:
+            model, caches = self.model, [s.sequence.cache for s in self.slots[:width]]
+            self.steps[width] = jit(lambda t, p, w: model.forward_batch(t, p, w, caches))
+        try:
+            logits = self.steps[width](Tensor(tokens), Tensor(positions), Tensor(writes)).numpy()
+        except Exception as e:
+            for slot in self.slots[:width]:
+                if slot.next_token is not None:
+                    slot.sequence.tokens = []
+                    self._finish(slot, f"error: {e}")
+            return
+        for b, slot in enumerate(self.slots[:width]):
+            if slot.next_token is not None:
+                slot.sequence.tokens.append(slot.next_token)
+                self._guarded(slot, lambda s: self._sampled(s, logits[b]))
+
+    def _sampled(self, slot: Slot, logits: np.ndarray) -> None:
+        """Draw the request's next token from logits and tell it, or end it."""
+        r = slot.request
+        token = int(r.sampler(logits, r.ids + slot.sequence.tokens[len(r.ids):]))
+        if token in r.stop_ids:
+            return self._finish(slot, "stop")
+        logprob, top = _logprobs(logits, token, r.logprobs) if r.logprobs is not None else (None, [])
+        r.generated += 1
+        r.emit("token", Token(token, logprob, top))
+        if r.generated >= r.max_tokens or len(slot.sequence.tokens) >= self.model.context:
+            return self._finish(slot, "length")
+        slot.next_token = token
+
+    def _finish(self, slot: Slot, reason: str) -> None:
+        request, slot.request, slot.next_token = slot.request, None, None
+        request.emit("done", reason)

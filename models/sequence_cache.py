@@ -1,0 +1,91 @@
+"""One sequence's key/value cache and the tokens it holds, so that the next sequence computes
+only from where it departs from them: evaluation's prompts that share few-shot examples, the next
+turn of a chat, a server slot's next request with the same system prompt (prompt caching).
+
+The cache's record of what it holds is `tokens`: position i holds the keys and values of
+tokens[i]. Anything written past them (a pass's padding, a batched step's idle row) is garbage
+that the next write there replaces.
+"""
+import numpy as np
+
+from tinytensor import Tensor
+from tinytensor.jit import jit
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class CachedSequence:
+    BUCKET = 32  # a pass's length is rounded up to this, so that few lengths are captured
+
+    def __init__(self, model, length: int, cache=None):
+        """A fresh cache of `length` positions, or `cache` as the model made it (with images)."""
+        self.model, self.cache = model, cache if cache is not None else model.new_cache(length)
+        self.tokens: list[int] = []
+        self.passes, self.step = {}, None
+        self.computed = 0  # tokens run through the model (the work prefix reuse saves shows here)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def run(self, ids: list[int], keep_from: int) -> np.ndarray:
+        """Logits [len(ids) - keep_from, vocab] of positions keep_from.. of ids, computing only
+        what the cache does not already hold (and never less than position keep_from).
+
+        A pass is a captured step (tinytensor.jit) for its length rounded up to BUCKET tokens:
+        building a 30-layer graph costs ~0.1 s, more than a short pass computes. The padding
+        tokens go after the real ones, so their keys and values land in positions no real token
+        has yet."""
+        if len(ids) > self.length:
+            raise ValueError(f"a sequence of {len(ids)} tokens does not fit a cache of {self.length} positions")
+        start = min(common_prefix(self.tokens, ids), keep_from)
+        new, wanted = ids[start:], len(ids) - keep_from
+        size = -(-len(new) // self.BUCKET) * self.BUCKET
+        if start + size > self.length:
+            size = len(new)
+        tokens = np.zeros(size, dtype=np.int64)
+        tokens[:len(new)] = new
+        key = (size, wanted)
+        if key not in self.passes:
+            model, cache = self.model, self.cache
+            self.passes[key] = jit(lambda t, at, rows: model.forward(t, at, cache, rows=rows))
+        rows = np.arange(len(new) - wanted, len(new), dtype=np.int64)
+        logits = self.passes[key](Tensor(tokens), Tensor([start]), Tensor(rows)).numpy()
+        self.tokens = list(ids)
+        self.computed += len(new)
+        return logits
+
+    def advance(self, token: int) -> np.ndarray:
+        """Logits [vocab] after appending one token (a decode step, captured once)."""
+        if len(self.tokens) >= self.length:
+            raise ValueError(f"the cache of {self.length} positions is full")
+        if self.step is None:
+            model, cache = self.model, self.cache
+            self.step = jit(lambda t, position: model.forward(t, position, cache))
+        logits = self.step(Tensor(np.array([token], dtype=np.int64)), Tensor([len(self.tokens)])).numpy()[-1]
+        self.tokens.append(token)
+        self.computed += 1
+        return logits
+
+    def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None):
+        """Yield new token ids after ids: the part of the prompt the cache does not hold in one
+        pass, then one token per step; sampler: (logits, history) -> id."""
+        logits = self.run(ids, len(ids) - 1)[-1]
+        if on_prefill:
+            on_prefill()
+        history = list(ids)
+        for _ in range(max_tokens):
+            token = sampler(logits, history)
+            if token in stop_ids:
+                return
+            yield token
+            if len(self.tokens) >= self.length:
+                return
+            history.append(token)
+            logits = self.advance(token)

@@ -1,0 +1,183 @@
+"""The continuous-batching engine (models/engine.py) and the prefix-reusing sequence cache
+(models/sequence_cache.py) on the real SmolLM2, driven turn by turn on the test's thread."""
+import numpy as np
+import pytest
+
+from models.engine import Busy, Engine, Request
+from models.llama3 import load
+from models.sampling import make_sampler
+from models.sequence_cache import CachedSequence
+from tinytensor import Tensor
+
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time there was a",
+           "def fibonacci(n):\n    ", "The quick brown fox jumps over the lazy dog. The quick brown"]
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    return load(smollm2_path, context=256)
+
+
+def greedy():
+    return make_sampler(temperature=0)
+
+
+def alone(model, ids, n):
+    return list(model.generate(ids, n, greedy()))
+
+
+class Recorder:
+    """A request's events, as the server would hear them."""
+
+    def __init__(self):
+        self.tokens, self.prompt, self.done = [], [], None
+
+    def __call__(self, kind, payload):
+        if kind == "token":
+            self.tokens.append(payload)
+        elif kind == "prompt":
+            self.prompt += payload
+        else:
+            assert self.done is None, "done told twice"
+            self.done = payload
+
+
+def submit(engine, ids, n, **kw):
+    heard = Recorder()
+    request = Request(list(ids), n, kw.pop("sampler", greedy()), heard, **kw)
+    engine.submit(request)
+    return request, heard
+
+
+def run_until_done(engine, heard, limit=2000):
+    for _ in range(limit):
+        if all(h.done for h in heard):
+            return
+        engine.turn()
+    raise AssertionError("the engine did not finish")
+
+
+def test_a_batch_gives_each_sequence_the_tokens_it_gets_alone(model):
+    """Five prompts of different lengths through three slots: they join at different steps (two
+    wait for a slot), decode at different positions, and each gets its greedy tokens alone."""
+    encoded = [model.tokenizer.encode(p) for p in PROMPTS]
+    want = [alone(model, ids, 12) for ids in encoded]
+    engine = Engine(model, parallel=3)
+    engine.CHUNK = 4  # prompts prefill over several turns, interleaved with the others' decoding
+    heard = []
+    for i, ids in enumerate(encoded):
+        heard.append(submit(engine, ids, 12)[1])
+        engine.turn()  # the next one arrives after a step, not with the first
+    run_until_done(engine, heard)
+    assert [[t.id for t in h.tokens] for h in heard] == want
+    assert all(h.done == "length" for h in heard)
+    assert engine.busy_slots() == 0 and not engine.waiting
+    assert max(engine.steps) == 3  # steps did batch three sequences
+
+
+def test_stop_ids_end_a_sequence_and_free_its_slot(model):
+    ids = model.tokenizer.encode("1, 2, 3, 4,")
+    first = alone(model, ids, 3)
+    engine = Engine(model, parallel=1)
+    _, heard = submit(engine, ids, 10, stop_ids=frozenset({first[2]}))
+    run_until_done(engine, [heard])
+    assert [t.id for t in heard.tokens] == first[:2] and heard.done == "stop"
+    assert engine.busy_slots() == 0
+
+
+def test_the_context_ends_generation(smollm2_path):
+    small = load(smollm2_path, context=12)
+    ids = small.tokenizer.encode("Once upon a time")
+    engine = Engine(small, parallel=1)
+    _, heard = submit(engine, ids, 100)
+    run_until_done(engine, [heard])
+    # positions len(ids) .. 11 take fed tokens; the last sampled token needs no position
+    assert len(heard.tokens) == 12 - len(ids) + 1 and heard.done == "length"
+    assert [t.id for t in heard.tokens] == alone(small, ids, 100)
+
+
+def test_a_shared_prefix_is_not_computed_again(model):
+    """The next turn of a chat: the slot whose cache starts like the prompt takes it and
+    computes only the rest, and the tokens are those of a fresh run."""
+    tok = model.tokenizer
+    first = tok.encode("A conversation. User: hello there. Assistant:")
+    engine = Engine(model, parallel=2)
+    _, heard = submit(engine, first, 6)
+    run_until_done(engine, [heard])
+    slot = next(s for s in engine.slots if s.sequence.tokens)
+    before = slot.sequence.computed
+    second = first + [t.id for t in heard.tokens] + tok.encode(" User: and then?")
+    _, heard2 = submit(engine, second, 6)
+    run_until_done(engine, [heard2])
+    assert [t.id for t in heard2.tokens] == alone(model, second, 6)
+    computed = slot.sequence.computed - before
+    assert computed <= len(second) - len(first) + 6  # the new turn's tokens and its own decode steps
+
+
+def test_the_queue_is_bounded_and_cancelled_requests_leave_at_the_next_turn(model):
+    engine = Engine(model, parallel=1, queue=1)
+    running, heard = submit(engine, model.tokenizer.encode("Once upon a time"), 100)
+    engine.turn()  # it takes the slot
+    waiting, heard_waiting = submit(engine, model.tokenizer.encode("Hello"), 100)
+    with pytest.raises(Busy):  # one waits already
+        submit(engine, [1], 5)
+    running.cancel()
+    waiting.cancel()
+    engine.turn()
+    assert heard.done == "cancelled" and heard_waiting.done == "cancelled"
+    assert engine.busy_slots() == 0 and not engine.waiting
+
+
+@pytest.fixture(scope="module")
+def float_model(smollm2_path):
+    """Dequantised: with Q4_1 weights the activations are rounded to 8 bits per block, so a
+    difference of one ulp upstream (passes of other lengths sum in other orders) can flip a
+    rounding and move the logits by ~0.5 (llama.cpp's arithmetic, the same), too much for a
+    comparison at float32 tolerance."""
+    return load(smollm2_path, dtype="float32", context=256)
+
+
+def test_logprobs_and_echo_are_the_models(float_model):
+    """A token's log-probability is log_softmax of the logits alone gives; an echo's prompt
+    log-probabilities are those of one pass over the prompt (position 0 has none)."""
+    from models.scoring import log_softmax
+    model = float_model
+    ids = model.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
+    engine = Engine(model, parallel=2)
+    engine.CHUNK = 5
+    _, heard = submit(engine, ids, 2, logprobs=3, echo=True)
+    run_until_done(engine, [heard])
+    logp = log_softmax(model.logits(ids))
+    assert heard.prompt[0] == (None, [])
+    got = np.array([lp for lp, _ in heard.prompt[1:]])
+    want = logp[np.arange(len(ids) - 1), ids[1:]]
+    # float32 logits of ~1e1 from passes of other lengths (chunks of 5 padded to 32, against one
+    # of 11): the same row-wise products, so equal up to a few ulps of the logits
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    first = heard.tokens[0]
+    assert first.id == int(np.argmax(logp[-1])) and [i for i, _ in first.top] == list(np.argsort(-logp[-1])[:3])
+    assert abs(first.logprob - logp[-1, first.id]) < 1e-4
+    for _, top in heard.prompt[1:]:
+        assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_a_seeded_sampler_gives_the_same_tokens_batched(model):
+    ids = model.tokenizer.encode("Once upon a time")
+    engine = Engine(model, parallel=2)
+    heard = [submit(engine, ids, 10, sampler=make_sampler(temperature=1.0, seed=7))[1] for _ in range(2)]
+    run_until_done(engine, heard)
+    assert [t.id for t in heard[0].tokens] == [t.id for t in heard[1].tokens]
+    assert [t.id for t in heard[0].tokens] == list(model.generate(ids, 10, make_sampler(temperature=1.0, seed=7)))
+
+
+def test_cached_sequence_reuses_and_recomputes_from_where_prompts_differ(float_model):
+    model = float_model
+    seq = CachedSequence(model, 64)
+    a = model.tokenizer.encode("The capital of France is Paris")
+    b = model.tokenizer.encode("The capital of France is Lyon")
+    seq.run(a, len(a) - 1)
+    computed = seq.computed
+    got = seq.run(b, len(b) - 1)[-1]
+    fresh = model.forward(Tensor(b), 0, model.new_cache(64)).numpy()[-1]
+    np.testing.assert_allclose(got, fresh, atol=1e-4)
+    assert seq.computed - computed == len(b) - next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
