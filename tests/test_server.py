@@ -1,0 +1,362 @@
+"""python -m tools.server, driven over loopback by the real `openai` client (a test dependency)
+and by plain HTTP where the client would hide what is checked (errors, disconnects).
+
+The server runs SmolLM2-135M-Instruct dequantised to float32: then a pass's logits do not depend
+on how many rows it has, and the server's log-probabilities can be compared with the model's in
+this process at float32 tolerance (with Q4_1 weights, activations are rounded to 8 bits, and
+passes of other lengths differ by ~0.5 in the logits: tests/test_engine.py).
+"""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
+
+from models.llama3 import load  # noqa: E402
+from models.scoring import log_softmax  # noqa: E402
+
+PARALLEL, CONTEXT = 8, 512
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "tools.server", "--port", str(self.port), *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.process.stderr.read()
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not come up")
+
+    def call(self, method, path, body=None, headers=None, raw=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+
+    def get(self, path, headers=None):
+        return self.call("GET", path, headers=headers)[:2]
+
+    def post(self, path, body=None, raw=None, headers=None):
+        return self.call("POST", path, body, headers, raw)[:2]
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    running = Running("--checkpoint", str(smollm2_path), "--dtype", "float32", "--parallel", str(PARALLEL),
+                      "--context", str(CONTEXT))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    return load(smollm2_path, dtype="float32", context=CONTEXT)
+
+
+def chat(client, content=QUESTION, **kw):
+    return client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], **kw)
+
+
+def streamed_chat(client, content=QUESTION, **kw):
+    chunks = list(chat(client, content, stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+
+# ---- the answers ---------------------------------------------------------------------------------
+
+def test_greedy_chat_is_the_command_lines_answer(server, client, smollm2_path):
+    cli = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(smollm2_path), "--dtype",
+                          "float32", "--prompt", QUESTION, "--temperature", "0", "--max-tokens", "24"],
+                         capture_output=True, text=True, check=True)
+    reply = chat(client, temperature=0, max_tokens=24)
+    assert reply.choices[0].message.content == cli.stdout[:-1]  # the CLI ends with a newline
+    assert reply.usage.completion_tokens <= 24 and reply.usage.prompt_tokens > 10
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    text, reason = streamed_chat(client, temperature=0, max_tokens=24)
+    assert text == reply.choices[0].message.content and reason == reply.choices[0].finish_reason
+
+
+def test_completions_stream_and_not(client):
+    whole = client.completions.create(model="m", prompt="The capital of France is", max_tokens=10, temperature=0)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 10
+    parts = list(client.completions.create(model="m", prompt="The capital of France is", max_tokens=10,
+                                           temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
+    assert parts[-1].usage.completion_tokens == 10
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(client):
+    free = client.completions.create(model="m", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0).choices[0].text
+    stop = free[4:7]  # a piece from inside the greedy text, whatever its tokens
+    cut = client.completions.create(model="m", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=[stop, "zzz"])
+    assert cut.choices[0].text == free[:free.index(stop)] and cut.choices[0].finish_reason == "stop"
+    parts = list(client.completions.create(model="m", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0,
+                                           stop=stop, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == cut.choices[0].text
+    assert parts[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_seed_gives_the_same_text(client):
+    texts = [chat(client, "Tell me a story.", temperature=1.0, seed=s, max_tokens=20).choices[0].message.content
+             for s in (3, 3, 4, 5)]
+    assert texts[0] == texts[1]
+    assert len(set(texts[1:])) > 1  # the draws do depend on the seed
+
+
+def test_chat_logprobs_are_the_models(client, model):
+    from models.chat import chat_tokens
+    reply = chat(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens == 6
+    ids = chat_tokens(model.tokenizer, [{"role": "user", "content": QUESTION}])
+    generated = list(model.generate(ids, 6, lambda logits, _: int(np.argmax(logits))))
+    logp = log_softmax(model.logits(ids + generated[:-1]))[len(ids) - 1:]
+    for entry, token, row in zip(entries, generated, logp):
+        assert bytes(entry.bytes) == model.tokenizer.token_bytes(token)
+        assert abs(entry.logprob - row[token]) < 1e-4  # float32 logits of passes of other lengths
+        assert [bytes(t.bytes) for t in entry.top_logprobs] == [model.tokenizer.token_bytes(int(i))
+                                                                for i in np.argsort(-row)[:3]]
+        assert entry.top_logprobs[0].logprob == entry.logprob  # greedy: the likeliest
+
+
+def test_echo_gives_the_prompts_log_probabilities(client, model):
+    prompt = "The capital of France is Paris. The capital of Italy is Rome."
+    reply = client.completions.create(model="m", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    lp = reply.choices[0].logprobs
+    ids = model.tokenizer.encode(prompt)
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = log_softmax(model.logits(ids))[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], want, atol=1e-4)
+    assert reply.choices[0].text.startswith(prompt)
+    assert lp.text_offset == sorted(lp.text_offset) and all(len(top) == 2 for top in lp.top_logprobs[1:])
+    # token ids in, as lm-eval sends them: the same numbers
+    by_ids = client.completions.create(model="m", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    assert by_ids.choices[0].logprobs.token_logprobs == lp.token_logprobs
+
+
+def test_several_prompts_are_several_choices(client):
+    reply = client.completions.create(model="m", prompt=["Hello", "1, 2,"], max_tokens=3, temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1] and reply.usage.completion_tokens == 6
+    alone = client.completions.create(model="m", prompt="1, 2,", max_tokens=3, temperature=0)
+    assert reply.choices[1].text == alone.choices[0].text
+
+
+def test_models_health_and_tokens(server):
+    status, models = server.get("/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    status, health = server.get("/health")
+    assert status == 200 and health["status"] == "ok" and health["slots_idle"] + health["slots_processing"] == PARALLEL
+    status, tokens = server.post("/tokenize", {"prompt": "Hello world", "add_special_tokens": False})
+    assert status == 200 and tokens["count"] == len(tokens["tokens"]) >= 2
+    status, text = server.post("/detokenize", {"tokens": tokens["tokens"]})
+    assert status == 200 and text["prompt"] == "Hello world"
+    status, info = server.get("/tokenizer_info")
+    assert status == 200 and info["eos_token"] == "<|im_end|>" and "im_start" in info["chat_template"]
+
+
+# ---- bad requests: a 400 with OpenAI's error object, and the server goes on -------------------------
+
+@pytest.mark.parametrize("path, body, says", [
+    ("/v1/chat/completions", b"{not json", "not valid JSON"),
+    ("/v1/chat/completions", b"[1, 2]", "JSON object"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n must be 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "image_url"),
+    ("/v1/completions", {"prompt": "word " * 600}, "context holds 512"),
+    ("/v1/completions", {"prompt": [1, 2, 10**9]}, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "hi", "stop": 7}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
+    ("/v1/completions", {}, "prompt"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+])
+def test_bad_requests_are_400s(server, path, body, says):
+    status, answer = server.post(path, raw=body) if isinstance(body, bytes) else server.post(path, body)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error"
+    assert says in answer["error"]["message"]
+    assert server.get("/health")[0] == 200
+
+
+def test_a_client_gone_mid_stream_frees_its_slot(server):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 400,
+                                                        "stream": True}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    assert server.get("/health")[1]["slots_processing"] == 1
+    conn.close()
+    assert wait_for_idle(server)
+
+
+def wait_for_idle(server, seconds=30) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        health = server.get("/health")[1]
+        if health["slots_processing"] == 0 and health["waiting"] == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# ---- load: bounded, loopback only, ends by itself ---------------------------------------------
+
+def test_load_concurrent_streams_disconnects_then_many_short_requests(server):
+    """32 streaming clients at once, a quarter of them going away mid-stream, then 200 short
+    requests one after another: no server error, every finished stream well-formed, the slots all
+    free at the end and the server's memory steady."""
+    import http.client
+    outcomes, lock = [], threading.Lock()
+
+    def one(i):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        body = {"messages": [{"role": "user", "content": f"Count to {i + 3}."}], "max_tokens": 12 + i % 5,
+                "stream": True, "temperature": 0.7, "seed": i}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        events, leave = [], i % 4 == 0
+        if response.status == 200:
+            for line in response:
+                if line.startswith(b"data: "):
+                    events.append(line[6:].strip())
+                    if leave and len(events) == 3:
+                        break
+        conn.close()
+        with lock:
+            outcomes.append((response.status, leave, events))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(outcomes) == 32 and all(status == 200 for status, _, _ in outcomes)
+    for _, left, events in outcomes:
+        if left:
+            continue
+        assert events[-1] == b"[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert wait_for_idle(server)
+
+    rss = []
+    for i in range(200):
+        status, reply = server.post("/v1/completions", {"prompt": f"Number {i}:", "max_tokens": 2})
+        assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+        if i in (50, 199):
+            rss.append(server.rss())
+    assert rss[1] < rss[0] * 1.05 + (8 << 20), f"RSS grew from {rss[0] >> 20} to {rss[1] >> 20} MiB"
+    assert wait_for_idle(server)
+
+
+# ---- the lm-eval client ----------------------------------------------------------------------
+
+def test_lm_eval_local_completions_scores_as_our_adapter(server, model, tmp_path):
+    """lm-eval's `local-completions` model (echo + logprobs, its remote tokenizer through
+    /tokenize and /tokenizer_info) gets the log-likelihoods tools.lm_eval gets directly."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a test dependency")
+    from tests.test_eval import adapter_for, csqa_rows, write_parquet, CSQA_TRAIN, CSQA_VALIDATION
+    from tools.bench_eval import lm_eval_task
+    for split, items in (("train", CSQA_TRAIN), ("validation", CSQA_VALIDATION)):
+        write_parquet(tmp_path / f"{split}-00000-of-00001.parquet", csqa_rows(items))
+    files = {s: str(tmp_path / f"{s}-00000-of-00001.parquet") for s in ("train", "validation")}
+
+    def run(lm):
+        return lm_eval.simple_evaluate(model=lm, tasks=[lm_eval_task("commonsense_qa/default.yaml", files)],
+                                       num_fewshot=2, log_samples=True, fewshot_random_seed=1234)
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    remote = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="SmolLM2", tokenizer_backend="remote",
+                                 tokenized_requests=True, max_retries=1, num_concurrent=1)
+    got, want = run(remote), run(adapter_for(model))
+    got_ll = [r[0][0] for s in got["samples"]["commonsense_qa"] for r in s["resps"]]
+    want_ll = [r[0][0] for s in want["samples"]["commonsense_qa"] for r in s["resps"]]
+    assert len(got_ll) == len(want_ll) == 15
+    np.testing.assert_allclose(got_ll, want_ll, atol=1e-3)  # as tests/test_eval.py: sums of float32 log-softmaxes
+    assert got["results"]["commonsense_qa"]["acc,none"] == want["results"]["commonsense_qa"]["acc,none"]
+
+
+# ---- the command line and the guards ------------------------------------------------------------
+
+@pytest.mark.parametrize("args, says", [(["--port", "70000"], "65535"), (["--parallel", "0"], "too small"),
+                                        (["--checkpoint", "/nonexistent/model.gguf"], "nonexistent")])
+def test_bad_options_are_one_line(args, says):
+    port = [] if "--port" in args else ["--port", str(free_port())]
+    done = subprocess.run([sys.executable, "-m", "tools.server", *port, *args], capture_output=True, text=True,
+                          timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and says in lines[-1] and lines[-1].startswith("error:")
+    assert "Traceback" not in done.stderr
+
+
+def test_api_key_and_a_full_queue(smollm2_path):
+    running = Running("--checkpoint", str(smollm2_path), "--parallel", "1", "--queue", "1", "--api-key", "s3cret")
+    try:
+        assert running.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 401
+        assert running.get("/health")[0] == 200  # health needs no key
+        key = {"Authorization": "Bearer s3cret"}
+        statuses = []
+
+        def one():
+            statuses.append(running.call("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 60}, key))
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)  # one runs, one waits, the rest find the queue full
+        for t in threads:
+            t.join(timeout=120)
+        codes = sorted(s for s, _, _ in statuses)
+        assert codes[:2] == [200, 200] and 503 in codes
+        busy = next((body, headers) for s, body, headers in statuses if s == 503)
+        assert busy[1].get("retry-after") == "1" and "busy" in busy[0]["error"]["message"]
+    finally:
+        running.stop()

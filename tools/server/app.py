@@ -1,0 +1,333 @@
+"""The HTTP side of the server: a Starlette app whose handlers check a request
+(tools/server/protocol.py), hand its prompt to the engine (models/engine.py, running on its own
+thread) and turn the tokens that come back into OpenAI response objects or server-sent events.
+
+Starlette + uvicorn: the standard small ASGI pair (FastAPI is built on them), with streaming
+responses that notice a client going away, so a dropped stream frees its slot; a hand-written
+HTTP/1.1 server would have to get keep-alive, chunking and disconnects right itself.
+"""
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from models.chat import chat_tokens
+from models.engine import Busy, Engine, Request
+from models.sampling import make_sampler
+from models.tokenizer import StreamDecoder
+from tools.server import protocol
+from tools.server.protocol import BadRequest, error_body
+
+
+class Server:
+    """The model (loaded on a thread while the HTTP side already answers /health with 503), its
+    engine, and what the handlers need of them."""
+
+    def __init__(self, load, name: str, parallel: int, queue: int, api_key: str | None = None):
+        self.name, self.api_key = name, api_key
+        self.model = self.engine = self.defaults = self.failed = None
+        self.ready = threading.Event()
+
+        def start():
+            try:
+                self.model, self.defaults = load()
+                self.engine = Engine(self.model, parallel, queue)
+            except Exception as e:  # the server says so on /health and every endpoint
+                self.failed = str(e)
+                return
+            self.ready.set()
+            self.engine.serve_forever()
+        self.thread = threading.Thread(target=start, name="engine", daemon=True)
+
+    def stop(self):
+        if self.engine:
+            self.engine.stop()
+
+
+def _error(status: int, message: str, kind="invalid_request_error", param=None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param), status_code=status, headers=headers)
+
+
+class EngineError(RuntimeError):
+    """The engine could not finish a request (it goes on with the others)."""
+
+
+class Job:
+    """One prompt in the engine; its events arrive on this event loop's queue."""
+
+    def __init__(self, server: Server, ids, settings: dict, stop_ids, logprobs=None, echo=False):
+        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        max_tokens = settings["max_tokens"] or server.model.context  # the context ends it first
+        self.request = Request(list(ids), max_tokens, make_sampler(**settings["sampling"], seed=settings["seed"]),
+                               lambda kind, payload: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload)),
+                               frozenset(stop_ids), logprobs, echo)
+        server.engine.submit(self.request)  # Busy or ValueError go to the handler
+
+    async def events(self, tokenizer, stops):
+        """("prompt", entries), ("text", text, tokens), and last ("done", finish_reason): the text cut
+        at the first stop string, held back while it could still become one."""
+        decoder, cut, pending = StreamDecoder(tokenizer), protocol.StopText(stops), []
+        try:
+            while True:
+                kind, payload = await self.queue.get()
+                if kind == "prompt":
+                    yield "prompt", payload
+                elif kind == "token":
+                    pending.append(payload)
+                    text, stopped = cut.add(decoder.add(payload.id))
+                    if stopped:  # the tokens held with the stop string are not reported
+                        self.request.cancel()
+                        yield "text", text, []
+                        yield "done", "stop"
+                        return
+                    if text or not cut.held:
+                        yield "text", text, pending
+                        pending = []
+                else:
+                    if payload.startswith("error"):
+                        raise EngineError(payload)
+                    yield "text", cut.flush() + decoder.flush(), pending
+                    yield "done", "length" if payload == "length" else "stop"
+                    return
+        finally:
+            self.request.cancel()  # a client gone mid-stream frees the slot at the next step
+
+
+def make_app(server: Server) -> Starlette:
+    async def body_of(request: HTTPRequest) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
+
+    def guarded(handler, needs_model=True):
+        async def run(request: HTTPRequest):
+            if server.api_key is not None and request.url.path != "/health":
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+                    return _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+            if needs_model and not server.ready.is_set():
+                message = f"the model failed to load: {server.failed}" if server.failed else "the model is loading"
+                return _error(503, message, "server_error", headers={"Retry-After": "5"})
+            try:
+                return await handler(request)
+            except BadRequest as e:
+                return _error(400, str(e), param=e.param)
+            except EngineError as e:
+                return _error(500, str(e), "server_error")
+            except Busy as e:
+                return _error(503, f"the server is busy ({e}): try again shortly", "server_error",
+                              headers={"Retry-After": "1"})
+        return run
+
+    def check_prompt(ids: list[int]) -> list[int]:
+        try:
+            return server.model.check_ids(ids).tolist()
+        except (ValueError, TypeError) as e:
+            raise BadRequest(str(e), "prompt") from None
+
+    def settings(body: dict) -> dict:
+        s = protocol.common(body, server.model.context)
+        s["sampling"] = protocol.sampling(body, server.defaults["sampling"])
+        return s
+
+    async def finished(job: Job, tokenizer, stops, request: HTTPRequest, on_event):
+        """Drive a job to its end for a non-streaming reply; a client gone away cancels it."""
+        async def watch():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.5)
+            job.request.cancel()
+        watcher = asyncio.create_task(watch())
+        try:
+            async for event in job.events(tokenizer, stops):
+                on_event(event)
+        finally:
+            watcher.cancel()
+
+    def sse(chunks):
+        async def stream():
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- /v1/completions ------------------------------------------------------------------------
+    async def completions(request: HTTPRequest):
+        body = await body_of(request)
+        s, tok = settings(body), server.model.tokenizer
+        k, echo = protocol.logprobs_wanted(body, chat=False), protocol._flag(body, "echo")
+        prompts = [check_prompt(p) for p in protocol.completion_prompts(body, tok)]
+        stop_ids = server.defaults["stop_ids"]
+        head = {"id": protocol.new_id("cmpl"), "object": "text_completion", "created": protocol.now(),
+                "model": server.name}
+        if s["stream"]:
+            if len(prompts) > 1:
+                raise BadRequest("stream takes one prompt: send one request per prompt", "prompt")
+            job = Job(server, prompts[0], s, stop_ids, k, echo)
+            return sse(_completion_chunks(job, tok, s, head, prompts[0], k, echo))
+        jobs = [Job(server, ids, s, stop_ids, k, echo) for ids in prompts]
+        choices = await asyncio.gather(*(_completion(job, tok, s, ids, k, echo, request, finished)
+                                         for job, ids in zip(jobs, prompts)))
+        for i, c in enumerate(choices):
+            c["index"] = i
+        generated = sum(j.request.generated for j in jobs)
+        return JSONResponse({**head, "choices": choices,
+                             "usage": protocol.usage(sum(map(len, prompts)), generated)})
+
+    # ---- /v1/chat/completions -------------------------------------------------------------------
+    async def chat(request: HTTPRequest):
+        body = await body_of(request)
+        s, tok = settings(body), server.model.tokenizer
+        k = protocol.logprobs_wanted(body, chat=True)
+        try:
+            ids = check_prompt(chat_tokens(tok, protocol.chat_messages(body)))
+        except BadRequest:
+            raise
+        except Exception as e:  # the checkpoint's Jinja template refused these messages
+            raise BadRequest(f"the chat template could not render these messages: {e}", "messages") from None
+        head = {"id": protocol.new_id("chatcmpl"), "created": protocol.now(), "model": server.name}
+        job = Job(server, ids, s, server.defaults["stop_ids"], k)
+        if s["stream"]:
+            return sse(_chat_chunks(job, tok, s, head, len(ids), k))
+        text, entries, reason = [], [], ["length"]
+
+        def on_event(event):
+            if event[0] == "text":
+                text.append(event[1])
+                entries.extend(protocol.chat_logprob(tok, t) for t in event[2])
+            elif event[0] == "done":
+                reason[0] = event[1]
+        await finished(job, tok, s["stop"], request, on_event)
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                  "logprobs": {"content": entries} if k is not None else None, "finish_reason": reason[0]}
+        return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
+                             "usage": protocol.usage(len(ids), job.request.generated)})
+
+    # ---- the rest -------------------------------------------------------------------------------
+    async def models(request: HTTPRequest):
+        return JSONResponse({"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
+                                                         "owned_by": "tinytensor",
+                                                         "meta": {"context": server.model.context}}]})
+
+    async def health(request: HTTPRequest):
+        if server.failed:
+            return JSONResponse({"status": "error", "error": server.failed}, status_code=503)
+        if not server.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        busy = server.engine.busy_slots()
+        return JSONResponse({"status": "ok", "slots_idle": len(server.engine.slots) - busy,
+                             "slots_processing": busy, "waiting": len(server.engine.waiting)})
+
+    async def tokenize(request: HTTPRequest):  # vLLM's and llama-server's field names both
+        body = await body_of(request)
+        text = body.get("prompt", body.get("content"))
+        if not isinstance(text, str):
+            raise BadRequest("give the text as prompt (or content)", "prompt")
+        special = body.get("add_special_tokens", body.get("add_special", True))
+        if not isinstance(special, bool):
+            raise BadRequest("add_special_tokens must be true or false", "add_special_tokens")
+        tok = server.model.tokenizer
+        ids = tok.encode(text, bos=special and bool(getattr(tok, "add_bos", True)), allow_special=True)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": server.model.context})
+
+    async def detokenize(request: HTTPRequest):
+        body = await body_of(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(protocol._is_id(i) and 0 <= i < server.model.n_token_ids
+                                                for i in ids):
+            raise BadRequest(f"tokens must be a list of token ids in [0, {server.model.n_token_ids})", "tokens")
+        text = server.model.tokenizer.decode(ids)
+        return JSONResponse({"prompt": text, "content": text})
+
+    async def tokenizer_info(request: HTTPRequest):  # what lm-eval's remote tokenizer reads
+        tok = server.model.tokenizer
+        name = lambda i: tok.decode([i]) if i is not None else None  # noqa: E731
+        return JSONResponse({"bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "pad_token": None,
+                             "chat_template": tok.chat_template, "add_bos_token": bool(getattr(tok, "add_bos", True)),
+                             "model_max_length": server.model.context})
+
+    routes = [Route("/v1/completions", guarded(completions), methods=["POST"]),
+              Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
+              Route("/v1/models", guarded(models), methods=["GET"]),
+              Route("/health", guarded(health, needs_model=False), methods=["GET"]),
+              Route("/tokenize", guarded(tokenize), methods=["POST"]),
+              Route("/detokenize", guarded(detokenize), methods=["POST"]),
+              Route("/tokenizer_info", guarded(tokenizer_info), methods=["GET"])]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.thread.start()
+        yield
+        server.stop()
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _completion(job, tok, s, ids, k, echo, request, finished) -> dict:
+    logprobs = protocol.CompletionLogprobs(tok) if k is not None else None
+    text, reason = [tok.decode(ids)] if echo else [], ["length"]
+
+    def on_event(event):
+        if event[0] == "prompt" and logprobs:
+            for token_id, (lp, top) in zip(ids[len(logprobs.value["tokens"]):], event[1]):
+                logprobs.add(token_id, lp, top)
+        elif event[0] == "text":
+            text.append(event[1])
+            for t in event[2]:
+                if logprobs:
+                    logprobs.add(t.id, t.logprob, t.top)
+        elif event[0] == "done":
+            reason[0] = event[1]
+    await finished(job, tok, s["stop"], request, on_event)
+    return {"text": "".join(text), "logprobs": logprobs.value if logprobs else None, "finish_reason": reason[0]}
+
+
+async def _completion_chunks(job, tok, s, head, ids, k, echo):
+    def chunk(text, logprobs=None, reason=None):
+        return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
+    echoed, offset = 0, 0  # prompt tokens sent; characters sent (text_offset runs on across chunks)
+
+    def logprobs_of(entries):
+        nonlocal offset
+        if k is None:
+            return None
+        lp = protocol.CompletionLogprobs(tok, offset)
+        for token_id, p, top in entries:
+            lp.add(token_id, p, top)
+        offset = lp.offset
+        return lp.value
+    async for event in job.events(tok, s["stop"]):
+        if event[0] == "prompt":
+            part = ids[echoed:echoed + len(event[1])]
+            yield chunk(tok.decode(part), logprobs_of([(i, p, top) for i, (p, top) in zip(part, event[1])]))
+            echoed += len(part)
+        elif event[0] == "text" and (event[1] or event[2]):
+            yield chunk(event[1], logprobs_of([(t.id, t.logprob, t.top) for t in event[2]]))
+        else:
+            yield chunk("", None, event[1])
+    if s["include_usage"]:
+        yield {**head, "choices": [], "usage": protocol.usage(len(ids), job.request.generated)}
+
+
+async def _chat_chunks(job, tok, s, head, n_prompt, k):
+    def chunk(delta, logprobs=None, reason=None):
+        return {**head, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in job.events(tok, s["stop"]):
+        if event[0] == "text" and (event[1] or event[2]):
+            entries = {"content": [protocol.chat_logprob(tok, t) for t in event[2]]} if k is not None else None
+            yield chunk({"content": event[1]}, entries)
+        elif event[0] == "done":
+            yield chunk({}, None, event[1])
+    if s["include_usage"]:
+        yield {**head, "object": "chat.completion.chunk", "choices": [],
+               "usage": protocol.usage(n_prompt, job.request.generated)}

@@ -1,0 +1,201 @@
+"""The OpenAI API's request fields checked and turned into what the engine takes, and the
+engine's tokens turned into its response objects. No HTTP here (tools/server/app.py does that).
+
+Fields a client sends that this server does not use (`user`, `frequency_penalty`...) are
+ignored, as OpenAI-compatible servers do; a field it uses with the wrong type or out of range
+is a 400 with a message naming the field.
+"""
+import time
+import uuid
+
+from models.sampling import RULES
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _number(body, name, lo=None, hi=None, whole=False, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        raise BadRequest(f"{name} must be {'an integer' if whole else 'a number'}, got {value!r}", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise BadRequest(f"{name} is {value}: it must be in [{lo}, {hi}]" if hi is not None
+                         else f"{name} is {value}: it must be >= {lo}", name)
+    return value
+
+
+def _flag(body, name) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, got {value!r}", name)
+    return value
+
+
+def sampling(body: dict, defaults: dict) -> dict:
+    """make_sampler's settings: the request's, else the server's defaults (the checkpoint's
+    generation_config.json, else llama.cpp's)."""
+    settings = dict(defaults)
+    for name in ("temperature", "top_p", "min_p", "top_k", "repetition_penalty"):
+        if body.get(name) is not None:
+            value = _number(body, name, whole=name == "top_k")
+            if not RULES[name][0](value):
+                raise BadRequest(f"{name} is {value}: it must be {RULES[name][1]}", name)
+            settings[name] = value
+    if "top_k" in settings and settings["top_k"] < 0:  # some clients send -1 for "all"
+        settings["top_k"] = 0
+    return settings
+
+
+def common(body: dict, context: int) -> dict:
+    """The fields both endpoints share."""
+    if _number(body, "n", lo=1, whole=True, default=1) != 1:
+        raise BadRequest("n must be 1: ask again for more choices", "n")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise BadRequest("stop must be a non-empty string or a list of at most 16 of them", "stop")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest(f"seed must be an integer, got {seed!r}", "seed")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    return {"max_tokens": _number(body, name, lo=1, whole=True), "stop": stop, "seed": seed,
+            "stream": _flag(body, "stream"), "include_usage": bool(options.get("include_usage"))}
+
+
+def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+    """/v1/completions' prompt: a string, a list of strings, a list of token ids, or a list of
+    lists of them; each is one prompt (one choice). Strings get the BOS as the tokenizer adds it."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_id(i) for i in prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRequest("prompt must be a string, a list of strings, a list of token ids or a list of such "
+                         "lists", "prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append(tokenizer.encode(p, bos=bool(getattr(tokenizer, "add_bos", True))))
+        elif isinstance(p, list) and p and all(_is_id(i) for i in p):
+            out.append(list(p))
+        else:
+            raise BadRequest("each prompt must be a string or a non-empty list of token ids", "prompt")
+    return out
+
+
+def _is_id(i) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool)
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """/v1/chat/completions' messages as models.chat takes them: role and text content (a string
+    or text parts, joined)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest("each message must be an object with a role and content", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise BadRequest(f"content parts of type {kind!r} are not supported: send text parts "
+                                     f"(images go through python -m models.llama3 --image)", "messages")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise BadRequest("a message's content must be a string or a list of text parts", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def logprobs_wanted(body: dict, chat: bool) -> int | None:
+    """How many top tokens to list per position, or None for no log-probabilities."""
+    if chat:
+        if not _flag(body, "logprobs"):
+            return None
+        return _number(body, "top_logprobs", lo=0, hi=20, whole=True, default=0)
+    return _number(body, "logprobs", lo=0, hi=20, whole=True)
+
+
+class StopText:
+    """Cuts generated text at the first stop string, streaming-safe: text that could still turn
+    into a stop string is held back until it cannot."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held = stops, ""
+
+    def add(self, text: str) -> tuple[str, bool]:
+        """(text safe to send now, whether a stop string was found: then generation ends)."""
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held = self.held[:min(hits)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held)) + 1)
+                    if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_logprob(tokenizer, token) -> dict:
+    """One position of a chat completion's logprobs.content."""
+    def entry(i, lp):
+        raw = tokenizer.token_bytes(i)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
+    return {**entry(token.id, token.logprob), "top_logprobs": [entry(i, lp) for i, lp in token.top]}
+
+
+class CompletionLogprobs:
+    """A completion's logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+
+    def __init__(self, tokenizer, offset: int = 0):
+        self.tokenizer, self.offset = tokenizer, offset
+        self.value = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, token_id: int, logprob, top) -> None:
+        text = self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+        v = self.value
+        v["tokens"].append(text)
+        v["token_logprobs"].append(logprob)
+        v["top_logprobs"].append(None if logprob is None else
+                                 {self.tokenizer.token_bytes(i).decode("utf-8", errors="replace"): lp for i, lp in top})
+        v["text_offset"].append(self.offset)
+        self.offset += len(text)
