@@ -66,7 +66,7 @@ class Slot:
 
 
 class Engine:
-    CHUNK = 256  # prompt tokens per prefill pass
+    CHUNK = 256  # prompt tokens prefilled per turn, over all the slots that wait for theirs
 
     def __init__(self, model, parallel: int = 4, queue: int = 64):
         """parallel slots of the model's context each (one more position: the scratch row that
@@ -116,15 +116,17 @@ class Engine:
             if slot.request is not None and slot.request.cancelled:
                 self._finish(slot, "cancelled")
         self._admit()
-        prefilling = [s for s in self.slots if s.request is not None and s.next_token is None]
-        if prefilling:
-            self._guarded(prefilling[0], self._prefill_chunk)
+        budget = self.CHUNK  # prompt tokens this turn, over the slots waiting for their prefill
+        for slot in [s for s in self.slots if s.request is not None and s.next_token is None]:
+            if budget <= 0:
+                break
+            budget -= self._guarded(slot, lambda s: self._prefill_chunk(s, budget)) or 0
         if any(s.next_token is not None for s in self.slots):
             self._decode_step()
 
-    def _guarded(self, slot: Slot, work) -> None:
+    def _guarded(self, slot: Slot, work):
         try:
-            work(slot)
+            return work(slot)
         except Exception as e:  # one request's failure ends that request, not the server
             slot.sequence.tokens = []
             self._finish(slot, f"error: {e}")
@@ -143,9 +145,10 @@ class Engine:
                 slot.prefilled = 0 if request.echo else min(common_prefix(slot.sequence.tokens, request.ids),
                                                             len(request.ids) - 1)
 
-    def _prefill_chunk(self, slot: Slot) -> None:
+    def _prefill_chunk(self, slot: Slot, most: int) -> int:
+        """Prefill up to `most` more prompt tokens of the slot's request; how many it did."""
         r = slot.request
-        begin, end = slot.prefilled, min(slot.prefilled + self.CHUNK, len(r.ids))
+        begin, end = slot.prefilled, min(slot.prefilled + most, len(r.ids))
         # rows begin..end-1 score tokens begin+1..end; for an echo every row, else the last only
         keep_from = begin if r.echo else end - 1
         logits = slot.sequence.run(r.ids[:end], keep_from)
@@ -156,6 +159,7 @@ class Engine:
             r.emit("prompt", ([(None, [])] if begin == 0 else []) + scored)
         if end == len(r.ids):
             self._sampled(slot, logits[-1])
+        return end - begin
 
     def _decode_step(self) -> None:
         width = 1 + max(i for i, s in enumerate(self.slots) if s.next_token is not None)

@@ -57,13 +57,27 @@ def run_until_done(engine, heard, limit=2000):
     raise AssertionError("the engine did not finish")
 
 
-def test_a_batch_gives_each_sequence_the_tokens_it_gets_alone(model):
+@pytest.fixture(scope="module")
+def float_model(smollm2_path):
+    """Dequantised: with Q4_1 weights the activations are rounded to 8 bits per block, so a
+    difference of one ulp upstream (passes of other lengths sum in other orders) can flip a
+    rounding and move the logits by ~0.5 (llama.cpp's arithmetic, the same), too much for a
+    comparison at float32 tolerance, and enough to flip a near tie of the greedy choice when a
+    prompt is prefilled in chunks instead of in one pass."""
+    return load(smollm2_path, dtype="float32", context=256)
+
+
+@pytest.mark.parametrize("weights, chunk", [("stored", 256), ("float32", 4)])
+def test_a_batch_gives_each_sequence_the_tokens_it_gets_alone(model, float_model, weights, chunk):
     """Five prompts of different lengths through three slots: they join at different steps (two
-    wait for a slot), decode at different positions, and each gets its greedy tokens alone."""
+    wait for a slot), decode at different positions, and each gets its greedy tokens alone. As
+    stored (Q4_1) with whole prompts in a pass; in float32 also with prompts prefilled 4 tokens
+    a turn, interleaved with the others' decoding."""
+    model = model if weights == "stored" else float_model
     encoded = [model.tokenizer.encode(p) for p in PROMPTS]
     want = [alone(model, ids, 12) for ids in encoded]
     engine = Engine(model, parallel=3)
-    engine.CHUNK = 4  # prompts prefill over several turns, interleaved with the others' decoding
+    engine.CHUNK = chunk
     heard = []
     for i, ids in enumerate(encoded):
         heard.append(submit(engine, ids, 12)[1])
@@ -126,15 +140,6 @@ def test_the_queue_is_bounded_and_cancelled_requests_leave_at_the_next_turn(mode
     engine.turn()
     assert heard.done == "cancelled" and heard_waiting.done == "cancelled"
     assert engine.busy_slots() == 0 and not engine.waiting
-
-
-@pytest.fixture(scope="module")
-def float_model(smollm2_path):
-    """Dequantised: with Q4_1 weights the activations are rounded to 8 bits per block, so a
-    difference of one ulp upstream (passes of other lengths sum in other orders) can flip a
-    rounding and move the logits by ~0.5 (llama.cpp's arithmetic, the same), too much for a
-    comparison at float32 tolerance."""
-    return load(smollm2_path, dtype="float32", context=256)
 
 
 def test_logprobs_and_echo_are_the_models(float_model):

@@ -66,7 +66,7 @@ class Job:
         max_tokens = settings["max_tokens"] or server.model.context  # the context ends it first
         self.request = Request(list(ids), max_tokens, make_sampler(**settings["sampling"], seed=settings["seed"]),
                                lambda kind, payload: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload)),
-                               frozenset(stop_ids), logprobs, echo)
+                               frozenset() if settings["ignore_eos"] else frozenset(stop_ids), logprobs, echo)
         server.engine.submit(self.request)  # Busy or ValueError go to the handler
 
     async def events(self, tokenizer, stops):

@@ -73,7 +73,8 @@ def common(body: dict, context: int) -> dict:
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
     return {"max_tokens": _number(body, name, lo=1, whole=True), "stop": stop, "seed": seed,
-            "stream": _flag(body, "stream"), "include_usage": bool(options.get("include_usage"))}
+            "stream": _flag(body, "stream"), "include_usage": bool(options.get("include_usage")),
+            "ignore_eos": _flag(body, "ignore_eos")}  # llama-server's and vLLM's: generate max_tokens
 
 
 def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
