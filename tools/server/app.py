@@ -136,7 +136,7 @@ def make_app(server: Server) -> Starlette:
             raise BadRequest(str(e), "prompt") from None
 
     def settings(body: dict) -> dict:
-        s = protocol.common(body, server.model.context)
+        s = protocol.common(body)
         s["sampling"] = protocol.sampling(body, server.defaults["sampling"])
         return s
 
@@ -164,7 +164,7 @@ def make_app(server: Server) -> Starlette:
     async def completions(request: HTTPRequest):
         body = await body_of(request)
         s, tok = settings(body), server.model.tokenizer
-        k, echo = protocol.logprobs_wanted(body, chat=False), protocol._flag(body, "echo")
+        k, echo = protocol.logprobs_wanted(body, chat=False), protocol.flag(body, "echo")
         prompts = [check_prompt(p) for p in protocol.completion_prompts(body, tok)]
         stop_ids = server.defaults["stop_ids"]
         head = {"id": protocol.new_id("cmpl"), "object": "text_completion", "created": protocol.now(),
@@ -242,7 +242,7 @@ def make_app(server: Server) -> Starlette:
     async def detokenize(request: HTTPRequest):
         body = await body_of(request)
         ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(protocol._is_id(i) and 0 <= i < server.model.n_token_ids
+        if not isinstance(ids, list) or not all(protocol.is_id(i) and 0 <= i < server.model.n_token_ids
                                                 for i in ids):
             raise BadRequest(f"tokens must be a list of token ids in [0, {server.model.n_token_ids})", "tokens")
         text = server.model.tokenizer.decode(ids)

@@ -33,7 +33,7 @@ def _number(body, name, lo=None, hi=None, whole=False, default=None):
     return value
 
 
-def _flag(body, name) -> bool:
+def flag(body, name) -> bool:
     value = body.get(name, False)
     if value is None:
         return False
@@ -57,7 +57,7 @@ def sampling(body: dict, defaults: dict) -> dict:
     return settings
 
 
-def common(body: dict, context: int) -> dict:
+def common(body: dict) -> dict:
     """The fields both endpoints share."""
     if _number(body, "n", lo=1, whole=True, default=1) != 1:
         raise BadRequest("n must be 1: ask again for more choices", "n")
@@ -73,8 +73,8 @@ def common(body: dict, context: int) -> dict:
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
     return {"max_tokens": _number(body, name, lo=1, whole=True), "stop": stop, "seed": seed,
-            "stream": _flag(body, "stream"), "include_usage": bool(options.get("include_usage")),
-            "ignore_eos": _flag(body, "ignore_eos")}  # llama-server's and vLLM's: generate max_tokens
+            "stream": flag(body, "stream"), "include_usage": bool(options.get("include_usage")),
+            "ignore_eos": flag(body, "ignore_eos")}  # llama-server's and vLLM's: generate max_tokens
 
 
 def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
@@ -83,7 +83,7 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_id(i) for i in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_id(i) for i in prompt):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise BadRequest("prompt must be a string, a list of strings, a list of token ids or a list of such "
@@ -92,14 +92,14 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
     for p in prompt:
         if isinstance(p, str):
             out.append(tokenizer.encode(p, bos=bool(getattr(tokenizer, "add_bos", True))))
-        elif isinstance(p, list) and p and all(_is_id(i) for i in p):
+        elif isinstance(p, list) and p and all(is_id(i) for i in p):
             out.append(list(p))
         else:
             raise BadRequest("each prompt must be a string or a non-empty list of token ids", "prompt")
     return out
 
 
-def _is_id(i) -> bool:
+def is_id(i) -> bool:
     return isinstance(i, int) and not isinstance(i, bool)
 
 
@@ -134,7 +134,7 @@ def chat_messages(body: dict) -> list[dict]:
 def logprobs_wanted(body: dict, chat: bool) -> int | None:
     """How many top tokens to list per position, or None for no log-probabilities."""
     if chat:
-        if not _flag(body, "logprobs"):
+        if not flag(body, "logprobs"):
             return None
         return _number(body, "top_logprobs", lo=0, hi=20, whole=True, default=0)
     return _number(body, "logprobs", lo=0, hi=20, whole=True)
