@@ -3,8 +3,9 @@ per step in one batched pass (Llama.forward_batch: each weight read once for all
 new requests join between steps and finished or cancelled ones leave.
 
     submit -> waiting (bounded) -> a free slot: the one whose cache shares the longest prefix
-    with the prompt (prompt caching) -> prefill of what the slot lacks, one chunk per turn of
-    the loop (a long prompt delays the others' next token by one chunk, not by all of it)
+    with the prompt (prompt caching) -> prefill of what the slot lacks, at most CHUNK prompt
+    tokens per turn of the loop (a long prompt delays the others' next token by a chunk, not by
+    all of it)
     -> decoding, batched with the other slots -> done: the slot keeps its tokens for the next
 
 A request hears of its progress through its `emit` callback, called on the engine's thread:
@@ -110,8 +111,8 @@ class Engine:
 
     # ---- on the engine's thread -----------------------------------------------------------------
     def turn(self) -> None:
-        """One turn: drop what was cancelled, admit waiting requests to free slots, one prefill
-        chunk, one batched decode step."""
+        """One turn: drop what was cancelled, admit waiting requests to free slots, prefill up to
+        CHUNK prompt tokens, one batched decode step."""
         for slot in self.slots:
             if slot.request is not None and slot.request.cancelled:
                 self._finish(slot, "cancelled")
@@ -120,7 +121,7 @@ class Engine:
         for slot in [s for s in self.slots if s.request is not None and s.next_token is None]:
             if budget <= 0:
                 break
-            budget -= self._guarded(slot, lambda s: self._prefill_chunk(s, budget)) or 0
+            budget -= self._guarded(slot, lambda s: self._prefill_chunk(s, budget)) or 0  # None: it failed
         if any(s.next_token is not None for s in self.slots):
             self._decode_step()
 
@@ -128,8 +129,11 @@ class Engine:
         try:
             return work(slot)
         except Exception as e:  # one request's failure ends that request, not the server
-            slot.sequence.tokens = []
-            self._finish(slot, f"error: {e}")
+            self._fail(slot, e)
+
+    def _fail(self, slot: Slot, error: Exception) -> None:
+        slot.sequence.tokens = []  # what the cache holds is unknown now
+        self._finish(slot, f"error: {error}")
 
     def _admit(self) -> None:
         with self.wake:
@@ -138,12 +142,11 @@ class Engine:
                 if request.cancelled:
                     request.emit("done", "cancelled")
                     continue
-                free = [s for s in self.slots if s.request is None]
-                # the longest shared prefix; among equals the lowest slot, so the batch stays narrow
-                slot = max(free, key=lambda s: (common_prefix(s.sequence.tokens, request.ids), -self.slots.index(s)))
+                # the free slot sharing the longest prefix; among equals the lowest, so the batch stays narrow
+                shared, _, slot = max((common_prefix(s.sequence.tokens, request.ids), -i, s)
+                                      for i, s in enumerate(self.slots) if s.request is None)
                 slot.request, slot.next_token = request, None
-                slot.prefilled = 0 if request.echo else min(common_prefix(slot.sequence.tokens, request.ids),
-                                                            len(request.ids) - 1)
+                slot.prefilled = 0 if request.echo else min(shared, len(request.ids) - 1)
 
     def _prefill_chunk(self, slot: Slot, most: int) -> int:
         """Prefill up to `most` more prompt tokens of the slot's request; how many it did."""
@@ -177,8 +180,7 @@ class Engine:
         except Exception as e:
             for slot in self.slots[:width]:
                 if slot.next_token is not None:
-                    slot.sequence.tokens = []
-                    self._finish(slot, f"error: {e}")
+                    self._fail(slot, e)
             return
         for b, slot in enumerate(self.slots[:width]):
             if slot.next_token is not None:
@@ -188,7 +190,7 @@ class Engine:
     def _sampled(self, slot: Slot, logits: np.ndarray) -> None:
         """Draw the request's next token from logits and tell it, or end it."""
         r = slot.request
-        token = int(r.sampler(logits, r.ids + slot.sequence.tokens[len(r.ids):]))
+        token = int(r.sampler(logits, slot.sequence.tokens))  # the prompt and what followed it
         if token in r.stop_ids:
             return self._finish(slot, "stop")
         logprob, top = _logprobs(logits, token, r.logprobs) if r.logprobs is not None else (None, [])

@@ -91,16 +91,10 @@ class Scorer:
         """Greedy tokens after context, up to max_tokens, a stop id (not included), or a stop
         string in decode(tokens so far) (generation ends; the caller cuts the text there)."""
         self._reserve(min(len(context) + max_tokens, self.model.context))
-        logits = self._run(list(context), len(context) - 1)[-1]
         out = []
-        while len(out) < max_tokens:
-            token = int(np.argmax(logits))
-            if token in stop_ids:
-                break
+        for token in self.sequence.generate(list(context), max_tokens, lambda logits, _: int(np.argmax(logits)),
+                                            stop_ids):
             out.append(token)
             if stop_text and any(s in decode(out) for s in stop_text):
                 break
-            if len(self.sequence.tokens) >= self.sequence.length:
-                break
-            logits = self.sequence.advance(token)
         return out

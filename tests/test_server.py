@@ -129,6 +129,9 @@ def test_completions_stream_and_not(client):
                                            temperature=0, stream=True, stream_options={"include_usage": True}))
     assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
     assert parts[-1].usage.completion_tokens == 10
+    texts = [p for p in parts if p.choices]
+    assert texts[-1].choices[0].finish_reason == "length"
+    assert all(p.choices[0].finish_reason is None for p in texts[:-1])  # one finish, at the end
 
 
 def test_stop_strings_cut_the_text_streamed_or_not(client):

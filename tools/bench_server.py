@@ -23,10 +23,21 @@ import urllib.request
 from pathlib import Path
 
 from backends.llvm.threads import count as thread_count
+from models.cli import OneLineParser, _whole
 from tools import llamacpp
 
 PROMPTS = ["Once upon a time", "The history of Rome", "In a quiet village", "The main idea of physics is",
            "Dear friend,", "Recipe for bread:", "A list of colours:", "The weather today"]
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(s) for s in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if counts[0] < 1:
+        raise argparse.ArgumentTypeError("stream counts must be >= 1")
+    return counts
 
 
 def free_port() -> int:
@@ -95,14 +106,14 @@ def measure(name: str, command: list[str], url: str, streams: list[int], tokens:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_server", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m tools.bench_server", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a checkpoint folder or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--streams", default="1,4,8,16", help="concurrent streams to measure (default: 1,4,8,16)")
-    p.add_argument("--tokens", type=int, default=64, help="tokens per stream (default: 64)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds per figure; the median is given (default: 3)")
-    p.add_argument("--context", type=int, default=512, help="positions per stream (default: 512)")
+    p.add_argument("--streams", type=_counts, default="1,4,8,16", help="concurrent streams to measure (default: 1,4,8,16)")
+    p.add_argument("--tokens", type=_whole(2), default=64, help="tokens per stream (default: 64)")
+    p.add_argument("--repeat", type=_whole(1), default=3, help="rounds per figure; the median is given (default: 3)")
+    p.add_argument("--context", type=_whole(16), default=512, help="positions per stream (default: 512)")
     args = p.parse_args(argv)
-    streams = sorted(int(s) for s in args.streams.split(","))
+    streams = args.streams
     from models.assets import fetch
     checkpoint = Path(args.checkpoint) if args.checkpoint else fetch("smollm2-135m")
 

@@ -11,13 +11,15 @@ import sys
 import threading
 
 from models.cli import OneLineParser, _whole
+from ops import dtypes
 
 
 def parse_args(argv):
     p = OneLineParser(prog="python -m tools.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a Hugging Face or Meta checkpoint folder, or a .gguf file "
                                         "(default: SmolLM2-135M-Instruct, fetched on first use)")
-    p.add_argument("--dtype", help="cast or quantise the weights at load, as python -m models.llama3 --dtype")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", *(d.name for d in dtypes.BLOCKS)],
+                   help="cast or quantise the weights at load, as python -m models.llama3 --dtype")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine "
                                                        "only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=_whole(0), default=8080, help="default: 8080")

@@ -140,16 +140,15 @@ def make_app(server: Server) -> Starlette:
         s["sampling"] = protocol.sampling(body, server.defaults["sampling"])
         return s
 
-    async def finished(job: Job, tokenizer, stops, request: HTTPRequest, on_event):
-        """Drive a job to its end for a non-streaming reply; a client gone away cancels it."""
+    async def collected(job: Job, chunks, request: HTTPRequest) -> list[dict]:
+        """A reply's chunks, gathered for a non-streaming answer; a client gone away cancels it."""
         async def watch():
             while not await request.is_disconnected():
                 await asyncio.sleep(0.5)
             job.request.cancel()
         watcher = asyncio.create_task(watch())
         try:
-            async for event in job.events(tokenizer, stops):
-                on_event(event)
+            return [chunk async for chunk in chunks]
         finally:
             watcher.cancel()
 
@@ -173,12 +172,19 @@ def make_app(server: Server) -> Starlette:
             if len(prompts) > 1:
                 raise BadRequest("stream takes one prompt: send one request per prompt", "prompt")
             job = Job(server, prompts[0], s, stop_ids, k, echo)
-            return sse(_completion_chunks(job, tok, s, head, prompts[0], k, echo))
-        jobs = [Job(server, ids, s, stop_ids, k, echo) for ids in prompts]
-        choices = await asyncio.gather(*(_completion(job, tok, s, ids, k, echo, request, finished)
+            return sse(_completion_chunks(job, tok, s, head, prompts[0], k))
+        jobs = []
+        try:
+            for ids in prompts:
+                jobs.append(Job(server, ids, s, stop_ids, k, echo))
+        except Busy:  # the prompts queued already would run for nobody
+            for job in jobs:
+                job.request.cancel()
+            raise
+        whole = {**s, "include_usage": False}
+        replies = await asyncio.gather(*(collected(job, _completion_chunks(job, tok, whole, head, ids, k), request)
                                          for job, ids in zip(jobs, prompts)))
-        for i, c in enumerate(choices):
-            c["index"] = i
+        choices = [{**_merged_completion(chunks, k), "index": i} for i, chunks in enumerate(replies)]
         generated = sum(j.request.generated for j in jobs)
         return JSONResponse({**head, "choices": choices,
                              "usage": protocol.usage(sum(map(len, prompts)), generated)})
@@ -198,17 +204,12 @@ def make_app(server: Server) -> Starlette:
         job = Job(server, ids, s, server.defaults["stop_ids"], k)
         if s["stream"]:
             return sse(_chat_chunks(job, tok, s, head, len(ids), k))
-        text, entries, reason = [], [], ["length"]
-
-        def on_event(event):
-            if event[0] == "text":
-                text.append(event[1])
-                entries.extend(protocol.chat_logprob(tok, t) for t in event[2])
-            elif event[0] == "done":
-                reason[0] = event[1]
-        await finished(job, tok, s["stop"], request, on_event)
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                  "logprobs": {"content": entries} if k is not None else None, "finish_reason": reason[0]}
+        chunks = await collected(job, _chat_chunks(job, tok, {**s, "include_usage": False}, head, len(ids), k), request)
+        entries = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+        choice = {"index": 0, "message": {"role": "assistant",
+                                          "content": "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)},
+                  "logprobs": {"content": entries} if k is not None else None,
+                  "finish_reason": chunks[-1]["choices"][0]["finish_reason"]}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
                              "usage": protocol.usage(len(ids), job.request.generated)})
 
@@ -271,29 +272,22 @@ def make_app(server: Server) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-async def _completion(job, tok, s, ids, k, echo, request, finished) -> dict:
-    logprobs = protocol.CompletionLogprobs(tok) if k is not None else None
-    text, reason = [tok.decode(ids)] if echo else [], ["length"]
-
-    def on_event(event):
-        if event[0] == "prompt" and logprobs:
-            for token_id, (lp, top) in zip(ids[len(logprobs.value["tokens"]):], event[1]):
-                logprobs.add(token_id, lp, top)
-        elif event[0] == "text":
-            text.append(event[1])
-            for t in event[2]:
-                if logprobs:
-                    logprobs.add(t.id, t.logprob, t.top)
-        elif event[0] == "done":
-            reason[0] = event[1]
-    await finished(job, tok, s["stop"], request, on_event)
-    return {"text": "".join(text), "logprobs": logprobs.value if logprobs else None, "finish_reason": reason[0]}
+def _merged_completion(chunks: list[dict], k) -> dict:
+    """One choice of a whole completion from the chunks a stream of it sends."""
+    parts = [c["choices"][0] for c in chunks]
+    logprobs = None
+    if k is not None:
+        logprobs = {name: [v for p in parts if p["logprobs"] for v in p["logprobs"][name]]
+                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    return {"text": "".join(p["text"] for p in parts), "logprobs": logprobs, "finish_reason": parts[-1]["finish_reason"]}
 
 
-async def _completion_chunks(job, tok, s, head, ids, k, echo):
+async def _completion_chunks(job, tok, s, head, ids, k):
+    """The chunks of a completion: the echoed prompt (when asked), the text, the finish."""
     def chunk(text, logprobs=None, reason=None):
         return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
     echoed, offset = 0, 0  # prompt tokens sent; characters sent (text_offset runs on across chunks)
+    prompt_text = StreamDecoder(tok)  # a character split between two prefill chunks stays whole
 
     def logprobs_of(entries):
         nonlocal offset
@@ -307,17 +301,19 @@ async def _completion_chunks(job, tok, s, head, ids, k, echo):
     async for event in job.events(tok, s["stop"]):
         if event[0] == "prompt":
             part = ids[echoed:echoed + len(event[1])]
-            yield chunk(tok.decode(part), logprobs_of([(i, p, top) for i, (p, top) in zip(part, event[1])]))
             echoed += len(part)
+            text = "".join(prompt_text.add(i) for i in part) + (prompt_text.flush() if echoed == len(ids) else "")
+            yield chunk(text, logprobs_of([(i, p, top) for i, (p, top) in zip(part, event[1])]))
         elif event[0] == "text" and (event[1] or event[2]):
             yield chunk(event[1], logprobs_of([(t.id, t.logprob, t.top) for t in event[2]]))
-        else:
+        elif event[0] == "done":
             yield chunk("", None, event[1])
     if s["include_usage"]:
         yield {**head, "choices": [], "usage": protocol.usage(len(ids), job.request.generated)}
 
 
 async def _chat_chunks(job, tok, s, head, n_prompt, k):
+    """The chunks of a chat reply: the role, the text, the finish."""
     def chunk(delta, logprobs=None, reason=None):
         return {**head, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
