@@ -14,6 +14,7 @@ from backends.llvm import codegen, column_lanes, signatures, threads
 from backends.llvm.attention import attention_kernel
 from backends.llvm.compiler import compile_function
 from backends.llvm.quantised import quantize_rows_kernel
+from backends.llvm.target import vector_registers
 from ops import dtypes
 from ops.blocks import BLOCK
 from ops.elementwise import ELEMENTWISE
@@ -127,19 +128,22 @@ LANE_ROWS = 12
 
 
 def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0):
-    """Rows x columns of C per step: 4 x 3 keeps 12 accumulators and 7 loads in AVX2's 16
-    registers (measured best at 128 rows); one row streams 4 weight rows at a time. With two
-    weights (SwiGLU) each column needs two accumulators: 4 x 1 (8) measured 1.5x faster than
-    3 x 2 (12) at 64 and 128 rows, which spills. Block weights (with AVX-512's 32 registers): 4 x 4
-    measured 5-30% faster than 4 x 2 at 64 rows; one row reads one weight row at a time (1 x 1
-    streamed 10-15% faster than 1 x 4, as llama.cpp reads them)."""
+    """Rows x columns of C per step. Float weights: 4 x 3 keeps 12 accumulators and 7 loads in
+    AVX2's 16 registers (measured best at 128 rows); with 32 registers (AVX-512) 4 x 6 (24
+    accumulators) measured 1.1-1.4x faster with float16/float32 weights at 8-512 rows. With two
+    weights (SwiGLU) each column needs two accumulators: with 16 registers 4 x 1 measured 1.5x
+    faster than 3 x 2, which spills; with 32, 4 x 3 1.4-2.1x faster than 4 x 1. One row streams
+    4 weight rows at a time. Block weights: 4 x 4 measured 5-30% faster than 4 x 2 at 64 rows;
+    one row reads one weight row at a time (1 x 1 streamed 10-15% faster than 1 x 4, as
+    llama.cpp reads them)."""
     if lanes and m >= 4:  # column_lanes: `lanes` columns in the lanes of each vector
         return (LANE_ROWS if m >= LANE_ROWS else 4, lanes)
     if quantised:
         return (1, 1) if m < 4 else (4, max(1, 4 // weights))
+    wide = vector_registers() >= 32
     if weights == 1:
-        return (1, 4) if m < 4 else (4, 3)
-    return (1, 2) if m < 4 else (4, 1)
+        return (1, 4) if m < 4 else (4, 6 if wide else 3)
+    return (1, 2) if m < 4 else (4, 3 if wide else 1)
 
 
 def matmul(plan, a, b, a_type, b_type, out, out_type):
