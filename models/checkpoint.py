@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models import config as configs, vision_checkpoint, vision_config
+from models import config as configs, tensor_parallel, vision_checkpoint, vision_config
 from models.quant_mix import fallback
 from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import PRE_TOKENIZERS, BPETokenizer, Llama3Tokenizer, TokenizerError
@@ -61,13 +61,16 @@ def detect(path: Path) -> str:
                           f"params.json + consolidated.*.pth (Meta), or a .gguf file")
 
 
-def load(path: Path, dtype=None):
+def load(path: Path, dtype=None, part=(0, 1)):
     """(config, weights, tokenizer) from a checkpoint on disk. dtype: cast weights to it, or
     quantise them to it when it is a block type ('q8_0', 'q4_0', ...: see `quantised`); None
     keeps what the file holds (float types and the block types of ops/blocks.py as stored, other
-    quantised GGUF tensors as bfloat16)."""
+    quantised GGUF tensors as bfloat16). part: (rank, size), the weights of process `rank` of
+    `size` under tensor parallelism (models/tensor_parallel.py), split before any cast."""
     path = Path(path)
     config, arrays, tokenizer = read(path)
+    if part[1] > 1:
+        arrays = tensor_parallel.Shards(config, arrays, *part)
     dtype = None if dtype is None else dtypes.to_dtype(dtype)
     weights = {}
     for name, (array, dt) in progress(arrays.items(), f"loading {path.name}", len(arrays)):
@@ -457,10 +460,13 @@ class RandomArrays(Mapping):
         return len(self.shapes)
 
 
-def random_weights(c, seed: int = 0, dtype=dtypes.float32, only=None) -> dict[str, Tensor]:
+def random_weights(c, seed: int = 0, dtype=dtypes.float32, only=None, part=(0, 1)) -> dict[str, Tensor]:
     """The exact architecture (a LlamaConfig or a vision MllamaConfig) with random weights (for
-    benchmarks and tests), as Tensors of dtype; only: a name test, to make just those weights."""
+    benchmarks and tests), as Tensors of dtype; only: a name test, to make just those weights;
+    part: (rank, size), as for `load`."""
     arrays = RandomArrays(c, seed)
+    if part[1] > 1:
+        arrays = tensor_parallel.Shards(c, arrays, *part)
     names = [name for name in arrays if only is None or only(name)]
     if dtype.block:
         return {name: Tensor.from_numpy(arrays[name]) if vision_checkpoint.stays_float(name)

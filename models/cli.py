@@ -7,6 +7,7 @@ than the context) is one line on stderr and exit status 2, never a traceback.
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -20,6 +21,8 @@ from models.sampling import DEFAULTS, RULES, check_setting, make_sampler
 from models.sequence_cache import CachedSequence
 from models.tokenizer import StreamDecoder, TokenizerError
 from ops import dtypes
+from tinytensor import distributed
+from tinytensor.distributed import SINGLE
 from tinytensor.state import CheckpointError
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -123,15 +126,23 @@ def parse_args(argv):
     return args
 
 
-def run(args) -> None:
+def run(args, group=SINGLE) -> None:
+    """group: the processes the model is split over (under mpirun): each loads its shards and
+    follows the same steps; rank 0 reads the input and prints."""
     from models import checkpoint
     from models.llama3 import load
 
     images = [open_image(path) for path in args.image]  # a bad image fails now, not after loading
+    if group.size > 1 and args.seed is None:  # every rank must draw the same tokens
+        args.seed = group.broadcast(secrets.randbits(63))
     start = time.perf_counter()
-    model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype, context=args.context)
+    model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype, context=args.context,
+                 group=group)
     load_s = time.perf_counter() - start
     tok = model.tokenizer
+    if args.chat and tok.chat_template is None and "<|start_header_id|>" not in tok.special:
+        raise ValueError("--chat needs a chat format, and this tokenizer has neither a chat template nor Llama 3's "
+                         "header tokens: give the text with --prompt instead")
     settings = {**DEFAULTS, **(checkpoint.generation_settings(args.checkpoint) if args.checkpoint else {})}
     stop_ids = tok.stop_ids | settings.pop("stop_ids", set())
     for name in DEFAULTS:
@@ -164,7 +175,9 @@ def run(args) -> None:
             if args.chat:  # a turn computes only the prompt tokens the conversation's cache lacks
                 fresh = conversation.computed - computed
         decoder, text, note = StreamDecoder(tok), [], ""
-        with _interrupt_ends_reply(args.chat) as interrupted:
+        # split over processes, Ctrl-C ends them all: one stopping a reply alone would leave
+        # the others waiting for it at the next step's collective
+        with _interrupt_ends_reply(args.chat and group.size == 1) as interrupted:
             for token in tokens(ids, prefill_done):
                 text.append(decoder.add(token))
                 sys.stdout.write(text[-1])
@@ -202,29 +215,59 @@ def run(args) -> None:
     print(f"[load {load_s:.1f} s] chat: type a message; an empty line or Ctrl-D ends, Ctrl-C stops a reply",
           file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()  # leave the shell on a fresh line, not after "> "
-            break
-        if not line.strip():
+        line = group.broadcast(_read_line() if group.rank == 0 else None)  # mpirun gives rank 0 the input
+        if not line:
             break
         messages.append({"role": "user", "content": line})
         messages.append({"role": "assistant", "content": reply(chat_tokens(tok, messages))})
 
 
+def _read_line() -> str:
+    """The next message, or "" when the user ends the chat (an empty line, Ctrl-D or Ctrl-C)."""
+    try:
+        line = input("> ")
+        return line if line.strip() else ""
+    except (EOFError, KeyboardInterrupt):
+        print()  # leave the shell on a fresh line, not after "> "
+        return ""
+
+
 def main(argv=None) -> int:
+    rank, _ = distributed.launched()
+    errors = sys.stderr
+    if rank != 0:  # under mpirun the other ranks follow rank 0 silently, but for their own errors
+        errors = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, sys.stdout.fileno())
+        os.dup2(quiet, sys.stderr.fileno())
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from models.assets import FetchError
+    group = SINGLE
     try:
-        run(args)
+        group = distributed.from_environment()
+        run(args, group)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (CheckpointError, TokenizerError, FetchError, MemoryError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, TokenizerError, FetchError, MemoryError, ValueError, OSError,
+            distributed.DistributedError) as e:
+        return _end(rank, group, 2, f"error: {e}", errors)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+        return _end(rank, group, 130, "", errors)
     return 0
+
+
+def _end(rank: int, group, code: int, message: str, errors) -> int:
+    """Say what went wrong and give the exit status. Split over processes every rank is ended,
+    so that none waits for the others in a collective forever: bad input reaches every rank
+    alike, so rank 0 says it and ends them all; another rank speaks only if rank 0 has not.
+    (Without a working MPI each process ends alone, and rank 0 speaks.)"""
+    if rank != 0:
+        if group.size == 1:
+            return code
+        time.sleep(2)
+        message = message and f"{message} (rank {rank} of {group.size})"
+    print(message, file=errors, flush=True)
+    if group.size > 1:
+        group.abort(code)
+    return code

@@ -329,6 +329,15 @@ class Tensor:
     def contiguous(self) -> "Tensor":
         return self._op("contiguous")
 
+    # ---- across processes (tensor parallelism, see tinytensor.distributed) -------------------
+    def allreduce(self, group) -> "Tensor":
+        """The sum of this tensor over every process of `group` (itself when alone)."""
+        return self if group.size == 1 else self._op("allreduce", arg=group)
+
+    def allgather(self, group, axis: int = -1) -> "Tensor":
+        """Every process's tensor, concatenated along `axis` in rank order (itself when alone)."""
+        return self if group.size == 1 else self._op("allgather", arg=(group, self._axis(axis)))
+
     def pad(self, pads, value=0.0) -> "Tensor":
         """pads: one (before, after) pair, or None, per axis."""
         if len(pads) != self.ndim:

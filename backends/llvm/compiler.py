@@ -34,7 +34,9 @@ def compile_function(ir: str, name: str, argtypes: list):
 
     def save(_module, buffer):
         disk.parent.mkdir(parents=True, exist_ok=True)
-        partial = disk.with_suffix(".part")
+        # a name of this process's own: processes compiling the same kernel at once (the ranks
+        # of an mpirun) each write whole files, and the last rename wins
+        partial = disk.with_suffix(f".{os.getpid()}.part")
         partial.write_bytes(buffer)
         partial.rename(disk)
 

@@ -19,6 +19,7 @@ from models.sequence_cache import CachedSequence
 from models.vision_config import VISION_SIZES, MllamaConfig
 from models.tokenizer import Llama3Tokenizer
 from tinytensor import Tensor, dtypes, nn
+from tinytensor.distributed import SINGLE, Group
 from tinytensor.state import CheckpointError
 
 
@@ -30,9 +31,10 @@ class KVCache:
     values: list[Tensor]
 
     @classmethod
-    def allocate(cls, config: LlamaConfig, length: int, skip=frozenset()) -> "KVCache":
-        """Buffers for every layer but those in skip (None there: layers without self-attention)."""
-        shape = (config.n_kv_heads, length, config.head_dim)
+    def allocate(cls, config: LlamaConfig, length: int, skip=frozenset(), kv_heads: int | None = None) -> "KVCache":
+        """Buffers for every layer but those in skip (None there: layers without self-attention),
+        for kv_heads heads (a process's share under tensor parallelism; all of them by default)."""
+        shape = (kv_heads or config.n_kv_heads, length, config.head_dim)
         fresh = lambda i: None if i in skip else Tensor.zeros(shape).contiguous()  # noqa: E731
         keys, values = [fresh(i) for i in range(config.n_layers)], [fresh(i) for i in range(config.n_layers)]
         made = [t for t in keys + values if t is not None]
@@ -45,8 +47,12 @@ class KVCache:
 
 
 class Llama:
-    def __init__(self, config: LlamaConfig, weights: dict[str, Tensor], tokenizer=None, context: int = 8192):
-        self.config, self.weights, self.tokenizer = config, weights, tokenizer
+    def __init__(self, config: LlamaConfig, weights: dict[str, Tensor], tokenizer=None, context: int = 8192,
+                 group: Group = SINGLE):
+        """group: the processes the weights are split over (models/tensor_parallel.py); weights
+        then holds this process's shards, and it computes its share of the heads."""
+        self.config, self.weights, self.tokenizer, self.group = config, weights, tokenizer, group
+        self.heads, self.kv_heads = config.n_heads // group.size, config.n_kv_heads // group.size
         self.context = min(config.max_context, context)  # positions this instance can hold
         self.n_token_ids = config.vocab_size  # ids the embedding has rows for
         angles = np.outer(np.arange(self.context, dtype=np.float64),
@@ -61,9 +67,9 @@ class Llama:
     def attention(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache) -> Tensor:
         c, p = self.config, f"layers.{i}.attention."
         seq = x.shape[0]
-        q = nn.linear(x, self.w(p + "wq.weight")).reshape(seq, c.n_heads, c.head_dim)
-        k = nn.linear(x, self.w(p + "wk.weight")).reshape(seq, c.n_kv_heads, c.head_dim)
-        v = nn.linear(x, self.w(p + "wv.weight")).reshape(seq, c.n_kv_heads, c.head_dim)
+        q = nn.linear(x, self.w(p + "wq.weight")).reshape(seq, self.heads, c.head_dim)
+        k = nn.linear(x, self.w(p + "wk.weight")).reshape(seq, self.kv_heads, c.head_dim)
+        v = nn.linear(x, self.w(p + "wv.weight")).reshape(seq, self.kv_heads, c.head_dim)
         cos = self.rope_cos[positions].reshape(seq, 1, c.head_dim // 2)
         sin = self.rope_sin[positions].reshape(seq, 1, c.head_dim // 2)
         q, k = nn.rotary_embedding(q, cos, sin), nn.rotary_embedding(k, cos, sin)
@@ -73,7 +79,7 @@ class Llama:
             rows = [self.attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], start[b:b + 1], positions[b:b + 1], one)
                     for b, one in enumerate(cache)]
             out = rows[0].cat(*rows[1:]) if len(rows) > 1 else rows[0]
-        return nn.linear(out.reshape(seq, c.n_heads * c.head_dim), self.w(p + "wo.weight"))
+        return nn.linear(out.reshape(seq, self.heads * c.head_dim), self.w(p + "wo.weight")).allreduce(self.group)
 
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, start: Tensor, positions: Tensor,
                cache: KVCache) -> Tensor:
@@ -90,7 +96,7 @@ class Llama:
     def mlp(self, i: int, x: Tensor) -> Tensor:
         p = f"layers.{i}.feed_forward."
         gate = nn.linear(x, self.w(p + "w1.weight")).silu()
-        return nn.linear(gate * nn.linear(x, self.w(p + "w3.weight")), self.w(p + "w2.weight"))
+        return nn.linear(gate * nn.linear(x, self.w(p + "w3.weight")), self.w(p + "w2.weight")).allreduce(self.group)
 
     def block(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache) -> Tensor:
         eps = self.config.norm_eps
@@ -119,15 +125,18 @@ class Llama:
             x = self.block(i, x, start, positions, cache)
         if rows is not None:
             x = x[rows]
-        head = self.w("tok_embeddings.weight" if self.config.tied_embeddings else "output.weight")
-        return nn.linear(nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps), head)
+        # a tied head split over processes is its own shard of the embedding's rows (load)
+        tied = self.config.tied_embeddings and self.group.size == 1
+        head = self.w("tok_embeddings.weight" if tied else "output.weight")
+        logits = nn.linear(nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps), head)
+        return logits.allgather(self.group, axis=-1)
 
     # ---- the Python API -------------------------------------------------------------------------
     def new_cache(self, length: int, ids=None, images=()) -> KVCache:
         """A cache for `length` positions of the prompt `ids` (models with images override it)."""
         if images:
             raise ValueError(f"{self.config.name} is a text model: images need a Llama 3.2 Vision checkpoint")
-        return KVCache.allocate(self.config, length)
+        return KVCache.allocate(self.config, length, kv_heads=self.kv_heads)
 
     def logits(self, ids: list[int], images=()) -> np.ndarray:
         """Logits [len(ids), vocab] of one fresh sequence, in one batched pass (a prefill);
@@ -199,10 +208,13 @@ def available_memory() -> int:
     return 1 << 62
 
 
-def load(path_or_size=None, random_init: bool = False, dtype=None, context: int = 8192) -> Llama:
+def load(path_or_size=None, random_init: bool = False, dtype=None, context: int = 8192,
+         group: Group = SINGLE) -> Llama:
     """A model from a checkpoint path, a published size ('1b' ... '405b'), or (None) the
     embedded default, SmolLM2-135M-Instruct. random_init builds a size's exact architecture with
-    random weights and the Llama 3 tokenizer."""
+    random weights and the Llama 3 tokenizer. group: the processes to split it over (each call
+    loads its own process's shards: tinytensor.distributed.from_environment() under mpirun)."""
+    part = (group.rank, group.size)
     from models import checkpoint
     from models.assets import fetch
 
@@ -222,24 +234,24 @@ def load(path_or_size=None, random_init: bool = False, dtype=None, context: int 
                               f"{'use --dtype bfloat16' if halved else 'pick a smaller size'}")
         vision = isinstance(config, MllamaConfig)
         tokenizer = Llama3Tokenizer(fetch("llama3-tokenizer"), config.image_token_id if vision else None)
-        return _model(config, checkpoint.random_weights(config, dtype=dt), tokenizer, context)
+        return _model(config, checkpoint.random_weights(config, dtype=dt, part=part), tokenizer, context, group=group)
     if path_or_size in SIZES or path_or_size in VISION_SIZES:
         path_or_size = find_local(path_or_size)
     elif isinstance(path_or_size, str) and re.fullmatch(r"\d+(\.\d+)?[bBmM]", path_or_size) \
             and not Path(path_or_size).exists():
         raise ValueError(f"unknown size {path_or_size!r}: the sizes are {', '.join(SIZES)}; or give a checkpoint path")
-    config, weights, tokenizer = checkpoint.load(Path(path_or_size), dtype)
+    config, weights, tokenizer = checkpoint.load(Path(path_or_size), dtype, part)
     if tokenizer is None:
         raise CheckpointError(f"{path_or_size}: has weights but no tokenizer: looked for tokenizer.json, "
                               f"tokenizer.model and original/tokenizer.model; copy the model's tokenizer files "
                               f"next to its weights")
-    return _model(config, weights, tokenizer, context, Path(path_or_size))
+    return _model(config, weights, tokenizer, context, Path(path_or_size), group)
 
 
-def _model(config, weights, tokenizer, context, folder=None) -> Llama:
+def _model(config, weights, tokenizer, context, folder=None, group=SINGLE) -> Llama:
     """A Llama, or for a Llama 3.2 Vision config the model with its image encoder."""
     if not isinstance(config, MllamaConfig):
-        return Llama(config, weights, tokenizer, context)
+        return Llama(config, weights, tokenizer, context, group)
     from models.images import ImageSettings
     from models.llama3.mllama import VisionLlama
     v = config.vision
