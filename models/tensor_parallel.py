@@ -34,7 +34,7 @@ def check(config, size: int) -> None:
     if size == 1:
         return
     if not hasattr(config, "n_kv_heads"):  # a Llama 3.2 Vision config
-        raise ValueError(f"{config.name}: tensor parallelism runs the text models; run Vision models as one process")
+        raise ValueError("tensor parallelism runs the text models: run a Llama 3.2 Vision model as one process")
     for what, n in (("key/value heads", config.n_kv_heads), ("FFN columns", config.ffn_dim),
                     ("vocabulary rows", config.vocab_size)):
         if n % size:

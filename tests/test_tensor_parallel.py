@@ -9,6 +9,7 @@ error (tests.reference.summation_error) of values the size of the logits; a wron
 or FFN columns paired with the wrong rows) moves logits by O(1)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from models import checkpoint, tensor_parallel
 from models.config import LlamaConfig
 from models.gguf_writer import write_gguf
+from models.vision_config import VISION_SIZES
 from ops import dtypes
 from tests import tensor_parallel_worker as worker
 from tests.reference import quantised_products_on_path, summation_error
@@ -73,20 +75,36 @@ def test_a_tied_head_is_split_from_the_embedding():
 def test_splits_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="4 key/value heads do not split over 3 processes"):
         tensor_parallel.check(LlamaConfig(**GQA), 3)
+    with pytest.raises(ValueError, match="run a Llama 3.2 Vision model as one process"):
+        tensor_parallel.check(VISION_SIZES["11b"], 2)
     blocks = dtypes.convert(np.ones((8, 64), np.float32), dtypes.float32, dtypes.q4_0)
     with pytest.raises(ValueError, match="whole blocks of 32 over 4 processes"):
         tensor_parallel.shard("layers.0.attention.wo.weight", blocks, dtypes.q4_0, 0, 4)
 
 
+def mapped_kb(path: Path) -> int:
+    """This process's resident KB of the file mapped at `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's first line: its addresses ... its path
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
 def test_a_column_split_of_a_mapped_file_drops_the_pages_it_read(tmp_path):
     path = tmp_path / "w.bin"
-    values = np.arange(512 * 4096, dtype=np.float32).reshape(512, 4096)
+    values = np.arange(512 * 4096, dtype=np.float32).reshape(512, 4096)  # 8 MB
     values.tofile(path)
     mapped = np.memmap(path, dtype=np.float32, mode="r", shape=values.shape)
+    assert float(mapped[:, ::1024].sum()) == float(values[:, ::1024].sum())  # every page read
+    assert mapped_kb(path) >= 8000
     part = tensor_parallel.shard("layers.0.feed_forward.w2.weight", mapped, dtypes.float32, 1, 2)
     np.testing.assert_array_equal(part, values[:, 2048:])
-    assert not part.base is mapped  # a copy, not a view
-    np.testing.assert_array_equal(np.asarray(mapped), values)  # still readable: pages come back
+    assert part.base is None  # a copy of its own
+    assert mapped_kb(path) < 100  # the mapped pages given back: this process holds only its half
+    np.testing.assert_array_equal(np.asarray(mapped), values)  # and still readable: pages come back
 
 
 # ---- the collective ops --------------------------------------------------------------------------

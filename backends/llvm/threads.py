@@ -21,12 +21,21 @@ def physical_cores() -> int:
 MIN_PARALLEL_WORK = 1 << 15
 
 
+# processes mpirun started on this machine (MPICH, Open MPI), which share its cores
+LOCAL_PROCESSES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def local_processes() -> int:
+    return next((int(os.environ[n]) for n in LOCAL_PROCESSES if os.environ.get(n, "").isdigit()), 1)
+
+
 @lru_cache(maxsize=1)
 def count() -> int:
-    """TT_THREADS, else the physical cores."""
+    """TT_THREADS, else the physical cores (shared out among the processes mpirun started on
+    this machine: more threads than cores would make every step wait for the slowest)."""
     setting = os.environ.get("TT_THREADS", "").strip()
     if not setting:
-        return physical_cores()
+        return max(1, physical_cores() // max(local_processes(), 1))
     if not setting.isdigit() or int(setting) < 1:
         raise ValueError(f"TT_THREADS={setting!r}: give a whole number of threads >= 1 (or unset it for "
                          f"one per core, {physical_cores()} here)")
