@@ -68,7 +68,7 @@ def load(path: Path, dtype=None, part=(0, 1)):
     quantised GGUF tensors as bfloat16). part: (rank, size), the weights of process `rank` of
     `size` under tensor parallelism (models/tensor_parallel.py), split before any cast."""
     path = Path(path)
-    config, arrays, tokenizer = read(path)
+    config, arrays, tokenizer = read(path, part)
     if part[1] > 1:
         arrays = tensor_parallel.Shards(config, arrays, *part)
     dtype = None if dtype is None else dtypes.to_dtype(dtype)
@@ -82,13 +82,16 @@ def load(path: Path, dtype=None, part=(0, 1)):
     return config, weights, tokenizer
 
 
-def read(path: Path):
+def read(path: Path, part=(0, 1)):
     """(config, {Meta name: (array, dtype)}, tokenizer) as the checkpoint stores them: the arrays
-    memory-mapped where the format allows, every shape checked against the config."""
+    memory-mapped where the format allows, every shape checked against the config. part (rank,
+    size): a Meta folder's model-parallel shards are merged only where process `rank` of `size`
+    will take its share (tensor_parallel.Shards): the rest of such a tensor is zeros."""
     path = Path(path)
     kind = detect(path)
+    load_meta = lambda folder: _load_meta(folder, part)  # noqa: E731
     try:
-        config, arrays, tokenizer = {"hf": _load_hf, "meta": _load_meta, "gguf": _load_gguf}[kind](path)
+        config, arrays, tokenizer = {"hf": _load_hf, "meta": load_meta, "gguf": _load_gguf}[kind](path)
     except configs.ConfigError as e:  # every config is checked once, when it is read
         config_file = {"hf": path / "config.json", "meta": path / "params.json", "gguf": path}[kind]
         raise CheckpointError(f"{config_file}: {e}") from None
@@ -254,7 +257,7 @@ def _token_text(token) -> str | None:
 
 # ---- Meta -----------------------------------------------------------------------------------
 
-def _load_meta(folder: Path):
+def _load_meta(folder: Path, part=(0, 1)):
     params = _read_json(folder / "params.json")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
@@ -278,6 +281,9 @@ def _load_meta(folder: Path):
             raise CheckpointError(f"{folder}: the shards' {name} do not fit together: a shard is damaged or "
                                   f"from another model")
         try:
+            if part[1] > 1 and tensor_parallel.split_axis(name) == axis:
+                arrays[name] = (_merged_share([a for a, _ in parts], axis, *part), parts[0][1])
+                continue
             arrays[name] = (np.concatenate([a for a, _ in parts], axis=axis), parts[0][1])
         except ValueError:
             raise CheckpointError(f"{folder}: the shards' {name} have shapes that do not fit together") from None
@@ -286,6 +292,25 @@ def _load_meta(folder: Path):
     elif config.tied_embeddings:  # a published tied size saved with an explicit head
         config = replace(config, tied_embeddings=False)
     return config, arrays, tokenizer
+
+
+def _merged_share(parts: list, axis: int, rank: int, size: int) -> np.ndarray:
+    """The shards concatenated along `axis`, with only process rank's 1/size of that axis filled
+    in, from the files that hold it; the rest is zeros never written (no memory), so that rank r
+    of N reads only its part of Meta's model-parallel files (Meta splits the matrices along the
+    axes tensor parallelism does)."""
+    shape = list(parts[0].shape)
+    shape[axis] = sum(p.shape[axis] for p in parts)
+    out = np.zeros(shape, parts[0].dtype)
+    lo, hi, offset = rank * (shape[axis] // size), (rank + 1) * (shape[axis] // size), 0
+    for p in parts:
+        a, b = max(lo, offset), min(hi, offset + p.shape[axis])
+        if a < b:
+            dst, src = [slice(None)] * len(shape), [slice(None)] * len(shape)
+            dst[axis], src[axis] = slice(a, b), slice(a - offset, b - offset)
+            out[tuple(dst)] = p[tuple(src)]
+        offset += p.shape[axis]
+    return out
 
 
 def meta_tokenizer(folder: Path):

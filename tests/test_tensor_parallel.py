@@ -285,3 +285,27 @@ def test_under_mpirun_without_mpi_is_one_line():
     other = subprocess.run([sys.executable, "-c", code, "--prompt", "hi"], capture_output=True, text=True,
                            timeout=120, env={**env, "PMI_RANK": "1"})
     assert other.returncode == 2 and other.stderr == ""  # rank 0 alone speaks
+
+
+def test_meta_shards_are_read_only_where_a_rank_takes_its_share(tmp_path):
+    folder = tmp_path / "meta"  # Meta's model-parallel layout: two consolidated.NN.pth files
+    assert make_checkpoint.main([str(folder), "--size", "tiny", "--layout", "meta", "--shards", "2",
+                                 "--dtype", "float32"]) == 0
+    _, whole, _ = checkpoint.load(folder)
+    for rank in range(2):
+        _, shards, _ = checkpoint.load(folder, part=(rank, 2))
+        assert set(shards) == set(whole) | {"output.weight"}  # the tied head: this rank's embedding rows
+        for name, t in shards.items():
+            source = whole[name if name in whole else "tok_embeddings.weight"].numpy()
+            want = tensor_parallel.shard(name, source, dtypes.float32, rank, 2)
+            np.testing.assert_array_equal(t.numpy(), want)
+
+
+@needs_mpi
+def test_a_meta_folder_split_over_two_ranks_prints_what_one_process_prints(tmp_path):
+    folder = tmp_path / "meta"
+    assert make_checkpoint.main([str(folder), "--size", "tiny", "--layout", "meta", "--shards", "2"]) == 0
+    alone = cli("--checkpoint", str(folder), *GREEDY)
+    split = mpiexec(2, "-m", "models.llama3", "--checkpoint", str(folder), *GREEDY)
+    assert alone.returncode == 0 and split.returncode == 0, split.stderr
+    assert split.stdout == alone.stdout and alone.stdout.strip()
