@@ -40,8 +40,17 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
                                             **special)
 
 
+def check_chat_format(tokenizer) -> None:
+    """ValueError unless chat_tokens can format a conversation for this tokenizer: a chat
+    template, or Llama 3's header tokens for Meta's format."""
+    if tokenizer.chat_template is None and "<|start_header_id|>" not in tokenizer.special:
+        raise ValueError("this tokenizer has no chat format (neither a chat template nor Llama 3's header tokens): "
+                         "give the text as a plain completion prompt instead")
+
+
 def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt for the assistant's next turn: the checkpoint's template, else Meta's format."""
+    check_chat_format(tokenizer)
     if tokenizer.chat_template is None:
         return llama3_tokens(tokenizer, messages)
     names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}

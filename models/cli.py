@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from models.chat import chat_tokens, has_chat_format
+from models.chat import chat_tokens, check_chat_format, has_chat_format
 from models.config import SIZES
 from models.images import open_image
 from models.vision_config import VISION_SIZES
@@ -140,9 +140,8 @@ def run(args, group=SINGLE) -> None:
                  group=group)
     load_s = time.perf_counter() - start
     tok = model.tokenizer
-    if args.chat and tok.chat_template is None and "<|start_header_id|>" not in tok.special:
-        raise ValueError("--chat needs a chat format, and this tokenizer has neither a chat template nor Llama 3's "
-                         "header tokens: give the text with --prompt instead")
+    if args.chat:
+        check_chat_format(tok)  # before the first message, not after it
     settings = {**DEFAULTS, **(checkpoint.generation_settings(args.checkpoint) if args.checkpoint else {})}
     stop_ids = tok.stop_ids | settings.pop("stop_ids", set())
     for name in DEFAULTS:

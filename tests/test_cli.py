@@ -208,3 +208,8 @@ def test_ctrl_c_in_a_chat_stops_the_reply_not_the_chat(tmp_path):
     out, err = chat.communicate(b"\n", timeout=300)  # an empty line ends the chat
     assert chat.returncode == 0, err
     assert b"stopped" in err and b"Traceback" not in err
+
+
+def test_chat_with_a_model_that_has_no_chat_format(tiny_gguf):
+    # a stand-in byte vocabulary: no chat template, no Llama 3 header tokens
+    assert_one_line_error(run("--checkpoint", str(tiny_gguf), "--chat"), "no chat format", "plain completion")
