@@ -70,16 +70,3 @@ def test_a_second_process_reuses_compiled_kernels_from_disk(tmp_path):
     second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert sorted(p.name for p in tmp_path.rglob("*.o")) == objects  # nothing compiled again
     assert first.stdout == second.stdout
-
-
-def test_a_failing_call_on_a_worker_thread_raises_in_the_caller():
-    from backends.llvm import threads
-
-    def fail():
-        raise RuntimeError("in a worker")
-    calls = [lambda: None, fail][:threads.count()]
-    if len(calls) < 2:
-        pytest.skip("one thread: no workers")
-    with pytest.raises(RuntimeError, match="in a worker"):
-        threads.run(calls)
-    threads.run([lambda: None] * threads.count())  # the workers are still usable

@@ -9,7 +9,7 @@ import llvmlite.binding as llvm
 
 from backends.llvm.target import host, machine, optimize
 
-_functions: dict[str, object] = {}
+_functions: dict[tuple[str, str], object] = {}  # (hash of the IR, function name)
 _engines = []  # compiled code lives as long as its engine
 
 
@@ -21,8 +21,8 @@ def cache_dir() -> Path:
 def compile_function(ir: str, name: str, argtypes: list):
     """A ctypes function for `name` in module `ir`, compiled once per distinct IR."""
     key = hashlib.sha256(ir.encode()).hexdigest()
-    if key in _functions:
-        return _functions[key]
+    if (key, name) in _functions:
+        return _functions[key, name]
     target = host()
     disk = cache_dir() / f"{key}.o"
     if disk.exists():
@@ -47,5 +47,5 @@ def compile_function(ir: str, name: str, argtypes: list):
     engine.finalize_object()
     _engines.append(engine)
     fn = ctypes.CFUNCTYPE(None, *argtypes)(engine.get_function_address(name))
-    _functions[key] = fn
+    _functions[key, name] = fn
     return fn

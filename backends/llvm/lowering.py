@@ -4,6 +4,7 @@ to their pointers and ranges, one per thread, collected in a Plan. Movement ops 
 not lowered here and runs its NumPy reference (see backend.py).
 """
 from functools import partial
+from itertools import groupby
 from typing import NamedTuple
 
 import numpy as np
@@ -62,6 +63,7 @@ class Plan:
     def __init__(self, fixed: bool):
         self.fixed = fixed  # buffers stay put (a prepared replay): copies must be redone per run
         self.steps, self.keep = [], []
+        self.runs = None
 
     def contiguous(self, a: np.ndarray) -> np.ndarray:
         if a.flags.c_contiguous:
@@ -73,11 +75,19 @@ class Plan:
         return copy
 
     def kernel(self, calls: list):
-        self.steps.append(partial(threads.run, calls))
+        self.steps.append(_Kernel(calls))
 
     def run(self):
-        for step in self.steps:
+        if self.runs is None:  # consecutive kernels run as one native run, without Python between them
+            self.runs = []
+            for kernel, steps in groupby(self.steps, key=lambda s: isinstance(s, _Kernel)):
+                self.runs += [threads.Run([k.calls for k in steps])] if kernel else list(steps)
+        for step in self.runs:
             step()
+
+
+class _Kernel(NamedTuple):
+    calls: list  # call t runs on thread t
 
 
 def _loop_calls(plan, program, in_types, out_type, operands, dims, strides, reduce=None):

@@ -1,8 +1,13 @@
-"""Splitting a kernel's range across TT_THREADS threads (default: the physical cores). ctypes
-releases the GIL for the call, so the threads run the native code in parallel."""
+"""Splitting a kernel's range across TT_THREADS threads (default: the physical cores), and
+running kernels on them: the threads are the native pool's (pool.py), which goes from one kernel
+to the next through a barrier without returning to Python."""
+import ctypes
 import os
-import threading
 from functools import lru_cache, partial
+
+import numpy as np
+
+from backends.llvm import pool
 
 
 def physical_cores() -> int:
@@ -16,8 +21,9 @@ def physical_cores() -> int:
     return max(1, logical // max(per_core, 1))
 
 
-# Handing work to a pool thread costs tens of microseconds; below this much work (roughly bytes
-# or elements touched) one thread finishes first.
+# A kernel split over the threads ends at a barrier, waiting for the slowest share (and for workers
+# to wake if they slept); below this much work (roughly bytes or elements touched) one thread
+# finishes first.
 MIN_PARALLEL_WORK = 1 << 15
 
 
@@ -40,46 +46,6 @@ def count() -> int:
         raise ValueError(f"TT_THREADS={setting!r}: give a whole number of threads >= 1 (or unset it for "
                          f"one per core, {physical_cores()} here)")
     return int(setting)
-
-
-class _Worker:
-    """A thread that runs one task per hand-off. Two bare locks carry the hand-off (about 13 us
-    here, against 39 us for a ThreadPoolExecutor future), which matters for the ~200 kernels of a
-    decode step that are split across threads."""
-
-    def __init__(self):
-        self.go, self.done = threading.Lock(), threading.Lock()
-        self.go.acquire()
-        self.done.acquire()
-        self.task, self.error = None, None
-        threading.Thread(target=self._loop, daemon=True).start()
-
-    def _loop(self):
-        while True:
-            self.go.acquire()
-            try:
-                self.task()
-            except BaseException as e:  # handed back to the caller in wait()
-                self.error = e
-            self.done.release()
-
-    def start(self, task):
-        self.task = task
-        self.go.release()
-
-    def wait(self):
-        self.done.acquire()
-        error, self.error = self.error, None
-        if error is not None:
-            raise error
-
-
-@lru_cache(maxsize=1)
-def _workers() -> list[_Worker]:
-    return [_Worker() for _ in range(count() - 1)]
-
-
-_one_at_a_time = threading.Lock()
 
 
 def split(fn, total: int, grain: int, work: int, *args) -> list[partial]:
@@ -111,18 +77,58 @@ def _run_each(calls):
         c()
 
 
+class Run:
+    """Kernels run one after another, each by its calls (call t on thread t), encoded once into
+    the native pool's streams (see pool.py): a barrier between two kernels unless both run on
+    the calling thread alone, so that a kernel reads what the one before it wrote. Calls that
+    are not compiled kernels (Python functions) make the run go call by call on this thread."""
+
+    def __init__(self, kernels: list[list]):
+        self.kernels = kernels
+        words = [[_words(call) for call in calls] for calls in kernels]
+        if any(w is None for calls in words for w in calls):
+            self.streams = None
+            return
+        threads = count() if any(len(calls) > 1 for calls in kernels) else 1  # all or none of the workers
+        streams = [[] for _ in range(threads)]
+        for i, calls in enumerate(words):
+            for t, call in enumerate(calls):
+                streams[t] += call
+            alone = len(calls) == 1 and i + 1 < len(words) and len(words[i + 1]) == 1
+            if threads > 1 and not alone:
+                for stream in streams:
+                    stream.append(pool.BARRIER)
+        self.streams = pool.Streams([np.array(stream + [pool.END], np.int64) for stream in streams])
+
+    def __call__(self) -> None:
+        if self.streams is None:
+            for calls in self.kernels:
+                for call in calls:
+                    call()
+            return
+        _pool(self.streams.threads).run(self.streams)
+
+
+def _words(call) -> list[int] | None:
+    """A call's stream words, or None when it is not a compiled kernel's."""
+    if not isinstance(call, partial):
+        return None
+    if call.func is _run_each:
+        words = [_words(c) for c in call.args[0]]
+        return None if None in words else [w for c in words for w in c]
+    if not isinstance(call.func, ctypes._CFuncPtr) or len(call.args) > pool.MOST_ARGS or call.keywords:
+        return None
+    return [pool.address(call.func), len(call.args), *map(int, call.args)]
+
+
+@lru_cache(maxsize=None)
+def _pool(threads: int) -> pool.Pool:
+    return pool.Pool(threads)
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the workers
+
+
 def run(calls: list) -> None:
-    """Run one kernel's calls (at most one per thread): the first on this thread, the others on
-    the workers, then wait for all."""
-    if len(calls) == 1:
-        calls[0]()
-        return
-    with _one_at_a_time:
-        helpers = _workers()[:len(calls) - 1]
-        for worker, call in zip(helpers, calls[1:]):
-            worker.start(call)
-        try:
-            calls[0]()
-        finally:
-            for worker in helpers:
-                worker.wait()
+    """Run one kernel's calls (at most one per thread), the first on this thread."""
+    Run([calls])()
