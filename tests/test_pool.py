@@ -55,6 +55,26 @@ def test_a_kernel_on_another_thread_reads_what_the_kernel_before_it_wrote():
     assert out.strip() == "ok"
 
 
+def test_a_run_returns_only_once_no_worker_reads_its_streams():
+    # an eager node's run is encoded, run once and freed: a worker that read its stream's END
+    # after the caller had returned read freed memory (as calls: it crashed a perplexity run).
+    # Here each run's streams are overwritten with a bad function address as soon as it returns.
+    out = run_case("""
+        import ctypes
+        from functools import partial
+        from backends.llvm.compiler import compile_function
+        noop = compile_function("define void @noop(i64 %a, i64 %b) {\\n  ret void\\n}", "noop",
+                                [ctypes.c_int64, ctypes.c_int64])
+        for i in range(3000):
+            run = threads.Run([[partial(noop, t, i) for t in range(3)]] * 2)
+            run()
+            for stream in run.streams.streams:
+                stream[:] = 0xdead
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
 def test_workers_asleep_wake_for_the_next_run():
     # waits around the ~1-2 ms the workers spin before sleeping, so that posts meet workers
     # spinning, going to sleep and asleep

@@ -15,8 +15,9 @@ A run is one stream of 64-bit words per thread, read by `tt_run`:
     [function address, n, arg 1, ..., arg n]   a call of void f(i64 x n)  (our kernels take
                                                only i64 and pointers, which pass alike)
     [BARRIER]                                  wait until every thread has come here
-    [END]
-Every thread's stream has the same barriers. A worker's slot (one cache line) holds the ticket
+    [END]                                      the same, then return
+Every thread's stream has the same barriers. END waits for all so that the caller returns only
+once no worker reads the run's streams any more (an eager run's are freed right after). A worker's slot (one cache line) holds the ticket
 the caller bumps to post a run, the run's stream and the ticket it last ran.
 
 Sleeping is agreed as in Dekker's algorithm, all sequentially consistent: a sleeper counts itself
@@ -164,6 +165,12 @@ called:
   %after.call = getelementptr i64, ptr %args, i64 %n
   br label %next
 end:
+  %together = icmp ugt i64 %threads, 1
+  br i1 %together, label %last.barrier, label %done
+last.barrier:
+  call void @barrier(ptr %b, i64 %threads)
+  br label %done
+done:
   ret void
 }}
 

@@ -80,8 +80,9 @@ def _run_each(calls):
 class Run:
     """Kernels run one after another, each by its calls (call t on thread t), encoded once into
     the native pool's streams (see pool.py): a barrier between two kernels unless both run on
-    the calling thread alone, so that a kernel reads what the one before it wrote. Calls that
-    are not compiled kernels (Python functions) make the run go call by call on this thread."""
+    the calling thread alone, so that a kernel reads what the one before it wrote, and one at the
+    end. Calls that are not compiled kernels (Python functions) make the run go call by call on
+    this thread."""
 
     def __init__(self, kernels: list[list]):
         self.kernels = kernels
@@ -94,8 +95,8 @@ class Run:
         for i, calls in enumerate(words):
             for t, call in enumerate(calls):
                 streams[t] += call
-            alone = len(calls) == 1 and i + 1 < len(words) and len(words[i + 1]) == 1
-            if threads > 1 and not alone:
+            last = i + 1 == len(words)  # END is the last barrier
+            if threads > 1 and not last and not (len(calls) == 1 and len(words[i + 1]) == 1):
                 for stream in streams:
                     stream.append(pool.BARRIER)
         self.streams = pool.Streams([np.array(stream + [pool.END], np.int64) for stream in streams])
