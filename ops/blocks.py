@@ -26,11 +26,13 @@ x = scale * w (+ minimum), one float32 multiply (and add), as ggml's own dequant
 it. `dequantize` is the one meaning every backend computes; tests hold it to the `gguf`
 package's dequantisation.
 
-A product x @ W.T with W in blocks multiplies 8-bit activations, as llama.cpp does: each block
-of 32 values of a row of x is quantised to q8 (`quantize_rows`: d = max|x| / 127,
-q = round-half-even(x * 127 / max|x|)), so each sub-block's dot product is a sum of integer
-products (exact) times scale_w * d_x. `product` is that meaning; kernels differ from it only in
-the order of the float32 sums.
+A product x @ W.T with W in blocks multiplies 8-bit activations, as llama.cpp does: each group
+of a row of x is quantised to 8 bits with one scale (`quantize_rows`), so each sub-block's dot
+product is a sum of integer products (exact) times scale_w * d_x. The group is the weight
+format's block, as llama.cpp's `vec_dot_type` makes it: 32 values for the simple formats (its
+q8_0: d = max|x| / 127, q = round-half-even(x * 127 / max|x|)), 256 for the K-quants (its q8_K:
+the same over a super-block, d = 1 / (127 / max|x|)). `product` is that meaning; kernels differ
+from it only in the order of the float32 sums.
 """
 from dataclasses import dataclass
 
@@ -117,23 +119,28 @@ def quantize(x: np.ndarray, f: Format) -> np.ndarray:
 
 # ---- products: x @ W.T on 8-bit activations ------------------------------------------------------
 
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 rows [m, K] -> their q8 blocks: (q int8 [m, K], d float32 [m, K / 32],
-    s float32 [m, K / 32] = d * sum(q), which formats with a minimum use). Every step is one
+def quantize_rows(x: np.ndarray, group: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 rows [m, K] -> their 8-bit values, one scale per `group` values (32, or 256 for
+    the K-quants), given per block of 32: (q int8 [m, K], d float32 [m, K / 32], s float32
+    [m, K / 32] = d * sum(q) over the block, which formats with a minimum use). Every step is one
     float32 operation, so a kernel doing the same steps gets the same bits."""
     m, k = x.shape
-    blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(m, k // BLOCK, BLOCK)
-    amax = np.abs(blocks).max(axis=-1)
-    d = amax / np.float32(127)
+    groups = np.ascontiguousarray(x, dtype=np.float32).reshape(m, k // group, group)
+    amax = np.abs(groups).max(axis=-1)
     inverse = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax != 0)
-    q = np.rint(blocks * inverse[..., None]).astype(np.int8)
+    if group == BLOCK:
+        d = amax / np.float32(127)
+    else:  # llama.cpp's q8_K keeps the inverse's inverse
+        d = np.divide(np.float32(1), inverse, out=np.zeros_like(amax), where=amax != 0)
+    q = np.rint(groups * inverse[..., None]).astype(np.int8).reshape(m, k // BLOCK, BLOCK)
+    d = np.repeat(d, group // BLOCK, axis=-1)
     s = d * q.sum(axis=-1, dtype=np.int32).astype(np.float32)
     return q.reshape(m, k), d, s
 
 
 def product(x: np.ndarray, w: np.ndarray, f: Format) -> np.ndarray:
-    """x [m, K] float32 @ W.T for W [n, K] stored in format f: x's q8 blocks (quantize_rows)
-    times W's values, summed in float32."""
-    q, d, _ = quantize_rows(x)
+    """x [m, K] float32 @ W.T for W [n, K] stored in format f: x's 8-bit values, one scale per
+    block of f (quantize_rows), times W's values, summed in float32."""
+    q, d, _ = quantize_rows(x, f.values)
     a = (q.reshape(d.shape + (BLOCK,)).astype(np.float32) * d[..., None]).reshape(x.shape)
     return a @ dequantize(w, f).T

@@ -5,7 +5,8 @@ fused_linear: y = epilogue(norm(a) @ w1.T, ..., norm(a) @ wj.T, e1, ..., er)
     arg Linear(eps, n_weights, src_types, program). eps None: no norm; otherwise norm(a) is Llama's RMSNorm,
     a * rsqrt(mean(a^2) + eps) * g, computed in float32 as nn.rms_norm computes it. The weights
     keep their stored dtype (a kernel widens them in registers); block-quantised ones multiply
-    norm(a) quantised to 8 bits per block of 32 (ops.blocks.product), as llama.cpp does. The
+    norm(a) quantised to 8 bits, one scale per block of their format (ops.blocks.product), as
+    llama.cpp does. The
     program (see ops.fused) reads the j products (float32) then the extras; an empty program means
     the first product, and "concat" the products side by side ([m, n1 + ... + nj]: Q, K and V from
     one kernel).

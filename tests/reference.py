@@ -71,12 +71,14 @@ def tensors(draw, dtype_choices=FLOATS, shape=None, low=-8.0, high=8.0):
     return Tensor(draw(int_arrays(shape, dtype, int(low), int(high))), dtype=dtype)
 
 
-# A product with block-quantised weights meets its input rounded to 8 bits per block of 32
-# (ops.blocks.quantize_rows): each value moves by at most half a step d = amax / 127, and as
-# noise that spreads evenly over the step its mean square is d^2 / 12. Since amax^2 <= the
-# block's sum of squares (32 mean squares), one product's relative mean-square error is at most
-# 32 / (12 * 127^2). Noise from the products on a logit's path adds (to first order).
-Q8_NMSE_PER_PRODUCT = 32 / (12 * 127 ** 2)
+# A product with block-quantised weights meets its input rounded to 8 bits with one scale per
+# group of `group` values, the weights' block (ops.blocks.quantize_rows: 32, or 256 for the
+# K-quants): each value moves by at most half a step d = amax / 127, and as noise that spreads
+# evenly over the step its mean square is d^2 / 12. Since amax^2 <= the group's sum of squares
+# (`group` mean squares), one product's relative mean-square error is at most
+# group / (12 * 127^2). Noise from the products on a logit's path adds (to first order).
+def q8_nmse_per_product(group: int) -> float:
+    return group / (12 * 127 ** 2)
 
 
 def quantised_products_on_path(n_layers: int) -> int:

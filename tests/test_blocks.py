@@ -52,9 +52,9 @@ def magnitudes(raw, dtype):
     return size.reshape(raw.shape[0], -1)
 
 
-def q8(x):
-    """x's q8 blocks as values (ops.blocks.quantize_rows, dequantised), in float64."""
-    q, d, _ = blocks.quantize_rows(x.astype(np.float32))
+def q8(x, group=32):
+    """x's 8-bit values, one scale per `group` (ops.blocks.quantize_rows, dequantised), in float64."""
+    q, d, _ = blocks.quantize_rows(x.astype(np.float32), group)
     return q.reshape(d.shape + (32,)).astype(np.float64) * d[..., None].astype(np.float64)
 
 
@@ -62,17 +62,17 @@ def product_bound(x, raw, dtype):
     """How far a kernel's x @ W.T on blocks may be from ops.blocks.product: both sum the same
     products of x's q8 values with W's (exact reals) in float32, the reference in K + 2
     roundings of |w||a|, a kernel in K + 4 of its terms' magnitudes (see magnitudes)."""
-    a = np.abs(q8(x)).reshape(x.shape)
+    a = np.abs(q8(x, dtype.block.values)).reshape(x.shape)
     w = np.abs(dtypes.widen(raw, dtype)).astype(np.float64)
     return (x.shape[-1] + 2) * EPS * (a @ w.T) + (x.shape[-1] + 4) * EPS * (a @ magnitudes(raw, dtype).T) + 1e-30
 
 
-def q8_reach(x, e, w_abs):
-    """How far x's q8 product with |w| may move when the kernel only has x to within e
+def q8_reach(x, e, w_abs, group=32):
+    """How far x's 8-bit product with |w| may move when the kernel only has x to within e
     (elementwise): each q may step by one where x * 127 / amax lies within reach of a
     half-integer (rounding goes the other way), and the scale amax / 127 moves with amax."""
     m, k = x.shape
-    xb, eb = np.abs(x).reshape(m, k // 32, 32), e.reshape(m, k // 32, 32)
+    xb, eb = np.abs(x).reshape(m, k // group, group), e.reshape(m, k // group, group)
     amax, moved = xb.max(-1, keepdims=True), eb.max(-1, keepdims=True)
     safe = np.where(amax > 0, amax, 1)
     scaled = xb * 127 / safe
@@ -111,18 +111,40 @@ def test_k_quants_we_write_are_ggmls_layout(dtype, simple):
     assert np.sqrt(np.mean((got - x) ** 2)) <= np.sqrt(np.mean((theirs - x) ** 2)) * 1.01
 
 
-def test_activations_meet_blocks_in_eight_bits():
-    """ops.blocks.quantize_rows: each block's largest magnitude becomes 127, every value moves by
-    at most half a step d = amax / 127, an all-zero block stays zero, and s = d * sum(q)."""
-    x = np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32) * np.float32([[1], [1e-3], [300]])
-    x[1, 32:64] = 0
-    q, d, s = blocks.quantize_rows(x)
-    assert q.dtype == np.int8 and d.shape == s.shape == (3, 3)
-    qb, xb = q.reshape(3, 3, 32).astype(np.float64), x.reshape(3, 3, 32).astype(np.float64)
-    assert np.array_equal(np.abs(qb).max(-1), np.where(d > 0, 127, 0))
-    assert np.all(np.abs(qb * d[..., None] - xb) <= d[..., None] / 2 * (1 + 4 * EPS))
-    assert np.array_equal(d[1, 1], 0) and not qb[1, 1].any()
-    assert np.allclose(s, d * qb.sum(-1), rtol=EPS)
+@pytest.mark.parametrize("group", [32, 256])
+def test_activations_meet_blocks_in_eight_bits(group):
+    """ops.blocks.quantize_rows, one scale per group (32 for the simple formats, 256 for the
+    K-quants, as llama.cpp's q8_0 and q8_K): each group's largest magnitude becomes 127, every
+    value moves by at most half a step d = amax / 127, an all-zero group stays zero, and each
+    block of 32 has its group's d and s = d * sum(q)."""
+    blocks_per_group = group // 32
+    x = np.random.default_rng(2).standard_normal((3, 3 * group)).astype(np.float32) * np.float32([[1], [1e-3], [300]])
+    x[1, group:2 * group] = 0
+    q, d, s = blocks.quantize_rows(x, group)
+    assert q.dtype == np.int8 and d.shape == s.shape == (3, 3 * blocks_per_group)
+    assert np.array_equal(d, np.repeat(d[:, ::blocks_per_group], blocks_per_group, axis=1))
+    qg, xg = q.reshape(3, 3, group).astype(np.float64), x.reshape(3, 3, group).astype(np.float64)
+    dg = d[:, ::blocks_per_group].astype(np.float64)
+    assert np.array_equal(np.abs(qg).max(-1), np.where(dg > 0, 127, 0))
+    assert np.all(np.abs(qg * dg[..., None] - xg) <= dg[..., None] / 2 * (1 + 4 * EPS))
+    assert np.array_equal(dg[1, 1], 0) and not qg[1, 1].any()
+    assert np.allclose(s, d * q.reshape(3, -1, 32).sum(-1), rtol=EPS)
+
+
+@pytest.mark.parametrize("group", [32, 256])
+def test_the_kernel_quantises_activations_to_the_same_bits(group):
+    """The llvm backend's row quantiser does ops.blocks.quantize_rows's float32 steps in the same
+    order: the same bytes (stored + 128), scales and sums, bit for bit."""
+    from backends.llvm.lowering import Plan, _quantize_rows
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((5, 4 * group)) * rng.uniform(1e-3, 1e3, (5, 1))).astype(np.float32)
+    x[2, :group] = 0
+    plan = Plan(fixed=False)
+    rows = _quantize_rows(plan, x, group)
+    plan.run()
+    q, d, s = blocks.quantize_rows(x, group)
+    assert np.array_equal((rows.q.view(np.uint8) ^ 0x80).view(np.int8), q)
+    assert np.array_equal(rows.d, d) and np.array_equal(rows.s, s)
 
 
 @pytest.mark.parametrize("dtype", FORMATS, ids=lambda d: d.name)
@@ -143,7 +165,8 @@ def test_product_reads_blocks_as_stored(backend, dtype, m, n, k):
 
 MIXES = {  # (dim, ffn, [q, k, v], gate, up, down)
     "simple": (64, 96, [dtypes.q4_0, dtypes.q8_0, dtypes.q5_1], dtypes.q4_1, dtypes.q4_1, dtypes.q5_0),
-    # Q4_K_M-style: q6_k for v and down; a K-quant beside a simple format in one kernel
+    # Q4_K_M-style: q6_k for v and down; K-quants beside simple formats in one fused op (Q, K
+    # and V), and a SwiGLU pair whose weights read x in 8 bits per 256 and per 32 (two kernels)
     "k": (256, 512, [dtypes.q4_k, dtypes.q8_0, dtypes.q6_k], dtypes.q4_k, dtypes.q5_0, dtypes.q6_k),
     "k5": (256, 256, [dtypes.q5_k, dtypes.q5_k, dtypes.q6_k], dtypes.q5_k, dtypes.q5_k, dtypes.q6_k),
 }
@@ -179,7 +202,9 @@ def test_every_fusion_reads_blocks(backend, m, mix):
 
     def want(a, d_a, raw, dtype):  # (a's q8 product with W, how far a kernel may be from it)
         w = dtypes.widen(raw, dtype).astype(np.float64)
-        return q8(a).reshape(a.shape) @ w.T, product_bound(a, raw, dtype) + q8_reach(a, d_a, np.abs(w))
+        group = dtype.block.values
+        return q8(a, group).reshape(a.shape) @ w.T, \
+            product_bound(a, raw, dtype) + q8_reach(a, d_a, np.abs(w), group)
 
     for product, raw, dtype in zip(qkv, (wq, wk, wv), qkv_types):
         value, reach = want(normed, d_normed, raw, dtype)

@@ -15,7 +15,7 @@ from models.config import LlamaConfig, meta_ffn_dim
 from models.gguf_writer import write_gguf
 from models.llama3 import KVCache, Llama
 from ops import dtypes
-from tests.reference import Q8_NMSE_PER_PRODUCT, nmse, quantised_products_on_path
+from tests.reference import nmse, q8_nmse_per_product, quantised_products_on_path
 from tinytensor import Tensor
 from tools import make_checkpoint
 
@@ -112,7 +112,7 @@ def test_gguf_layout_gives_the_same_logits(weights_and_logits, tmp_path, dtype):
 def test_quantised_gguf_is_computed_as_stored(backend, tmp_path, dtype):
     """A Q8_0/Q4_0/... file keeps its blocks (never expanded) and gives the logits of the same
     model with those blocks dequantised to float32, but for its activations' 8-bit rounding
-    (see reference.Q8_NMSE_PER_PRODUCT): the float model is the oracle, the rounding's noise
+    (see reference.q8_nmse_per_product): the float model is the oracle, the rounding's noise
     the bound."""
     dim, ffn = (64, 96) if dtype.block.values == 32 else (256, 512)  # whole blocks in every row
     config = LlamaConfig(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=120, ffn_dim=ffn, max_context=64)
@@ -121,7 +121,7 @@ def test_quantised_gguf_is_computed_as_stored(backend, tmp_path, dtype):
     assert weights["layers.0.feed_forward.w1.weight"].dtype == dtype
     want = Llama(config2, {k: Tensor(w.numpy()) for k, w in weights.items()}).logits(PROMPT)
     got = Llama(config2, weights).logits(PROMPT)
-    assert nmse(got, want) <= quantised_products_on_path(config.n_layers) * Q8_NMSE_PER_PRODUCT
+    assert nmse(got, want) <= quantised_products_on_path(config.n_layers) * q8_nmse_per_product(dtype.block.values)
 
 
 def test_bfloat16_hf_checkpoint_loads_as_stored(weights_and_logits, tmp_path):

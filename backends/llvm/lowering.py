@@ -201,15 +201,16 @@ def linear(plan, node, arrays, out):
     plan.keep += [a, *weights, *extras, out]
     if out.size == 0:
         return
-    # block weights meet the rows as q8 blocks, made once for all of them
-    q8 = _quantize_rows(plan, a) if any(t.block for t in w_types) else None
+    # block weights meet the rows in 8 bits, one scale per block of their format (ops.blocks),
+    # quantised once for all the weights of a format's block size
+    q8 = {t.block.values: _quantize_rows(plan, a, t.block.values) for t in w_types if t.block}
+    rows = [q8[t.block.values] if t.block else a for t in w_types]
     if program == "concat":  # each weight fills its own columns
         bounds = np.cumsum([0] + [w.shape[0] for w in weights])
-        groups = [group for w, t, c0, c1 in zip(weights, w_types, bounds, bounds[1:])
-                  for group in _matmul_nt(q8 if t.block else a, [w], out[:, c0:c1], dtypes.float32, [t],
-                                          node.dtype, True)]
-    else:
-        groups = _matmul_nt(q8 if q8 else a, weights, out, dtypes.float32, w_types, node.dtype, True, extras,
+        groups = [group for w, t, x, c0, c1 in zip(weights, w_types, rows, bounds, bounds[1:])
+                  for group in _matmul_nt(x, [w], out[:, c0:c1], dtypes.float32, [t], node.dtype, True)]
+    else:  # one kernel reads its weights' rows alike (passes.fuse_linear pairs only those)
+        groups = _matmul_nt(rows[0], weights, out, dtypes.float32, w_types, node.dtype, True, extras,
                             e_types, program)
     plan.kernel(threads.together(groups))
 
@@ -225,11 +226,11 @@ class QuantisedRows(NamedTuple):
         return self.q.shape
 
 
-def _quantize_rows(plan, a) -> QuantisedRows:
+def _quantize_rows(plan, a, group: int) -> QuantisedRows:
     m, k = a.shape
     rows = QuantisedRows(np.empty((m, k), np.int8), *(np.empty((m, k // BLOCK), np.float32) for _ in range(2)))
     plan.keep += list(rows)
-    fn = _kernel(("quantize_rows",), quantize_rows_kernel, signatures.QUANTIZE_ROWS)
+    fn = _kernel(("quantize_rows", group), lambda name: quantize_rows_kernel(name, group), signatures.QUANTIZE_ROWS)
     plan.kernel(threads.split(fn, m, 1, a.size, k, a.ctypes.data, _leading(a),
                               *(x.ctypes.data for x in rows)))
     return rows

@@ -1,5 +1,6 @@
 """Products with block-quantised weights (ops.blocks.product), as llama.cpp computes them: the
-rows of x are quantised to q8 blocks once (quantize_rows_kernel), then every weight block meets
+rows of x are quantised to 8 bits once (quantize_rows_kernel, one scale per 32 values or per
+256 for the K-quants), then every weight block meets
 every row block in an integer dot product (blocks.dot) scaled by d_w * d_x into 8 float lanes,
 plus m_w times the row block's scaled sum for the formats with a minimum."""
 from backends.llvm import signatures
@@ -19,30 +20,42 @@ SHIFT = BLOCK.bit_length() - 1  # K >> SHIFT blocks per row
 PREFETCH_BYTES = 4096
 
 
-def quantize_rows_kernel(name: str) -> str:
+def quantize_rows_kernel(name: str, group: int = BLOCK) -> str:
     """void name(i64 r0, i64 r1, i64 K, ptr X, i64 ldx, ptr Q, ptr D, ptr S): rows r0..r1 of X
-    quantised as ops.blocks.quantize_rows does it, one float32 operation per step in the same
-    order, so both give the same bits. Q holds q + 128 (unsigned bytes: see blocks.py)."""
+    quantised as ops.blocks.quantize_rows does it for `group` (32, or 256 for the K-quants), one
+    float32 operation per step in the same order, so both give the same bits. Q holds q + 128
+    (unsigned bytes: see blocks.py)."""
     k = Kernel(name, signatures.QUANTIZE_ROWS)
     blocks = k.op(f"lshr i64 %K, {SHIFT}")
+    per_group = group // BLOCK
     with k.loop("%r0", "%r1", hint="row") as r:
-        with k.loop("0", blocks, hint="blocks") as b:
-            x = k.vload(k.at("%X", k.add(k.mul(r, "%ldx"), k.mul(b, BLOCK))), BLOCK, "float", 4)
-            magnitudes = k.op(f"call {FLOATS} @llvm.fabs.v32f32({FLOATS} {x})")
-            amax = k.op(f"call float @llvm.vector.reduce.fmax.v32f32({FLOATS} {magnitudes})")
-            d = k.op(f"fdiv float {amax}, 127.0")
+        with k.loop("0", k.op(f"udiv i64 %K, {group}"), hint="groups") as g:
+            first = k.mul(g, per_group)  # the group's first block
+            x = [k.vload(k.at("%X", k.add(k.mul(r, "%ldx"), k.mul(k.add(first, i), BLOCK))), BLOCK, "float", 4)
+                 for i in range(per_group)]
+            magnitudes = [k.op(f"call {FLOATS} @llvm.fabs.v32f32({FLOATS} {v})") for v in x]
+            while len(magnitudes) > 1:  # the group's largest magnitude: max is exact in any order
+                magnitudes = [k.op(f"call {FLOATS} @llvm.maxnum.v32f32({FLOATS} {a}, {FLOATS} {b})")
+                              for a, b in zip(magnitudes[::2], magnitudes[1::2])]
+            amax = k.op(f"call float @llvm.vector.reduce.fmax.v32f32({FLOATS} {magnitudes[0]})")
             nonzero = k.op(f"fcmp une float {amax}, 0.0")
             inverse = k.op(f"select i1 {nonzero}, float {k.op(f'fdiv float 127.0, {amax}')}, float 0.0")
-            scaled = k.op(f"fmul {FLOATS} {x}, {k.splat(inverse, BLOCK)}")
-            rounded = k.op(f"call {FLOATS} @llvm.roundeven.v32f32({FLOATS} {scaled})")
-            q = k.op(f"fptosi {FLOATS} {rounded} to <{BLOCK} x i8>")
-            unsigned = k.op(f"xor <{BLOCK} x i8> {q}, {constant(-128, BLOCK)}")
-            k.raw(f"  store <{BLOCK} x i8> {unsigned}, ptr {k.at('%Q', k.add(k.mul(r, '%K'), k.mul(b, BLOCK)), 'i8')}, align 1")
-            total = k.op(f"call i32 @llvm.vector.reduce.add.v32i32(<{BLOCK} x i32> "
-                         f"{k.op(f'sext <{BLOCK} x i8> {q} to <{BLOCK} x i32>')})")
-            at = k.add(k.mul(r, blocks), b)
-            k.store_at(d, "%D", at, F32)
-            k.store_at(k.op(f"fmul float {d}, {k.op(f'sitofp i32 {total} to float')}"), "%S", at, F32)
+            if group == BLOCK:
+                d = k.op(f"fdiv float {amax}, 127.0")
+            else:  # llama.cpp's q8_K keeps the inverse's inverse
+                d = k.op(f"select i1 {nonzero}, float {k.op(f'fdiv float 1.0, {inverse}')}, float 0.0")
+            for i, v in enumerate(x):
+                b = k.add(first, i)
+                scaled = k.op(f"fmul {FLOATS} {v}, {k.splat(inverse, BLOCK)}")
+                rounded = k.op(f"call {FLOATS} @llvm.roundeven.v32f32({FLOATS} {scaled})")
+                q = k.op(f"fptosi {FLOATS} {rounded} to <{BLOCK} x i8>")
+                unsigned = k.op(f"xor <{BLOCK} x i8> {q}, {constant(-128, BLOCK)}")
+                k.raw(f"  store <{BLOCK} x i8> {unsigned}, ptr {k.at('%Q', k.add(k.mul(r, '%K'), k.mul(b, BLOCK)), 'i8')}, align 1")
+                total = k.op(f"call i32 @llvm.vector.reduce.add.v32i32(<{BLOCK} x i32> "
+                             f"{k.op(f'sext <{BLOCK} x i8> {q} to <{BLOCK} x i32>')})")
+                at = k.add(k.mul(r, blocks), b)
+                k.store_at(d, "%D", at, F32)
+                k.store_at(k.op(f"fmul float {d}, {k.op(f'sitofp i32 {total} to float')}"), "%S", at, F32)
     return k.finish()
 
 

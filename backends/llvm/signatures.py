@@ -46,7 +46,8 @@ def matmul_nt(weights: int, extras: int, quantised: bool = False) -> Signature:
 
 QUANTIZE_ROWS = Signature((("r0", INT), ("r1", INT), ("K", INT), ("X", ARRAY), ("ldx", INT), ("Q", ARRAY),
                            ("D", ARRAY), ("S", ARRAY)))
-"""Rows r0..r1 of X quantised to q8 blocks (ops.blocks.quantize_rows): Q [*, K], D and S [*, K / 32]."""
+"""Rows r0..r1 of X quantised to 8 bits (ops.blocks.quantize_rows, one scale per group of 32 or
+256 values): Q [*, K], D and S per block of 32 [*, K / 32]."""
 
 MATMUL_NN = Signature((("m0", INT), ("m1", INT), ("N", INT), ("K", INT), ("A", ARRAY), ("lda", INT),
                        ("B", ARRAY), ("ldb", INT), ("C", ARRAY), ("ldc", INT)))

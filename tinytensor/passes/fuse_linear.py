@@ -28,6 +28,12 @@ def _weight(b):
     return None
 
 
+def _input_as(weight_dtype):
+    """How a product with weights of this dtype reads its input: None for float weights, else
+    the block size its 8-bit values are scaled by (ops.blocks.product)."""
+    return weight_dtype.block.values if weight_dtype.block else None
+
+
 def _linear(node):
     """(input, weight) when node is a float32 x @ W.T over 2-D operands, else None."""
     if node.op != "matmul" or len(node.shape) != 2 or node.dtype != F32 or node.srcs[0].dtype != F32:
@@ -81,9 +87,10 @@ def fuse_linear(g: nx.DiGraph, outputs) -> None:
         gate = _sole_reader(g, silu, outputs) if silu is not None and silu.op == "silu" else None
         if gate is not None and gate.op == "mul":
             up = gate.srcs[1] if gate.srcs[0] is silu else gate.srcs[0]
-            # one kernel reads both weights as blocks or both as floats
+            # one kernel reads its input one way for both weights: as floats, or in 8 bits with
+            # one scale per block of the same size (ops.blocks.product)
             if _linear(up) and up.srcs[0] is a and _weight(up.srcs[1]).shape == w.shape \
-                    and bool(_weight(up.srcs[1]).dtype.block) == bool(w.dtype.block) \
+                    and _input_as(_weight(up.srcs[1]).dtype) == _input_as(w.dtype) \
                     and _sole_reader(g, up, outputs) is gate:
                 weights.append(_weight(up.srcs[1]))
                 program.append(("silu", None, (("acc", 0),), F32))
