@@ -1,5 +1,10 @@
 """What the op tests compare against: direct NumPy computations in float64, tolerances that
 follow from each dtype, and strategies for shapes and values."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -92,3 +97,17 @@ def nmse(got: np.ndarray, want: np.ndarray) -> float:
     products."""
     want = want.astype(np.float64)
     return float(np.mean((got - want) ** 2) / np.mean(want ** 2))
+
+
+def perplexities(gguf: Path, text: Path, llamacpp_bin: Path, context: int, chunks: int | None = None):
+    """((ppl, error) of tools.perplexity, (ppl, error) of llama-perplexity) on the same file and
+    text: the two final estimates that are to agree."""
+    limit = ["--chunks", str(chunks)] if chunks else []
+    ours = subprocess.run([sys.executable, "-m", "tools.perplexity", "--checkpoint", str(gguf), "--file", str(text),
+                           "--context", str(context), *limit], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    theirs = subprocess.run([str(llamacpp_bin / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c",
+                             str(context), *limit, "-t", "2"], capture_output=True, text=True)
+    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr[-2000:]
+    final = r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)"
+    return tuple(tuple(map(float, re.search(final, out).groups())) for out in (ours.stdout, theirs.stdout + theirs.stderr))

@@ -6,7 +6,6 @@ checkpoint; the float32 logits agree to ~1e-5, so the perplexities agree to 1e-4
 Where llama.cpp is built, llama-perplexity itself is the oracle on the same GGUF file."""
 import math
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch
 
 from models.llama3 import load
 from tools.perplexity import perplexity
+
+from tests.reference import perplexities
 
 CONTEXT, CHUNKS = 64, 3
 
@@ -69,14 +70,7 @@ def test_a_text_too_short_is_one_line(tiny, tmp_path):
 
 def test_llamacpp_gives_the_same_perplexity(tiny, tmp_path, llamacpp_bin):
     (tmp_path / "text.txt").write_text(words(2000))
-    ours = subprocess.run([sys.executable, "-m", "tools.perplexity", "--checkpoint", str(tiny / "tiny.gguf"),
-                           "--file", str(tmp_path / "text.txt"), "--context", "128"], capture_output=True, text=True)
-    theirs = subprocess.run([str(llamacpp_bin / "llama-perplexity"), "-m", str(tiny / "tiny.gguf"), "-f",
-                             str(tmp_path / "text.txt"), "-c", "128", "-t", "2"], capture_output=True, text=True)
-    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr[-2000:]
-    final = r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)"
-    (ppl, error), (their_ppl, their_error) = (map(float, re.search(final, s).groups())
-                                              for s in (ours.stdout, theirs.stdout + theirs.stderr))
+    (ppl, error), (their_ppl, their_error) = perplexities(tiny / "tiny.gguf", tmp_path / "text.txt", llamacpp_bin, 128)
     # float32 weights on both sides: only summation order differs
     assert abs(ppl - their_ppl) <= 1e-3 * their_ppl and abs(error - their_error) <= 1e-2 * their_error
 
@@ -92,12 +86,5 @@ def test_llamacpp_gives_the_same_perplexity_on_its_quantised_files(smollm2_path,
     done = subprocess.run([str(llamacpp_bin / "llama-quantize"), "--allow-requantize", str(smollm2_path), str(out),
                            ftype], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    text = Path(__file__).parent.parent / "README.md"
-    ours = subprocess.run([sys.executable, "-m", "tools.perplexity", "--checkpoint", str(out), "--file", str(text),
-                           "--chunks", "8"], capture_output=True, text=True)
-    theirs = subprocess.run([str(llamacpp_bin / "llama-perplexity"), "-m", str(out), "-f", str(text), "-c", "512",
-                             "--chunks", "8", "-t", "2"], capture_output=True, text=True)
-    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr[-2000:]
-    final = r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)"
-    ppl, their_ppl = (float(re.search(final, s).group(1)) for s in (ours.stdout, theirs.stdout + theirs.stderr))
+    (ppl, _), (their_ppl, _) = perplexities(out, Path(__file__).parent.parent / "README.md", llamacpp_bin, 512, 8)
     assert abs(ppl - their_ppl) <= 5e-3 * their_ppl, (ppl, their_ppl)

@@ -2,7 +2,6 @@
 type (llama.cpp's mixes and fallbacks), the same bytes where the quantiser is the same (the
 simple formats, the float types; our K-quant quantiser is not llama.cpp's search), a file that
 llama.cpp loads and scores as we do; and it never loses what the user had."""
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from ops import dtypes
 from tinytensor.state import gguf_file
 from tools import quantize
 
+from tests.reference import perplexities
 from tests.test_cli import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,21 +134,17 @@ def test_a_write_that_fails_midway_leaves_no_file(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_llama_perplexity_scores_our_file_as_we_do(llamacpp_bin, smollm2_path, tmp_path):
-    """A real model (SmolLM2), requantised by us to Q8_0: llama-perplexity reads our file and
-    scores it within the issue's 0.5% of our own figure on the same text (llama.cpp's own
-    build notes, 10 chunks of 512: 2,560 scored tokens). Both sides round activations to 8 bits,
-    a step function: float differences of 1e-7 flip some steps, and from there the two runs
-    differ like two draws of the 8-bit noise (as our two backends do), which averages out over
-    the scored tokens: 0.26% here, 0.07% over 4,800 tokens."""
-    out = tmp_path / "q8_0.gguf"
-    assert run(smollm2_path, out, "--type", "q8_0", "--allow-requantize").returncode == 0
+@pytest.mark.parametrize("file_type", ["q8_0", "q4_k_m"])
+def test_llama_perplexity_scores_our_file_as_we_do(llamacpp_bin, smollm2_path, tmp_path, file_type):
+    """A real model (SmolLM2), requantised by us: llama-perplexity reads our file (a simple
+    format; our K-quant blocks mixed with q5_0 and q8_0 fallbacks) and scores it within the
+    issue's 0.5% of our own figure on the same text (llama.cpp's own build notes, 10 chunks of
+    512: 2,560 scored tokens). Both sides round activations to 8 bits, a step function: float
+    differences of 1e-7 flip some steps, and from there the two runs differ like two draws of the
+    8-bit noise (as our two backends do), which averages out over the scored tokens: 0.26% here
+    (q8_0), 0.07% over 4,800 tokens."""
+    out = tmp_path / f"{file_type}.gguf"
+    assert run(smollm2_path, out, "--type", file_type, "--allow-requantize").returncode == 0
     text = llamacpp_bin.parents[1] / "docs" / "build.md"
-    ours = subprocess.run([sys.executable, "-m", "tools.perplexity", "--checkpoint", str(out), "--file", str(text),
-                           "--context", "512", "--chunks", "10"], capture_output=True, text=True, cwd=ROOT)
-    theirs = subprocess.run([str(llamacpp_bin / "llama-perplexity"), "-m", str(out), "-f", str(text), "-c", "512",
-                             "--chunks", "10", "-t", "2"], capture_output=True, text=True)
-    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr[-2000:]
-    final = r"Final estimate: PPL = ([\d.]+)"
-    ppl, their_ppl = (float(re.search(final, s).group(1)) for s in (ours.stdout, theirs.stdout + theirs.stderr))
+    (ppl, _), (their_ppl, _) = perplexities(out, text, llamacpp_bin, 512, 10)
     assert abs(ppl - their_ppl) <= 0.005 * their_ppl, (ppl, their_ppl)

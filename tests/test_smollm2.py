@@ -4,9 +4,7 @@ for token. As stored, its products meet 8-bit activations as llama.cpp's do (ops
 moves single logits but not the model: its perplexity stays within the 0.5% the quantisation
 issue sets, of the exact model's and of llama-perplexity's on the same file."""
 import inspect
-import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,8 @@ from models.llama3 import load
 from models.sampling import make_sampler
 from ops import dtypes
 from tools.perplexity import perplexity
+
+from tests.reference import perplexities
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers."]
 CONTEXT, CHUNKS = 128, None  # every chunk of the text: ~11
@@ -84,11 +84,5 @@ def test_as_stored_it_keeps_its_blocks_and_its_perplexity(backend, stored, smoll
 def test_as_stored_perplexity_is_llamacpps(stored, smollm2_path, prose, llamacpp_bin):
     """llama-perplexity computes the same 8-bit products (its q8_1 activations round the scale to
     float16 and halves away from zero: not bit-equal) on the same chunks: within 0.5%."""
-    ours = subprocess.run([sys.executable, "-m", "tools.perplexity", "--checkpoint", str(smollm2_path),
-                           "--file", str(prose), "--context", str(CONTEXT)], capture_output=True, text=True)
-    theirs = subprocess.run([str(llamacpp_bin / "llama-perplexity"), "-m", str(smollm2_path), "-f", str(prose),
-                             "-c", str(CONTEXT), "-t", "2"], capture_output=True, text=True)
-    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr[-2000:]
-    final = r"Final estimate: PPL = ([\d.]+)"
-    ppl, their_ppl = (float(re.search(final, out).group(1)) for out in (ours.stdout, theirs.stdout + theirs.stderr))
+    (ppl, _), (their_ppl, _) = perplexities(smollm2_path, prose, llamacpp_bin, CONTEXT)
     assert abs(ppl - their_ppl) <= 0.005 * their_ppl
