@@ -138,7 +138,9 @@ def _sums(k, a_type, w_types, rows, cols, block):
     with k.loop("0", k.op("ashr i64 %K, 1") if pairs else "%K", hint="k") as kk:
         acc = {x: k.carry("0.0") for x in block}
         terms = _pair_terms(k, a_type, rows, cols, kk) if pairs else _terms(k, a_type, w_types, rows, cols, kk)
-        for i, r, c in block:
+        # bfloat16 pairs column by column: a column's two widened halves are then live only while
+        # its rows take them, not every column's across all rows (spilled at 4 x 6)
+        for i, r, c in sorted(block, key=lambda x: (x[0], x[2], x[1])) if pairs else block:
             total = acc[i, r, c].value
             for x, y in terms[i][r][c]:
                 total = k.op(f"fadd reassoc contract float {total}, {k.op(f'fmul contract float {x}, {y}')}")

@@ -137,10 +137,12 @@ def reduction(plan, reduce, program, arrays, in_types, axes, out, out_type):
 LANE_ROWS = 12
 
 
-def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0):
+def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pairs: bool = False):
     """Rows x columns of C per step. Float weights: 4 x 3 keeps 12 accumulators and 7 loads in
     AVX2's 16 registers (measured best at 128 rows); with 32 registers (AVX-512) 4 x 6 (24
-    accumulators) measured 1.1-1.4x faster with float16/float32 weights at 8-512 rows. With two
+    accumulators) measured 1.1-1.4x faster with float16/float32 weights at 8-512 rows; bfloat16
+    weights read in pairs (codegen.pair_major) hold two rows of A per row, and 4 x 5 (20
+    accumulators, 8 rows of A) ran 1.2-1.35x 4 x 6 (64 x 8192 x 2048, alternating). With two
     weights (SwiGLU) each column needs two accumulators: with 16 registers 4 x 1 measured 1.5x
     faster than 3 x 2, which spills; with 32, 4 x 3 1.4-2.1x faster than 4 x 1. One row streams
     4 weight rows at a time. Block weights: 4 x 4 measured 5-30% faster than 4 x 2 at 64 rows;
@@ -152,7 +154,7 @@ def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0):
         return (1, 1) if m < 4 else (4, max(1, 4 // weights))
     wide = vector_registers() >= 32
     if weights == 1:
-        return (1, 4) if m < 4 else (4, 6 if wide else 3)
+        return (1, 4) if m < 4 else (4, (5 if pairs else 6) if wide else 3)
     return (1, 2) if m < 4 else (4, 3 if wide else 1)
 
 
@@ -203,7 +205,7 @@ def linear(plan, node, arrays, out):
         return
     # block weights meet the rows in 8 bits, one scale per block of their format (ops.blocks),
     # quantised once for all the weights of a format's block size
-    q8 = {t.block.values: _quantize_rows(plan, a, t.block.values) for t in w_types if t.block}
+    q8 = {group: _quantize_rows(plan, a, group) for group in sorted({t.block.values for t in w_types if t.block})}
     rows = [q8[t.block.values] if t.block else a for t in w_types]
     if program == "concat":  # each weight fills its own columns
         bounds = np.cumsum([0] + [w.shape[0] for w in weights])
@@ -282,7 +284,7 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     m, k, n = A.shape[0], A.shape[1], C.shape[1]
     quantised = any(t.block for t in w_types)
     lanes = column_lanes.columns() if column_lanes.reads(w_types) else 0
-    mr, nr = _block(m, len(W), quantised, lanes)
+    mr, nr = _block(m, len(W), quantised, lanes, codegen.pair_major(w_types))
     groups, row_groups, start = [], [], 0
     # rows in steps of mr, then (column lanes) 4: a lane kernel's single rows each transpose the weights again
     for step in [mr, 4, 1] if lanes and mr > 4 else [mr, 1]:
