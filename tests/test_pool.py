@@ -134,3 +134,20 @@ def test_python_calls_in_a_kernel_run_on_the_calling_thread_and_raise_there():
     assert ran == [1]
     threads.run([lambda: ran.append(2)] * 2)  # the pool is still usable
     assert ran == [1, 2, 2]
+
+
+def test_a_kernel_of_python_calls_leaves_its_neighbours_on_the_threads():
+    import ctypes
+    from functools import partial
+    from backends.llvm.compiler import compile_function
+    from backends.llvm.lowering import Plan
+    noop = compile_function("define void @noop2(i64 %a, i64 %b) {\n  ret void\n}", "noop2",
+                            [ctypes.c_int64, ctypes.c_int64])
+    ran = []
+    plan = Plan(fixed=True)
+    for calls in ([partial(noop, 0, 1), partial(noop, 1, 2)], [lambda: ran.append(1)], [partial(noop, 2, 3)],
+                  [partial(noop, 3, 4)]):
+        plan.kernel(calls)
+    plan.run()
+    assert ran == [1]
+    assert [run.streams is not None for run in plan.runs] == [True, False, True]  # the last two as one run

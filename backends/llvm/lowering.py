@@ -80,8 +80,11 @@ class Plan:
     def run(self):
         if self.runs is None:  # consecutive kernels run as one native run, without Python between them
             self.runs = []
-            for kernel, steps in groupby(self.steps, key=lambda s: isinstance(s, _Kernel)):
-                self.runs += [threads.Run([k.calls for k in steps])] if kernel else list(steps)
+            for native, steps in groupby(self.steps, key=lambda s: isinstance(s, _Kernel) and threads.native(s.calls)):
+                # a kernel with Python calls runs alone, so that it does not take its neighbours
+                # off the threads (a run with any Python call goes call by call on this thread)
+                self.runs += [threads.Run([k.calls for k in steps])] if native else \
+                    [threads.Run([s.calls]) if isinstance(s, _Kernel) else s for s in steps]
         for step in self.runs:
             step()
 

@@ -86,10 +86,10 @@ class Run:
 
     def __init__(self, kernels: list[list]):
         self.kernels = kernels
-        words = [[_words(call) for call in calls] for calls in kernels]
-        if any(w is None for calls in words for w in calls):
+        if not all(native(calls) for calls in kernels):
             self.streams = None
             return
+        words = [[_words(call) for call in calls] for calls in kernels]
         threads = count() if any(len(calls) > 1 for calls in kernels) else 1  # all or none of the workers
         streams = [[] for _ in range(threads)]
         for i, calls in enumerate(words):
@@ -108,6 +108,11 @@ class Run:
                     call()
             return
         _pool(self.streams.threads).run(self.streams)
+
+
+def native(calls: list) -> bool:
+    """Whether every call is a compiled kernel's, so that the pool's threads can run them."""
+    return all(_words(call) is not None for call in calls)
 
 
 def _words(call) -> list[int] | None:
