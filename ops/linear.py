@@ -6,10 +6,9 @@ fused_linear: y = epilogue(norm(a) @ w1.T, ..., norm(a) @ wj.T, e1, ..., er)
     a * rsqrt(mean(a^2) + eps) * g, computed in float32 as nn.rms_norm computes it. The weights
     keep their stored dtype (a kernel widens them in registers); block-quantised ones multiply
     norm(a) quantised to 8 bits, one scale per block of their format (ops.blocks.product), as
-    llama.cpp does. The
-    program (see ops.fused) reads the j products (float32) then the extras; an empty program means
-    the first product, and "concat" the products side by side ([m, n1 + ... + nj]: Q, K and V from
-    one kernel).
+    llama.cpp does. The program (see ops.fused) reads the j products (float32) then the extras;
+    an empty program means the first product, and "concat" the products side by side
+    ([m, n1 + ... + nj]: Q, K and V from one kernel).
     Covers RMSNorm -> matmul, SwiGLU (silu(x @ Wg.T) * (x @ Wu.T)) and a residual add.
 
 attention: softmax(q @ k^T * scale + mask) @ v over the last two axes

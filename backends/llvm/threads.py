@@ -86,10 +86,10 @@ class Run:
 
     def __init__(self, kernels: list[list]):
         self.kernels = kernels
-        if not all(native(calls) for calls in kernels):
+        words = [[_words(call) for call in calls] for calls in kernels]
+        if any(None in calls for calls in words):
             self.streams = None
             return
-        words = [[_words(call) for call in calls] for calls in kernels]
         threads = count() if any(len(calls) > 1 for calls in kernels) else 1  # all or none of the workers
         streams = [[] for _ in range(threads)]
         for i, calls in enumerate(words):
