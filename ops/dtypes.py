@@ -16,7 +16,7 @@ import numpy as np
 from ops import blocks
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # shared singletons: nothing may change one (not even pickle's BUILD)
 class DType:
     name: str
     storage: np.dtype   # how the bits are held in a NumPy buffer

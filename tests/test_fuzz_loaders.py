@@ -19,11 +19,13 @@ from models import checkpoint
 from models.config import LlamaConfig
 from models.gguf_writer import write_gguf
 from models.tokenizer import TokenizerError
+from ops import dtypes
 from tinytensor.state import CheckpointError
 from tools import make_checkpoint
 
 CONFIG = LlamaConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=260, ffn_dim=64, max_context=64)
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 120)), deadline=None, suppress_health_check=list(HealthCheck))
+NAMES_BEFORE = [(d.name, d.storage) for d in dtypes.ALL]
 EXTREMES = st.sampled_from([0, 1, 2**31 - 1, 2**32 - 1, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1)
 
 
@@ -213,6 +215,45 @@ def test_pth_pickle_damaged(originals, tmp_path_factory, edits, cut):
         return bytes(content[:cut] if cut is not None else content)
     rewrite_pickle(folder / "consolidated.00.pth", damage)
     loads_or_says_one_line(folder)
+
+
+def _u(text: str) -> bytes:
+    return pickle.SHORT_BINUNICODE + bytes([len(text)]) + text.encode()
+
+
+# Opcodes that construct, mutate or allocate, as a hostile data.pkl would use them
+HOSTILE_OPCODES = [
+    pickle.BUILD, pickle.EMPTY_DICT + _u("dtype") + pickle.GLOBAL + b"torch\nLongStorage\n" + pickle.SETITEM + pickle.BUILD,
+    pickle.EMPTY_DICT + _u("name") + _u("x") + pickle.SETITEM + pickle.BUILD,
+    pickle.INST + b"collections\nOrderedDict\n", pickle.MARK + pickle.GLOBAL + b"torch\nFloatStorage\n" + pickle.OBJ,
+    pickle.EMPTY_TUPLE + pickle.NEWOBJ, pickle.EMPTY_TUPLE + pickle.EMPTY_DICT + pickle.NEWOBJ_EX,
+    _u("torch") + _u("HalfStorage") + pickle.STACK_GLOBAL, _u("os") + _u("system") + pickle.STACK_GLOBAL,
+    pickle.EXT1 + b"\x01", pickle.EXT2 + b"\xff\xff", pickle.EXT4 + b"\xff\xff\xff\x7f",
+    pickle.BINUNICODE8 + (2**63).to_bytes(8, "little"), pickle.BINBYTES8 + (2**64 - 1).to_bytes(8, "little"),
+    pickle.BINUNICODE + (2**32 - 1).to_bytes(4, "little"), pickle.LONG4 + (2**31 - 1).to_bytes(4, "little"),
+    pickle.BYTEARRAY8 + (2**62).to_bytes(8, "little"), pickle.FRAME + (2**63).to_bytes(8, "little"),
+    pickle.MARK + pickle.APPENDS, pickle.SETITEM, pickle.MARK + pickle.SETITEMS, pickle.REDUCE, pickle.TUPLE3,
+    pickle.BINPERSID, pickle.NEXT_BUFFER, pickle.LONG_BINGET + (2**32 - 1).to_bytes(4, "little"),
+]
+
+
+@FUZZ
+@given(inserts=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(HOSTILE_OPCODES)), min_size=1, max_size=3))
+def test_pth_hostile_opcodes_inserted(originals, tmp_path_factory, inserts):
+    """Hostile opcodes spliced in at opcode boundaries: refused on one line, never a crash (a
+    retyped storage read past its mapping: SIGSEGV), a hang or a changed dtype."""
+    import pickletools
+    folder = copy_folder(originals, tmp_path_factory, "meta")
+
+    def splice(content):
+        starts = [pos for _, _, pos in pickletools.genops(content)]
+        for position, opcode in sorted(inserts, reverse=True, key=lambda x: starts[x[0] % len(starts)]):
+            at = starts[position % len(starts)]
+            content = content[:at] + opcode + content[at:]
+        return content
+    rewrite_pickle(folder / "consolidated.00.pth", splice)
+    loads_or_says_one_line(folder)
+    assert [(d.name, d.storage) for d in dtypes.ALL] == NAMES_BEFORE
 
 
 @FUZZ
