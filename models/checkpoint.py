@@ -20,7 +20,7 @@ from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import PRE_TOKENIZERS, BPETokenizer, Llama3Tokenizer, TokenizerError
 from ops import dtypes
 from tinytensor import Tensor
-from tinytensor.state import CheckpointError, gguf_file, progress, pth_file, safetensors_file
+from tinytensor.state import CheckpointError, files, gguf_file, progress, pth_file, safetensors_file
 
 HF_NAMES = {  # Hugging Face name (after "model.layers.N.") -> Meta name (after "layers.N.")
     "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
@@ -40,6 +40,7 @@ GGUF_NAMES = {
 }
 GGUF_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
             "output.weight": "output.weight"}
+MAX_TEMPLATE_BYTES = 1 << 20  # real chat templates are a few KB
 # Meta's model-parallel shards split these along the given axis; norms are replicated.
 META_SHARD_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
                    "wo": 1, "w2": 1, "tok_embeddings": 1}
@@ -112,13 +113,15 @@ def quantised(array: np.ndarray, dt, dtype) -> Tensor:
 
 # ---- Hugging Face ---------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
+def _read_json(folder: Path, name: str):
+    """A JSON file of the checkpoint folder, opened as tinytensor.state.files opens them."""
+    path = files.inside(folder, name)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return json.loads(files.read_text(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / name}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{folder / name}: not valid JSON (nested too deeply)") from None
 
 
 def _unpermute_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -132,22 +135,13 @@ def _unpermute_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _load_hf(folder: Path):
-    settings = _read_json(folder / "config.json")
+    settings = _read_json(folder, "config.json")
     vision = isinstance(settings, dict) and settings.get("model_type") == "mllama"
     config = vision_config.from_hf(settings) if vision else configs.from_hf(settings)
     text = config.text if vision else config
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: config.json but no *.safetensors weights")
     raw = {}
-    for name in files:
-        if not (folder / name).exists():
-            raise CheckpointError(f"{folder / name}: missing (listed in model.safetensors.index.json)")
-        raw.update(safetensors_file.read(folder / name))
+    for path in _safetensors_files(folder):
+        raw.update(safetensors_file.read(path))
     arrays = {}
     names = {**HF_NAMES, **vision_checkpoint.CROSS_NAMES} if vision else HF_NAMES
     for name, (array, dt) in raw.items():
@@ -171,10 +165,30 @@ def _load_hf(folder: Path):
     return config, arrays, hf_tokenizer(folder, config.image_token_id if vision else None)
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files: those model.safetensors.index.json lists, else every *.safetensors; each
+    inside the folder."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(folder, index.name)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> file name")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not (folder / name).exists():
+                raise CheckpointError(f"{folder / name}: missing (listed in model.safetensors.index.json)")
+    else:
+        names = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not names:
+        raise CheckpointError(f"{folder}: config.json but no *.safetensors weights")
+    return [files.inside(folder, name) for name in names]
+
+
 def hf_tokenizer(folder: Path, image_token_id: int | None = None):
     for candidate in (folder / "original" / "tokenizer.model", folder / "tokenizer.model"):
         if candidate.exists():
-            tokenizer = Llama3Tokenizer(candidate, image_token_id)
+            tokenizer = Llama3Tokenizer(files.inside(folder, candidate.relative_to(folder)), image_token_id)
             tokenizer.chat_template = _chat_template(folder, _tokenizer_settings(folder))
             return tokenizer
     if (folder / "tokenizer.json").exists():
@@ -184,7 +198,7 @@ def hf_tokenizer(folder: Path, image_token_id: int | None = None):
 
 def tokenizer_json(folder: Path) -> BPETokenizer:
     path = folder / "tokenizer.json"
-    spec = _read_json(path)
+    spec = _read_json(folder, path.name)
     settings = _tokenizer_settings(folder)
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":
@@ -232,7 +246,7 @@ def tokenizer_json(folder: Path) -> BPETokenizer:
 
 def _tokenizer_settings(folder: Path) -> dict:
     path = folder / "tokenizer_config.json"
-    settings = _read_json(path) if path.exists() else {}
+    settings = _read_json(folder, path.name) if path.exists() else {}
     if not isinstance(settings, dict):
         raise TokenizerError(f"{path}: not a JSON object of settings")
     return settings
@@ -243,7 +257,7 @@ def _chat_template(folder: Path, settings: dict) -> str | None:
     tokenizer_config.json."""
     path = folder / "chat_template.jinja"
     if path.exists():
-        return path.read_text(encoding="utf-8")
+        return files.read_text(files.inside(folder, path.name), MAX_TEMPLATE_BYTES)
     template = settings.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
@@ -258,8 +272,8 @@ def _token_text(token) -> str | None:
 # ---- Meta -----------------------------------------------------------------------------------
 
 def _load_meta(folder: Path, part=(0, 1)):
-    params = _read_json(folder / "params.json")
-    shards = sorted(folder.glob("consolidated.*.pth"))
+    params = _read_json(folder, "params.json")
+    shards = [files.inside(folder, p.name) for p in sorted(folder.glob("consolidated.*.pth"))]
     if not shards:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
     tokenizer = meta_tokenizer(folder)
@@ -317,7 +331,7 @@ def meta_tokenizer(folder: Path):
     path = folder / "tokenizer.model"
     if not path.exists():
         return None
-    tokenizer = Llama3Tokenizer(path)
+    tokenizer = Llama3Tokenizer(files.inside(folder, path.name))
     tokenizer.instruct = "instruct" in folder.resolve().name.lower()  # params.json does not say
     return tokenizer
 
@@ -413,7 +427,7 @@ def generation_settings(path) -> dict:
     file = path / "generation_config.json"
     if not path.is_dir() or not file.exists():
         return {}
-    d = _read_json(file)
+    d = _read_json(path, file.name)
     if not isinstance(d, dict):
         raise CheckpointError(f"{file}: not a JSON object of settings")
     names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")

@@ -4,10 +4,13 @@ aspect ratio (PIL bilinear), pad right and bottom, rescale and normalise, split 
 which text tokens see which image (processing_mllama's cross-attention spans)."""
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tinytensor.state import CheckpointError, files
 
 
 class ImageError(ValueError):
@@ -29,8 +32,8 @@ class ImageSettings:
         if not path.exists():
             return ImageSettings(tile_size, max_tiles)
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            d = json.loads(files.read_text(files.inside(folder, path.name)))
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ImageError(f"{path}: not valid JSON ({e})") from None
         try:
             size = d.get("size") or {}
@@ -61,10 +64,16 @@ def open_image(path):
 
     path = Path(path)
     try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such image file") from None
+        files.regular(path)
+    except CheckpointError as e:
+        raise ImageError(str(e).replace(": missing", ": no such image file")) from None
+    try:
+        with warnings.catch_warnings():  # past Pillow's pixel bound it warns; twice past, it refuses
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused: {str(e).rstrip('.')}; give a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: not an image Pillow can read (JPEG, PNG, WebP...): {e}") from None
     return to_rgb(image)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import regex
 
+from tinytensor.state import files
+
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -42,7 +44,7 @@ class Llama3Tokenizer:
         path = Path(path)
         try:
             ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in
-                     (line.split() for line in path.read_text().splitlines() if line)}
+                     (line.split() for line in files.read_text(path).splitlines() if line)}
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{path}: not a Llama 3 tokenizer.model ({e})") from None
         if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ops import dtypes
-from tinytensor.state import CheckpointError, check_no_overlap, progress
+from tinytensor.state import CheckpointError, files, check_no_overlap, progress
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -132,7 +132,7 @@ def _parse(path: Path) -> tuple[dict, list[_Tensor], np.ndarray]:
     """(metadata, tensors, the file's bytes, memory-mapped), every field checked against the file."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    path = Path(path)
+    path = files.regular(path)  # a FIFO would block the open
     try:
         with open(path, "rb") as f:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ops import dtypes
-from tinytensor.state import CheckpointError
+from tinytensor.state import CheckpointError, files
 
 STORAGES = {"FloatStorage": dtypes.float32, "HalfStorage": dtypes.float16,
             "BFloat16Storage": dtypes.bfloat16, "LongStorage": dtypes.int64,
@@ -182,7 +182,7 @@ def _pickle_bytes(path: Path, archive: zipfile.ZipFile, name: str) -> bytes:
 
 
 def read(path: Path) -> dict[str, tuple[np.ndarray, dtypes.DType]]:
-    path = Path(path)
+    path = files.regular(path)  # a FIFO would block the open
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:

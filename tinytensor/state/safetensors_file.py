@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ops import dtypes
-from tinytensor.state import CheckpointError, check_no_overlap
+from tinytensor.state import CheckpointError, files, check_no_overlap
 
 DTYPES = {"F32": dtypes.float32, "F16": dtypes.float16, "BF16": dtypes.bfloat16,
           "I64": dtypes.int64, "I32": dtypes.int32, "I8": dtypes.int8, "BOOL": dtypes.bool_}
@@ -17,7 +17,7 @@ NAMES = {d: name for name, d in DTYPES.items()}
 
 
 def read(path: Path) -> dict[str, tuple[np.ndarray, dtypes.DType]]:
-    path = Path(path)
+    path = files.regular(path)  # a FIFO would block the open
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
