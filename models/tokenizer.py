@@ -59,19 +59,32 @@ class Llama3Tokenizer:
             self.special["<|image|>"] = image_token_id
         self.model = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                        special_tokens=self.special)
+        self._special_pattern = regex.compile("|".join(map(regex.escape, sorted(self.special, key=len, reverse=True))))
         self.bos_id, self.eos_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"]
         self.stop_ids = {self.eos_id, self.special["<|eom_id|>"], self.special["<|eot_id|>"]}
         self.vocab_size = len(ranks) + len(names)
         self.chat_template = None  # set by the loader from tokenizer_config.json when there is one
         self.instruct = False      # Meta Instruct checkpoints: chat in Meta's format (models/chat.py)
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
-        allowed = "all" if allow_special else set()
+    def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special=False) -> list[int]:
+        """allow_special: special-token text is its token (True), plain text (False), or its token
+        only where allow_special(start, end) says so (chat: only the template's own text)."""
         ids = [self.bos_id] if bos else []
+        if allow_special is False:
+            return ids + self._encode_plain(text) + ([self.eos_id] if eos else [])
+        pos = 0
+        for m in self._special_pattern.finditer(text):
+            if allow_special is True or allow_special(m.start(), m.end()):
+                ids += self._encode_plain(text[pos:m.start()]) + [self.special[m.group()]]
+                pos = m.end()
+        return ids + self._encode_plain(text[pos:]) + ([self.eos_id] if eos else [])
+
+    def _encode_plain(self, text: str) -> list[int]:
+        ids = []
         for i in range(0, len(text), TIKTOKEN_MAX_CHARS):
             for part in _split_long_runs(text[i:i + TIKTOKEN_MAX_CHARS], MAX_RUN_CHARS):
-                ids += self.model.encode(part, allowed_special=allowed, disallowed_special=())
-        return ids + ([self.eos_id] if eos else [])
+                ids += self.model.encode(part, allowed_special=set(), disallowed_special=())
+        return ids
 
     def decode(self, ids) -> str:
         return self.model.decode(list(ids))
@@ -153,10 +166,17 @@ class VocabTokenizer:
         self.chat_template = chat_template
         self.vocab_size = len(tokens)
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False, allow_special: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, allow_special=False) -> list[int]:
+        """allow_special: control-token text is its token (True), plain text (False), or its token
+        only where allow_special(start, end) says so (chat: only the template's own text).
+        User-defined tokens are always matched, as llama.cpp matches them."""
         ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
         after_special = True
-        for fragment in _partition(text, self._split_if_allowed if allow_special else self._always_split):
+        where = None
+        if callable(allow_special):
+            user = set(i for _, i in self._always_split)
+            where = lambda start, end, token: token in user or allow_special(start, end)  # noqa: E731
+        for fragment in _partition(text, self._split_if_allowed if allow_special else self._always_split, where):
             if isinstance(fragment, int):
                 ids.append(fragment)
                 after_special = True
@@ -258,20 +278,28 @@ def _split_keeping_all(pattern, text: str) -> list[str]:
     return out
 
 
-def _partition(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
+def _partition(text: str, specials: list[tuple[str, int]], allowed=None) -> list[str | int]:
     """Text cut into runs of text and special-token ids: each special token in turn (longest
-    first) is cut out of the runs left by the ones before, as llama.cpp's tokenizer does."""
-    fragments: list[str | int] = [text] if text else []
+    first) is cut out of the runs left by the ones before, as llama.cpp's tokenizer does.
+    allowed(start, end, token): whether the token text found at text[start:end] is cut out."""
+    fragments: list[tuple[int, str] | int] = [(0, text)] if text else []
     for special, token in specials:
         cut = []
         for fragment in fragments:
-            if isinstance(fragment, int) or special not in fragment:
+            if isinstance(fragment, int) or special not in fragment[1]:
                 cut.append(fragment)
                 continue
-            for k, run in enumerate(fragment.split(special)):
-                cut += [token, run] if k else [run]
-        fragments = [f for f in cut if f != ""]
-    return fragments
+            offset, run = fragment
+            start = search = 0
+            while (i := run.find(special, search)) >= 0:
+                if allowed is not None and not allowed(offset + i, offset + i + len(special), token):
+                    search = i + 1
+                    continue
+                cut += [(offset + start, run[start:i]), token]
+                start = search = i + len(special)
+            cut.append((offset + start, run[start:]))
+        fragments = [f for f in cut if isinstance(f, int) or f[1]]
+    return [f if isinstance(f, int) else f[1] for f in fragments]
 
 
 class StreamDecoder:
