@@ -6,6 +6,7 @@ than the context) is one line on stderr and exit status 2, never a traceback.
 """
 import argparse
 import contextlib
+import io
 import os
 import secrets
 import signal
@@ -213,6 +214,8 @@ def run(args, group=SINGLE) -> None:
         return
     print(f"[load {load_s:.1f} s] chat: type a message; an empty line or Ctrl-D ends, Ctrl-C stops a reply",
           file=sys.stderr)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not the end of the chat
+        sys.stdin.reconfigure(errors="replace")
     while True:
         line = group.broadcast(_read_line() if group.rank == 0 else None)  # mpirun gives rank 0 the input
         if not line:

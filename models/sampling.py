@@ -41,7 +41,8 @@ def make_sampler(temperature=DEFAULTS["temperature"], top_k=DEFAULTS["top_k"], t
             logits[seen] = np.where(past > 0, past / repetition_penalty, past * repetition_penalty)
         if temperature == 0:
             return int(np.argmax(logits))
-        logits = logits / temperature
+        with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf, never NaN
+            logits = (logits - logits.max()) / temperature
         if 0 < top_k < logits.size:
             kth = np.partition(logits, -top_k)[-top_k]
             logits[logits < kth] = -np.inf

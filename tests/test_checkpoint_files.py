@@ -8,12 +8,11 @@ import signal
 import pytest
 
 from models import checkpoint
-from models.config import LlamaConfig
 from models.images import ImageError, open_image
 from tinytensor.state import CheckpointError, files
 from tools import make_checkpoint
 
-CONFIG = LlamaConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=260, ffn_dim=64, max_context=64)
+from tests.tiny_checkpoint import CONFIG
 
 
 @pytest.fixture(scope="module")

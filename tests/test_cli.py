@@ -213,3 +213,30 @@ def test_ctrl_c_in_a_chat_stops_the_reply_not_the_chat(tmp_path):
 def test_chat_with_a_model_that_has_no_chat_format(tiny_gguf):
     # a stand-in byte vocabulary: no chat template, no Llama 3 header tokens
     assert_one_line_error(run("--checkpoint", str(tiny_gguf), "--chat"), "no chat format", "plain completion")
+
+
+def test_more_threads_than_any_machine_is_one_line(tiny_gguf):
+    result = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(tiny_gguf), "--max-tokens",
+                             "2"], capture_output=True, text=True, env={**os.environ, "TT_THREADS": "999999"})
+    assert_one_line_error(result, "TT_THREADS", "from 1 to 512")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    from tests.tiny_checkpoint import write_tiny_hf
+    template = ("{% if messages[-1]['content'] == 'raise' %}{{ raise_exception('no such turn') }}{% endif %}"
+                "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}<s>")
+    return write_tiny_hf(tmp_path_factory.mktemp("chat") / "hf", template)
+
+
+def test_a_template_that_raises_is_one_line(tiny_chat):
+    assert_one_line_error(run("--checkpoint", str(tiny_chat), "--prompt", "raise"), "chat template failed",
+                          "no such turn")
+
+
+def test_bytes_that_are_not_utf8_do_not_end_a_chat(tiny_chat):
+    chat = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(tiny_chat), "--chat",
+                           "--max-tokens", "2"], input=b"caf\xff\nsecond\n\n", capture_output=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count(b"> ") == 3  # two replies, then the empty line ends it
+    assert b"Traceback" not in chat.stderr

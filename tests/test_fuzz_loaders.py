@@ -16,14 +16,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from models import checkpoint
-from models.config import LlamaConfig
 from models.gguf_writer import write_gguf
 from models.tokenizer import TokenizerError
 from ops import dtypes
 from tinytensor.state import CheckpointError
 from tools import make_checkpoint
 
-CONFIG = LlamaConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=260, ffn_dim=64, max_context=64)
+from tests.tiny_checkpoint import CONFIG, write_tokenizer
+
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 120)), deadline=None, suppress_health_check=list(HealthCheck))
 NAMES_BEFORE = [(d.name, d.storage) for d in dtypes.ALL]
 EXTREMES = st.sampled_from([0, 1, 2**31 - 1, 2**32 - 1, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1)
@@ -291,19 +291,9 @@ def test_pth_refuses_every_global_outside_its_allow_list(originals, tmp_path, pa
 @pytest.fixture(scope="module")
 def tokenizer_folder(originals, tmp_path_factory):
     """The HF folder with a small byte-level BPE tokenizer.json and tokenizer_config.json."""
-    from models.tokenizer import byte_to_unicode
     folder = tmp_path_factory.mktemp("tok") / "hf"
     shutil.copytree(originals / "hf", folder)
-    symbols = list(byte_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({"ĠĠ": 256, "he": 257})
-    spec = {"model": {"type": "BPE", "vocab": vocab, "merges": ["Ġ Ġ", ["h", "e"]], "ignore_merges": False},
-            "added_tokens": [{"id": 258, "content": "<s>", "special": True},
-                             {"id": 259, "content": "</s>", "special": True}],
-            "pre_tokenizer": {"type": "ByteLevel"},
-            "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}]}}
-    (folder / "tokenizer.json").write_text(json.dumps(spec))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    write_tokenizer(folder)
     assert checkpoint.load_tokenizer(folder).encode("hehe  ") == [258, 257, 257, 256]
     return folder
 

@@ -11,6 +11,7 @@ A second transformers (4.45.2) cannot sit beside the 5.x the other oracles need 
 environment, hence the two corrections instead.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -303,8 +304,8 @@ def test_command_line_with_an_image(vision_folder, tmp_path):
 def test_a_broken_preprocessor_config_is_one_line(vision_folder, tmp_path):
     from tests.test_cli import assert_one_line_error, run
     folder, _ = vision_folder
-    for f in ("config.json", "model.safetensors"):
-        (tmp_path / f).symlink_to(folder / f)
-    (tmp_path / "tokenizer.model").symlink_to(folder / "original" / "tokenizer.model")
+    for f in ("config.json", "model.safetensors"):  # hard links: a symlink out of the folder is refused
+        os.link(folder / f, tmp_path / f)
+    os.link(folder / "original" / "tokenizer.model", tmp_path / "tokenizer.model")
     (tmp_path / "preprocessor_config.json").write_text('{"size": {"height": null}}')
     assert_one_line_error(run("--checkpoint", str(tmp_path), "--prompt", "x"), "preprocessor_config.json")

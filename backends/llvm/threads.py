@@ -27,6 +27,9 @@ def physical_cores() -> int:
 MIN_PARALLEL_WORK = 1 << 15
 
 
+MAX_THREADS = 512  # as ggml's GGML_MAX_N_THREADS; each thread has a native stack and a share of every kernel
+
+
 # processes mpirun started on this machine (MPICH, Open MPI), which share its cores
 LOCAL_PROCESSES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
@@ -42,9 +45,9 @@ def count() -> int:
     setting = os.environ.get("TT_THREADS", "").strip()
     if not setting:
         return max(1, physical_cores() // max(local_processes(), 1))
-    if not setting.isdigit() or int(setting) < 1:
-        raise ValueError(f"TT_THREADS={setting!r}: give a whole number of threads >= 1 (or unset it for "
-                         f"one per core, {physical_cores()} here)")
+    if not setting.isdigit() or not 1 <= int(setting) <= MAX_THREADS:
+        raise ValueError(f"TT_THREADS={setting!r}: give a whole number of threads from 1 to {MAX_THREADS} (or unset "
+                         f"it for one per core, {physical_cores()} here)")
     return int(setting)
 
 

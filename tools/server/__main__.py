@@ -6,12 +6,23 @@ Bad options are one line on stderr and exit status 2; the model loads after the 
 (/health answers 503 until it has), and a checkpoint that fails to load ends the server with one
 line and status 2.
 """
+import argparse
 import os
 import sys
 import threading
 
 from models.cli import OneLineParser, _whole
 from ops import dtypes
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{value:g} is out of range: give seconds in (0, 86400)")
+    return value
 
 
 def parse_args(argv):
@@ -31,6 +42,9 @@ def parse_args(argv):
     p.add_argument("--api-key", default=os.environ.get("TINYTENSOR_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $TINYTENSOR_API_KEY, else none)")
     p.add_argument("--name", help="the model's name in /v1/models (default: the checkpoint's)")
+    p.add_argument("--timeout", type=_positive, default=30.0, help="seconds a client may take to send a request "
+                                                                   "(beyond: 408, and idle connections close after "
+                                                                   "5 s) (default: 30)")
     args = p.parse_args(argv)
     if args.port > 65535:
         p.error(f"argument --port: {args.port} is too big: ports go up to 65535")
@@ -69,7 +83,7 @@ def main(argv=None) -> int:
 
     from tools.server.app import Server, make_app
 
-    server = Server(loader(args), model_name(args), args.parallel, args.queue, args.api_key)
+    server = Server(loader(args), model_name(args), args.parallel, args.queue, args.api_key, args.timeout)
     config = uvicorn.Config(make_app(server), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=2)
     http = uvicorn.Server(config)
@@ -91,4 +105,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the server was up: nothing to say
+        sys.exit(130)

@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import hmac
 import json
+import sys
 import threading
+import traceback
 
 from starlette.applications import Starlette
-from starlette.requests import Request as HTTPRequest
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
@@ -23,20 +26,28 @@ from models.sampling import make_sampler
 from models.tokenizer import StreamDecoder
 from tools.server import protocol
 from tools.server.protocol import BadRequest, error_body
+from tools.server.templates import TemplateRenderer
+
+MAX_BODY_BYTES = 16 << 20  # a full 128k-token context as text is ~0.5 MB; as token ids in JSON ~1 MB
 
 
 class Server:
     """The model (loaded on a thread while the HTTP side already answers /health with 503), its
     engine, and what the handlers need of them."""
 
-    def __init__(self, load, name: str, parallel: int, queue: int, api_key: str | None = None):
-        self.name, self.api_key = name, api_key
+    def __init__(self, load, name: str, parallel: int, queue: int, api_key: str | None = None,
+                 body_timeout: float = 30.0):
+        """body_timeout: seconds a client may take to send a request's body (408 after)."""
+        self.name, self.api_key, self.queue, self.body_timeout = name, api_key, queue, body_timeout
         self.model = self.engine = self.defaults = self.failed = None
         self.ready = threading.Event()
+        self.render = TemplateRenderer()
 
         def start():
             try:
                 self.model, self.defaults = load()
+                if self.model.tokenizer.chat_template is not None:
+                    self.render.start()
                 self.engine = Engine(self.model, parallel, queue)
             except Exception as e:  # the server says so on /health and every endpoint
                 self.failed = str(e)
@@ -48,6 +59,7 @@ class Server:
     def stop(self):
         if self.engine:
             self.engine.stop()
+        self.render.close()
 
 
 def _error(status: int, message: str, kind="invalid_request_error", param=None, headers=None) -> JSONResponse:
@@ -102,9 +114,11 @@ class Job:
 def make_app(server: Server) -> Starlette:
     async def body_of(request: HTTPRequest) -> dict:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _read_body(request, server.body_timeout))
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BadRequest("the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
@@ -122,11 +136,21 @@ def make_app(server: Server) -> Starlette:
                 return await handler(request)
             except BadRequest as e:
                 return _error(400, str(e), param=e.param)
+            except BodyTooLarge as e:
+                return _error(413, str(e))
+            except BodyTimeout as e:
+                return _error(408, str(e), headers={"Connection": "close"})
+            except ClientDisconnect:
+                return _error(400, "the client closed the connection before sending its whole body")
             except EngineError as e:
                 return _error(500, str(e), "server_error")
             except Busy as e:
                 return _error(503, f"the server is busy ({e}): try again shortly", "server_error",
                               headers={"Retry-After": "1"})
+            except Exception as e:  # noqa: BLE001: a bug of ours: the log gets the traceback, the client one line
+                traceback.print_exc(file=sys.stderr)
+                return _error(500, f"internal error ({type(e).__name__}): the server's log has the details",
+                              "server_error")
         return run
 
     def check_prompt(ids: list[int]) -> list[int]:
@@ -154,8 +178,15 @@ def make_app(server: Server) -> Starlette:
 
     def sse(chunks):
         async def stream():
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except Exception as e:  # noqa: BLE001: the status went out with the first chunk: say it in the stream
+                if not isinstance(e, EngineError):
+                    traceback.print_exc(file=sys.stderr)
+                message = str(e) if isinstance(e, EngineError) else f"internal error ({type(e).__name__})"
+                yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+                return
             yield "data: [DONE]\n\n"
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -165,6 +196,9 @@ def make_app(server: Server) -> Starlette:
         s, tok = settings(body), server.model.tokenizer
         k, echo = protocol.logprobs_wanted(body, chat=False), protocol.flag(body, "echo")
         prompts = [check_prompt(p) for p in protocol.completion_prompts(body, tok)]
+        if len(prompts) > server.queue:  # they would never all fit in the queue: 503 forever
+            raise BadRequest(f"{len(prompts)} prompts in one request, but the queue holds {server.queue}: send at "
+                             f"most {server.queue} (the server's --queue)", "prompt")
         stop_ids = server.defaults["stop_ids"]
         head = {"id": protocol.new_id("cmpl"), "object": "text_completion", "created": protocol.now(),
                 "model": server.name}
@@ -194,12 +228,12 @@ def make_app(server: Server) -> Starlette:
         body = await body_of(request)
         s, tok = settings(body), server.model.tokenizer
         k = protocol.logprobs_wanted(body, chat=True)
-        try:
-            ids = check_prompt(chat_tokens(tok, protocol.chat_messages(body)))
-        except BadRequest:
-            raise
-        except Exception as e:  # the checkpoint's Jinja template refused these messages
+        messages = protocol.chat_messages(body)
+        try:  # on a thread: the template renders in a child process, bounded in time and memory
+            ids = await asyncio.to_thread(chat_tokens, tok, messages, server.render)
+        except ValueError as e:  # the template refused or failed, or a message forges a control token
             raise BadRequest(f"the chat template could not render these messages: {e}", "messages") from None
+        ids = check_prompt(ids)
         head = {"id": protocol.new_id("chatcmpl"), "created": protocol.now(), "model": server.name}
         job = Job(server, ids, s, server.defaults["stop_ids"], k)
         if s["stream"]:
@@ -269,7 +303,41 @@ def make_app(server: Server) -> Starlette:
         server.thread.start()
         yield
         server.stop()
-    return Starlette(routes=routes, lifespan=lifespan)
+
+    async def http_error(request: HTTPRequest, e: HTTPException):  # 404, 405: OpenAI's error object too
+        return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}", headers=e.headers)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyTimeout(Exception):
+    pass
+
+
+async def _read_body(request: HTTPRequest, timeout: float) -> bytes:
+    """The request body, refused past MAX_BODY_BYTES (by its Content-Length before reading, or as
+    it arrives) and cut off when it takes more than `timeout` seconds to arrive (a slow client
+    holds a connection and its memory for as long as it is let)."""
+    too_large = BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES >> 20} MiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+
+    async def read() -> bytes:
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            parts.append(part)
+        return b"".join(parts)
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"the body took more than {timeout:g} s to arrive") from None
 
 
 def _merged_completion(chunks: list[dict], k) -> dict:

@@ -67,8 +67,10 @@ def common(body: dict) -> dict:
         raise BadRequest("stop must be a non-empty string or a list of at most 16 of them", "stop")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest(f"seed must be an integer, got {seed!r}", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed < 2**64):
+        raise BadRequest(f"seed must be an integer in [0, 2**64) or -1 (a random seed, as llama-server's), "
+                         f"got {seed!r}", "seed")
+    seed = None if seed == -1 else seed
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
