@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinytensor.state import files
+
 
 @dataclass(frozen=True)
 class Asset:
@@ -105,8 +107,6 @@ def _extract(archive: Path, asset: Asset, folder: Path):
 
 def _write(src, target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(target.suffix + ".part")
-    with src, open(partial, "wb") as dst:
-        while chunk := src.read(1 << 20):
+    with src, files.new_file(target, replace=True) as partial, open(partial, "wb") as dst:
+        while chunk := src.read(1 << 20):  # never a half-written asset under the real name
             dst.write(chunk)
-    partial.rename(target)  # never leave a half-written asset under the real name

@@ -20,14 +20,14 @@ from models.quant_mix import FileType
 from models.spm_tokenizer import SentencePieceTokenizer
 from models.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, byte_to_unicode
 from ops import dtypes
-from tinytensor.state import progress
+from tinytensor.state import files, progress
 
 GGUF_FROM_META = {meta: name for name, meta in checkpoint.GGUF_NAMES.items()}
 GGUF_TOP_FROM_META = {meta: name for name, meta in checkpoint.GGUF_TOP.items()}
 
 
 def write_gguf(path: Path, config: LlamaConfig, weights: Mapping, tokenizer=None,
-               dtype: dtypes.DType | FileType = dtypes.float16) -> dict[str, dtypes.DType]:
+               dtype: dtypes.DType | FileType = dtypes.float16, inputs=()) -> dict[str, dtypes.DType]:
     """Write the checkpoint at `path`, one tensor at a time (peak memory: about one tensor).
 
     weights: Meta names -> float arrays, or (array, dtype) pairs as checkpoint.read gives them
@@ -36,7 +36,8 @@ def write_gguf(path: Path, config: LlamaConfig, weights: Mapping, tokenizer=None
     blocks fall back as llama.cpp's do), or a models.quant_mix.FileType such as Q4_K_M.
     tokenizer: a loaded tokenizer, or None for a stand-in byte-level vocabulary of
     config.vocab_size tokens (random test models). The file appears at `path` only once it is
-    complete. Returns each GGUF tensor's type."""
+    complete, and never over an existing file or one of `inputs` (the files read). Returns each
+    GGUF tensor's type."""
     import gguf
 
     file_type = dtype if isinstance(dtype, FileType) else quant_mix.pure(dtype)
@@ -59,24 +60,20 @@ def write_gguf(path: Path, config: LlamaConfig, weights: Mapping, tokenizer=None
         storage = target.storage_shape(shapes[meta])
         writer.add_tensor_info(name, storage, target.storage, math.prod(storage) * target.itemsize,
                                raw_dtype=_ggml_type(gguf, target))
-    partial = path.with_name(path.name + ".partial")
-    try:
+    with files.new_file(path, inputs) as partial:
         writer.open_output_file(partial)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for array in extra.values():
-            writer.write_tensor_data(array)
-        for name, (meta, target) in progress(plan.items(), f"writing {path.name}", len(plan)):
-            value = weights[meta]
-            array, source = value if isinstance(value, tuple) else (value, dtypes.from_numpy_dtype(value.dtype))
-            writer.write_tensor_data(np.ascontiguousarray(dtypes.convert(array, source, target)))
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    writer.close()
-    partial.replace(path)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for array in extra.values():
+                writer.write_tensor_data(array)
+            for name, (meta, target) in progress(plan.items(), f"writing {path.name}", len(plan)):
+                value = weights[meta]
+                array, source = value if isinstance(value, tuple) else (value, dtypes.from_numpy_dtype(value.dtype))
+                writer.write_tensor_data(np.ascontiguousarray(dtypes.convert(array, source, target)))
+        finally:
+            writer.close()
     return {name: target for name, (_, target) in plan.items()}
 
 

@@ -310,3 +310,22 @@ def test_lm_eval_command_runs_our_model(files, tmp_path):
                           capture_output=True, text=True, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "csqa_local" in done.stdout and "acc" in done.stdout
+
+
+def test_output_onto_the_data_is_refused_before_the_run(files, tmp_path):
+    import shutil
+    data = tmp_path / "mmlu"
+    shutil.copytree(files / "mmlu-csv", data)
+    target = next(data.rglob("*.csv"))
+    before = target.read_bytes()
+    done = run_eval("--task", "mmlu", "--data", str(data), "--limit", "1", "--output", str(target))
+    assert done.returncode == 2 and "is also an input" in done.stderr and "Traceback" not in done.stderr
+    assert target.read_bytes() == before
+
+
+def test_a_failed_run_leaves_earlier_results(files, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("earlier results")
+    done = run_eval("--task", "mmlu", "--data", str(files / "mmlu-csv"), "--checkpoint", str(tmp_path / "none"),
+                    "--output", str(out))
+    assert done.returncode == 2 and out.read_text() == "earlier results"

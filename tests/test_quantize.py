@@ -148,3 +148,44 @@ def test_llama_perplexity_scores_our_file_as_we_do(llamacpp_bin, smollm2_path, t
     text = llamacpp_bin.parents[1] / "docs" / "build.md"
     (ppl, _), (their_ppl, _) = perplexities(out, text, llamacpp_bin, 512, 10)
     assert abs(ppl - their_ppl) <= 0.005 * their_ppl, (ppl, their_ppl)
+
+
+def file_size_limit(limit: int):
+    """A child process whose files cannot grow past `limit` bytes: writes then fail as on a full
+    disk (Python ignores SIGXFSZ, so the write raises instead of killing the process)."""
+    import resource
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_leaves_the_users_files_as_they_were(smollm2_path, tmp_path):
+    mine = {"out.gguf.partial": b"the user's notes", "other.gguf": b"another of the user's files"}
+    for name, content in mine.items():
+        (tmp_path / name).write_bytes(content)
+    done = subprocess.run([sys.executable, "-m", "tools.quantize", str(smollm2_path), str(tmp_path / "out.gguf"),
+                           "--type", "q8_0", "--allow-requantize"], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, preexec_fn=file_size_limit(1 << 20))
+    assert_one_line_error(done, "File too large")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == mine  # no out.gguf, nothing half-written
+
+
+def test_a_fixed_partial_name_is_never_used(smollm2_path, tmp_path):
+    """A user's OUT.partial survives, and a link there to the source (which a fixed name would
+    have written through, truncating the source) changes nothing."""
+    (tmp_path / "out.gguf.partial").symlink_to(smollm2_path)
+    before = smollm2_path.stat().st_size
+    done = run(smollm2_path, tmp_path / "out.gguf", "--type", "q8_0", "--allow-requantize")
+    assert done.returncode == 0, done.stderr
+    assert smollm2_path.stat().st_size == before and (tmp_path / "out.gguf.partial").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf", "out.gguf.partial"]
+
+
+def test_an_output_that_is_a_link_is_never_written_through(smollm2_path, tmp_path):
+    (tmp_path / "to-source.gguf").symlink_to(smollm2_path)
+    (tmp_path / "dangling.gguf").symlink_to(tmp_path / "nowhere.gguf")
+    before = smollm2_path.read_bytes()[:4096]
+    for name in ("to-source.gguf", "dangling.gguf"):
+        assert_one_line_error(run(smollm2_path, tmp_path / name, "--type", "q8_0", "--allow-requantize"), "exists")
+    assert smollm2_path.read_bytes()[:4096] == before and not (tmp_path / "nowhere.gguf").exists()

@@ -10,7 +10,9 @@ about one tensor. The types per tensor are llama-quantize's for the same file ty
 models/quant_mix.py; --pure gives every matrix the one type); the file has llama.cpp's layout,
 with the tokenizer and chat template, and loads in llama.cpp. Requantising weights that are
 already quantised to another type loses accuracy twice: as llama-quantize, it asks for
---allow-requantize. An existing output file is never overwritten.
+--allow-requantize. An existing output file is never overwritten: the file is written under a fresh temporary name
+beside it and takes its name only once complete; on any failure (a full disk, Ctrl-C) nothing of
+the user's has changed.
 """
 import sys
 import time
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
     from tinytensor.state import CheckpointError
 
     try:
-        if args.out.exists():
+        if args.out.exists() or args.out.is_symlink():
             raise ValueError(f"{args.out} exists; choose a new path (nothing was overwritten)")
         if args.out.suffix != ".gguf":
             raise ValueError(f"{args.out}: give the output a .gguf name")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         if requantised and not args.allow_requantize:
             raise ValueError(f"{args.source}: {len(requantised)} weights (e.g. {requantised[0]}) are already "
                              f"quantised; requantising loses accuracy twice: give --allow-requantize to do it")
-        types = write_gguf(args.out, config, arrays, tokenizer, file_type)
+        types = write_gguf(args.out, config, arrays, tokenizer, file_type, inputs=[args.source])
     except (CheckpointError, TokenizerError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

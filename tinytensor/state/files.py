@@ -8,9 +8,14 @@ make us read outside it, block on a FIFO or a device, or fill memory with an end
 - Only regular files are opened (a FIFO would block the open, /dev/zero never ends).
 - Small files (JSON, templates, tokenizers) are read within a size bound, checked before reading
   and again on the bytes read (a file can grow between the two).
+
+And writing what a tool makes (new_file): under a fresh temporary name, renamed into place only
+once whole, so that no failure (a full disk, Ctrl-C) leaves a user's file damaged or replaced.
 """
+import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from tinytensor.state import CheckpointError
@@ -88,3 +93,47 @@ def read_text(path: Path, limit: int | None = None) -> str:
         return read_bytes(path, limit).decode("utf-8")
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def refuse_inputs(path: Path, inputs) -> None:
+    """ValueError when `path` is one of `inputs` (files, or folders meaning every file in them),
+    by name or as the same file under another name."""
+    path = Path(path)
+    for source in map(Path, inputs):
+        for f in (p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]:
+            if f.resolve() == path.resolve() or f.exists() and path.exists() and os.path.samefile(f, path):
+                raise ValueError(f"{path}: is also an input ({f}): give the output a new name")
+
+
+@contextlib.contextmanager
+def new_file(path: Path, inputs=(), replace: bool = False):
+    """Write `path` only once it is whole: yields a fresh temporary name in the same folder (never
+    a fixed one, which could be a user's file or a link planted there) to write to; on success
+    the file is flushed to disk and takes the name, on any failure it is removed. Whatever was at
+    `path` is untouched until then, and with replace=False it is never overwritten (FileExistsError,
+    even when it appears while writing). `inputs`: files or folders being read: writing onto one
+    is refused."""
+    path = Path(path)
+    refuse_inputs(path, inputs)
+    if not replace and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{path} exists; choose a new path (nothing was overwritten)")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        yield Path(temporary)
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)  # fails if path appeared meanwhile: link does not overwrite
+            os.unlink(temporary)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the new name itself on disk
+        finally:
+            os.close(folder)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise

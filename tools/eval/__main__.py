@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from models.assets import FetchError
     from models.llama3 import load
     from models.tokenizer import TokenizerError
-    from tinytensor.state import CheckpointError
+    from tinytensor.state import CheckpointError, files
     from tools.eval.data import DataError
     from tools.eval.run import evaluate, table
     try:
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--limit {args.limit}: give at least 1")
         if args.output and (args.output.is_dir() or not args.output.parent.is_dir()):
             raise ValueError(f"--output {args.output}: give a file name in an existing folder")
+        if args.output:  # checked before the run, not after it
+            files.refuse_inputs(args.output, [p for p in (args.data, args.checkpoint) if p is not None])
         subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
         tasks = load_tasks(args.task, args.data, subjects)
         model = load(args.checkpoint, dtype=args.dtype, context=args.context)
@@ -71,7 +73,12 @@ def main(argv=None) -> int:
         keep = results if args.samples else {k: v for k, v in results.items() if k != "samples"}
         record = {"checkpoint": args.checkpoint, "task": args.task, "data": str(args.data), "shots": args.shots,
                   "limit": args.limit, **keep}
-        args.output.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        try:  # whole or not at all: a failed write leaves an earlier results file as it was
+            with files.new_file(args.output, replace=True) as partial:
+                partial.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        except OSError as e:
+            print(f"error: --output {args.output}: {e.strerror or e}; the figures are above", file=sys.stderr)
+            return 2
     return 0
 
 
