@@ -50,6 +50,10 @@ class Llama3Tokenizer:
         if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
             raise TokenizerError(f"{path}: not a Llama 3 tokenizer.model (its ranks are not 0..n-1 over at "
                                  f"least the 256 bytes)")
+        missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
+        if missing is not None:  # tiktoken would panic on the first text with that byte
+            raise TokenizerError(f"{path}: not a Llama 3 tokenizer.model (no token for the byte 0x{missing:02X}, "
+                                 f"which every byte-level vocabulary has)")
         names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{2 + i}|>"
                                   for i in range(LLAMA3_N_SPECIAL - len(LLAMA3_SPECIAL))]
         self.ranks = ranks  # token bytes -> rank (= id)

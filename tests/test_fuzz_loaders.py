@@ -330,3 +330,14 @@ def test_tokenizer_model_lines_damaged(llama3_tokenizer_path, tmp_path_factory, 
         checkpoint.load_tokenizer(path)
     except (CheckpointError, TokenizerError) as e:
         assert "\n" not in str(e)
+
+
+def test_a_tokenizer_model_without_a_byte_token_is_refused_at_load(llama3_tokenizer_path, tmp_path):
+    """tiktoken panics (a PanicException, no Python error) on text with a byte it has no rank for."""
+    import base64
+    kept = [line.split()[0] for line in llama3_tokenizer_path.read_text().splitlines()
+            if line and base64.b64decode(line.split()[0]) != b"A"]
+    path = tmp_path / "tokenizer.model"
+    path.write_text("\n".join(f"{token} {rank}" for rank, token in enumerate(kept)))
+    with pytest.raises(TokenizerError, match="no token for the byte 0x41"):
+        checkpoint.load_tokenizer(path)
