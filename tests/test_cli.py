@@ -240,3 +240,9 @@ def test_bytes_that_are_not_utf8_do_not_end_a_chat(tiny_chat):
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count(b"> ") == 3  # two replies, then the empty line ends it
     assert b"Traceback" not in chat.stderr
+
+
+def test_an_unknown_target_is_one_line(tiny_gguf):
+    result = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(tiny_gguf), "--max-tokens",
+                             "2"], capture_output=True, text=True, env={**os.environ, "TT_TARGET": "avx9000"})
+    assert_one_line_error(result, "TT_TARGET", "avx9000", "avx2")

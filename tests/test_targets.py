@@ -1,5 +1,6 @@
 """The LLVM lowering is retargetable: the same kernels emit vector code for other CPUs by
 changing only the target (triple, CPU, features); nothing is run there."""
+import numpy as np
 import pytest
 
 from backends.llvm import codegen
@@ -70,3 +71,50 @@ def test_a_second_process_reuses_compiled_kernels_from_disk(tmp_path):
     second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert sorted(p.name for p in tmp_path.rglob("*.o")) == objects  # nothing compiled again
     assert first.stdout == second.stdout
+
+
+# ---- TT_TARGET: the kernels of a lower feature level, run on this machine ----------------------
+
+def test_tt_target_chooses_a_level_the_cpu_has(monkeypatch):
+    from backends.llvm import target
+    monkeypatch.setattr(target, "_native", lambda: X86_64_AVX2)  # as an AVX2-only CPU (AMD Zen 3)
+    for name, want in (("avx2", X86_64_AVX2), ("x86-64-v3", X86_64_AVX2), ("native", X86_64_AVX2)):
+        monkeypatch.setenv("TT_TARGET", name)
+        host.cache_clear()
+        assert host() == want
+    for name, says in (("avx512", "lacks avx512f, avx512bw, avx512vl"), ("neon", "give native or one of")):
+        monkeypatch.setenv("TT_TARGET", name)
+        host.cache_clear()
+        with pytest.raises(ValueError, match=says):
+            host()
+    host.cache_clear()
+
+
+def test_tt_target_avx2_runs_here_and_agrees_with_numpy(tmp_path):
+    """Where the CPU has AVX2, the AVX2 kernels (no zmm, pmaddubsw byte products) compute the
+    same q4_0 product and float sum as the NumPy meaning; they are cached apart from native ones."""
+    import os
+    import subprocess
+    import sys
+    if "+avx2" not in __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_features().flatten().split(","):
+        pytest.skip("this CPU has no AVX2")
+    script = """
+import numpy as np, backends
+from backends.llvm.target import host
+from tinytensor import Tensor
+from ops import dtypes
+x, w = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32), np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
+out = []
+for name in ("numpy", "llvm"):
+    backends.use(name)
+    q = Tensor.from_numpy(dtypes.convert(w, dtypes.float32, dtypes.q4_0), dtypes.q4_0)
+    out.append((Tensor.from_numpy(x) @ q.T).numpy())
+print(host().cpu, float(np.abs(out[0] - out[1]).max()), float(np.abs(out[0]).max()))
+"""
+    env = {**os.environ, "TT_TARGET": "avx2", "TT_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    cpu, diff, scale = done.stdout.split()
+    # same 8-bit activations and integer products; only the float sums of the 2 blocks' partial
+    # products may be ordered differently: a few float32 ulps of the result
+    assert cpu == "haswell" and float(diff) <= 4 * np.finfo(np.float32).eps * float(scale)

@@ -1,7 +1,8 @@
 """What the LLVM lowering compiles for: a triple, a CPU name and its features. The host is the
 default; any other target (aarch64 NEON, x86-64 with or without AVX-512) only changes these
 three strings, which is what makes the backend retargetable."""
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import llvmlite.binding as llvm
@@ -28,6 +29,24 @@ def _init():
 
 @lru_cache(maxsize=1)
 def host() -> Target:
+    """What kernels are compiled for on this machine: the CPU as it is (TT_TARGET unset or
+    `native`), or one of LEVELS that it supports, so that, say, the AVX2 kernels can be run
+    and tested on an AVX-512 machine."""
+    native = _native()
+    name = os.environ.get("TT_TARGET", "native").strip().lower()
+    if name == "native":
+        return native
+    if name not in LEVELS:
+        raise ValueError(f"TT_TARGET={name!r}: give native or one of {', '.join(LEVELS)}")
+    level = LEVELS[name]
+    missing = [f[1:] for f in level.features.split(",") if f.startswith("+") and f not in native.features.split(",")]
+    if level.arch != native.arch or missing:
+        raise ValueError(f"TT_TARGET={name}: this CPU ({native.cpu}) lacks {', '.join(missing) or level.arch}: "
+                         f"choose a level it has, or unset TT_TARGET")
+    return replace(level, triple=native.triple)
+
+
+def _native() -> Target:
     """This CPU, with its real name and features: without them LLVM assumes a generic x86-64
     and loses AVX2 and FMA."""
     _init()
@@ -55,6 +74,8 @@ X86_64_AVX512 = Target("x86_64-unknown-linux-gnu", "skylake-avx512",
 X86_64_AVX512_VNNI = Target("x86_64-unknown-linux-gnu", "icelake-server",
                             "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512vnni")
 AARCH64_NEON = Target("aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+fp-armv8,+fullfp16")
+# TT_TARGET's names: the x86-64 feature levels the kernels are written for
+LEVELS = {"avx2": X86_64_AVX2, "x86-64-v3": X86_64_AVX2, "avx512": X86_64_AVX512, "avx512-vnni": X86_64_AVX512_VNNI}
 
 
 @lru_cache(maxsize=None)
