@@ -186,3 +186,37 @@ def test_any_value_in_any_field_is_served_or_a_400(server, path, field, value):
     assert status in (200, 400), (status, answer)
     if status == 400:
         assert answer["error"]["type"] == "invalid_request_error" and "\n" not in answer["error"]["message"]
+
+
+def test_a_client_slow_to_send_its_headers_is_disconnected(server):
+    """Slowloris: a header line every second keeps uvicorn's own keep-alive timer from firing."""
+    closed = False
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\n")
+        t0 = time.perf_counter()
+        for i in range(10):
+            time.sleep(1)
+            try:
+                s.sendall(b"X-Slow-%d: 1\r\n" % i)
+                if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    closed = True
+            except BlockingIOError:  # open, nothing to read
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            if closed:
+                break
+        assert closed and time.perf_counter() - t0 < 6  # --timeout 2
+    assert server.get("/health")[0] == 200
+
+
+def test_a_kept_alive_connection_serves_request_after_request(server):
+    """The head deadline starts again after each response: a connection in use stays open."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    for _ in range(3):
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+        time.sleep(1.2)  # each wait alone is under --timeout 2; together they are not
+    conn.close()

@@ -42,9 +42,9 @@ def parse_args(argv):
     p.add_argument("--api-key", default=os.environ.get("TINYTENSOR_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $TINYTENSOR_API_KEY, else none)")
     p.add_argument("--name", help="the model's name in /v1/models (default: the checkpoint's)")
-    p.add_argument("--timeout", type=_positive, default=30.0, help="seconds a client may take to send a request "
-                                                                   "(beyond: 408, and idle connections close after "
-                                                                   "5 s) (default: 30)")
+    p.add_argument("--timeout", type=_positive, default=30.0, help="seconds a client may take to send a request's "
+                                                                   "head, and again its body (beyond: the connection "
+                                                                   "is closed, or 408) (default: 30)")
     args = p.parse_args(argv)
     if args.port > 65535:
         p.error(f"argument --port: {args.port} is too big: ports go up to 65535")
@@ -82,10 +82,11 @@ def main(argv=None) -> int:
     import uvicorn
 
     from tools.server.app import Server, make_app
+    from tools.server.connections import with_header_timeout
 
     server = Server(loader(args), model_name(args), args.parallel, args.queue, args.api_key, args.timeout)
     config = uvicorn.Config(make_app(server), host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, http=with_header_timeout(args.timeout))
     http = uvicorn.Server(config)
 
     def watch_loading():  # a model that cannot load ends the server: nothing could be served
