@@ -318,8 +318,10 @@ def test_output_onto_the_data_is_refused_before_the_run(files, tmp_path):
     shutil.copytree(files / "mmlu-csv", data)
     target = next(data.rglob("*.csv"))
     before = target.read_bytes()
-    done = run_eval("--task", "mmlu", "--data", str(data), "--limit", "1", "--output", str(target))
-    assert done.returncode == 2 and "is also an input" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "link.json").symlink_to(target)
+    for output in (target, tmp_path / "link.json"):
+        done = run_eval("--task", "mmlu", "--data", str(data), "--limit", "1", "--output", str(output))
+        assert done.returncode == 2 and "is also an input" in done.stderr and "Traceback" not in done.stderr
     assert target.read_bytes() == before
 
 
