@@ -5,6 +5,7 @@ import bisect
 import re
 import secrets
 from datetime import datetime
+from functools import lru_cache
 
 
 def llama3_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -35,33 +36,38 @@ class ChatTemplateError(ValueError):
 MAX_RENDER_CHARS = 1 << 20  # a template's own text beyond the messages': real ones write a few KB
 
 
-class _Sandbox:
-    """Made on first use: jinja2 is imported only when a template is rendered."""
-    env = None
-
-
-def _sandbox(limit: int):
-    """transformers' sandbox and settings, with the operators that can build a huge string or
-    number in one step (`'A' * 2000000000`, `x + x` doubling in a loop, `9 ** 9 ** 9`) refused
-    past `limit` characters (or 4096 bits)."""
+@lru_cache(maxsize=1)
+def _sandbox_class():
+    """transformers' sandbox, with the operators that can build a huge string or number in one
+    step (`'A' * 2000000000`, `x + x` doubling in a loop, `9 ** 9 ** 9`) refused past the
+    environment's `limit` characters (or 4096 bits). Made on first use: jinja2 is imported only
+    when a template is rendered."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Sandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "+", "**"})
+        limit = MAX_RENDER_CHARS
 
         def call_binop(self, context, operator, left, right):
             if operator == "**" and _is_int(left) and _is_int(right) and right > 0 \
                     and right * max(abs(left), 1).bit_length() > 4096:
                 raise TemplateError("the template computes a number of more than 4096 bits")
-            if operator in ("*", "+") and _result_length(operator, left, right) > limit:
-                raise TemplateError(f"the template builds a string or list of more than {limit} items")
+            if operator in ("*", "+") and _result_length(operator, left, right) > self.limit:
+                raise TemplateError(f"the template builds a string or list of more than {self.limit} items")
             return super().call_binop(context, operator, left, right)
+    return Sandbox
+
+
+def _sandbox(limit: int):
+    """A sandbox with transformers' settings and globals, bounded at `limit` characters."""
+    from jinja2.exceptions import TemplateError
 
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = Sandbox(trim_blocks=True, lstrip_blocks=True)
+    env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True)
+    env.limit = limit
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
@@ -82,7 +88,8 @@ def _result_length(operator: str, left, right) -> int:
 
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **special) -> str:
     """A Jinja chat template, in the sandbox and with the settings transformers uses. What it
-    writes is bounded: the messages' own length plus MAX_RENDER_CHARS (jinja2.TemplateError past it)."""
+    writes is bounded: twice the messages' own length plus MAX_RENDER_CHARS. Any failure is a
+    ChatTemplateError of one line."""
     from jinja2.exceptions import TemplateError
 
     limit = MAX_RENDER_CHARS + 2 * sum(map(len, _texts(messages)))
