@@ -220,3 +220,15 @@ def test_a_kept_alive_connection_serves_request_after_request(server):
         assert response.status == 200 and json.loads(response.read())["status"] == "ok"
         time.sleep(1.2)  # each wait alone is under --timeout 2; together they are not
     conn.close()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "a" * (10 << 20)}), ("/v1/completions", {"prompt": ["hi", "a" * (10 << 20)]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * (10 << 20)}]}),
+    ("/tokenize", {"prompt": "a" * (10 << 20)}),
+])
+def test_text_that_cannot_fit_the_context_is_refused_untokenized(server, path, body):
+    t0 = time.perf_counter()
+    status, answer = server.post(path, body)
+    assert status == 400 and "more than the context of 64 tokens can hold" in answer["error"]["message"]
+    assert time.perf_counter() - t0 < 5  # tokenizing 10 MB in Python would take minutes

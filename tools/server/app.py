@@ -46,7 +46,9 @@ class Server:
         def start():
             try:
                 self.model, self.defaults = load()
-                if self.model.tokenizer.chat_template is not None:
+                tok = self.model.tokenizer
+                self.longest_token = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+                if tok.chat_template is not None:
                     self.render.start()
                 self.engine = Engine(self.model, parallel, queue)
             except Exception as e:  # the server says so on /health and every endpoint
@@ -153,6 +155,16 @@ def make_app(server: Server) -> Starlette:
                               "server_error")
         return run
 
+    def check_fits(texts: list[str], field: str):
+        """Text that cannot fit the context whatever its tokens is refused before it is tokenized
+        (a 16 MB prompt would hold a tokenizer for minutes): no token is longer than the
+        vocabulary's longest, so more bytes than context x that cannot fit."""
+        most = server.model.context * server.longest_token
+        size = sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+        if size > most:
+            raise BadRequest(f"the {field} has {size} bytes of text, more than the context of {server.model.context} "
+                             f"tokens can hold (a token here is at most {server.longest_token} bytes)", field)
+
     def check_prompt(ids: list[int]) -> list[int]:
         try:
             return server.model.check_ids(ids).tolist()
@@ -195,7 +207,9 @@ def make_app(server: Server) -> Starlette:
         body = await body_of(request)
         s, tok = settings(body), server.model.tokenizer
         k, echo = protocol.logprobs_wanted(body, chat=False), protocol.flag(body, "echo")
-        prompts = [check_prompt(p) for p in protocol.completion_prompts(body, tok)]
+        prompt = body.get("prompt")
+        check_fits([p for p in (prompt if isinstance(prompt, list) else [prompt]) if isinstance(p, str)], "prompt")
+        prompts = [check_prompt(p) for p in await asyncio.to_thread(protocol.completion_prompts, body, tok)]
         if len(prompts) > server.queue:  # they would never all fit in the queue: 503 forever
             raise BadRequest(f"{len(prompts)} prompts in one request, but the queue holds {server.queue}: send at "
                              f"most {server.queue} (the server's --queue)", "prompt")
@@ -229,6 +243,7 @@ def make_app(server: Server) -> Starlette:
         s, tok = settings(body), server.model.tokenizer
         k = protocol.logprobs_wanted(body, chat=True)
         messages = protocol.chat_messages(body)
+        check_fits([m["content"] for m in messages], "messages")
         try:  # on a thread: the template renders in a child process, bounded in time and memory
             ids = await asyncio.to_thread(chat_tokens, tok, messages, server.render)
         except ValueError as e:  # the template refused or failed, or a message forges a control token
@@ -270,8 +285,10 @@ def make_app(server: Server) -> Starlette:
         special = body.get("add_special_tokens", body.get("add_special", True))
         if not isinstance(special, bool):
             raise BadRequest("add_special_tokens must be true or false", "add_special_tokens")
+        check_fits([text], "prompt")
         tok = server.model.tokenizer
-        ids = tok.encode(text, bos=special and bool(getattr(tok, "add_bos", True)), allow_special=True)
+        ids = await asyncio.to_thread(tok.encode, text, bos=special and bool(getattr(tok, "add_bos", True)),
+                                      allow_special=True)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": server.model.context})
 
     async def detokenize(request: HTTPRequest):
