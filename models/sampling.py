@@ -35,14 +35,16 @@ def make_sampler(temperature=DEFAULTS["temperature"], top_k=DEFAULTS["top_k"], t
 
     def sample(logits: np.ndarray, history: list[int]) -> int:
         logits = logits.astype(np.float64)
-        if repetition_penalty != 1.0 and history:
-            seen = np.unique(np.asarray(history))
-            past = logits[seen]
-            logits[seen] = np.where(past > 0, past / repetition_penalty, past * repetition_penalty)
-        if temperature == 0:
-            return int(np.argmax(logits))
-        with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf, never NaN
-            logits = (logits - logits.max()) / temperature
+        with np.errstate(over="ignore"):  # overflows are handled: an extreme setting never makes a NaN
+            if repetition_penalty != 1.0 and history:
+                seen = np.unique(np.asarray(history))
+                past = logits[seen]
+                logits[seen] = np.where(past > 0, past / repetition_penalty, past * repetition_penalty)
+            # a penalty can overflow a logit (x / 1e-308): an infinite one is the best, finite
+            logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
+            if temperature == 0:
+                return int(np.argmax(logits))
+            logits = (logits - logits.max()) / temperature  # a tiny temperature: all but the best -inf
         if 0 < top_k < logits.size:
             kth = np.partition(logits, -top_k)[-top_k]
             logits[logits < kth] = -np.inf

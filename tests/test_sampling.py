@@ -44,3 +44,10 @@ def test_same_seed_same_tokens():
     logits = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     first, again = make_sampler(1.0, seed=5), make_sampler(1.0, seed=5)
     assert [first(logits, []) for _ in range(20)] == [again(logits, []) for _ in range(20)]
+
+
+def test_extreme_settings_never_make_nan():
+    logits = np.random.default_rng(0).standard_normal(100).astype(np.float32) * 5
+    for settings in ({"temperature": 1e-320}, {"repetition_penalty": 1e-308}, {"repetition_penalty": 1e308}):
+        sample = make_sampler(**settings, seed=1)
+        assert 0 <= sample(logits, [1, 2, 3, int(np.argmax(logits))]) < 100

@@ -232,3 +232,28 @@ def test_text_that_cannot_fit_the_context_is_refused_untokenized(server, path, b
     status, answer = server.post(path, body)
     assert status == 400 and "more than the context of 64 tokens can hold" in answer["error"]["message"]
     assert time.perf_counter() - t0 < 5  # tokenizing 10 MB in Python would take minutes
+
+
+def test_a_stream_that_fails_ends_with_an_error_event():
+    import asyncio
+
+    from tools.server.app import EngineError, event_stream
+
+    async def chunks():
+        yield {"choices": [{"text": "Once"}]}
+        raise EngineError("error: the step failed")
+
+    async def events():
+        return [part async for part in event_stream(chunks()).body_iterator]
+    sent = asyncio.run(events())
+    assert sent[0].startswith("data: {") and len(sent) == 2
+    assert json.loads(sent[1][len("data: "):])["error"]["message"] == "error: the step failed"
+    assert "[DONE]" not in "".join(sent)
+
+
+def test_a_penalty_that_overflows_a_logit_is_served(server):
+    """repetition_penalty 1e-308 divides a positive logit to infinity: the sampler took it for
+    NaN and the engine failed the request."""
+    status, answer = server.post("/v1/completions", {"prompt": "hehe he he", "max_tokens": 4,
+                                                     "repetition_penalty": 1e-308, "seed": 1})
+    assert status == 200 and answer["choices"][0]["finish_reason"] in ("stop", "length")

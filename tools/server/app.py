@@ -188,20 +188,6 @@ def make_app(server: Server) -> Starlette:
         finally:
             watcher.cancel()
 
-    def sse(chunks):
-        async def stream():
-            try:
-                async for chunk in chunks:
-                    yield f"data: {json.dumps(chunk)}\n\n"
-            except Exception as e:  # noqa: BLE001: the status went out with the first chunk: say it in the stream
-                if not isinstance(e, EngineError):
-                    traceback.print_exc(file=sys.stderr)
-                message = str(e) if isinstance(e, EngineError) else f"internal error ({type(e).__name__})"
-                yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
-                return
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
     # ---- /v1/completions ------------------------------------------------------------------------
     async def completions(request: HTTPRequest):
         body = await body_of(request)
@@ -220,7 +206,7 @@ def make_app(server: Server) -> Starlette:
             if len(prompts) > 1:
                 raise BadRequest("stream takes one prompt: send one request per prompt", "prompt")
             job = Job(server, prompts[0], s, stop_ids, k, echo)
-            return sse(_completion_chunks(job, tok, s, head, prompts[0], k))
+            return event_stream(_completion_chunks(job, tok, s, head, prompts[0], k))
         jobs = []
         try:
             for ids in prompts:
@@ -252,7 +238,7 @@ def make_app(server: Server) -> Starlette:
         head = {"id": protocol.new_id("chatcmpl"), "created": protocol.now(), "model": server.name}
         job = Job(server, ids, s, server.defaults["stop_ids"], k)
         if s["stream"]:
-            return sse(_chat_chunks(job, tok, s, head, len(ids), k))
+            return event_stream(_chat_chunks(job, tok, s, head, len(ids), k))
         chunks = await collected(job, _chat_chunks(job, tok, {**s, "include_usage": False}, head, len(ids), k), request)
         entries = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
         choice = {"index": 0, "message": {"role": "assistant",
@@ -355,6 +341,24 @@ async def _read_body(request: HTTPRequest, timeout: float) -> bytes:
         return await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
         raise BodyTimeout(f"the body took more than {timeout:g} s to arrive") from None
+
+
+def event_stream(chunks) -> StreamingResponse:
+    """Chunks as server-sent events, ending with [DONE]. The status went out with the first
+    event, so a failure after it is told in the stream: an error event (what the openai client
+    raises as an APIError), and no [DONE]."""
+    async def stream():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except Exception as e:  # noqa: BLE001: any failure ends the stream with its error event
+            if not isinstance(e, EngineError):
+                traceback.print_exc(file=sys.stderr)
+            message = str(e) if isinstance(e, EngineError) else f"internal error ({type(e).__name__})"
+            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+            return
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _merged_completion(chunks: list[dict], k) -> dict:
