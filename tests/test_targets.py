@@ -118,3 +118,28 @@ print(host().cpu, float(np.abs(out[0] - out[1]).max()), float(np.abs(out[0]).max
     # same 8-bit activations and integer products; only the float sums of the 2 blocks' partial
     # products may be ordered differently: a few float32 ulps of the result
     assert cpu == "haswell" and float(diff) <= 4 * np.finfo(np.float32).eps * float(scale)
+
+
+def test_kernels_met_in_another_order_are_found_in_the_disk_cache(tmp_path):
+    """A kernel's name is part of the IR the cache hashes: named by the order they were met,
+    three kernels met in reverse order left six object files."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = """
+import json, sys, backends
+from tinytensor import Tensor
+backends.use("llvm")
+x = Tensor.randn(33, seed=1)
+kernels = {"exp": lambda: x.exp(), "sin": lambda: x.sin(), "sum": lambda: (x * 3).sum()}
+print(json.dumps([float(kernels[name]().numpy().sum()) for name in sys.argv[1:]]))
+"""
+    env = {**os.environ, "TT_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", script, "exp", "sin", "sum"], env=env, capture_output=True,
+                           text=True, check=True)
+    objects = sorted(p.name for p in tmp_path.rglob("*.o"))
+    second = subprocess.run([sys.executable, "-c", script, "sum", "sin", "exp"], env=env, capture_output=True,
+                            text=True, check=True)
+    assert len(objects) >= 3 and sorted(p.name for p in tmp_path.rglob("*.o")) == objects
+    assert json.loads(first.stdout) == json.loads(second.stdout)[::-1]

@@ -3,6 +3,7 @@ to their pointers and ranges, one per thread, collected in a Plan. Movement ops 
 (no copies); a node without a native kernel yet (gather, cat, pad, argmax, random numbers...) is
 not lowered here and runs its NumPy reference (see backend.py).
 """
+import hashlib
 from functools import partial
 from itertools import groupby
 from typing import NamedTuple
@@ -26,9 +27,12 @@ _kernels: dict = {}
 
 
 def _kernel(key, make_ir, signature: signatures.Signature):
-    """The compiled function for a kernel structure, built on first use."""
+    """The compiled function for a kernel structure, built on first use. Its name comes from its
+    content, not from the order kernels are first met: the name is part of the IR that the disk
+    cache is keyed by, so the same kernel met in another order (another model, another prompt)
+    must have the same name to be found there."""
     if key not in _kernels:
-        name = f"k{len(_kernels)}"
+        name = "k" + hashlib.sha256(make_ir("kernel").encode()).hexdigest()[:16]
         _kernels[key] = compile_function(make_ir(name), name, signature.argtypes)
     return _kernels[key]
 
