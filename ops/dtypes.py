@@ -54,7 +54,9 @@ float32 = DType("float32", np.dtype(np.float32), 5, True)
 ALL = (bool_, int8, int32, int64, float16, bfloat16, float32)
 BLOCKS = tuple(DType(f.name, np.dtype(np.uint8), 4, True, f) for f in blocks.FORMATS.values())
 BY_NAME = {d.name: d for d in ALL + BLOCKS}
-q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k = BLOCKS
+# by name, not by position: reordering ops.blocks.FORMATS must not rename a type
+q8_0, q4_0, q4_1, q5_0, q5_1 = (BY_NAME[n] for n in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"))
+q4_k, q5_k, q6_k = (BY_NAME[n] for n in ("q4_k", "q5_k", "q6_k"))
 BY_GGML_TYPE = {d.block.ggml_type: d for d in BLOCKS}  # a GGUF tensor's type id -> its block dtype
 default_float = float32
 default_int = int64

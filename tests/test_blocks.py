@@ -306,3 +306,9 @@ def test_types_without_kernels_load_as_bfloat16_with_a_note(tmp_path, capsys, ki
     assert np.array_equal(got, want)
     assert f"1 {kind.name} tensors have no native kernels here; they were dequantised to bfloat16" \
         in capsys.readouterr().err
+
+
+def test_each_block_dtype_is_the_format_of_its_name():
+    """The module names are looked up by name: reordering ops.blocks.FORMATS renames nothing."""
+    for d in dtypes.BLOCKS:
+        assert getattr(dtypes, d.name) is d and d.block.name == d.name
