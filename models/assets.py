@@ -20,6 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinytensor.errors import UserError
 from tinytensor.state import files
 
 
@@ -45,7 +46,7 @@ ASSETS = {
 }
 
 
-class FetchError(Exception):
+class FetchError(UserError):
     pass
 
 

@@ -7,6 +7,8 @@ import secrets
 from datetime import datetime
 from functools import lru_cache
 
+from tinytensor.errors import UserError
+
 
 def llama3_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Meta's ChatFormat: <|begin_of_text|>, then per message a header
@@ -29,7 +31,7 @@ def llama3_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool =
     return ids + (header("assistant") if add_generation_prompt else [])
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """A checkpoint's chat template that failed or exceeded its bounds; one line."""
 
 

@@ -20,11 +20,11 @@ from models.images import open_image
 from models.vision_config import VISION_SIZES
 from models.sampling import DEFAULTS, RULES, check_setting, make_sampler
 from models.sequence_cache import CachedSequence
-from models.tokenizer import StreamDecoder, TokenizerError
+from models.tokenizer import StreamDecoder
 from ops import dtypes
 from tinytensor import distributed
 from tinytensor.distributed import SINGLE
-from tinytensor.state import CheckpointError
+from tinytensor.errors import UserError
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -243,7 +243,6 @@ def main(argv=None) -> int:
         os.dup2(quiet, sys.stdout.fileno())
         os.dup2(quiet, sys.stderr.fileno())
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from models.assets import FetchError
     group = SINGLE
     try:
         group = distributed.from_environment()
@@ -251,8 +250,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (CheckpointError, TokenizerError, FetchError, MemoryError, ValueError, OSError,
-            distributed.DistributedError) as e:
+    except (UserError, ValueError, OSError, MemoryError) as e:
         return _end(rank, group, 2, f"error: {e}", errors)
     except KeyboardInterrupt:
         return _end(rank, group, 130, "", errors)

@@ -4,8 +4,10 @@ params.json, GGUF metadata)."""
 import math
 from dataclasses import dataclass, field, replace
 
+from tinytensor.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that cannot describe a model; the message names the field and the rule."""
 
 

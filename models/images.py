@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tinytensor.errors import UserError
 from tinytensor.state import CheckpointError, files
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be read; the message names the file and what to do."""
 
 

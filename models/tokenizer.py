@@ -16,6 +16,7 @@ from pathlib import Path
 
 import regex
 
+from tinytensor.errors import UserError
 from tinytensor.state import files
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -31,7 +32,7 @@ TIKTOKEN_MAX_CHARS = 400_000      # tiktoken's limit per call, as Meta cuts inpu
 MAX_RUN_CHARS = 25_000            # longest run of only-space or only-non-space characters per call
 
 
-class TokenizerError(Exception):
+class TokenizerError(UserError):
     pass
 
 

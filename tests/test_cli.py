@@ -246,3 +246,19 @@ def test_an_unknown_target_is_one_line(tiny_gguf):
     result = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(tiny_gguf), "--max-tokens",
                              "2"], capture_output=True, text=True, env={**os.environ, "TT_TARGET": "avx9000"})
     assert_one_line_error(result, "TT_TARGET", "avx9000", "avx2")
+
+
+def test_every_error_a_user_can_cause_has_one_base():
+    """A command catches UserError (with ValueError and OSError) and prints its one line."""
+    from models.assets import FetchError
+    from models.chat import ChatTemplateError
+    from models.config import ConfigError
+    from models.images import ImageError
+    from models.tokenizer import TokenizerError
+    from tinytensor.distributed import DistributedError
+    from tinytensor.errors import UserError
+    from tinytensor.state import CheckpointError
+    from tools.eval.data import DataError
+    for error in (CheckpointError, TokenizerError, ConfigError, ImageError, FetchError, ChatTemplateError, DataError,
+                  DistributedError):
+        assert issubclass(error, UserError), error

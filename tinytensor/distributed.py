@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from tinytensor.errors import UserError
+
 
 class Group:
     """One process alone: rank 0 of 1, every collective the identity."""
@@ -60,7 +62,7 @@ class MPIGroup(Group):
         return f"MPIGroup(rank {self.rank} of {self.size})"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """MPI was asked for (the process runs under mpirun) but cannot be used."""
 
 

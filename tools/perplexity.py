@@ -64,10 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512, help="tokens per chunk (default: 512, as llama-perplexity)")
     p.add_argument("--chunks", type=int, help="score only the first N chunks (default: all)")
     args = p.parse_args(argv)
-    from models.assets import FetchError
     from models.llama3 import load
-    from models.tokenizer import TokenizerError
-    from tinytensor.state import CheckpointError
+    from tinytensor.errors import UserError
     try:
         if args.context < 4:
             raise ValueError(f"--context {args.context} is too small: give at least 4 tokens")
@@ -84,7 +82,7 @@ def main(argv=None) -> int:
             print(f"[{k}]{running:.4f},", end="", file=sys.stderr, flush=True)
         ppl, error = perplexity(model, text, args.context, args.chunks, progress)
         print(f"\n[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
-    except (CheckpointError, TokenizerError, FetchError, ValueError, OSError) as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Final estimate: PPL = {ppl:.4f} +/- {error:.5f}")

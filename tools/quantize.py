@@ -36,8 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--allow-requantize", action="store_true",
                    help="allow quantising weights that are already quantised to another type")
     args = p.parse_args(argv)
-    from models.tokenizer import TokenizerError
-    from tinytensor.state import CheckpointError
+    from tinytensor.errors import UserError
 
     try:
         if args.out.exists() or args.out.is_symlink():
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.source}: {len(requantised)} weights (e.g. {requantised[0]}) are already "
                              f"quantised; requantising loses accuracy twice: give --allow-requantize to do it")
         types = write_gguf(args.out, config, arrays, tokenizer, file_type, inputs=[args.source])
-    except (CheckpointError, TokenizerError, ValueError, OSError) as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     counts = Counter(t.name for t in types.values())

@@ -17,11 +17,10 @@ def main(argv=None) -> int:
     p.add_argument("text", help="the text to tokenize (no BOS is added unless the tokenizer always adds one)")
     args = p.parse_args(argv)
     from models.checkpoint import load_tokenizer
-    from models.tokenizer import TokenizerError
-    from tinytensor.state import CheckpointError
+    from tinytensor.errors import UserError
     try:
         tokenizer = load_tokenizer(args.path)
-    except (CheckpointError, TokenizerError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(tokenizer.encode(args.text)))

@@ -5,6 +5,8 @@ with the file's name and what is wrong when a file is missing, truncated or malf
 
 import sys
 
+from tinytensor.errors import UserError
+
 
 def progress(items, description: str, total: int | None = None):
     """A progress bar on stderr while big checkpoints load, shown only to a person at a terminal."""
@@ -13,7 +15,7 @@ def progress(items, description: str, total: int | None = None):
                 disable=not sys.stderr.isatty())
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A weights file that cannot be used: the message names the file and the problem."""
 
 

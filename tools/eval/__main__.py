@@ -42,11 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, help="write the figures as JSON here")
     p.add_argument("--samples", action="store_true", help="with --output: every question's prompt and answer too")
     args = p.parse_args(argv)
-    from models.assets import FetchError
     from models.llama3 import load
-    from models.tokenizer import TokenizerError
-    from tinytensor.state import CheckpointError, files
-    from tools.eval.data import DataError
+    from tinytensor.errors import UserError
+    from tinytensor.state import files
     from tools.eval.run import evaluate, table
     try:
         if args.shots < 0:
@@ -61,7 +59,7 @@ def main(argv=None) -> int:
         tasks = load_tasks(args.task, args.data, subjects)
         model = load(args.checkpoint, dtype=args.dtype, context=args.context)
         results = evaluate(model, tasks, args.shots, args.limit)
-    except (CheckpointError, TokenizerError, FetchError, DataError, ValueError, OSError) as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     speed = results["speed"]

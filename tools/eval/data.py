@@ -16,11 +16,13 @@ import json
 import re
 from pathlib import Path
 
+from tinytensor.errors import UserError
+
 TABLE_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
 SPLITS = {"dev": "dev", "val": "validation", "validation": "validation", "test": "test", "train": "train"}
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data file that is missing, unreadable or not in the expected form (one line)."""
 
 
