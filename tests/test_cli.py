@@ -262,3 +262,15 @@ def test_every_error_a_user_can_cause_has_one_base():
     for error in (CheckpointError, TokenizerError, ConfigError, ImageError, FetchError, ChatTemplateError, DataError,
                   DistributedError):
         assert issubclass(error, UserError), error
+
+
+def test_each_console_script_names_a_command():
+    """pyproject's [project.scripts] (tinytensor-llama, tinytensor-server, ...) point at callables."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"tinytensor-llama", "tinytensor-server", "tinytensor-quantize", "tinytensor-eval"} <= set(scripts)
+    for target in scripts.values():
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name)), target

@@ -105,8 +105,13 @@ def main(argv=None) -> int:
     return 0 if http.started else 1
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """`tinytensor-server`, and python -m tools.server."""
     try:
-        sys.exit(main())
+        return main()
     except KeyboardInterrupt:  # Ctrl-C before the server was up: nothing to say
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(console())
