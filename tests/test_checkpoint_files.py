@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from models import checkpoint
-from models.images import ImageError, open_image
+from models.formats import checkpoint
+from models.llama3.images import ImageError, open_image
 from tinytensor.state import CheckpointError, files
 from tools import make_checkpoint
 

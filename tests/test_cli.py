@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from models import checkpoint
-from models.config import LlamaConfig
-from models.gguf_writer import write_gguf
+from models.formats import checkpoint
+from models.llama3.config import LlamaConfig
+from models.formats.gguf_writer import write_gguf
 from tools import make_checkpoint
 
 TINY = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=64, max_context=64)
@@ -250,11 +250,11 @@ def test_an_unknown_target_is_one_line(tiny_gguf):
 
 def test_every_error_a_user_can_cause_has_one_base():
     """A command catches UserError (with ValueError and OSError) and prints its one line."""
-    from models.assets import FetchError
-    from models.chat import ChatTemplateError
-    from models.config import ConfigError
-    from models.images import ImageError
-    from models.tokenizer import TokenizerError
+    from models.formats.assets import FetchError
+    from models.text.chat import ChatTemplateError
+    from models.llama3.config import ConfigError
+    from models.llama3.images import ImageError
+    from models.text.tokenizer import TokenizerError
     from tinytensor.distributed import DistributedError
     from tinytensor.errors import UserError
     from tinytensor.state import CheckpointError

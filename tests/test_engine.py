@@ -1,12 +1,12 @@
-"""The continuous-batching engine (models/engine.py) and the prefix-reusing sequence cache
-(models/sequence_cache.py) on the real SmolLM2, driven turn by turn on the test's thread."""
+"""The continuous-batching engine (models/generation/engine.py) and the prefix-reusing sequence cache
+(models/generation/sequence_cache.py) on the real SmolLM2, driven turn by turn on the test's thread."""
 import numpy as np
 import pytest
 
-from models.engine import Busy, Engine, Request
+from models.generation.engine import Busy, Engine, Request
 from models.llama3 import load
-from models.sampling import make_sampler
-from models.sequence_cache import CachedSequence
+from models.generation.sampling import make_sampler
+from models.generation.sequence_cache import CachedSequence
 from tinytensor import Tensor
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time there was a",
@@ -145,7 +145,7 @@ def test_the_queue_is_bounded_and_cancelled_requests_leave_at_the_next_turn(mode
 def test_logprobs_and_echo_are_the_models(float_model):
     """A token's log-probability is log_softmax of the logits alone gives; an echo's prompt
     log-probabilities are those of one pass over the prompt (position 0 has none)."""
-    from models.scoring import log_softmax
+    from models.generation.scoring import log_softmax
     model = float_model
     ids = model.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
     engine = Engine(model, parallel=2)

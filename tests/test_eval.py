@@ -19,7 +19,7 @@ import pyarrow  # noqa: E402
 import pyarrow.parquet  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
-from models.scoring import Scorer, encode_pair  # noqa: E402
+from models.generation.scoring import Scorer, encode_pair  # noqa: E402
 from tools.bench_eval import lm_eval_task  # noqa: E402
 from tools.eval import data, tasks  # noqa: E402
 from tools.eval.__main__ import load_tasks  # noqa: E402

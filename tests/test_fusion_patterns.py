@@ -136,8 +136,8 @@ def realized(tensors):
 def test_a_llama_block_is_nine_kernels(backend, capsys, monkeypatch):
     """QKV (with the norm), RoPE of q, RoPE of k, the two cache writes, attention, out-projection
     + residual, SwiGLU (with the norm), down-projection + residual."""
-    from models.checkpoint import random_weights
-    from models.config import LlamaConfig
+    from models.formats.checkpoint import random_weights
+    from models.llama3.config import LlamaConfig
     from models.llama3 import KVCache, Llama
 
     def decode_step_kernels(layers):

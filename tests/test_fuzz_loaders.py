@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from models import checkpoint
-from models.gguf_writer import write_gguf
-from models.tokenizer import TokenizerError
+from models.formats import checkpoint
+from models.formats.gguf_writer import write_gguf
+from models.text.tokenizer import TokenizerError
 from ops import dtypes
 from tinytensor.state import CheckpointError
 from tools import make_checkpoint

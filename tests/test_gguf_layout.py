@@ -18,9 +18,9 @@ import pytest
 import torch
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
 
-from models import checkpoint
-from models.config import from_gguf
-from models.gguf_writer import write_gguf
+from models.formats import checkpoint
+from models.llama3.config import from_gguf
+from models.formats.gguf_writer import write_gguf
 from models.llama3 import Llama
 from ops import dtypes
 from tests.reference import nmse, q8_nmse_per_product, quantised_products_on_path
@@ -41,7 +41,7 @@ def llama3_tokenizer_files(folder, tokenizer_model):
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from models.tokenizer import LLAMA3_PATTERN, Llama3Tokenizer
+    from models.text.tokenizer import LLAMA3_PATTERN, Llama3Tokenizer
 
     specials = sorted(Llama3Tokenizer(tokenizer_model).special.items(), key=lambda item: item[1])
     fast = TikTokenConverter(vocab_file=str(tokenizer_model), pattern=LLAMA3_PATTERN,
@@ -208,7 +208,7 @@ def test_llamacpp_quantized_file_is_computed_as_stored(backend, checkpoints, lla
 
 def k_quant_sized(tmp_path):
     """Our float32 GGUF of a random model whose rows are whole K-quant super-blocks (256)."""
-    from models.config import LlamaConfig
+    from models.llama3.config import LlamaConfig
     config = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=512, max_context=64)
     write_gguf(tmp_path / "f32.gguf", config, checkpoint.RandomArrays(config), dtype=dtypes.float32)
     return tmp_path / "f32.gguf"
@@ -255,7 +255,7 @@ def test_llamacpp_reads_our_k_quants_as_we_do(llamacpp_bin, tmp_path, dtype):
 def test_a_vocabulary_written_by_us_reads_back_as_llamacpp_wrote_it(llamacpp_sources, tmp_path, name):
     """Each tokenizer kind survives our writer: the tokenizer keys of llama.cpp's vocab file come
     back unchanged, and the model file tokenizes as the vocab file does."""
-    from models.config import LlamaConfig
+    from models.llama3.config import LlamaConfig
     source = llamacpp_sources / "models" / f"ggml-vocab-{name}.gguf"
     tokenizer = checkpoint.load_tokenizer(source)
     config = LlamaConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tokenizer.vocab_size, ffn_dim=32)

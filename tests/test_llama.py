@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
 
-from models import checkpoint
-from models.config import LlamaConfig, meta_ffn_dim
-from models.gguf_writer import write_gguf
+from models.formats import checkpoint
+from models.llama3.config import LlamaConfig, meta_ffn_dim
+from models.formats.gguf_writer import write_gguf
 from models.llama3 import KVCache, Llama
 from ops import dtypes
 from tests.reference import nmse, q8_nmse_per_product, quantised_products_on_path

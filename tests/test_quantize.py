@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import checkpoint, quant_mix
-from models.config import SIZES, LlamaConfig
-from models.gguf_writer import write_gguf
+from models.formats import checkpoint, quant_mix
+from models.llama3.config import SIZES, LlamaConfig
+from models.formats.gguf_writer import write_gguf
 from ops import dtypes
 from tinytensor.state import gguf_file
 from tools import quantize

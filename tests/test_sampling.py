@@ -3,7 +3,7 @@ import numpy as np
 from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from models.sampling import make_sampler
+from models.generation.sampling import make_sampler
 
 logit_arrays = hnp.arrays(np.float32, st.integers(2, 50), elements=st.floats(-10, 10, width=32))
 

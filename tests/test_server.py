@@ -21,7 +21,7 @@ import pytest
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
 
 from models.llama3 import load  # noqa: E402
-from models.scoring import log_softmax  # noqa: E402
+from models.generation.scoring import log_softmax  # noqa: E402
 
 PARALLEL, CONTEXT = 8, 512
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -153,7 +153,7 @@ def test_a_seed_gives_the_same_text(client):
 
 
 def test_chat_logprobs_are_the_models(client, model):
-    from models.chat import chat_tokens
+    from models.text.chat import chat_tokens
     reply = chat(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
     entries = reply.choices[0].logprobs.content
     assert len(entries) == reply.usage.completion_tokens == 6

@@ -12,8 +12,8 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from models.chat import chat_tokens
-from models.checkpoint import load_tokenizer
+from models.text.chat import chat_tokens
+from models.formats.checkpoint import load_tokenizer
 
 from tests.test_server import Running
 from tests.tiny_checkpoint import write_tiny_hf

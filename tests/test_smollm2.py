@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.chat import chat_tokens
+from models.text.chat import chat_tokens
 from models.llama3 import load
-from models.sampling import make_sampler
+from models.generation.sampling import make_sampler
 from ops import dtypes
 from tools.perplexity import chunk_nlls
 

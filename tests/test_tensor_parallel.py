@@ -1,4 +1,4 @@
-"""Tensor parallelism (models/tensor_parallel.py, tinytensor/distributed.py): the weights split
+"""Tensor parallelism (models/formats/tensor_parallel.py, tinytensor/distributed.py): the weights split
 and put back together, the collective ops' meaning, and real runs under mpiexec (MPICH from
 PyPI, installed by the test extra) on 1, 2 and 4 ranks over loopback against one process.
 
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import checkpoint, tensor_parallel
-from models.config import LlamaConfig
-from models.gguf_writer import write_gguf
+from models.formats import checkpoint, tensor_parallel
+from models.llama3.config import LlamaConfig
+from models.formats.gguf_writer import write_gguf
 from models.llama3 import load
-from models.vision_config import VISION_SIZES
+from models.llama3.vision_config import VISION_SIZES
 from ops import dtypes
 from tests import tensor_parallel_worker as worker
 from tests.reference import quantised_products_on_path, summation_error
@@ -269,7 +269,7 @@ def test_a_rank_that_dies_ends_every_rank(tiny_gguf, tmp_path):
 
 
 def test_under_mpirun_without_mpi_is_one_line():
-    code = "import sys; sys.modules['mpi4py'] = None; from models.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; sys.modules['mpi4py'] = None; from models.generation.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PMI_SIZE": "2", "PMI_RANK": "0"}
     result = subprocess.run([sys.executable, "-c", code, "--prompt", "hi"], capture_output=True, text=True,
                             timeout=120, env=env)

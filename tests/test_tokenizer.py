@@ -6,9 +6,9 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from models.chat import chat_tokens, llama3_tokens
-from models.checkpoint import gguf_tokenizer
-from models.tokenizer import LLAMA3_PATTERN, Llama3Tokenizer, StreamDecoder
+from models.text.chat import chat_tokens, llama3_tokens
+from models.formats.checkpoint import gguf_tokenizer
+from models.text.tokenizer import LLAMA3_PATTERN, Llama3Tokenizer, StreamDecoder
 from tinytensor.state import gguf_file
 
 TRICKY = ["Hello", " world", "  ", "\n\n", "\t", "\r\n", "123456789", "3.14159", "😀", "👩‍👩‍👧", "数字",
@@ -137,7 +137,7 @@ def hf_tokenizer_folder(smollm2_oracle, tmp_path_factory):
 
 @given(text=texts)
 def test_tokenizer_json_matches_transformers(hf_tokenizer_folder, smollm2_oracle, text):
-    from models.checkpoint import tokenizer_json
+    from models.formats.checkpoint import tokenizer_json
     ours = tokenizer_json(hf_tokenizer_folder)
     assert ours.encode(text, bos=False) == smollm2_oracle.encode(text, add_special_tokens=False)
 

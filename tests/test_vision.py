@@ -16,9 +16,9 @@ import os
 import numpy as np
 import pytest
 
-from models.images import ImageError, ImageSettings, image_spans, preprocess, to_rgb
+from models.llama3.images import ImageError, ImageSettings, image_spans, preprocess, to_rgb
 from models.llama3 import load
-from models.sampling import make_sampler
+from models.generation.sampling import make_sampler
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -82,7 +82,7 @@ def vision_folder(tmp_path_factory):
     """A Vision-Instruct folder in the hub's layout (names of transformers 4.45, as published),
     with the oracle model that wrote it."""
     from safetensors.torch import save_file
-    from models.assets import fetch
+    from models.formats.assets import fetch
 
     folder = tmp_path_factory.mktemp("tiny-vision")
     d = hub_config()

@@ -3,9 +3,9 @@ a 260-token byte-level BPE tokenizer (256 bytes, two merges, <s> and </s>) and, 
 template. For tests of what surrounds the model: loading, serving, hostile files."""
 import json
 
-from models import checkpoint
-from models.config import LlamaConfig
-from models.tokenizer import byte_to_unicode
+from models.formats import checkpoint
+from models.llama3.config import LlamaConfig
+from models.text.tokenizer import byte_to_unicode
 from tools import make_checkpoint
 
 CONFIG = LlamaConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=260, ffn_dim=64, max_context=64)

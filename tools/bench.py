@@ -115,7 +115,7 @@ def peer_file(args) -> str | None:
         return args.checkpoint if args.checkpoint.endswith(".gguf") else None
     if args.size:
         return None
-    from models.assets import fetch
+    from models.formats.assets import fetch
     return str(fetch("smollm2-135m"))
 
 

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.assets import fetch
+    from models.formats.assets import fetch
     from models.llama3 import load
     from tools.eval import data, tasks
     from tools.eval.run import evaluate

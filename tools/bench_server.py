@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from backends.llvm.threads import count as thread_count
-from models.cli import OneLineParser, _whole
+from models.generation.cli import OneLineParser, _whole
 from tools import llamacpp
 
 PROMPTS = ["Once upon a time", "The history of Rome", "In a quiet village", "The main idea of physics is",
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=_whole(16), default=512, help="positions per stream (default: 512)")
     args = p.parse_args(argv)
     streams = args.streams
-    from models.assets import fetch
+    from models.formats.assets import fetch
     checkpoint = Path(args.checkpoint) if args.checkpoint else fetch("smollm2-135m")
 
     port = free_port()

@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from models import checkpoint
-from models.images import ImageSettings, open_image, preprocess
+from models.formats import checkpoint
+from models.llama3.images import ImageSettings, open_image, preprocess
 from models.llama3.vision import VisionEncoder
-from models.vision_config import VISION_SIZES
+from models.llama3.vision_config import VISION_SIZES
 from ops import dtypes
 
 

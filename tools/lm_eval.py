@@ -5,7 +5,7 @@
 (everything after `python -m tools.lm_eval` is lm-eval's CLI; `import tools.lm_eval` registers
 the model for `lm_eval.simple_evaluate(model="tinytensor", ...)` too). model_args: checkpoint (a
 folder or .gguf; default SmolLM2-135M), dtype, context. Requests go through the same prefix-reusing
-scorer as `python -m tools.eval` (models/scoring.py), tokenized as lm-eval's `hf` model tokenizes
+scorer as `python -m tools.eval` (models/generation/scoring.py), tokenized as lm-eval's `hf` model tokenizes
 them, so both give the same numbers. lm-eval is an optional extra: pip install -e '.[eval]'.
 """
 import sys
@@ -17,7 +17,7 @@ try:
 except ImportError:  # pragma: no cover - the message is the point
     sys.exit("error: tools.lm_eval needs lm-evaluation-harness: pip install -e '.[eval]'")
 
-from models.scoring import Scorer, encode, encode_pair
+from models.generation.scoring import Scorer, encode, encode_pair
 from tools.eval.run import fit
 from tools.eval.tasks import cut_at_stops
 

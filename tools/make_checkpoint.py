@@ -6,7 +6,7 @@ tests and benchmarks:
     python -m tools.make_checkpoint --size 1b --layout gguf --dtype float16 OUT.gguf   (llama.cpp's layout)
     python -m tools.make_checkpoint --size 8b --layout gguf --dtype q4_0 OUT.gguf      (quantised blocks)
 
-Weights come in Meta's names and layout (models.checkpoint.random_weights); each writer turns
+Weights come in Meta's names and layout (models.formats.checkpoint.random_weights); each writer turns
 them into its format, including Hugging Face's permuted q/k rows and Meta's shards.
 """
 import argparse
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models import checkpoint
-from models.assets import fetch
-from models.config import META_FFN, SIZES, LlamaConfig, meta_ffn_dim, size_of
-from models.gguf_writer import write_gguf
-from models.tokenizer import Llama3Tokenizer
+from models.formats import checkpoint
+from models.formats.assets import fetch
+from models.llama3.config import META_FFN, SIZES, LlamaConfig, meta_ffn_dim, size_of
+from models.formats.gguf_writer import write_gguf
+from models.text.tokenizer import Llama3Tokenizer
 from ops import dtypes
 from tinytensor.state import safetensors_file
 

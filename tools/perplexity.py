@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.scoring import log_softmax
+from models.generation.scoring import log_softmax
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@
 The source is a Hugging Face folder, a Meta folder or a GGUF file. Each weight is read from the
 memory-mapped source, converted a few thousand rows at a time and written, so the peak memory is
 about one tensor. The types per tensor are llama-quantize's for the same file type (see
-models/quant_mix.py; --pure gives every matrix the one type); the file has llama.cpp's layout,
+models/formats/quant_mix.py; --pure gives every matrix the one type); the file has llama.cpp's layout,
 with the tokenizer and chat template, and loads in llama.cpp. Requantising weights that are
 already quantised to another type loses accuracy twice: as llama-quantize, it asks for
 --allow-requantize. An existing output file is never overwritten: the file is written under a fresh temporary name
@@ -19,9 +19,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from models import checkpoint, quant_mix
-from models.cli import OneLineParser
-from models.gguf_writer import write_gguf
+from models.formats import checkpoint, quant_mix
+from models.generation.cli import OneLineParser
+from models.formats.gguf_writer import write_gguf
 
 
 def main(argv=None) -> int:

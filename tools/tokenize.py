@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     p.add_argument("path", type=Path, help="a checkpoint folder, a .gguf file or a Llama 3 tokenizer.model")
     p.add_argument("text", help="the text to tokenize (no BOS is added unless the tokenizer always adds one)")
     args = p.parse_args(argv)
-    from models.checkpoint import load_tokenizer
+    from models.formats.checkpoint import load_tokenizer
     from tinytensor.errors import UserError
     try:
         tokenizer = load_tokenizer(args.path)

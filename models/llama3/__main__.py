@@ -1,5 +1,5 @@
 import sys
 
-from models.cli import main
+from models.generation.cli import main
 
 sys.exit(main())

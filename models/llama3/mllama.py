@@ -6,7 +6,7 @@ image encoder's features, written against the Tensor API only.
           + tanh(g_mlp) * seen * mlp(rms_norm(.))
     every other layer: the Llama block (models/llama3/model.py)
 
-A text row attends to the images whose span holds its position (models/images.py); `seen` is 0
+A text row attends to the images whose span holds its position (models/llama3/images.py); `seen` is 0
 for rows that see no image, so those rows pass the layer unchanged, as Meta's reference does
 (current transformers zeroes only the MLP part there). The image keys and values of every cross
 layer are computed once per prompt and kept in the cache for the whole generation; a prompt
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.images import ImageError, ImageSettings, Pixels, image_spans, open_image, preprocess
+from models.llama3.images import ImageError, ImageSettings, Pixels, image_spans, open_image, preprocess
 from models.llama3.model import KVCache, Llama
 from models.llama3.vision import VisionEncoder
-from models.vision_config import MllamaConfig
+from models.llama3.vision_config import MllamaConfig
 from tinytensor import Tensor, nn
 
 NEVER = np.iinfo(np.int64).max  # the end of a span that runs on through generation

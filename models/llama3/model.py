@@ -4,23 +4,18 @@
            -> rms_norm -> output head -> logits
 
 Weights use Meta's names and layout (`layers.0.attention.wq.weight`, rows = output features);
-the loaders in models/checkpoint.py bring every on-disk format to that form.
-`python -m models.llama3 --help` runs the command line (models/cli.py, through __main__.py).
+the loaders in models/formats/ bring every on-disk format to that form (models/formats/loading.py
+builds this model from a path or a size).
+`python -m models.llama3 --help` runs the command line (models/generation/cli.py, through __main__.py).
 """
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from models.config import SIZES, LlamaConfig, rope_frequencies
-from models.sequence_cache import CachedSequence
-from models.vision_config import VISION_SIZES, MllamaConfig
-from models.tokenizer import Llama3Tokenizer
+from models.generation.sequence_cache import CachedSequence
+from models.llama3.config import LlamaConfig, rope_frequencies
 from tinytensor import Tensor, dtypes, nn
 from tinytensor.distributed import SINGLE, Group
-from tinytensor.state import CheckpointError
 
 
 @dataclass
@@ -49,7 +44,7 @@ class KVCache:
 class Llama:
     def __init__(self, config: LlamaConfig, weights: dict[str, Tensor], tokenizer=None, context: int = 8192,
                  group: Group = SINGLE):
-        """group: the processes the weights are split over (models/tensor_parallel.py); weights
+        """group: the processes the weights are split over (models/formats/tensor_parallel.py); weights
         then holds this process's shards, and it computes its share of the heads."""
         self.config, self.weights, self.tokenizer, self.group = config, weights, tokenizer, group
         self.heads, self.kv_heads = config.n_heads // group.size, config.n_kv_heads // group.size
@@ -147,7 +142,7 @@ class Llama:
 
     def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None, images=()):
         """Yield new token ids: the prompt in one pass, then one token per step with the cache.
-        sampler: (logits, history) -> id, e.g. models.sampling.make_sampler(temperature=0);
+        sampler: (logits, history) -> id, e.g. models.generation.sampling.make_sampler(temperature=0);
         images as for `logits`."""
         ids = self.check_ids(ids)
         if type(max_tokens) is not int or max_tokens < 1:
@@ -175,85 +170,3 @@ class Llama:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context holds "
                              f"{self.context}: shorten it or use --context")
         return np.asarray(ids, dtype=np.int64)
-
-
-# ---- loading ------------------------------------------------------------------------------------
-
-HF_REPOS = {"1b": "Llama-3.2-1B", "3b": "Llama-3.2-3B", "8b": "Llama-3.1-8B", "70b": "Llama-3.1-70B",
-            "405b": "Llama-3.1-405B", "11b": "Llama-3.2-11B-Vision", "90b": "Llama-3.2-90B-Vision"}
-
-
-def find_local(size: str) -> Path:
-    """Where users keep Llama weights: the Hugging Face cache, then Meta's download folder."""
-    hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-    for variant in ("-Instruct", ""):
-        repo = HF_REPOS[size] + variant
-        snapshots = sorted((hub / f"models--meta-llama--{repo}" / "snapshots").glob("*/config.json"))
-        if snapshots:
-            return snapshots[-1].parent
-        meta = Path.home() / ".llama" / "checkpoints" / repo.replace("Llama-", "Llama")
-        if (meta / "params.json").exists():
-            return meta
-    raise CheckpointError(
-        f"no {HF_REPOS[size]} weights found in {hub} or ~/.llama/checkpoints: download them with "
-        f"`huggingface-cli download meta-llama/{HF_REPOS[size]}-Instruct` (or Meta's `llama model download`), "
-        f"pass --checkpoint PATH, or use --random-init")
-
-
-def available_memory() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
-def load(path_or_size=None, random_init: bool = False, dtype=None, context: int = 8192,
-         group: Group = SINGLE) -> Llama:
-    """A model from a checkpoint path, a published size ('1b' ... '405b'), or (None) the
-    embedded default, SmolLM2-135M-Instruct. random_init builds a size's exact architecture with
-    random weights and the Llama 3 tokenizer. group: the processes to split it over (each call
-    loads its own process's shards: tinytensor.distributed.from_environment() under mpirun)."""
-    part = (group.rank, group.size)
-    from models import checkpoint
-    from models.assets import fetch
-
-    if path_or_size is None:
-        path_or_size = fetch("smollm2-135m")
-    if random_init:
-        if path_or_size not in SIZES and path_or_size not in VISION_SIZES:
-            raise ValueError(f"--random-init needs a size ({', '.join([*SIZES, *VISION_SIZES])}), "
-                             f"got {path_or_size!r}")
-        config = SIZES.get(path_or_size) or VISION_SIZES[path_or_size]
-        dt = dtypes.to_dtype(dtype or "float32")
-        need, free = config.n_params() * dt.itemsize, available_memory()
-        if need > 0.9 * free:
-            halved = dt.itemsize == 4 and need / 2 <= 0.9 * free
-            raise MemoryError(f"{path_or_size} with random {dt.name} weights needs {need / 2**30:.1f} GiB "
-                              f"but {free / 2**30:.1f} GiB is free: "
-                              f"{'use --dtype bfloat16' if halved else 'pick a smaller size'}")
-        vision = isinstance(config, MllamaConfig)
-        tokenizer = Llama3Tokenizer(fetch("llama3-tokenizer"), config.image_token_id if vision else None)
-        return _model(config, checkpoint.random_weights(config, dtype=dt, part=part), tokenizer, context, group=group)
-    if path_or_size in SIZES or path_or_size in VISION_SIZES:
-        path_or_size = find_local(path_or_size)
-    elif isinstance(path_or_size, str) and re.fullmatch(r"\d+(\.\d+)?[bBmM]", path_or_size) \
-            and not Path(path_or_size).exists():
-        raise ValueError(f"unknown size {path_or_size!r}: the sizes are {', '.join(SIZES)}; or give a checkpoint path")
-    config, weights, tokenizer = checkpoint.load(Path(path_or_size), dtype, part)
-    if tokenizer is None:
-        raise CheckpointError(f"{path_or_size}: has weights but no tokenizer: looked for tokenizer.json, "
-                              f"tokenizer.model and original/tokenizer.model; copy the model's tokenizer files "
-                              f"next to its weights")
-    return _model(config, weights, tokenizer, context, Path(path_or_size), group)
-
-
-def _model(config, weights, tokenizer, context, folder=None, group=SINGLE) -> Llama:
-    """A Llama, or for a Llama 3.2 Vision config the model with its image encoder."""
-    if not isinstance(config, MllamaConfig):
-        return Llama(config, weights, tokenizer, context, group)
-    from models.images import ImageSettings
-    from models.llama3.mllama import VisionLlama
-    v = config.vision
-    settings = ImageSettings.from_folder(folder, v.image_size, v.max_tiles) if folder and folder.is_dir() else None
-    return VisionLlama(config, weights, tokenizer, context, settings)

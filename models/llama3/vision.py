@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from models.vision_config import VisionConfig
+from models.llama3.vision_config import VisionConfig
 from tinytensor import Tensor, nn
 
 

@@ -27,7 +27,7 @@ def load_tasks(name: str, data: Path, subjects: list[str] | None):
 
 
 def main(argv=None) -> int:
-    from models.cli import OneLineParser
+    from models.generation.cli import OneLineParser
     from ops import dtypes
     p = OneLineParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a checkpoint folder or .gguf file (default: SmolLM2-135M)")

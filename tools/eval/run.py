@@ -4,7 +4,7 @@ with the pooled standard error."""
 import math
 import time
 
-from models.scoring import Scorer, encode, encode_pair
+from models.generation.scoring import Scorer, encode, encode_pair
 from tools.eval.tasks import MAX_GEN_TOKENS, MMLU_CATEGORIES, TRIVIAQA_STOPS, Task, cut_at_stops
 
 

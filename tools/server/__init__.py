@@ -1,2 +1,2 @@
 """python -m tools.server: an OpenAI-compatible HTTP server over the continuous-batching engine
-(models/engine.py). app.py is the HTTP side, protocol.py the API's fields and objects."""
+(models/generation/engine.py). app.py is the HTTP side, protocol.py the API's fields and objects."""

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 
-from models.cli import OneLineParser, _whole
+from models.generation.cli import OneLineParser, _whole
 from ops import dtypes
 
 
@@ -54,9 +54,9 @@ def parse_args(argv):
 def loader(args):
     """What the engine thread runs: the model and the sampling defaults of its checkpoint."""
     def load():
-        from models import checkpoint
+        from models.formats import checkpoint
         from models.llama3 import available_memory, load
-        from models.sampling import DEFAULTS
+        from models.generation.sampling import DEFAULTS
 
         model = load(args.checkpoint, dtype=args.dtype, context=args.context)
         c = model.config

@@ -1,5 +1,5 @@
 """The HTTP side of the server: a Starlette app whose handlers check a request
-(tools/server/protocol.py), hand its prompt to the engine (models/engine.py, running on its own
+(tools/server/protocol.py), hand its prompt to the engine (models/generation/engine.py, running on its own
 thread) and turn the tokens that come back into OpenAI response objects or server-sent events.
 
 Starlette + uvicorn: the standard small ASGI pair (FastAPI is built on them), with streaming
@@ -20,10 +20,10 @@ from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from models.chat import chat_tokens
-from models.engine import Busy, Engine, Request
-from models.sampling import make_sampler
-from models.tokenizer import StreamDecoder
+from models.text.chat import chat_tokens
+from models.generation.engine import Busy, Engine, Request
+from models.generation.sampling import make_sampler
+from models.text.tokenizer import StreamDecoder
 from tools.server import protocol
 from tools.server.protocol import BadRequest, error_body
 from tools.server.templates import TemplateRenderer

@@ -8,7 +8,7 @@ is a 400 with a message naming the field.
 import time
 import uuid
 
-from models.sampling import RULES
+from models.generation.sampling import RULES
 
 
 class BadRequest(ValueError):
@@ -106,7 +106,7 @@ def is_id(i) -> bool:
 
 
 def chat_messages(body: dict) -> list[dict]:
-    """/v1/chat/completions' messages as models.chat takes them: role and text content (a string
+    """/v1/chat/completions' messages as models.text.chat takes them: role and text content (a string
     or text parts, joined)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

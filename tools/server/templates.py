@@ -2,8 +2,8 @@
 exhaust the server: Jinja runs Python on the thread that calls it, and a template with nested
 loops would hold the event loop (and /health, and SIGTERM) for as long as it ran.
 
-The child (`python -m tools.server.templates`, importing only models.chat and jinja2) renders one
-template at a time with models.chat.render_pieces under an address-space bound, reading requests
+The child (`python -m tools.server.templates`, importing only models.text.chat and jinja2) renders one
+template at a time with models.text.chat.render_pieces under an address-space bound, reading requests
 and writing replies as JSON lines on its stdin and stdout. A render that takes longer than the
 time bound is answered with an error and the child killed; a fresh one starts for the next request.
 """
@@ -24,7 +24,7 @@ class TemplateFailure(ValueError):
 
 
 class TemplateRenderer:
-    """models.chat.render_pieces' signature, run in a child process with time and memory bounds.
+    """models.text.chat.render_pieces' signature, run in a child process with time and memory bounds.
     Thread-safe: one render at a time."""
 
     def __init__(self, timeout: float = TIMEOUT_S, memory: int = MEMORY_BYTES):
@@ -89,7 +89,7 @@ def serve(memory: int):
     """The child: one JSON request a line in, one JSON reply a line out."""
     import resource
 
-    from models.chat import render_pieces
+    from models.text.chat import render_pieces
     render_pieces("{{ messages[0]['content'] }}", [{"role": "user", "content": "warm"}])  # imports jinja2 first
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     for line in sys.stdin:
@@ -97,7 +97,7 @@ def serve(memory: int):
             r = json.loads(line)
             pieces, found = render_pieces(r["template"], r["messages"], r["add_generation_prompt"], **r["special"])
             reply = {"pieces": pieces, "found": found}
-        except ValueError as e:  # models.chat's own: one line that says what failed
+        except ValueError as e:  # models.text.chat's own: one line that says what failed
             reply = {"error": str(e)}
         except MemoryError:
             reply = {"error": f"the chat template needed more than {memory >> 20} MiB to render these messages"}

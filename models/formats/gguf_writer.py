@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models import checkpoint, quant_mix
-from models.config import LlamaConfig, rope_freq_factors
-from models.quant_mix import FileType
-from models.spm_tokenizer import SentencePieceTokenizer
-from models.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, byte_to_unicode
+from models.formats import checkpoint, quant_mix
+from models.llama3.config import LlamaConfig, rope_freq_factors
+from models.formats.quant_mix import FileType
+from models.text.spm_tokenizer import SentencePieceTokenizer
+from models.text.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, byte_to_unicode
 from ops import dtypes
 from tinytensor.state import files, progress
 
@@ -33,7 +33,7 @@ def write_gguf(path: Path, config: LlamaConfig, weights: Mapping, tokenizer=None
     weights: Meta names -> float arrays, or (array, dtype) pairs as checkpoint.read gives them
     (stored bits of any float or block type; a tensor already in its target type is copied as
     it is). dtype: one type for every matrix (norms stay float32; rows that are not whole
-    blocks fall back as llama.cpp's do), or a models.quant_mix.FileType such as Q4_K_M.
+    blocks fall back as llama.cpp's do), or a models.formats.quant_mix.FileType such as Q4_K_M.
     tokenizer: a loaded tokenizer, or None for a stand-in byte-level vocabulary of
     config.vocab_size tokens (random test models). The file appears at `path` only once it is
     complete, and never over an existing file or one of `inputs` (the files read). Returns each

@@ -69,7 +69,7 @@ class Llama3Tokenizer:
         self.stop_ids = {self.eos_id, self.special["<|eom_id|>"], self.special["<|eot_id|>"]}
         self.vocab_size = len(ranks) + len(names)
         self.chat_template = None  # set by the loader from tokenizer_config.json when there is one
-        self.instruct = False      # Meta Instruct checkpoints: chat in Meta's format (models/chat.py)
+        self.instruct = False      # Meta Instruct checkpoints: chat in Meta's format (models/text/chat.py)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special=False) -> list[int]:
         """allow_special: special-token text is its token (True), plain text (False), or its token

@@ -7,7 +7,7 @@ keep Hugging Face's names. Both of transformers' layouts are read: the hub's fil
 (`language_model.model.*`, `language_model.lm_head.weight`, `vision_model.*`) and what
 transformers >= 5 saves (`model.language_model.*`, `lm_head.weight`, `model.vision_model.*`).
 """
-from models.vision_config import MllamaConfig
+from models.llama3.vision_config import MllamaConfig
 
 CROSS_NAMES = {  # after "layers.N." in a cross layer
     "cross_attn.q_proj.weight": "cross_attention.wq.weight", "cross_attn.k_proj.weight": "cross_attention.wk.weight",

@@ -14,13 +14,13 @@ import sys
 import threading
 import time
 
-from models.chat import chat_tokens, check_chat_format, has_chat_format
-from models.config import SIZES
-from models.images import open_image
-from models.vision_config import VISION_SIZES
-from models.sampling import DEFAULTS, RULES, check_setting, make_sampler
-from models.sequence_cache import CachedSequence
-from models.tokenizer import StreamDecoder
+from models.text.chat import chat_tokens, check_chat_format, has_chat_format
+from models.llama3.config import SIZES
+from models.llama3.images import open_image
+from models.llama3.vision_config import VISION_SIZES
+from models.generation.sampling import DEFAULTS, RULES, check_setting, make_sampler
+from models.generation.sequence_cache import CachedSequence
+from models.text.tokenizer import StreamDecoder
 from ops import dtypes
 from tinytensor import distributed
 from tinytensor.distributed import SINGLE
@@ -130,7 +130,7 @@ def parse_args(argv):
 def run(args, group=SINGLE) -> None:
     """group: the processes the model is split over (under mpirun): each loads its shards and
     follows the same steps; rank 0 reads the input and prints."""
-    from models import checkpoint
+    from models.formats import checkpoint
     from models.llama3 import load
 
     images = [open_image(path) for path in args.image]  # a bad image fails now, not after loading

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.scoring import log_softmax
-from models.sequence_cache import CachedSequence, common_prefix
+from models.generation.scoring import log_softmax
+from models.generation.sequence_cache import CachedSequence, common_prefix
 from tinytensor import Tensor
 from tinytensor.jit import jit
 
@@ -40,7 +40,7 @@ class Token:
 class Request:
     ids: list[int]
     max_tokens: int
-    sampler: object                  # (logits, history) -> id, models.sampling.make_sampler
+    sampler: object                  # (logits, history) -> id, models.generation.sampling.make_sampler
     emit: object                     # (kind, payload) -> None, see the module's docstring
     stop_ids: frozenset = frozenset()
     logprobs: int | None = None      # None: none; k: each token's log p and the k likeliest

@@ -10,7 +10,7 @@ token). Answers of one token each (" A", " B", ...) are scored together from one
 """
 import numpy as np
 
-from models.sequence_cache import CachedSequence
+from models.generation.sequence_cache import CachedSequence
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -3,7 +3,7 @@ a Llama 3.1 text model with cross-attention layers inserted among its self-atten
 and a two-stage ViT image encoder whose features those layers attend to."""
 from dataclasses import dataclass
 
-from models.config import ConfigError, LlamaConfig, _fields, _typed, _LLAMA31, hf_text_config
+from models.llama3.config import ConfigError, LlamaConfig, _fields, _typed, _LLAMA31, hf_text_config
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ first on a tie). A symbol left that is no token is written as its bytes' `<0xXX>
 """
 import heapq
 
-from models.tokenizer import TokenizerError, VocabTokenizer
+from models.text.tokenizer import TokenizerError, VocabTokenizer
 
 SPACE = "▁"  # U+2581, SentencePiece's visible space
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models import config as configs, tensor_parallel, vision_checkpoint, vision_config
-from models.quant_mix import fallback
-from models.spm_tokenizer import SentencePieceTokenizer
-from models.tokenizer import PRE_TOKENIZERS, BPETokenizer, Llama3Tokenizer, TokenizerError
+from models.formats import tensor_parallel, vision_checkpoint
+from models.formats.quant_mix import fallback
+from models.llama3 import config as configs, vision_config
+from models.text.spm_tokenizer import SentencePieceTokenizer
+from models.text.tokenizer import PRE_TOKENIZERS, BPETokenizer, Llama3Tokenizer, TokenizerError
 from ops import dtypes
 from tinytensor import Tensor
 from tinytensor.state import CheckpointError, files, gguf_file, progress, pth_file, safetensors_file
@@ -67,7 +68,7 @@ def load(path: Path, dtype=None, part=(0, 1)):
     quantise them to it when it is a block type ('q8_0', 'q4_0', ...: see `quantised`); None
     keeps what the file holds (float types and the block types of ops/blocks.py as stored, other
     quantised GGUF tensors as bfloat16). part: (rank, size), the weights of process `rank` of
-    `size` under tensor parallelism (models/tensor_parallel.py), split before any cast."""
+    `size` under tensor parallelism (models/formats/tensor_parallel.py), split before any cast."""
     path = Path(path)
     config, arrays, tokenizer = read(path, part)
     if part[1] > 1:

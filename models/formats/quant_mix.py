@@ -15,7 +15,7 @@ so that a file we write holds the same types as one llama-quantize makes from th
 """
 from dataclasses import dataclass, replace
 
-from models.config import LlamaConfig
+from models.llama3.config import LlamaConfig
 from ops import dtypes
 
 
