@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from models.formats import checkpoint
+from models.formats import checkpoint, hf as hf_format
 from models.llama3.images import ImageError, open_image
 from tinytensor.state import CheckpointError, files
 from tools import make_checkpoint
@@ -68,16 +68,16 @@ def test_a_symlink_out_of_the_folder_is_refused_and_trusted_on_request(hf, tmp_p
     (hf / "tokenizer.json").write_text("{}")  # any tokenizer reads the template beside it
     (hf / "tokenizer_config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="chat_template.jinja: leads outside .* set TT_TRUST_LINKS=1"):
-        checkpoint._chat_template(hf, {})
+        hf_format.chat_template(hf, {})
     monkeypatch.setenv("TT_TRUST_LINKS", "1")
-    assert checkpoint._chat_template(hf, {}) == "{{ messages[0]['content'] }}"
+    assert hf_format.chat_template(hf, {}) == "{{ messages[0]['content'] }}"
 
 
 def test_a_symlink_to_etc_passwd_is_never_read(hf):
     (hf / "chat_template.jinja").unlink(missing_ok=True)
     (hf / "chat_template.jinja").symlink_to("/etc/passwd")
     with pytest.raises(CheckpointError, match="leads outside"):
-        checkpoint._chat_template(hf, {})
+        hf_format.chat_template(hf, {})
 
 
 def test_a_symlink_inside_the_folder_is_followed(hf):
@@ -111,7 +111,7 @@ def test_a_fifo_in_a_meta_folder_is_refused_without_blocking(meta, name):
 def test_a_fifo_as_generation_config_is_refused_without_blocking(hf):
     os.mkfifo(hf / "generation_config.json")
     with pytest.raises(CheckpointError, match="is a FIFO"):
-        checkpoint.generation_settings(hf)
+        hf_format.generation_settings(hf)
 
 
 def test_a_device_is_refused_even_when_links_are_trusted(hf, monkeypatch):

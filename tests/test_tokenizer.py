@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from models.text.chat import chat_tokens, llama3_tokens
-from models.formats.checkpoint import gguf_tokenizer
+from models.formats.gguf import read_tokenizer as gguf_tokenizer
 from models.text.tokenizer import LLAMA3_PATTERN, Llama3Tokenizer, StreamDecoder
 from tinytensor.state import gguf_file
 
@@ -137,7 +137,7 @@ def hf_tokenizer_folder(smollm2_oracle, tmp_path_factory):
 
 @given(text=texts)
 def test_tokenizer_json_matches_transformers(hf_tokenizer_folder, smollm2_oracle, text):
-    from models.formats.checkpoint import tokenizer_json
+    from models.formats.hf import tokenizer_json
     ours = tokenizer_json(hf_tokenizer_folder)
     assert ours.encode(text, bos=False) == smollm2_oracle.encode(text, add_special_tokens=False)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.formats import checkpoint
+from models.formats import checkpoint, hf, meta
 from models.formats.assets import fetch
 from models.llama3.config import META_FFN, SIZES, LlamaConfig, meta_ffn_dim, size_of
 from models.formats.gguf_writer import write_gguf
@@ -27,8 +27,8 @@ from models.text.tokenizer import Llama3Tokenizer
 from ops import dtypes
 from tinytensor.state import safetensors_file
 
-HF_FROM_META = {meta: hf for hf, meta in checkpoint.HF_NAMES.items()}
-HF_TOP_FROM_META = {meta: hf for hf, meta in checkpoint.HF_TOP.items()}
+HF_FROM_META = {meta: hf for hf, meta in hf.NAMES.items()}
+HF_TOP_FROM_META = {meta: hf for hf, meta in hf.TOP.items()}
 
 
 def permute_for_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -117,7 +117,7 @@ def write_meta(folder: Path, c: LlamaConfig, weights: dict[str, np.ndarray], dty
     for k in range(shards):
         state = {}
         for name, w in weights.items():
-            axis = checkpoint.META_SHARD_AXIS.get(name.split(".")[-2])
+            axis = meta.SHARD_AXIS.get(name.split(".")[-2])
             part = w if axis is None or shards == 1 else np.split(w, shards, axis=axis)[k]
             state[name] = torch.from_numpy(np.ascontiguousarray(part)).to(torch_dtype)
         torch.save(state, folder / f"consolidated.{k:02d}.pth")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.formats import checkpoint, quant_mix
+from models.formats import checkpoint, gguf, quant_mix
 from models.llama3.config import LlamaConfig, rope_freq_factors
 from models.formats.quant_mix import FileType
 from models.text.spm_tokenizer import SentencePieceTokenizer
@@ -22,8 +22,8 @@ from models.text.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer,
 from ops import dtypes
 from tinytensor.state import files, progress
 
-GGUF_FROM_META = {meta: name for name, meta in checkpoint.GGUF_NAMES.items()}
-GGUF_TOP_FROM_META = {meta: name for name, meta in checkpoint.GGUF_TOP.items()}
+GGUF_FROM_META = {meta: name for name, meta in gguf.NAMES.items()}
+GGUF_TOP_FROM_META = {meta: name for name, meta in gguf.TOP.items()}
 
 
 def write_gguf(path: Path, config: LlamaConfig, weights: Mapping, tokenizer=None,

@@ -130,7 +130,7 @@ def parse_args(argv):
 def run(args, group=SINGLE) -> None:
     """group: the processes the model is split over (under mpirun): each loads its shards and
     follows the same steps; rank 0 reads the input and prints."""
-    from models.formats import checkpoint
+    from models.formats import hf
     from models.llama3 import load
 
     images = [open_image(path) for path in args.image]  # a bad image fails now, not after loading
@@ -143,7 +143,7 @@ def run(args, group=SINGLE) -> None:
     tok = model.tokenizer
     if args.chat:
         check_chat_format(tok)  # before the first message, not after it
-    settings = {**DEFAULTS, **(checkpoint.generation_settings(args.checkpoint) if args.checkpoint else {})}
+    settings = {**DEFAULTS, **(hf.generation_settings(args.checkpoint) if args.checkpoint else {})}
     stop_ids = tok.stop_ids | settings.pop("stop_ids", set())
     for name in DEFAULTS:
         if getattr(args, name) is not None:

@@ -13,6 +13,7 @@ And writing what a tool makes (new_file): under a fresh temporary name, renamed 
 once whole, so that no failure (a full disk, Ctrl-C) leaves a user's file damaged or replaced.
 """
 import contextlib
+import json
 import os
 import stat
 import tempfile
@@ -85,6 +86,17 @@ def read_bytes(path: Path, limit: int | None = None) -> bytes:
     if len(data) > limit:
         raise too_big
     return data
+
+
+def read_json(folder: Path, name: str):
+    """A JSON file of the checkpoint folder: inside it, regular, bounded, parsed."""
+    path = inside(folder, name)
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{Path(folder) / name}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{Path(folder) / name}: not valid JSON (nested too deeply)") from None
 
 
 def read_text(path: Path, limit: int | None = None) -> str:

@@ -54,7 +54,7 @@ def parse_args(argv):
 def loader(args):
     """What the engine thread runs: the model and the sampling defaults of its checkpoint."""
     def load():
-        from models.formats import checkpoint
+        from models.formats import hf
         from models.llama3 import available_memory, load
         from models.generation.sampling import DEFAULTS
 
@@ -64,7 +64,7 @@ def loader(args):
         if need > 0.9 * available_memory():
             raise MemoryError(f"{args.parallel} sequences of {model.context} positions need {need / 2**30:.1f} GiB "
                               f"of cache: lower --parallel or --context")
-        generation = checkpoint.generation_settings(args.checkpoint) if args.checkpoint else {}
+        generation = hf.generation_settings(args.checkpoint) if args.checkpoint else {}
         stop_ids = model.tokenizer.stop_ids | generation.pop("stop_ids", set())
         return model, {"sampling": {**DEFAULTS, **generation}, "stop_ids": stop_ids}
     return load
