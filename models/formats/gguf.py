@@ -17,7 +17,7 @@ NAMES = {
     "ffn_norm.weight": "ffn_norm.weight",
 }
 TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-            "output.weight": "output.weight"}
+       "output.weight": "output.weight"}
 
 
 def read(path: Path):

@@ -21,7 +21,7 @@ NAMES = {  # Hugging Face name (after "model.layers.N.") -> Meta name (after "la
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
 TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-          "lm_head.weight": "output.weight"}
+       "lm_head.weight": "output.weight"}
 MAX_TEMPLATE_BYTES = 1 << 20  # real chat templates are a few KB
 
 
