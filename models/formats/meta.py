@@ -13,7 +13,7 @@ from tinytensor.state import CheckpointError, files, pth_file
 
 # Meta's model-parallel shards split these along the given axis; norms are replicated.
 SHARD_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
-                   "wo": 1, "w2": 1, "tok_embeddings": 1}
+              "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
 def read(folder: Path, part=(0, 1)):
