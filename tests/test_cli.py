@@ -179,7 +179,7 @@ def test_help_exits_cleanly(tool):
 
 def test_bench_ops_runs_every_case_quickly():
     """tools.bench_ops --quick: every case runs and prints a positive rate (a smoke test, not
-    a timing: the figures live in the README)."""
+    a timing: the figures live in docs/performance.md)."""
     result = subprocess.run([sys.executable, "-m", "tools.bench_ops", "--quick", "--repeat", "1"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr

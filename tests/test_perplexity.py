@@ -86,5 +86,5 @@ def test_llamacpp_gives_the_same_perplexity_on_its_quantised_files(smollm2_path,
     done = subprocess.run([str(llamacpp_bin / "llama-quantize"), "--allow-requantize", str(smollm2_path), str(out),
                            ftype], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    (ppl, _), (their_ppl, _) = perplexities(out, Path(__file__).parent.parent / "README.md", llamacpp_bin, 512, 8)
+    (ppl, _), (their_ppl, _) = perplexities(out, Path(__file__).parent / "data" / "perplexity-text.md", llamacpp_bin, 512, 8)
     assert abs(ppl - their_ppl) <= 5e-3 * their_ppl, (ppl, their_ppl)
