@@ -376,31 +376,48 @@ def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
                           B.ctypes.data, _leading(B), C.ctypes.data, _leading(C))]
 
 
+def _fused(plan, node, arrays, out):
+    elementwise(plan, node.arg.program, arrays, [s.dtype for s in node.srcs], out, node.dtype)
+
+
+def _fused_reduce(plan, node, arrays, out):
+    reduction(plan, node.arg.reduce, node.arg.program, arrays, [s.dtype for s in node.srcs], node.arg.axes, out,
+              node.dtype)
+
+
+def _elementwise_op(plan, node, arrays, out):
+    program = (Instruction(node.op, node.arg, tuple(range(len(arrays))), node.dtype),)
+    elementwise(plan, program, arrays, [s.dtype for s in node.srcs], out, node.dtype)
+
+
+def _reduce_op(plan, node, arrays, out):
+    program = (Instruction("cast", node.dtype, (0,), node.dtype),)  # the identity: read the input as is
+    reduction(plan, node.op, program, arrays, [s.dtype for s in node.srcs], node.arg, out, node.dtype)
+
+
+def _matmul_op(plan, node, arrays, out):
+    matmul(plan, *arrays, *(s.dtype for s in node.srcs), out, node.dtype)
+
+
+# op -> (whether this node of it runs natively, the lowering that adds its calls to a plan)
+LOWERINGS = {
+    "fused": (lambda node: True, _fused),
+    "fused_reduce": (lambda node: True, _fused_reduce),
+    "fused_linear": (lambda node: True, linear),
+    "attention": (lambda node: True, attention),
+    "matmul": (lambda node: node.dtype.is_float, _matmul_op),
+    **{op: (lambda node: bool(node.srcs), _elementwise_op) for op in ELEMENTWISE},
+    **{op: (lambda node: True, _reduce_op) for op in REDUCE},
+}
+
+
 def native(node) -> bool:
+    """Whether `node` has a kernel here; the others run their NumPy meaning."""
     if any(s.dtype.block for s in node.srcs) and node.op != "fused_linear":
         return False  # the reference dequantises (a cast) or picks rows (a gather)
-    return (node.op in ELEMENTWISE and bool(node.srcs)) or node.op in REDUCE or \
-        node.op in ("fused", "fused_reduce", "fused_linear", "attention") or \
-        (node.op == "matmul" and node.dtype.is_float)
+    return node.op in LOWERINGS and LOWERINGS[node.op][0](node)
 
 
 def plan_node(plan, node, arrays, out):
     """Add the calls that compute `node` from `arrays` into `out`."""
-    in_types = [s.dtype for s in node.srcs]
-    if node.op == "fused":
-        elementwise(plan, node.arg.program, arrays, in_types, out, node.dtype)
-    elif node.op == "fused_reduce":
-        reduce, axes, program = node.arg.reduce, node.arg.axes, node.arg.program
-        reduction(plan, reduce, program, arrays, in_types, axes, out, node.dtype)
-    elif node.op in ELEMENTWISE:
-        program = (Instruction(node.op, node.arg, tuple(range(len(arrays))), node.dtype),)
-        elementwise(plan, program, arrays, in_types, out, node.dtype)
-    elif node.op in REDUCE:
-        program = (Instruction("cast", node.dtype, (0,), node.dtype),)  # the identity: read the input as is
-        reduction(plan, node.op, program, arrays, in_types, node.arg, out, node.dtype)
-    elif node.op == "fused_linear":
-        linear(plan, node, arrays, out)
-    elif node.op == "attention":
-        attention(plan, node, arrays, out)
-    else:
-        matmul(plan, *arrays, *in_types, out, node.dtype)
+    LOWERINGS[node.op][1](plan, node, arrays, out)
