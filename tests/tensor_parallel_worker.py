@@ -1,4 +1,4 @@
-"""Run under mpiexec by tests/test_tensor_parallel.py (and in-process by it, as one rank): a
+"""Run under mpiexec by tests/models/test_tensor_parallel.py (and in-process by it, as one rank): a
 prefill and greedy decode steps of a model split over the launched processes; rank 0 saves
 every step's logits and the greedy tokens.
 

@@ -25,6 +25,8 @@ from tools.eval import data, tasks  # noqa: E402
 from tools.eval.__main__ import load_tasks  # noqa: E402
 from tools.eval.run import evaluate  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]
+
 MMLU = {
     "anatomy": {"dev": [("What is the largest bone?", ["Femur", "Tibia", "Ulna", "Skull"], 0),
                         ("How many chambers has the human heart?", ["Two", "Three", "Four", "Five"], 2),
@@ -223,7 +225,7 @@ def test_log_likelihoods_and_answers_match_lm_evals_hf_model(files, model_pair):
                 assert g["resps"] == w["resps"] and d["answer"] == w["resps"][0][0]
                 continue
             # float32 through the layers, logits up to ~40: summation order moves them by ~1e-5
-            # relative (tests/test_smollm2.py); a log-softmax moves by at most twice that
+            # relative (tests/models/test_smollm2.py); a log-softmax moves by at most twice that
             wl, gl = [r[0][0] for r in w["resps"]], [r[0][0] for r in g["resps"]]
             np.testing.assert_allclose(gl, wl, atol=1e-3, rtol=0)
             np.testing.assert_allclose(d["answer"], wl, atol=1e-3, rtol=0)

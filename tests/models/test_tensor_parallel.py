@@ -34,6 +34,8 @@ from tinytensor.distributed import SINGLE
 from tinytensor.jit import jit
 from tools import make_checkpoint
 
+pytestmark = pytest.mark.slow
+
 GQA = dict(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, ffn_dim=256, max_context=64)
 WORKER = Path(worker.__file__)
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")

@@ -17,9 +17,11 @@ from tinytensor.state import gguf_file
 from tools import quantize
 
 from tests.reference import perplexities
-from tests.test_cli import assert_one_line_error
+from tests.integration.test_cli import assert_one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args):

@@ -9,6 +9,8 @@ from models.generation.sampling import make_sampler
 from models.generation.sequence_cache import CachedSequence
 from tinytensor import Tensor
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time there was a",
            "def fibonacci(n):\n    ", "The quick brown fox jumps over the lazy dog. The quick brown"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="PyTorch is a test oracle: pip install -e '.[test]'")
 
 from models.text.chat import chat_tokens
 from models.llama3 import load
@@ -16,6 +16,8 @@ from ops import dtypes
 from tools.perplexity import chunk_nlls
 
 from tests.reference import nmse, perplexities, q8_nmse_per_product, quantised_products_on_path
+
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers."]
 CONTEXT = 128  # the text is 18 chunks of it
@@ -36,7 +38,7 @@ def stored(smollm2_path):
 def prose():
     """English prose shipped with the tests (~1100 words: the docstrings of five standard modules
     of CPython 3.11, PSF-licensed), the same text on every host."""
-    return Path(__file__).parent / "data" / "prose.txt"
+    return Path(__file__).parents[1] / "data" / "prose.txt"
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ and by plain HTTP where the client would hide what is checked (errors, disconnec
 The server runs SmolLM2-135M-Instruct dequantised to float32: then a pass's logits do not depend
 on how many rows it has, and the server's log-probabilities can be compared with the model's in
 this process at float32 tolerance (with Q4_1 weights, activations are rounded to 8 bits, and
-passes of other lengths differ by ~0.5 in the logits: tests/test_engine.py).
+passes of other lengths differ by ~0.5 in the logits: tests/models/test_engine.py).
 """
 import json
 import socket
@@ -22,6 +22,8 @@ openai = pytest.importorskip("openai", reason="the openai client is a test depen
 
 from models.llama3 import load  # noqa: E402
 from models.generation.scoring import log_softmax  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 
 PARALLEL, CONTEXT = 8, 512
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -308,7 +310,7 @@ def test_lm_eval_local_completions_scores_as_our_adapter(server, model, tmp_path
     """lm-eval's `local-completions` model (echo + logprobs, its remote tokenizer through
     /tokenize and /tokenizer_info) gets the log-likelihoods tools.lm_eval gets directly."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a test dependency")
-    from tests.test_eval import adapter_for, csqa_rows, write_parquet, CSQA_TRAIN, CSQA_VALIDATION
+    from tests.integration.test_eval import adapter_for, csqa_rows, write_parquet, CSQA_TRAIN, CSQA_VALIDATION
     from tools.bench_eval import lm_eval_task
     for split, items in (("train", CSQA_TRAIN), ("validation", CSQA_VALIDATION)):
         write_parquet(tmp_path / f"{split}-00000-of-00001.parquet", csqa_rows(items))
@@ -324,7 +326,7 @@ def test_lm_eval_local_completions_scores_as_our_adapter(server, model, tmp_path
     got_ll = [r[0][0] for s in got["samples"]["commonsense_qa"] for r in s["resps"]]
     want_ll = [r[0][0] for s in want["samples"]["commonsense_qa"] for r in s["resps"]]
     assert len(got_ll) == len(want_ll) == 15
-    np.testing.assert_allclose(got_ll, want_ll, atol=1e-3)  # as tests/test_eval.py: sums of float32 log-softmaxes
+    np.testing.assert_allclose(got_ll, want_ll, atol=1e-3)  # as tests/integration/test_eval.py: sums of float32 log-softmaxes
     assert got["results"]["commonsense_qa"]["acc,none"] == want["results"]["commonsense_qa"]["acc,none"]
 
 

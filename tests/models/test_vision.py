@@ -24,6 +24,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
+pytestmark = pytest.mark.oracle
+
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGE = 128256
 TILE = 28  # tiny tiles: 2 x 2 patches of 14 (+ the class token = 5, padded to 8)
@@ -285,7 +287,7 @@ def test_current_transformers_departs_from_the_reference(vision_folder):
 def test_command_line_with_an_image(vision_folder, tmp_path):
     """`--image` greedy text equals the API's for the same prompt (the raw form: BOS, the image
     token, the text); a missing image and a text model are one-line errors."""
-    from tests.test_cli import assert_one_line_error, run
+    from tests.integration.test_cli import assert_one_line_error, run
     folder, _ = vision_folder
     photo = tmp_path / "photo.png"
     picture(50, 90, seed=7).save(photo)
@@ -302,7 +304,7 @@ def test_command_line_with_an_image(vision_folder, tmp_path):
 
 
 def test_a_broken_preprocessor_config_is_one_line(vision_folder, tmp_path):
-    from tests.test_cli import assert_one_line_error, run
+    from tests.integration.test_cli import assert_one_line_error, run
     folder, _ = vision_folder
     for f in ("config.json", "model.safetensors"):  # hard links: a symlink out of the folder is refused
         os.link(folder / f, tmp_path / f)

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from ops import dtypes
 from tests.reference import ATOL, RTOL, summation_error
-from tests.test_passes import kernels, passes
+from tests.unit.test_passes import kernels, passes
 from tinytensor import Tensor, graph, nn
 
 WEIGHT_TYPES = [dtypes.float32, dtypes.bfloat16, dtypes.float16]

@@ -11,6 +11,8 @@ import pytest
 from models.formats.checkpoint import load_tokenizer
 from models.formats.assets import LLAMACPP_VOCABS, fetch
 
+pytestmark = pytest.mark.oracle
+
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
 

@@ -7,8 +7,9 @@ is the order of summation (~1e-6 here), so 1e-4 leaves room without hiding a wro
 (a wrong RoPE pairing or mask moves logits by O(0.1))."""
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+torch = pytest.importorskip("torch", reason="PyTorch is a test oracle: pip install -e '.[test]'")
+transformers = pytest.importorskip("transformers", reason="transformers is a test oracle: pip install -e '.[test]'")
+from transformers import LlamaConfig as HFConfig, LlamaForCausalLM  # noqa: E402
 
 from models.formats import checkpoint
 from models.llama3.config import LlamaConfig, meta_ffn_dim
@@ -18,6 +19,8 @@ from ops import dtypes
 from tests.reference import nmse, q8_nmse_per_product, quantised_products_on_path
 from tinytensor import Tensor
 from tools import make_checkpoint
+
+pytestmark = pytest.mark.oracle
 
 TOL = 1e-4
 PROMPT = [3, 17, 5, 88, 42, 1, 0, 101, 11, 12, 50, 7]

@@ -6,10 +6,12 @@ import zipfile
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
+torch = pytest.importorskip("torch", reason="PyTorch is a test oracle: pip install -e '.[test]'")
 
 from ops import dtypes
 from tinytensor.state import CheckpointError, pth_file, safetensors_file
+
+pytestmark = pytest.mark.oracle
 
 
 def test_reads_what_the_reference_writes(tmp_path):

@@ -15,8 +15,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+torch = pytest.importorskip("torch", reason="PyTorch is a test oracle: pip install -e '.[test]'")
+transformers = pytest.importorskip("transformers", reason="transformers is a test oracle: pip install -e '.[test]'")
+from transformers import LlamaConfig as HFConfig, LlamaForCausalLM  # noqa: E402
 
 from models.formats import checkpoint
 from models.llama3.config import from_gguf
@@ -26,6 +27,8 @@ from ops import dtypes
 from tests.reference import nmse, q8_nmse_per_product, quantised_products_on_path
 from tinytensor import Tensor
 from tinytensor.state import gguf_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 
 TOL = 1e-4
 PROMPT = np.random.default_rng(0).integers(0, 128000, 300).tolist()

@@ -11,6 +11,8 @@ from models.formats.gguf import read_tokenizer as gguf_tokenizer
 from models.text.tokenizer import LLAMA3_PATTERN, Llama3Tokenizer, StreamDecoder
 from tinytensor.state import gguf_file
 
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]
+
 TRICKY = ["Hello", " world", "  ", "\n\n", "\t", "\r\n", "123456789", "3.14159", "😀", "👩‍👩‍👧", "数字",
           "naïve", "ÅÅ", "'s", "'LL", "don't", "def f(x):\n    return x**2", "<|eot_id|>", "\u200b",
           "     leading", "trailing     ", "a" * 50, "!!!???", "עברית", "русский", "🇫🇷"]

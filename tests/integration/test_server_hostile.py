@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from models.text.chat import chat_tokens
 from models.formats.checkpoint import load_tokenizer
 
-from tests.test_server import Running
+from tests.integration.test_server import Running
 from tests.tiny_checkpoint import write_tiny_hf
+
+pytestmark = pytest.mark.slow
 
 TEMPLATE = """{%- set c = messages[-1]['content'] -%}
 {%- if c == 'loop' -%}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}

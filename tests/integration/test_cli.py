@@ -10,6 +10,8 @@ from models.llama3.config import LlamaConfig
 from models.formats.gguf_writer import write_gguf
 from tools import make_checkpoint
 
+pytestmark = pytest.mark.slow
+
 TINY = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=64, max_context=64)
 
 
@@ -269,7 +271,7 @@ def test_each_console_script_names_a_command():
     import importlib
     import tomllib
     from pathlib import Path
-    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"tinytensor-llama", "tinytensor-server", "tinytensor-quantize", "tinytensor-eval"} <= set(scripts)
     for target in scripts.values():
         module, _, name = target.partition(":")
