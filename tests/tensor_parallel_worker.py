@@ -14,8 +14,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.formats import checkpoint  # noqa: E402
-from models.llama3.config import LlamaConfig  # noqa: E402
 from models.llama3 import Llama, load  # noqa: E402
+from models.llama3.config import LlamaConfig  # noqa: E402
 from tinytensor import Tensor, dtypes  # noqa: E402
 from tinytensor.distributed import SINGLE, from_environment  # noqa: E402
 from tinytensor.jit import jit  # noqa: E402

@@ -21,8 +21,8 @@ import numpy as np
 
 from models.formats import checkpoint, hf, meta
 from models.formats.assets import fetch
-from models.llama3.config import META_FFN, SIZES, LlamaConfig, meta_ffn_dim, size_of
 from models.formats.gguf_writer import write_gguf
+from models.llama3.config import META_FFN, SIZES, LlamaConfig, meta_ffn_dim, size_of
 from models.text.tokenizer import Llama3Tokenizer
 from ops import dtypes
 from tinytensor.state import safetensors_file

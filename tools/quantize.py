@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 from models.formats import checkpoint, quant_mix
-from models.generation.cli import OneLineParser
 from models.formats.gguf_writer import write_gguf
+from models.generation.cli import OneLineParser
 
 
 def main(argv=None) -> int:

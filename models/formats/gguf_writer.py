@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from models.formats import checkpoint, gguf, quant_mix
-from models.llama3.config import LlamaConfig, rope_freq_factors
 from models.formats.quant_mix import FileType
+from models.llama3.config import LlamaConfig, rope_freq_factors
 from models.text.spm_tokenizer import SentencePieceTokenizer
 from models.text.tokenizer import BPETokenizer, Llama3Tokenizer, VocabTokenizer, byte_to_unicode
 from ops import dtypes

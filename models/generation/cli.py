@@ -14,12 +14,12 @@ import sys
 import threading
 import time
 
-from models.text.chat import chat_tokens, check_chat_format, has_chat_format
+from models.generation.sampling import DEFAULTS, RULES, check_setting, make_sampler
+from models.generation.sequence_cache import CachedSequence
 from models.llama3.config import SIZES
 from models.llama3.images import open_image
 from models.llama3.vision_config import VISION_SIZES
-from models.generation.sampling import DEFAULTS, RULES, check_setting, make_sampler
-from models.generation.sequence_cache import CachedSequence
+from models.text.chat import chat_tokens, check_chat_format, has_chat_format
 from models.text.tokenizer import StreamDecoder
 from ops import dtypes
 from tinytensor import distributed

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from models.formats import checkpoint
-from models.llama3.config import LlamaConfig
 from models.formats.gguf_writer import write_gguf
+from models.llama3.config import LlamaConfig
 from tools import make_checkpoint
 
 pytestmark = pytest.mark.slow

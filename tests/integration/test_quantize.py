@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from models.formats import checkpoint, quant_mix
-from models.llama3.config import SIZES, LlamaConfig
 from models.formats.gguf_writer import write_gguf
+from models.llama3.config import SIZES, LlamaConfig
 from ops import dtypes
 from tinytensor.state import gguf_file
 from tools import quantize

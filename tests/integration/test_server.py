@@ -20,8 +20,8 @@ import pytest
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
 
-from models.llama3 import load  # noqa: E402
 from models.generation.scoring import log_softmax  # noqa: E402
+from models.llama3 import load  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 

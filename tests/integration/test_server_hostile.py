@@ -12,8 +12,8 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from models.text.chat import chat_tokens
 from models.formats.checkpoint import load_tokenizer
+from models.text.chat import chat_tokens
 
 from tests.integration.test_server import Running
 from tests.tiny_checkpoint import write_tiny_hf
@@ -115,7 +115,7 @@ def test_a_50_mb_body_is_a_413_before_it_is_read(server):
 
 
 def test_a_body_without_a_length_is_cut_at_the_bound(server):
-    from tools.server.app import MAX_BODY_BYTES
+    from tools.server.connections import MAX_BODY_BYTES
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunk = b"a" * (1 << 20)
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(MAX_BODY_BYTES // len(chunk) + 2))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from models.formats import checkpoint
-from models.llama3.config import LlamaConfig
-from models.llama3 import Llama, load
 from models.generation.sampling import make_sampler
+from models.llama3 import Llama, load
+from models.llama3.config import LlamaConfig
 from tinytensor.state import CheckpointError
 from tools import make_checkpoint
 

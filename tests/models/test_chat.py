@@ -3,8 +3,8 @@ role or end a turn), benign conversations tokenize exactly as before, and a temp
 in what it may build."""
 import pytest
 
-from models.text.chat import ChatTemplateError, chat_tokens, render_pieces, render_template
 from models.formats.checkpoint import load_tokenizer
+from models.text.chat import ChatTemplateError, chat_tokens, render_pieces, render_template
 from models.text.tokenizer import Llama3Tokenizer
 
 # Llama 3.1 Instruct's shape: headers, the content stripped, <|eot_id|>

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from models.generation.engine import Busy, Engine, Request
-from models.llama3 import load
 from models.generation.sampling import make_sampler
 from models.generation.sequence_cache import CachedSequence
+from models.llama3 import load
 from tinytensor import Tensor
 
 pytestmark = pytest.mark.slow

@@ -20,9 +20,9 @@ transformers = pytest.importorskip("transformers", reason="transformers is a tes
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM  # noqa: E402
 
 from models.formats import checkpoint
-from models.llama3.config import from_gguf
 from models.formats.gguf_writer import write_gguf
 from models.llama3 import Llama
+from models.llama3.config import from_gguf
 from ops import dtypes
 from tests.reference import nmse, q8_nmse_per_product, quantised_products_on_path
 from tinytensor import Tensor

@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers", reason="transformers is a tes
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM  # noqa: E402
 
 from models.formats import checkpoint
-from models.llama3.config import LlamaConfig, meta_ffn_dim
 from models.formats.gguf_writer import write_gguf
 from models.llama3 import KVCache, Llama
+from models.llama3.config import LlamaConfig, meta_ffn_dim
 from ops import dtypes
 from tests.reference import nmse, q8_nmse_per_product, quantised_products_on_path
 from tinytensor import Tensor

@@ -8,8 +8,8 @@ the others use pre-tokenizers the loader accepts by name.
 """
 import pytest
 
-from models.formats.checkpoint import load_tokenizer
 from models.formats.assets import LLAMACPP_VOCABS, fetch
+from models.formats.checkpoint import load_tokenizer
 
 pytestmark = pytest.mark.oracle
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 torch = pytest.importorskip("torch", reason="PyTorch is a test oracle: pip install -e '.[test]'")
 
-from models.text.chat import chat_tokens
-from models.llama3 import load
 from models.generation.sampling import make_sampler
+from models.llama3 import load
+from models.text.chat import chat_tokens
 from ops import dtypes
 from tools.perplexity import chunk_nlls
 

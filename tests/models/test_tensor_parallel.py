@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from models.formats import checkpoint, tensor_parallel
-from models.llama3.config import LlamaConfig
 from models.formats.gguf_writer import write_gguf
 from models.llama3 import load
+from models.llama3.config import LlamaConfig
 from models.llama3.vision_config import VISION_SIZES
 from ops import dtypes
 from tests import tensor_parallel_worker as worker

@@ -6,8 +6,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from models.text.chat import chat_tokens, llama3_tokens
 from models.formats.gguf import read_tokenizer as gguf_tokenizer
+from models.text.chat import chat_tokens, llama3_tokens
 from models.text.tokenizer import LLAMA3_PATTERN, Llama3Tokenizer, StreamDecoder
 from tinytensor.state import gguf_file
 

@@ -16,9 +16,9 @@ import os
 import numpy as np
 import pytest
 
-from models.llama3.images import ImageError, ImageSettings, image_spans, preprocess, to_rgb
-from models.llama3 import load
 from models.generation.sampling import make_sampler
+from models.llama3 import load
+from models.llama3.images import ImageError, ImageSettings, image_spans, preprocess, to_rgb
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

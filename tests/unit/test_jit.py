@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from models.llama3.config import LlamaConfig
 from models.formats.checkpoint import random_weights
 from models.llama3 import KVCache, Llama
+from models.llama3.config import LlamaConfig
 from tinytensor import Tensor
 from tinytensor.jit import jit
 

@@ -20,15 +20,15 @@ from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from models.text.chat import chat_tokens
 from models.generation.engine import Busy, Engine, Request
 from models.generation.sampling import make_sampler
+from models.text.chat import chat_tokens
 from models.text.tokenizer import StreamDecoder
 from tools.server import protocol
+from tools.server.connections import BodyTimeout, BodyTooLarge, read_body
 from tools.server.protocol import BadRequest, error_body
 from tools.server.templates import TemplateRenderer
 
-MAX_BODY_BYTES = 16 << 20  # a full 128k-token context as text is ~0.5 MB; as token ids in JSON ~1 MB
 
 
 class Server:
@@ -116,7 +116,7 @@ class Job:
 def make_app(server: Server) -> Starlette:
     async def body_of(request: HTTPRequest) -> dict:
         try:
-            body = json.loads(await _read_body(request, server.body_timeout))
+            body = json.loads(await read_body(request, server.body_timeout))
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"the body is not valid JSON: {e}") from None
         except RecursionError:
@@ -310,37 +310,6 @@ def make_app(server: Server) -> Starlette:
     async def http_error(request: HTTPRequest, e: HTTPException):  # 404, 405: OpenAI's error object too
         return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}", headers=e.headers)
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyTimeout(Exception):
-    pass
-
-
-async def _read_body(request: HTTPRequest, timeout: float) -> bytes:
-    """The request body, refused past MAX_BODY_BYTES (by its Content-Length before reading, or as
-    it arrives) and cut off when it takes more than `timeout` seconds to arrive (a slow client
-    holds a connection and its memory for as long as it is let)."""
-    too_large = BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES >> 20} MiB")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
-
-    async def read() -> bytes:
-        parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > MAX_BODY_BYTES:
-                raise too_large
-            parts.append(part)
-        return b"".join(parts)
-    try:
-        return await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
-        raise BodyTimeout(f"the body took more than {timeout:g} s to arrive") from None
 
 
 def event_stream(chunks) -> StreamingResponse:

@@ -1,12 +1,17 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers.
+"""What a client may send: a request's head within a deadline, its body within a size and a
+deadline. A client that sends slowly holds a connection and its memory for as long as it is let.
 
-uvicorn times out an idle kept-alive connection, but not one that is sending its headers: each
-byte it receives cancels the keep-alive timer, so a client that sends a header line every few
-seconds (slowloris) holds its connection for ever. Here a connection that has not sent a whole
-request head within `timeout` seconds of opening, or of its previous response, is closed. The
-body has its own deadline (tools/server/app.py: 408).
+The head: uvicorn times out an idle kept-alive connection, but not one that is sending its
+headers: each byte it receives cancels the keep-alive timer, so a client that sends a header
+line every few seconds (slowloris) holds its connection for ever. with_header_timeout's protocol
+closes a connection that has not sent a whole request head within `timeout` seconds of opening,
+or of its previous response. The body: read_body (413 past MAX_BODY_BYTES, 408 past its time).
 """
+import asyncio
+
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+MAX_BODY_BYTES = 16 << 20  # a full 128k-token context as text is ~0.5 MB; as token ids in JSON ~1 MB
 
 
 def with_header_timeout(timeout: float):
@@ -47,3 +52,34 @@ def with_header_timeout(timeout: float):
                 self.transport.close()
 
     return HeaderTimeoutProtocol
+
+
+class BodyTooLarge(Exception):
+    """A body past MAX_BODY_BYTES: 413."""
+
+
+class BodyTimeout(Exception):
+    """A body slower than its deadline: 408."""
+
+
+async def read_body(request, timeout: float) -> bytes:
+    """The request body, refused past MAX_BODY_BYTES (by its Content-Length before reading, or as
+    it arrives) and cut off when it takes more than `timeout` seconds to arrive (a slow client
+    holds a connection and its memory for as long as it is let)."""
+    too_large = BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES >> 20} MiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+
+    async def read() -> bytes:
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            parts.append(part)
+        return b"".join(parts)
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"the body took more than {timeout:g} s to arrive") from None
