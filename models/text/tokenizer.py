@@ -165,6 +165,7 @@ class VocabTokenizer:
                          key=lambda i: -len(tokens[i]))
         self.special = {tokens[i]: i for i in matched}
         self._always_split = [(tokens[i], i) for i in matched if token_types[i] == self.USER_DEFINED]
+        self._user_defined = {i for _, i in self._always_split}
         self._split_if_allowed = [(tokens[i], i) for i in matched]
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.stop_ids = {eos_id, *stop_ids} - {None}
@@ -179,8 +180,7 @@ class VocabTokenizer:
         after_special = True
         where = None
         if callable(allow_special):
-            user = set(i for _, i in self._always_split)
-            where = lambda start, end, token: token in user or allow_special(start, end)  # noqa: E731
+            where = lambda start, end, token: token in self._user_defined or allow_special(start, end)  # noqa: E731
         for fragment in _partition(text, self._split_if_allowed if allow_special else self._always_split, where):
             if isinstance(fragment, int):
                 ids.append(fragment)

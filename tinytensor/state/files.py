@@ -111,9 +111,11 @@ def refuse_inputs(path: Path, inputs) -> None:
     """ValueError when `path` is one of `inputs` (files, or folders meaning every file in them),
     by name or as the same file under another name."""
     path = Path(path)
+    if not path.exists():
+        return  # a name that holds nothing yet is no input
     for source in map(Path, inputs):
         for f in (p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]:
-            if f.resolve() == path.resolve() or f.exists() and path.exists() and os.path.samefile(f, path):
+            if f.exists() and os.path.samefile(f, path):  # by any name: links and hard links too
                 raise ValueError(f"{path}: is also an input ({f}): give the output a new name")
 
 

@@ -93,11 +93,11 @@ class _Unpickler(pickle._Unpickler):
 
     def load_append(self):
         value = self.stack.pop()
-        self._container(list, "an append").append(value)
+        self._container((list,), "an append").append(value)
 
     def load_appends(self):
         items = self.pop_mark()
-        self._container(list, "an append").extend(items)
+        self._container((list,), "an append").extend(items)
 
     def load_setitem(self):
         value, key = self.stack.pop(), self.stack.pop()
@@ -109,10 +109,10 @@ class _Unpickler(pickle._Unpickler):
         for i in range(0, len(items) - 1, 2):
             target[items[i]] = items[i + 1]
 
-    def _container(self, kinds, what: str):
+    def _container(self, kinds: tuple, what: str):
         """The object on top of the stack, when it is a plain container of the kinds allowed."""
         target = self.stack[-1] if self.stack else None
-        if type(target) not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        if type(target) not in kinds:
             raise pickle.UnpicklingError(f"{what} on a {type(target).__name__}: a state dict has only "
                                          f"plain lists and dicts")
         return target

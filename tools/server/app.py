@@ -156,14 +156,7 @@ def make_app(server: Server) -> Starlette:
         return run
 
     def check_fits(texts: list[str], field: str):
-        """Text that cannot fit the context whatever its tokens is refused before it is tokenized
-        (a 16 MB prompt would hold a tokenizer for minutes): no token is longer than the
-        vocabulary's longest, so more bytes than context x that cannot fit."""
-        most = server.model.context * server.longest_token
-        size = sum(len(t.encode("utf-8", errors="replace")) for t in texts)
-        if size > most:
-            raise BadRequest(f"the {field} has {size} bytes of text, more than the context of {server.model.context} "
-                             f"tokens can hold (a token here is at most {server.longest_token} bytes)", field)
+        protocol.check_fits(texts, field, server.model.context, server.longest_token)
 
     def check_prompt(ids: list[int]) -> list[int]:
         try:
@@ -193,9 +186,10 @@ def make_app(server: Server) -> Starlette:
         body = await body_of(request)
         s, tok = settings(body), server.model.tokenizer
         k, echo = protocol.logprobs_wanted(body, chat=False), protocol.flag(body, "echo")
-        prompt = body.get("prompt")
-        check_fits([p for p in (prompt if isinstance(prompt, list) else [prompt]) if isinstance(p, str)], "prompt")
-        prompts = [check_prompt(p) for p in await asyncio.to_thread(protocol.completion_prompts, body, tok)]
+        # tokenized on a thread, off the event loop
+        prompts = await asyncio.to_thread(protocol.completion_prompts, body, tok, server.model.context,
+                                          server.longest_token)
+        prompts = [check_prompt(p) for p in prompts]
         if len(prompts) > server.queue:  # they would never all fit in the queue: 503 forever
             raise BadRequest(f"{len(prompts)} prompts in one request, but the queue holds {server.queue}: send at "
                              f"most {server.queue} (the server's --queue)", "prompt")
@@ -316,15 +310,19 @@ def event_stream(chunks) -> StreamingResponse:
     """Chunks as server-sent events, ending with [DONE]. The status went out with the first
     event, so a failure after it is told in the stream: an error event (what the openai client
     raises as an APIError), and no [DONE]."""
+    def error_event(message: str) -> str:
+        return f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+
     async def stream():
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
-        except Exception as e:  # noqa: BLE001: any failure ends the stream with its error event
-            if not isinstance(e, EngineError):
-                traceback.print_exc(file=sys.stderr)
-            message = str(e) if isinstance(e, EngineError) else f"internal error ({type(e).__name__})"
-            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+        except EngineError as e:
+            yield error_event(str(e))
+            return
+        except Exception as e:  # noqa: BLE001: a bug of ours: the log gets the traceback, the stream one line
+            traceback.print_exc(file=sys.stderr)
+            yield error_event(f"internal error ({type(e).__name__})")
             return
         yield "data: [DONE]\n\n"
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -79,9 +79,20 @@ def common(body: dict) -> dict:
             "ignore_eos": flag(body, "ignore_eos")}  # llama-server's and vLLM's: generate max_tokens
 
 
-def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+def check_fits(texts: list[str], field: str, context: int, longest_token: int) -> None:
+    """Text that cannot fit the context whatever its tokens is refused before it is tokenized
+    (a 16 MB prompt would hold a tokenizer for minutes): no token is longer than the
+    vocabulary's longest, so more bytes than context x that cannot fit."""
+    size = sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+    if size > context * longest_token:
+        raise BadRequest(f"the {field} has {size} bytes of text, more than the context of {context} tokens can "
+                         f"hold (a token here is at most {longest_token} bytes)", field)
+
+
+def completion_prompts(body: dict, tokenizer, context: int, longest_token: int) -> list[list[int]]:
     """/v1/completions' prompt: a string, a list of strings, a list of token ids, or a list of
-    lists of them; each is one prompt (one choice). Strings get the BOS as the tokenizer adds it."""
+    lists of them; each is one prompt (one choice). Strings get the BOS as the tokenizer adds it,
+    once check_fits has passed them all."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -90,6 +101,7 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
     if not isinstance(prompt, list) or not prompt:
         raise BadRequest("prompt must be a string, a list of strings, a list of token ids or a list of such "
                          "lists", "prompt")
+    check_fits([p for p in prompt if isinstance(p, str)], "prompt", context, longest_token)
     out = []
     for p in prompt:
         if isinstance(p, str):
