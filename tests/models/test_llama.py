@@ -157,3 +157,14 @@ def test_bfloat16_checkpoint_quantised_at_load(weights_and_logits, tmp_path, dty
     for name in quantised:
         assert np.array_equal(weights[name].numpy(), stored[name].numpy()), name
     assert all(weights[name].dtype == dtypes.bfloat16 for name in weights if name not in quantised)
+
+
+def test_a_sharded_save_pretrained_folder_reads_through_its_index(tmp_path):
+    """transformers' own sharded layout (model.safetensors.index.json naming the shards): every
+    shard opened through the index, inside the folder, the same logits."""
+    model = hf_model(next(iter(SHAPES)))
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    with torch.no_grad():
+        want = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(Llama(*checkpoint.load(tmp_path)).logits(PROMPT) - want).max() <= TOL
