@@ -4,7 +4,7 @@ float16 and bfloat16 are storage types: every op widens them to float32, compute
 the result back. NumPy has no bfloat16, so its bits live in uint16 (the upper half of a float32),
 exactly as checkpoints store them.
 
-Block types (q8_0, q4_0, ... see ops/blocks.py) hold a GGUF file's bytes: a tensor of logical
+Block types (q8_0, q4_0, ... see ops/blocks/) hold a GGUF file's bytes: a tensor of logical
 shape [..., K] is stored as uint8 [..., K / values * block_bytes] (32 or 256 values a block).
 They are weights: they can be read by rows (gather), multiplied (x @ W.T) and cast to a float
 type, which is their meaning (dequantisation).
@@ -146,6 +146,6 @@ def convert(x: np.ndarray, source: DType, target: DType) -> np.ndarray:
     out = np.empty(target.storage_shape(source.logical_shape(x.shape)), target.storage)
     for start in range(0, max(len(x), 1), CONVERT_ROWS):
         values = widen(np.asarray(x[start:start + CONVERT_ROWS]), source).astype(np.float32, copy=False)
-        out[start:start + CONVERT_ROWS] = blocks.quantize(values, target.block) if target.block \
+        out[start:start + CONVERT_ROWS] = target.block.quantize(values) if target.block \
             else narrow(values, target)
     return out

@@ -28,7 +28,7 @@ def define(name: str, infer: Callable, reference: Callable, computes: bool = Tru
     return OPS[name]
 
 
-# what may read a block-quantised weight (ops/blocks.py); views record for x @ W.T and are
+# what may read a block-quantised weight (ops/blocks/); views record for x @ W.T and are
 # folded into the product before anything runs (see run_reference)
 BLOCK_READERS = {"cast", "gather", "matmul", "fused_linear", "permute", "reshape", "expand"}
 BLOCK_RUNS = {"cast", "gather", "fused_linear"}

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 import backends
-from ops import blocks, dtypes
+from ops import dtypes
 from tinytensor import Tensor, nn
 from tinytensor.jit import jit
 
@@ -70,7 +70,7 @@ def matmul(m: int, n: int, k: int, repeat: int) -> tuple[float, float]:
 def block_matmul(m: int, n: int, k: int, dtype, repeat: int) -> float:
     """llvm GFLOP/s for x[m, k] @ W[n, k].T with W in a block format, kept as stored (prefill)."""
     rng = np.random.default_rng(3)
-    raw = blocks.quantize(rng.standard_normal((n, k), dtype=np.float32), dtype.block)
+    raw = dtype.block.quantize(rng.standard_normal((n, k), dtype=np.float32))
     w = Tensor.from_numpy(raw, dtype).realize()
     step = jit(lambda x: nn.linear(x, w))
     x = Tensor(rng.standard_normal((m, k), dtype=np.float32))

@@ -4,9 +4,9 @@ rows of x are quantised to 8 bits once (quantize_rows_kernel, one scale per 32 v
 every row block in an integer dot product (blocks.dot) scaled by d_w * d_x into 8 float lanes,
 plus m_w times the row block's scaled sum for the formats with a minimum."""
 from backends.llvm import signatures
-from backends.llvm.blocks import LANES, dot, prepare, read_block
+from backends.llvm.blocks import reads
+from backends.llvm.blocks.dot import LANES, dot, prepare
 from backends.llvm.emitter import constant
-from backends.llvm.kquants import read_sub_block, read_super_block
 from backends.llvm.kernel import Kernel
 from ops import dtypes
 from ops.blocks import BLOCK
@@ -24,7 +24,7 @@ def quantize_rows_kernel(name: str, group: int = BLOCK) -> str:
     """void name(i64 r0, i64 r1, i64 K, ptr X, i64 ldx, ptr Q, ptr D, ptr S): rows r0..r1 of X
     quantised as ops.blocks.quantize_rows does it for `group` (32, or 256 for the K-quants), one
     float32 operation per step in the same order, so both give the same bits. Q holds q + 128
-    (unsigned bytes: see blocks.py)."""
+    (unsigned bytes: see blocks/dot.py)."""
     k = Kernel(name, signatures.QUANTIZE_ROWS)
     blocks = k.op(f"lshr i64 %K, {SHIFT}")
     per_group = group // BLOCK
@@ -66,14 +66,15 @@ def block_sums(k, w_types, rows, cols, block, target=None):
     every row of the step. The k loop steps by the largest block (256 values when a K-quant is
     among the weights), reading the smaller ones' blocks in a straight run."""
     formats = [t.block for t in w_types]
+    read = [reads(f) for f in formats]
     subs = max(f.sub_blocks for f in formats)  # x's blocks per step
     vec = f"<{LANES} x float>"
     blocks = k.op(f"lshr i64 %K, {SHIFT}")  # x's blocks per row
     with k.loop("0", k.op(f"udiv i64 %K, {subs * BLOCK}"), hint="group") as g:
         acc = {x: k.carry("zeroinitializer", vec) for x in block}
-        # the simple formats' minimums, sum of m_w * s_x (a K-quant's go into acc, 8 at once)
-        minimum = {x: k.carry("0.0") for x in block if formats[x[0]].has_min and formats[x[0]].sub_blocks == 1}
-        supers = {}
+        # the minimums of formats with one per block, sum of m_w * s_x (a K-quant's go into acc, 8 at once)
+        minimum = {x: k.carry("0.0") for x in block if read[x[0]].block_minimum}
+        groups = {}
         for s in range(subs):
             b = k.add(k.mul(g, subs), s)  # x's block
             a = [k.vload(k.at("%A", k.add(k.mul(row, "%K"), k.mul(b, BLOCK)), "i8"), BLOCK, "i8") for row in rows]
@@ -83,18 +84,13 @@ def block_sums(k, w_types, rows, cols, block, target=None):
             for i, f in enumerate(formats):
                 sub = s % f.sub_blocks
                 for c, col in enumerate(cols[i]):
-                    at_w = k.add(col, k.mul(k.op(f"udiv i64 {b}, {f.sub_blocks}"), f.block_bytes))
-                    where = k.at(f"%W{i}", at_w, "i8")
-                    if f.sub_blocks == 1:
-                        k.prefetch(k.at(where, PREFETCH_BYTES, "i8"))
-                        w = read_block(k, f, where)
-                    else:
-                        if sub == 0:
-                            supers[i, c] = _super_block(k, f, where, at, [acc[i, r, c] for r in range(len(rows))])
-                        w = read_sub_block(k, f, supers[i, c], sub)
-                    w = prepare(k, w, target, f.bits < 8)
+                    if sub == 0:  # the weight block's first sub-block: what they share, read once
+                        at_w = k.add(col, k.mul(k.op(f"udiv i64 {b}, {f.sub_blocks}"), f.block_bytes))
+                        groups[i, c] = _group(k, read[i], k.at(f"%W{i}", at_w, "i8"), at,
+                                              [acc[i, r, c] for r in range(len(rows))])
+                    w = prepare(k, read[i].block(k, groups[i, c], sub), target, f.small)
                     for r in range(len(rows)):
-                        sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.bits < 8)} to {vec}")
+                        sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.small)} to {vec}")
                         # (sums * d_w) * d_x: a multiply and a fused add (d_w * d_x first became a
                         # scalar multiply and a broadcast per row and column)
                         term = k.op(f"fmul contract {vec} {k.op(f'fmul {vec} {sums}, {w.d}')}, {d_x[r]}")
@@ -106,16 +102,16 @@ def block_sums(k, w_types, rows, cols, block, target=None):
     return {x: k.op(f"fadd float {s}, {minimum[x].final}") if x in minimum else s for x, s in sums.items()}
 
 
-def _super_block(k, f, where, at, accs):
-    """A K-quant super-block's shared part, read once: its lines prefetched ahead, and (q4_k,
-    q5_k) its 8 minimums times the s_x of x's 8 blocks at `at` (one per row) added to each row's
+def _group(k, read, where, at, accs):
+    """A weight block's shared part, read once: its lines prefetched ahead, and (q4_k, q5_k)
+    its 8 minimums times the s_x of x's 8 blocks at `at` (one per row) added to each row's
     8-lane sum in one step."""
-    for line in range(0, f.block_bytes, 64):
+    for line in range(0, read.f.block_bytes, 64):
         k.prefetch(k.at(where, PREFETCH_BYTES + line, "i8"))
-    sup = read_super_block(k, f, where)
-    if sup.minimums is not None:
+    group = read.group(k, where)
+    if group.minimums is not None:
         vec = f"<{LANES} x float>"
         for x, acc in zip(at, accs):
-            term = k.op(f"fmul contract {vec} {sup.minimums}, {k.vload(k.at('%AS', x), LANES, 'float')}")
+            term = k.op(f"fmul contract {vec} {group.minimums}, {k.vload(k.at('%AS', x), LANES, 'float')}")
             acc.set(k.op(f"fadd reassoc contract {vec} {acc.current}, {term}"))
-    return sup
+    return group

@@ -37,7 +37,7 @@ def detect(path: Path) -> str:
 def load(path: Path, dtype=None, part=(0, 1)):
     """(config, weights, tokenizer) from a checkpoint on disk. dtype: cast weights to it, or
     quantise them to it when it is a block type ('q8_0', 'q4_0', ...: see `quantised`); None
-    keeps what the file holds (float types and the block types of ops/blocks.py as stored, other
+    keeps what the file holds (float types and the block types of ops/blocks/ as stored, other
     quantised GGUF tensors as bfloat16). part: (rank, size), the weights of process `rank` of
     `size` under tensor parallelism (models/formats/tensor_parallel.py), split before any cast."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""Block-quantised weights (ops/blocks.py): each format's meaning against the `gguf` package
+"""Block-quantised weights (ops/blocks/): each format's meaning against the `gguf` package
 (llama.cpp's own Python reference), and the products that read them as stored, with every
 fusion, on both backends, against float32 arithmetic on the dequantised weights."""
 import numpy as np
@@ -44,7 +44,7 @@ def magnitudes(raw, dtype):
     """Per weight, the size of the terms a kernel adds for it: |scale w| + |minimum| (the
     integer sums are exact; a value's minimum is added apart from it, so they may cancel), or
     with the offset apart too (column_lanes: |scale (w + offset)| + |scale offset| + |minimum|)."""
-    w, scale, minimum = blocks.sub_blocks(raw.reshape(-1, dtype.block.block_bytes), dtype.block)
+    w, scale, minimum = dtype.block.read(raw.reshape(-1, dtype.block.block_bytes))
     offset = dtype.block.offset
     size = np.abs(scale.astype(np.float64)) * (np.abs(w + offset) + offset)
     if minimum is not None:
@@ -97,17 +97,17 @@ def test_meaning_is_ggufs_dequantisation(dtype):
 @pytest.mark.parametrize("dtype, simple", [(dtypes.q4_k, dtypes.q4_1), (dtypes.q5_k, dtypes.q5_1),
                                            (dtypes.q6_k, dtypes.q5_1)], ids=lambda d: d.name)
 def test_k_quants_we_write_are_ggmls_layout(dtype, simple):
-    """ops.kquants.quantize: the gguf package reads our super-blocks as we do (llama.cpp's
+    """KQuant.quantize and Q6K.quantize: the gguf package reads our super-blocks as we do (llama.cpp's
     layout), zero rows stay zero, and the rounding error is no worse than that of the simple
     format with as many bits (or fewer) from llama.cpp's own quantisation, on Gaussian rows."""
     x = np.random.default_rng(4).standard_normal((16, 512)).astype(np.float32)
     x[3], x[4, :256] = 0, np.abs(x[4, :256])  # an empty row; a super-block with no negative value
-    raw = blocks.quantize(x, dtype.block)
+    raw = dtype.block.quantize(x)
     assert raw.shape == dtype.storage_shape(x.shape)
     got = dtypes.widen(raw, dtype)
     assert np.array_equal(got, dequantize(raw, GGMLQuantizationType(dtype.block.ggml_type)))
     assert not got[3].any()
-    theirs = dtypes.widen(blocks.quantize(x, simple.block), simple)
+    theirs = dtypes.widen(simple.block.quantize(x), simple)
     assert np.sqrt(np.mean((got - x) ** 2)) <= np.sqrt(np.mean((theirs - x) ** 2)) * 1.01
 
 
@@ -260,11 +260,12 @@ def test_swiglu_of_a_block_and_a_float_weight(backend):
 @pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_1, dtypes.q4_k, dtypes.q5_k,
                                    dtypes.q6_k], ids=lambda d: d.name)
 def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
-    """Each target's byte dot product (backends/llvm/blocks.py), run here where this CPU has its
+    """Each target's byte dot product (backends/llvm/blocks/dot.py), run here where this CPU has its
     instructions: the same products within the same bound, the column-lane kernels with 16
     lanes (AVX-512 VNNI) or 8 (AVX-VNNI's 256-bit form, AVX2, generic) and their column tails."""
     import backends
-    from backends.llvm import blocks as llvm_blocks, column_lanes, lowering
+    from backends.llvm import column_lanes, lowering
+    from backends.llvm.blocks import dot as llvm_blocks
     from backends.llvm.target import host
     kinds = ["generic", "avx2", "vnni"]  # each CPU that has one has those before it
     if kinds.index(kind.split("-")[0]) > kinds.index(llvm_blocks._kind(host())):

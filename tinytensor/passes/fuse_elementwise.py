@@ -32,7 +32,7 @@ def fuse_elementwise(g: nx.DiGraph, outputs) -> None:
         if node.op in REDUCE:
             kernel_of[node] = node
         elif any(s.dtype.block for s in node.srcs):
-            continue  # a block type's cast dequantises on its own (ops/blocks.py); nothing joins it
+            continue  # a block type's cast dequantises on its own (ops/blocks/); nothing joins it
         elif node.op in ELEMENTWISE:
             kernel_of[node] = _joins(node, list(g.successors(node)), kernel_of, outputs) or node
     members: dict = {}

@@ -11,7 +11,7 @@ damaged file gives one CheckpointError, never a hang or a huge allocation. We re
 rather than with the `gguf` package: its reader builds a NumPy view per array element (13 s for
 a 128k-token vocabulary, against 0.3 s here) and trusts the header's counts.
 
-Float tensors and the block types of ops/blocks.py (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+Float tensors and the block types of ops/blocks/ (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
 Q6_K) are mapped in place, as stored. Other quantised ones (IQ*, Q2_K, Q3_K, ...) have no kernels
 here: they are dequantised at load, with the `gguf` package's reference dequantisation, to
 bfloat16 (half the memory of float32; a model of them is then computed as a bf16 one), with a
@@ -188,7 +188,7 @@ def read_metadata(path: Path) -> dict:
 
 
 def read(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dtypes.DType]]]:
-    """(metadata, {name: (array, dtype)}): float tensors and the block types of ops/blocks.py
+    """(metadata, {name: (array, dtype)}): float tensors and the block types of ops/blocks/
     map the file (a block tensor's array is its bytes, [rows, bytes per row]); others are
     dequantised to bfloat16, with a note on stderr."""
     from gguf import GGMLQuantizationType as Q

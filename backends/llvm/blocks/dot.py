@@ -1,6 +1,6 @@
-"""Block-quantised weights (ops/blocks.py) in registers: reading one block of a simple format,
-the one place that knows their bytes (kquants.py knows the K-quants'), and the integer dot
-product of a block with a block of 8-bit activations, with the instructions the target has.
+"""Block-quantised weights (ops/blocks/) in registers: a (sub-)block as the format's reads
+(simple.py, k_quants.py, q6_k.py here) give it, and the integer dot product of a block with a
+block of 8-bit activations, with the instructions the target has.
 
 A (sub-)block of 32 values comes out as 32 signed bytes w, the scales d of its values as 8 float
 lanes (lane i scales values 4i..4i+3, the lanes the dot product sums them into: q6_k has two
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from backends.llvm.emitter import constant
 from backends.llvm.target import Target, host
 from ops import dtypes
-from ops.blocks import BLOCK, Format
+from ops.blocks import BLOCK
 
 F16 = dtypes.float16
 
@@ -28,27 +28,8 @@ SUMS = f"<{LANES} x i32>"
 class Block:
     w: str             # <32 x i8>, signed
     d: str             # <8 x float>, each lane's scale
-    m: str | None      # float minimum (q4_1, q5_1; a K-quant's stay in its kquants.SuperBlock), else None
+    m: str | None      # float minimum (q4_1, q5_1; a K-quant's stay in its reads.Group), else None
     prepared: str | None = None  # what `prepare` computed for dot
-
-
-def read_block(k, f: Format, at: str) -> Block:
-    """The block of a simple format (32 values) at address `at`."""
-    d = k.splat(k.load(at, F16), LANES)
-    quants = k.at(at, f.quants_at, "i8")
-    if f.bits == 8:
-        return Block(k.vload(quants, BLOCK, "i8"), d, None)
-    packed = k.vload(quants, BLOCK // 2, "i8")  # byte j: value j in the low nibble, j + 16 in the high
-    low = k.op(f"and <16 x i8> {packed}, {constant(15, 16)}")
-    high = k.op(f"lshr <16 x i8> {packed}, {constant(4, 16)}")
-    q = k.concat(low, high, BLOCK // 2, "i8")
-    if f.high_bits:  # bit j of a u32 is value j's fifth bit
-        bits = k.op(f"load i32, ptr {k.at(at, f.scale_bytes, 'i8')}, align 1")
-        fifth = k.op(f"zext <32 x i1> {k.op(f'bitcast i32 {bits} to <32 x i1>')} to {BYTES}")
-        q = k.op(f"or {BYTES} {q}, {k.op(f'shl {BYTES} {fifth}, {constant(4, BLOCK)}')}")
-    if f.offset:
-        q = k.op(f"sub {BYTES} {q}, {constant(f.offset, BLOCK)}")
-    return Block(q, d, k.load(k.at(at, 2, "i8"), F16) if f.has_min else None)
 
 
 def _kind(target: Target | None) -> str:
@@ -134,3 +115,13 @@ def _maddubs(k, u: str, s: str) -> str:
     pairs = k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {u}, {BYTES} {s})")
     return k.op(f"call {SUMS} @llvm.x86.avx2.pmadd.wd(<16 x i16> {pairs}, <16 x i16> {constant(1, 16, 'i16')})")
 
+
+
+def bitfield(k, v: str, shift, mask: int, n: int = BLOCK) -> str:
+    """(v >> shift) & mask, bytewise, for an <n x i8>; shift a constant or an i64 known only
+    when the kernel runs."""
+    if isinstance(shift, str):
+        v = k.op(f"lshr <{n} x i8> {v}, {k.splat(k.op(f'trunc i64 {shift} to i8'), n, 'i8')}")
+    elif shift:
+        v = k.op(f"lshr <{n} x i8> {v}, {constant(shift, n)}")
+    return k.op(f"and <{n} x i8> {v}, {constant(mask, n)}")
