@@ -22,7 +22,7 @@ import numpy as np
 
 from ops import blocks, dtypes
 from ops.fused import Instruction, run_program
-from ops.registry import define, shape_str
+from ops.registry import define, run_reference, shape_str
 
 
 class Linear(NamedTuple):
@@ -39,11 +39,27 @@ class Attention(NamedTuple):
 F32 = np.float32
 
 
-def rms_normalize(a: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
-    """Llama's RMSNorm on float32 rows, rounding where nn.rms_norm's ops round."""
-    mean = np.sum(a * a, axis=-1, keepdims=True, dtype=F32) / F32(a.shape[-1])
-    scale = (F32(1) / np.sqrt(mean + F32(eps))).astype(F32)
-    return (a * scale).astype(F32) * g
+def rms_norm_programs(k: int, eps: float, g_type: dtypes.DType):
+    """Llama's RMSNorm of rows of k float32 values, as nn.rms_norm's ops compute it, in two
+    programs (see ops.fused): `squares`, summed over the row (fused_reduce), then `scale` over
+    (x, that sum, g): x * rsqrt(sum / k + eps) * g. The NumPy meaning below and the llvm kernels
+    (backends/llvm/lowering.py) both run these, so they round at the same steps."""
+    f32 = dtypes.float32
+    squares = (Instruction("mul", None, (0, 0), f32),)
+    scale = (Instruction("const", (float(k),), (), f32), Instruction("div", None, (1, 3), f32),
+             Instruction("const", (eps,), (), f32), Instruction("add", None, (4, 5), f32),
+             Instruction("rsqrt", None, (6,), f32), Instruction("mul", None, (0, 7), f32),
+             Instruction("mul", None, (8, 2), f32))
+    return squares, scale
+
+
+def rms_normalize(a: np.ndarray, g: np.ndarray, g_type: dtypes.DType, eps: float) -> np.ndarray:
+    """rms_norm_programs run on float32 rows a [m, k] and the stored norm weight g [k]."""
+    f32 = dtypes.float32
+    squares, scale = rms_norm_programs(a.shape[-1], eps, g_type)
+    total = run_reference("sum", [run_program(squares, [a], [f32], a.shape)], [f32], (1,), a.shape[:1] + (1,), f32)
+    return run_program(scale, [a, np.broadcast_to(total, a.shape), np.broadcast_to(g, a.shape)],
+                       [f32, f32, g_type], a.shape)
 
 
 def _linear_parts(srcs, arg: Linear):
@@ -73,7 +89,7 @@ def _linear_reference(xs, arg: Linear, shape, dtype):
     a, g, weights, extras = _linear_parts(xs, arg)
     a_type, g_type, w_types, extra_types = _linear_parts(src_types, arg)
     a = dtypes.widen(a, a_type)
-    a = rms_normalize(a, dtypes.widen(g, g_type), arg.eps) if g is not None else a
+    a = rms_normalize(a, g, g_type, arg.eps) if g is not None else a
     # a block-quantised weight meets 8-bit activations (ops.blocks.product)
     products = [blocks.product(a, w, t.block) if t.block else np.matmul(a, dtypes.widen(w, t).T)
                 for w, t in zip(weights, w_types)]

@@ -12,27 +12,10 @@ import numpy as np
 
 from ops import dtypes
 from ops.dtypes import DType
+from tinytensor import indexing
 from tinytensor.node import Node
 from tinytensor.realize import realize as _realize
-
-
-def _shape_arg(args) -> tuple[int, ...]:
-    """Accept f(2, 3) and f((2, 3)) alike."""
-    if len(args) == 1 and isinstance(args[0], (tuple, list)):
-        args = args[0]
-    return tuple(int(a) for a in args)
-
-
-def broadcast_shape(*shapes) -> tuple[int, ...]:
-    ndim = max(len(s) for s in shapes)
-    padded = [(1,) * (ndim - len(s)) + tuple(s) for s in shapes]
-    out = []
-    for sizes in zip(*padded):
-        sizes_not_1 = {n for n in sizes if n != 1}
-        if len(sizes_not_1) > 1:
-            raise ValueError(f"shapes {' and '.join(map(str, map(tuple, shapes)))} do not broadcast")
-        out.append(sizes_not_1.pop() if sizes_not_1 else 1)
-    return tuple(out)
+from tinytensor.shapes import broadcast_shape, shape_arg
 
 
 def _scalar_dtype(value, like: DType) -> DType:
@@ -78,19 +61,19 @@ class Tensor:
         if dtype is None:
             dtype = (dtypes.bool_ if isinstance(value, bool) else
                      dtypes.default_int if isinstance(value, int) else dtypes.default_float)
-        return Tensor._source("const", value, _shape_arg((shape,)), dtype)
+        return Tensor._source("const", value, shape_arg((shape,)), dtype)
 
     @staticmethod
     def zeros(*shape, dtype=dtypes.float32) -> "Tensor":
-        return Tensor.full(_shape_arg(shape), 0, dtype)
+        return Tensor.full(shape_arg(shape), 0, dtype)
 
     @staticmethod
     def ones(*shape, dtype=dtypes.float32) -> "Tensor":
-        return Tensor.full(_shape_arg(shape), 1, dtype)
+        return Tensor.full(shape_arg(shape), 1, dtype)
 
     @staticmethod
     def empty(*shape, dtype=dtypes.float32) -> "Tensor":
-        return Tensor._source("empty", None, _shape_arg(shape), dtype)
+        return Tensor._source("empty", None, shape_arg(shape), dtype)
 
     @staticmethod
     def arange(start, stop=None, step=1, dtype=None) -> "Tensor":
@@ -108,7 +91,7 @@ class Tensor:
     def randn(*shape, seed=None, dtype=dtypes.float32) -> "Tensor":
         """Standard normal samples; the same seed gives the same numbers on every backend."""
         seed = secrets.randbits(63) if seed is None else int(seed)
-        return Tensor._source("randn", seed, _shape_arg(shape), dtype)
+        return Tensor._source("randn", seed, shape_arg(shape), dtype)
 
     # ---- properties and values --------------------------------------------------------------
     shape = property(lambda self: self.node.shape)
@@ -269,7 +252,7 @@ class Tensor:
 
     # ---- movement ---------------------------------------------------------------------------
     def reshape(self, *shape) -> "Tensor":
-        shape = list(_shape_arg(shape))
+        shape = list(shape_arg(shape))
         if shape.count(-1) > 1:
             raise ValueError(f"reshape: only one -1 allowed in {tuple(shape)}")
         if -1 in shape:
@@ -281,7 +264,7 @@ class Tensor:
         return self if shape == self.shape else self._op("reshape", arg=shape)
 
     def permute(self, *order) -> "Tensor":
-        order = tuple(self._axis(a) for a in _shape_arg(order))
+        order = tuple(self._axis(a) for a in shape_arg(order))
         return self if order == tuple(range(self.ndim)) else self._op("permute", arg=order)
 
     def transpose(self, axis0=-2, axis1=-1) -> "Tensor":
@@ -306,7 +289,7 @@ class Tensor:
 
     def expand(self, *shape) -> "Tensor":
         """Broadcast to `shape`; -1 keeps a size, new axes may be added in front (as PyTorch)."""
-        shape = _shape_arg(shape)
+        shape = shape_arg(shape)
         lead = len(shape) - self.ndim
         return self.broadcast_to(tuple(self.shape[i - lead] if n == -1 else n for i, n in enumerate(shape)))
 
@@ -358,75 +341,11 @@ class Tensor:
         a = self._axis(axis, self.ndim + 1)
         return Tensor.cat(*(t.unsqueeze(a) for t in (self, *others)), axis=a)
 
-    # ---- indexing ---------------------------------------------------------------------------
-    def _index_plan(self, index):
-        """Resolve an index into (shrink spec per axis, (tensor index, its axis) or None,
-        the result's shape)."""
-        items = list(index) if isinstance(index, tuple) else [index]
-        items = [Tensor(i) if isinstance(i, (list, np.ndarray)) else i for i in items]
-        used = sum(1 for i in items if i is not None and i is not Ellipsis)
-        ellipses = [at for at, i in enumerate(items) if i is Ellipsis]  # `in` would call Tensor ==
-        if used > self.ndim or len(ellipses) > 1:
-            raise IndexError(f"index {index!r} does not fit shape {self.shape}")
-        fill = [slice(None)] * (self.ndim - used)
-        if ellipses:
-            items[ellipses[0]:ellipses[0] + 1] = fill
-        else:
-            items += fill
-        spec, out_shape, gather, axis = [], [], None, 0
-        for item in items:
-            if item is None:
-                out_shape.append(1)
-                continue
-            n = self.shape[axis]
-            if isinstance(item, Tensor):
-                if gather is not None:
-                    raise IndexError("only one integer-tensor index is supported")
-                gather = (item, axis)
-                spec.append((0, n, 1))
-                out_shape.extend(item.shape)
-            elif isinstance(item, slice):
-                a, b, c = item.indices(n)
-                spec.append((a, b, c) if len(range(a, b, c)) else (0, 0, 1))  # one form of empty
-                out_shape.append(len(range(a, b, c)))
-            elif isinstance(item, (int, np.integer)):
-                if not -n <= item < n:
-                    raise IndexError(f"index {item} out of range for axis {axis} of shape {self.shape}")
-                spec.append((int(item) % n, int(item) % n + 1, 1))
-            else:
-                raise IndexError(f"unsupported index {item!r}")
-            axis += 1
-        return tuple(spec), gather, tuple(out_shape)
-
-    def __getitem__(self, index) -> "Tensor":
-        spec, gather, out_shape = self._index_plan(index)
-        whole = all(s == (0, n, 1) for s, n in zip(spec, self.shape))
-        x = self if whole else self._op("shrink", arg=spec)
-        if gather is not None:
-            index_tensor, axis = gather
-            x = x._op("gather", index_tensor, arg=axis)
-        return x.reshape(out_shape)
-
-    def __setitem__(self, index, value) -> None:
-        """Write `value` into the region `index` selects. Recorded like any op; when this
-        tensor's buffer is its own, the backend writes into it in place (a KV cache)."""
-        spec, gather, selected = self._index_plan(index)
-        if gather is not None:
-            raise IndexError("writes through an integer-tensor index are not supported")
-        value = self._as_tensor(value).cast(self.dtype).broadcast_to(selected)
-        region = tuple(len(range(*s)) for s in spec)
-        self.node = Node("assign", (self.node, value.reshape(region).node), spec)
-
-    def assign_at(self, start: "Tensor", value, axis: int = 0) -> "Tensor":
-        """Write `value` into this tensor along `axis`, beginning at the integer held by `start`
-        (a tensor, so the position is data, not part of the graph's structure)."""
-        value = self._as_tensor(value).cast(self.dtype)
-        self.node = Node("assign_at", (self.node, value.node, start.node), self._axis(axis))
-        return self
-
-    def assign(self, value) -> "Tensor":
-        self[...] = value
-        return self
+    # ---- indexing: tinytensor/indexing.py ---------------------------------------------------
+    __getitem__ = indexing.getitem
+    __setitem__ = indexing.setitem
+    assign_at = indexing.assign_at
+    assign = indexing.assign
 
     # ---- matmul and nn ----------------------------------------------------------------------
     def matmul(self, other) -> "Tensor":

@@ -9,7 +9,8 @@ from functools import partial
 import numpy as np
 
 from backends.executor import run_schedule
-from backends.llvm.lowering import Plan, native, plan_node
+from backends.llvm.lowering import native, plan_node
+from backends.llvm.plan import Plan
 from backends.numpy_backend import run_node as reference_node
 from ops.memory import write_in_place
 from ops.movement import VIEWS

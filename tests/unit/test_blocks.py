@@ -135,7 +135,8 @@ def test_activations_meet_blocks_in_eight_bits(group):
 def test_the_kernel_quantises_activations_to_the_same_bits(group):
     """The llvm backend's row quantiser does ops.blocks.quantize_rows's float32 steps in the same
     order: the same bytes (stored + 128), scales and sums, bit for bit."""
-    from backends.llvm.lowering import Plan, _quantize_rows
+    from backends.llvm.plan import Plan
+    from backends.llvm.products import _quantize_rows
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((5, 4 * group)) * rng.uniform(1e-3, 1e3, (5, 1))).astype(np.float32)
     x[2, :group] = 0
@@ -264,7 +265,7 @@ def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
     instructions: the same products within the same bound, the column-lane kernels with 16
     lanes (AVX-512 VNNI) or 8 (AVX-VNNI's 256-bit form, AVX2, generic) and their column tails."""
     import backends
-    from backends.llvm import column_lanes, lowering
+    from backends.llvm import column_lanes, plan as kernel_plan
     from backends.llvm.blocks import dot as llvm_blocks
     from backends.llvm.target import host
     kinds = ["generic", "avx2", "vnni"]  # each CPU that has one has those before it
@@ -273,7 +274,7 @@ def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
     monkeypatch.setattr(llvm_blocks, "_kind", lambda target: kind.split("-")[0])
     if kind == "vnni-256":
         monkeypatch.setattr(column_lanes, "wide_lanes", lambda target=None: False)
-    monkeypatch.setattr(lowering, "_kernels", {})  # compile anew with this kind
+    monkeypatch.setattr(kernel_plan, "_kernels", {})  # compile anew with this kind
     backends.use("llvm")
     try:
         rng = np.random.default_rng(11)

@@ -140,7 +140,7 @@ def test_a_kernel_of_python_calls_leaves_its_neighbours_on_the_threads():
     import ctypes
     from functools import partial
     from backends.llvm.compiler import compile_function
-    from backends.llvm.lowering import Plan
+    from backends.llvm.plan import Plan
     noop = compile_function("define void @noop2(i64 %a, i64 %b) {\n  ret void\n}", "noop2",
                             [ctypes.c_int64, ctypes.c_int64])
     ran = []

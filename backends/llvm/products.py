@@ -1,0 +1,201 @@
+"""Lowering the products: matmul (x @ W, any float types) and fused_linear (ops.linear: an
+RMSNorm prologue, several weights, an epilogue, block-quantised weights met in 8 bits) into
+calls of the kernels in codegen.py, quantised.py and column_lanes.py, split over the threads."""
+from functools import partial
+from typing import NamedTuple
+
+import numpy as np
+
+import ops
+from backends.llvm import codegen, column_lanes, signatures, threads
+from backends.llvm.plan import elementwise, kernel, reduction
+from backends.llvm.quantised import quantize_rows_kernel
+from backends.llvm.target import vector_registers
+from ops import dtypes
+from ops import linear as linear_ops
+from ops.blocks import BLOCK
+
+# x rows per step of the column-lane kernels: 8 and 16 lanes ran 1.6x the 4 x 4 block_sums at 64
+# rows; with 16 lanes, 12 rows ran 0.9-1.3x 8 rows on q4_k and q6_k at 64, 96 and 128 rows
+LANE_ROWS = 12
+
+
+def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pairs: bool = False):
+    """Rows x columns of C per step. Float weights: 4 x 3 keeps 12 accumulators and 7 loads in
+    AVX2's 16 registers (measured best at 128 rows); with 32 registers (AVX-512) 4 x 6 (24
+    accumulators) measured 1.1-1.4x faster with float16/float32 weights at 8-512 rows; bfloat16
+    weights read in pairs (codegen.pair_major) hold two rows of A per row, and 4 x 5 (20
+    accumulators, 8 rows of A) ran 1.2-1.35x 4 x 6 (64 x 8192 x 2048, alternating). With two
+    weights (SwiGLU) each column needs two accumulators: with 16 registers 4 x 1 measured 1.5x
+    faster than 3 x 2, which spills; with 32, 4 x 3 1.4-2.1x faster than 4 x 1. One row streams
+    4 weight rows at a time. Block weights: 4 x 4 measured 5-30% faster than 4 x 2 at 64 rows;
+    one row reads one weight row at a time (1 x 1 streamed 10-15% faster than 1 x 4, as
+    llama.cpp reads them)."""
+    if lanes and m >= 4:  # column_lanes: `lanes` columns in the lanes of each vector
+        return (LANE_ROWS if m >= LANE_ROWS else 4, lanes)
+    if quantised:
+        return (1, 1) if m < 4 else (4, max(1, 4 // weights))
+    wide = vector_registers() >= 32
+    if weights == 1:
+        return (1, 4) if m < 4 else (4, (5 if pairs else 6) if wide else 3)
+    return (1, 2) if m < 4 else (4, 3 if wide else 1)
+
+
+def matmul(plan, a, b, a_type, b_type, out, out_type):
+    """Batched C = A @ B. B walked along k with unit stride (x @ W.T) uses the dot-product
+    kernel; B with unit-stride rows (p @ v) uses the row kernel; anything else is copied."""
+    m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
+    if out.size == 0 or k == 0:
+        plan.steps.append(partial(out.fill, 0))
+        return
+    if a.strides[-1] != a.itemsize:
+        a = plan.contiguous(a)
+    nt = b.strides[-2] == b.itemsize
+    if not nt and b.strides[-1] != b.itemsize:
+        b = plan.contiguous(b)
+    batch = list(np.ndindex(out.shape[:-2]))
+    threaded = len(batch) == 1
+    if nt and codegen.pair_major([b_type]):
+        a = _pair_major(plan, a, a_type)
+    plan.keep += [a, b, out]
+    groups = [g for idx in batch for g in (
+        _matmul_nt(a[idx], [np.swapaxes(b[idx], -1, -2)], out[idx], a_type, [b_type], out_type, threaded) if nt else
+        _matmul_nn(a[idx], b[idx], out[idx], a_type, b_type, out_type, m, n, k, threaded))]
+    if threaded:
+        plan.kernel(threads.together(groups))
+    else:  # heads of attention: each product is small, so threads take whole products
+        plan.kernel(threads.spread([call for group in groups for call in group]))
+
+
+def linear(plan, node, arrays, out):
+    """fused_linear (ops.linear): the RMSNorm of the input rows first, into a scratch buffer of
+    m x k floats (two native loops: sum of squares, then scale), then the product over every
+    weight with the epilogue applied as C is stored, all threads entering once."""
+    eps, j, src_types, program = node.arg.eps, node.arg.n_weights, node.arg.src_types, node.arg.program
+    first = 1 if eps is None else 2
+    a, weights, extras = arrays[0], arrays[first:first + j], arrays[first + j:]
+    w_types, e_types = src_types[first:first + j], src_types[first + j:]
+    if a.strides[-1] != a.itemsize:
+        a = plan.contiguous(a)
+    if eps is not None:
+        a = _rms_norm(plan, a, arrays[1], src_types[1], eps)
+    if codegen.pair_major(w_types):
+        a = _pair_major(plan, a, dtypes.float32)
+    weights = [w if w.strides[-1] == w.itemsize else plan.contiguous(w) for w in weights]
+    extras = [x if x.strides[-1] == x.itemsize else plan.contiguous(x) for x in extras]
+    plan.keep += [a, *weights, *extras, out]
+    if out.size == 0:
+        return
+    # block weights meet the rows in 8 bits, one scale per block of their format (ops.blocks),
+    # quantised once for all the weights of a format's block size
+    q8 = {group: _quantize_rows(plan, a, group) for group in sorted({t.block.values for t in w_types if t.block})}
+    rows = [q8[t.block.values] if t.block else a for t in w_types]
+    if program == "concat":  # each weight fills its own columns
+        bounds = np.cumsum([0] + [w.shape[0] for w in weights])
+        groups = [group for w, t, x, c0, c1 in zip(weights, w_types, rows, bounds, bounds[1:])
+                  for group in _matmul_nt(x, [w], out[:, c0:c1], dtypes.float32, [t], node.dtype, True)]
+    else:  # one kernel reads its weights' rows alike (passes.fuse_linear pairs only those)
+        groups = _matmul_nt(rows[0], weights, out, dtypes.float32, w_types, node.dtype, True, extras,
+                            e_types, program)
+    plan.kernel(threads.together(groups))
+
+
+class QuantisedRows(NamedTuple):
+    """Rows as q8 blocks (ops.blocks.quantize_rows): bytes [m, k], scales and sums [m, k / 32]."""
+    q: np.ndarray
+    d: np.ndarray
+    s: np.ndarray
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+def _quantize_rows(plan, a, group: int) -> QuantisedRows:
+    m, k = a.shape
+    rows = QuantisedRows(np.empty((m, k), np.int8), *(np.empty((m, k // BLOCK), np.float32) for _ in range(2)))
+    plan.keep += list(rows)
+    fn = kernel(("quantize_rows", group), lambda name: quantize_rows_kernel(name, group), signatures.QUANTIZE_ROWS)
+    plan.kernel(threads.split(fn, m, 1, a.size, k, a.ctypes.data, _leading(a),
+                              *(x.ctypes.data for x in rows)))
+    return rows
+
+
+def _row_args(A, start: int) -> list:
+    """A kernel's arguments for the rows of A from `start`: float rows and their leading
+    dimension, or q8 rows (signatures.matmul_nt)."""
+    if isinstance(A, QuantisedRows):
+        return [x.ctypes.data + start * x.strides[0] for x in A]
+    return [A.ctypes.data + start * A.strides[0], _leading(A)]
+
+
+def _leading(x: np.ndarray) -> int:
+    """The leading dimension of a matrix with unit-stride rows, in elements (bytes for blocks)."""
+    return x.strides[0] // x.itemsize
+
+
+def _pair_major(plan, a, dtype):
+    """A copy of a whose rows are pair-major (codegen.pair_major), made by native copies."""
+    half = a.shape[-1] // 2
+    out = np.empty(a.shape, a.dtype)
+    plan.keep.append(out)
+    parts = ((out[..., :half], a[..., 0:2 * half:2]), (out[..., half:2 * half], a[..., 1:2 * half:2]),
+             (out[..., 2 * half:], a[..., 2 * half:]))
+    for dst, src in parts:
+        elementwise(plan, (("cast", dtype, (0,), dtype),), [src], [dtype], dst, dtype)
+    return out
+
+
+def _rms_norm(plan, x, g, g_type, eps):
+    """Llama's RMSNorm of x's rows (ops.linear.rms_norm_programs), into a new array."""
+    f32 = dtypes.float32
+    m, k = x.shape
+    squares, scale = linear_ops.rms_norm_programs(k, eps, g_type)
+    total, normed = np.empty((m, 1), np.float32), np.empty((m, k), np.float32)
+    plan.keep += [total, normed]
+    reduction(plan, "sum", squares, [x], [f32], (1,), total, f32)
+    elementwise(plan, scale, [x, np.broadcast_to(total, (m, k)), np.broadcast_to(g, (m, k))], [f32, f32, g_type],
+                normed, f32)
+    return normed
+
+
+def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), program=()):
+    """Groups of calls (each group one kernel split across threads when `threaded`) computing
+    C = epilogue(A @ W[0].T, ..., E...): the row and column tails get their own kernels."""
+    m, k, n = A.shape[0], A.shape[1], C.shape[1]
+    quantised = any(t.block for t in w_types)
+    lanes = column_lanes.columns() if column_lanes.reads(w_types) else 0
+    mr, nr = _block(m, len(W), quantised, lanes, codegen.pair_major(w_types))
+    groups, row_groups, start = [], [], 0
+    # rows in steps of mr, then (column lanes) 4: a lane kernel's single rows each transpose the weights again
+    for step in [mr, 4, 1] if lanes and mr > 4 else [mr, 1]:
+        end = start + (m - start) // step * step
+        row_groups.append((range(start, end), step))
+        start = end
+    nb = n - n % nr
+    for rows, row_block in row_groups:
+        for cols, col_block in ((range(0, nb), nr), (range(nb, n), 1)):
+            if not len(rows) or not len(cols):
+                continue
+            # the column-lane kernels are built for their K and weights' strides (codegen.matmul_nt_kernel)
+            fixed = (k, tuple(_leading(w) for w in W)) if lanes and col_block == lanes and row_block > 1 else None
+            key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program, fixed)
+            fn = kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, w_types, c_type, row_block,
+                                                                    col_block, e_types, program, fixed=fixed),
+                         signatures.matmul_nt(len(W), len(E), quantised))
+            work = len(cols) * sum(w.strides[0] for w in W) if threaded else 0  # bytes of weights
+            weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], _leading(w))]
+            extras = [x for e in [C, *E] for x in (e.ctypes.data + rows.start * e.strides[0] + cols.start * e.itemsize,
+                                                    _leading(e))]
+            groups.append(threads.split(fn, len(cols), col_block, work, len(rows), k, *_row_args(A, rows.start),
+                                        *weights, *extras))
+    return groups
+
+
+def _matmul_nn(A, B, C, a_type, b_type, c_type, m, n, k, threaded):
+    if c_type != dtypes.float32:  # the row kernel accumulates in C itself: float32 only
+        return [[lambda: np.copyto(C, ops.run_reference("matmul", [A, B], [a_type, b_type], None, C.shape, c_type))]]
+    fn = kernel(("nn", a_type, b_type), lambda name: codegen.matmul_nn_kernel(name, a_type, b_type),
+                 signatures.MATMUL_NN)
+    return [threads.split(fn, m, 1, m * n * k if threaded else 0, n, k, A.ctypes.data, _leading(A),
+                          B.ctypes.data, _leading(B), C.ctypes.data, _leading(C))]
