@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -12,12 +13,49 @@ settings.register_profile("thorough", deadline=None, max_examples=300,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-@pytest.fixture(scope="session", params=sorted(backends.KNOWN))
+def backend_params(levels: bool = False):
+    """Each backend; with `levels`, llvm again at each instruction-set level this CPU runs
+    (TT_TARGET's: an AVX-512 VNNI host runs the AVX2, AVX-512 and VNNI kernels too; an aarch64
+    one with dotprod, NEON's and sdot's), those in the slow tier."""
+    from backends.llvm.target import levels_here
+    return sorted(backends.KNOWN) + [pytest.param(("llvm", level), id=f"llvm-{level}", marks=pytest.mark.slow)
+                                     for level in (levels_here() if levels else ())]
+
+
+def use_backend(param):
+    """The `backend` fixtures' body: that backend (at that level) while the tests run."""
+    name, level = param if isinstance(param, tuple) else (param, None)
+    with target_level(level):
+        backends.use(name)
+        yield name
+        backends.use(None)
+
+
+@pytest.fixture(scope="session", params=backend_params())
 def backend(request):
-    """Runs a test once per backend; every backend must match the NumPy reference."""
-    backends.use(request.param)
-    yield request.param
-    backends.use(None)
+    """Runs a test once per backend; every one must match the NumPy reference. (The kernel
+    tests, tests/unit, and the real model's, run llvm at every level too.)"""
+    yield from use_backend(request.param)
+
+
+@contextlib.contextmanager
+def target_level(level):
+    """Compile for TT_TARGET=level meanwhile (None: as the environment says)."""
+    from backends.llvm.target import host
+    if level is None:
+        yield
+        return
+    before = os.environ.get("TT_TARGET")
+    os.environ["TT_TARGET"] = level
+    host.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TT_TARGET"]
+        else:
+            os.environ["TT_TARGET"] = before
+        host.cache_clear()
 
 
 @pytest.fixture(scope="session")

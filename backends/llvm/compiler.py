@@ -9,7 +9,7 @@ import llvmlite.binding as llvm
 
 from backends.llvm.target import host, machine, optimize
 
-_functions: dict[tuple[str, str], object] = {}  # (hash of the IR, function name)
+_functions: dict[tuple, object] = {}  # (target, hash of the IR, function name)
 _engines = []  # compiled code lives as long as its engine
 
 
@@ -20,10 +20,9 @@ def cache_dir() -> Path:
 
 def compile_function(ir: str, name: str, argtypes: list):
     """A ctypes function for `name` in module `ir`, compiled once per distinct IR."""
-    key = hashlib.sha256(ir.encode()).hexdigest()
-    if (key, name) in _functions:
-        return _functions[key, name]
-    target = host()
+    key, target = hashlib.sha256(ir.encode()).hexdigest(), host()
+    if (target, key, name) in _functions:
+        return _functions[target, key, name]
     disk = cache_dir() / f"{key}.o"
     if disk.exists():
         module = llvm.parse_assembly(ir)  # symbols only: the object code comes from the cache
@@ -47,5 +46,5 @@ def compile_function(ir: str, name: str, argtypes: list):
     engine.finalize_object()
     _engines.append(engine)
     fn = ctypes.CFUNCTYPE(None, *argtypes)(engine.get_function_address(name))
-    _functions[key, name] = fn
+    _functions[target, key, name] = fn
     return fn

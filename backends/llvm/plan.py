@@ -10,6 +10,7 @@ import numpy as np
 
 from backends.llvm import codegen, signatures, threads
 from backends.llvm.compiler import compile_function
+from backends.llvm.target import host
 
 _kernels: dict = {}
 
@@ -18,7 +19,8 @@ def kernel(key, make_ir, signature: signatures.Signature):
     """The compiled function for a kernel structure, built on first use. Its name comes from its
     content, not from the order kernels are first met: the name is part of the IR that the disk
     cache is keyed by, so the same kernel met in another order (another model, another prompt)
-    must have the same name to be found there."""
+    must have the same name to be found there. Kept per target (TT_TARGET's level)."""
+    key = (host(), key)
     if key not in _kernels:
         name = "k" + hashlib.sha256(make_ir("kernel").encode()).hexdigest()[:16]
         _kernels[key] = compile_function(make_ir(name), name, signature.argtypes)

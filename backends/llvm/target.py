@@ -1,7 +1,9 @@
 """What the LLVM lowering compiles for: a triple, a CPU name and its features. The host is the
 default; any other target (aarch64 NEON, x86-64 with or without AVX-512) only changes these
 three strings, which is what makes the backend retargetable."""
+import ctypes
 import os
+import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -29,23 +31,39 @@ def _init():
 
 @lru_cache(maxsize=1)
 def host() -> Target:
-    """What kernels are compiled for on this machine: the CPU as it is (TT_TARGET unset or
-    `native`), or one of LEVELS that it supports, so that, say, the AVX2 kernels can be run
+    """What kernels are compiled for on this machine: the CPU as it is (TT_TARGET unset, empty
+    or `native`), or one of LEVELS that it supports, so that, say, the AVX2 kernels can be run
     and tested on an AVX-512 machine."""
-    native = _native()
-    name = os.environ.get("TT_TARGET", "native").strip().lower()
+    name = os.environ.get("TT_TARGET", "").strip().lower() or "native"
     if name == "native":
-        return native
+        return _native()
     if name not in LEVELS:
         raise ValueError(f"TT_TARGET={name!r}: give native or one of {', '.join(LEVELS)}")
-    level = LEVELS[name]
-    missing = [f[1:] for f in level.features.split(",") if f.startswith("+") and f not in native.features.split(",")]
-    if level.arch != native.arch or missing:
-        raise ValueError(f"TT_TARGET={name}: this CPU ({native.cpu}) lacks {', '.join(missing) or level.arch}: "
-                         f"choose a level it has, or unset TT_TARGET")
-    return replace(level, triple=native.triple)
+    missing = _missing(name)
+    if missing:
+        raise ValueError(f"TT_TARGET={name}: this CPU ({_native().cpu}) lacks {', '.join(missing)}: "
+                         f"choose a level it has ({', '.join(levels_here()) or 'none'}), or unset TT_TARGET")
+    return replace(LEVELS[name], triple=_native().triple)
 
 
+def levels_here() -> list[str]:
+    """The TT_TARGET levels this CPU runs, one name per distinct target."""
+    names = {}
+    for name, level in LEVELS.items():
+        if not _missing(name):
+            names.setdefault(level, name)
+    return list(names.values())
+
+
+def _missing(name: str) -> list[str]:
+    """What this CPU lacks of level `name` (its architecture, or features)."""
+    native, level = _native(), LEVELS[name]
+    if level.arch != native.arch:
+        return [level.arch]
+    return [f[1:] for f in level.features.split(",") if f.startswith("+") and f not in native.features.split(",")]
+
+
+@lru_cache(maxsize=1)
 def _native() -> Target:
     """This CPU, with its real name and features: without them LLVM assumes a generic x86-64
     and loses AVX2 and FMA."""
@@ -56,7 +74,26 @@ def _native() -> Target:
         # clock) and then splits even our explicit 16-lane vectors in two: with zmm the q4_k and
         # q6_k prefill kernels measured 1.9x faster (189 -> 366, 108 -> 208 GFLOP/s)
         features += ",-prefer-256-bit"
-    return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), features)
+    triple = llvm.get_process_triple()
+    if triple.startswith("aarch64") and sys.platform == "linux":
+        features = _with_hwcaps(features)
+    return Target(triple, llvm.get_host_cpu_name(), features)
+
+
+# the Linux kernel's AT_HWCAP bits for what the kernels use: it knows the CPU where LLVM's reading
+# of /proc/cpuinfo does not (under qemu-user, /proc/cpuinfo is the host's)
+HWCAPS = {1 << 0: "+fp-armv8", 1 << 1: "+neon", 1 << 9: "+fullfp16", 1 << 20: "+dotprod"}
+
+
+def _with_hwcaps(features: str) -> str:
+    libc = ctypes.CDLL(None)
+    libc.getauxval.restype, libc.getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    bits = libc.getauxval(16)  # AT_HWCAP
+    listed = [f for f in features.split(",") if f]
+    for bit, feature in HWCAPS.items():
+        if bits & bit:
+            listed = [f for f in listed if f != "-" + feature[1:]] + ([feature] if feature not in listed else [])
+    return ",".join(listed)
 
 
 def vector_registers(target: Target | None = None) -> int:
@@ -73,9 +110,12 @@ X86_64_AVX512 = Target("x86_64-unknown-linux-gnu", "skylake-avx512",
 # with VNNI, byte dot products are one instruction (vpdpbusd) instead of two
 X86_64_AVX512_VNNI = Target("x86_64-unknown-linux-gnu", "icelake-server",
                             "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512vnni")
-AARCH64_NEON = Target("aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+fp-armv8,+fullfp16")
-# TT_TARGET's names: the x86-64 feature levels the kernels are written for
-LEVELS = {"avx2": X86_64_AVX2, "x86-64-v3": X86_64_AVX2, "avx512": X86_64_AVX512, "avx512-vnni": X86_64_AVX512_VNNI}
+AARCH64_NEON = Target("aarch64-unknown-linux-gnu", "generic", "+neon,+fp-armv8,+fullfp16")
+# Armv8.2's dotprod (Graviton2, Apple M1, Ampere Altra and later): sdot for the byte dot products
+AARCH64_DOTPROD = Target("aarch64-unknown-linux-gnu", "generic", "+neon,+fp-armv8,+fullfp16,+dotprod")
+# TT_TARGET's names: the feature levels the kernels are written for
+LEVELS = {"avx2": X86_64_AVX2, "x86-64-v3": X86_64_AVX2, "avx512": X86_64_AVX512, "avx512-vnni": X86_64_AVX512_VNNI,
+          "neon": AARCH64_NEON, "dotprod": AARCH64_DOTPROD}
 
 
 @lru_cache(maxsize=None)

@@ -15,12 +15,20 @@ from models.text.chat import chat_tokens
 from ops import dtypes
 from tools.perplexity import chunk_nlls
 
+from tests.conftest import backend_params, use_backend
 from tests.reference import nmse, perplexities, q8_nmse_per_product, quantised_products_on_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers."]
 CONTEXT = 128  # the text is 18 chunks of it
+
+
+@pytest.fixture(scope="session", params=backend_params(levels=True))
+def backend(request):
+    """A real model on each backend, and on llvm at every level this CPU runs: each level's
+    kernels give the logits within the same bounds."""
+    yield from use_backend(request.param)
 
 
 @pytest.fixture(scope="module")

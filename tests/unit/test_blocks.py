@@ -257,19 +257,21 @@ def test_swiglu_of_a_block_and_a_float_weight(backend):
     assert np.all(np.abs(got - silu * b) <= reach)
 
 
-@pytest.mark.parametrize("kind", ["vnni", "vnni-256", "avx2", "generic"])
+@pytest.mark.parametrize("kind", ["vnni", "vnni-256", "avx2", "sdot", "generic"])
 @pytest.mark.parametrize("dtype", [dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_1, dtypes.q4_k, dtypes.q5_k,
                                    dtypes.q6_k], ids=lambda d: d.name)
 def test_every_dot_product_the_kernels_can_use(monkeypatch, kind, dtype):
     """Each target's byte dot product (backends/llvm/blocks/dot.py), run here where this CPU has its
     instructions: the same products within the same bound, the column-lane kernels with 16
-    lanes (AVX-512 VNNI) or 8 (AVX-VNNI's 256-bit form, AVX2, generic) and their column tails."""
+    lanes (AVX-512 VNNI) or 8 (AVX-VNNI's 256-bit form, AVX2, aarch64's sdot, generic) and their
+    column tails."""
     import backends
     from backends.llvm import column_lanes, plan as kernel_plan
     from backends.llvm.blocks import dot as llvm_blocks
     from backends.llvm.target import host
-    kinds = ["generic", "avx2", "vnni"]  # each CPU that has one has those before it
-    if kinds.index(kind.split("-")[0]) > kinds.index(llvm_blocks._kind(host())):
+    # each CPU that has one has those before it
+    kinds = {"x86_64": ["generic", "avx2", "vnni"], "aarch64": ["generic", "sdot"]}.get(host().arch, ["generic"])
+    if kind.split("-")[0] not in kinds or kinds.index(kind.split("-")[0]) > kinds.index(llvm_blocks._kind(host())):
         pytest.skip(f"this CPU has no {kind} instructions")
     monkeypatch.setattr(llvm_blocks, "_kind", lambda target: kind.split("-")[0])
     if kind == "vnni-256":

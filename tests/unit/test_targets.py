@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from backends.llvm import codegen
-from backends.llvm.target import AARCH64_NEON, X86_64_AVX2, X86_64_AVX512, X86_64_AVX512_VNNI, assembly, host
+from backends.llvm.target import AARCH64_DOTPROD, AARCH64_NEON, X86_64_AVX2, X86_64_AVX512, X86_64_AVX512_VNNI, assembly, host
 from ops import dtypes
 
 F32, BF16 = dtypes.float32, dtypes.bfloat16
@@ -39,8 +39,9 @@ def test_elementwise_kernels_vectorise(target, register):
 @pytest.mark.parametrize("target, instructions", [
     (X86_64_AVX2, ("vpmaddubsw", "vpmaddwd")),
     (X86_64_AVX512_VNNI, ("vpdpbusd",)),
-    (AARCH64_NEON, ("smull", "addp")),  # widening multiplies, pairwise adds (sdot needs +dotprod)
-], ids=["x86-avx2", "x86-vnni", "aarch64-neon"])
+    (AARCH64_NEON, ("smull", "addp")),  # widening multiplies, pairwise adds
+    (AARCH64_DOTPROD, ("sdot",)),
+], ids=["x86-avx2", "x86-vnni", "aarch64-neon", "aarch64-dotprod"])
 def test_block_products_use_integer_dot_products(target, instructions):
     """q4_0 weights meet 8-bit activations in the target's byte dot product (blocks.dot)."""
     asm = assembly(codegen.matmul_nt_kernel("k", F32, (dtypes.q4_0,), F32, 1, 1, target=target), target)
@@ -78,11 +79,13 @@ def test_a_second_process_reuses_compiled_kernels_from_disk(tmp_path):
 def test_tt_target_chooses_a_level_the_cpu_has(monkeypatch):
     from backends.llvm import target
     monkeypatch.setattr(target, "_native", lambda: X86_64_AVX2)  # as an AVX2-only CPU (AMD Zen 3)
+    assert target.levels_here() == ["avx2"]  # what the tests' `backend` fixture runs llvm at
     for name, want in (("avx2", X86_64_AVX2), ("x86-64-v3", X86_64_AVX2), ("native", X86_64_AVX2)):
         monkeypatch.setenv("TT_TARGET", name)
         host.cache_clear()
         assert host() == want
-    for name, says in (("avx512", "lacks avx512f, avx512bw, avx512vl"), ("neon", "give native or one of")):
+    for name, says in (("avx512", "lacks avx512f, avx512bw, avx512vl"), ("neon", "lacks aarch64"),
+                       ("sse9", "give native or one of")):
         monkeypatch.setenv("TT_TARGET", name)
         host.cache_clear()
         with pytest.raises(ValueError, match=says):

@@ -22,6 +22,7 @@ F16 = dtypes.float16
 BYTES = f"<{BLOCK} x i8>"
 LANES = 8  # the i32 (and then float) lanes a block's dot product is kept in
 SUMS = f"<{LANES} x i32>"
+INT = "i32"
 
 
 @dataclass
@@ -33,7 +34,12 @@ class Block:
 
 
 def _kind(target: Target | None) -> str:
-    features = set((target or host()).features.split(","))
+    """The byte dot product the target has: vnni (vpdpbusd), avx2 (pmaddubsw, pmaddwd), sdot
+    (aarch64's dotprod) or generic IR."""
+    target = target or host()
+    features = set(target.features.split(","))
+    if target.arch == "aarch64":
+        return "sdot" if "+dotprod" in features else "generic"
     if "+avxvnni" in features or {"+avx512vnni", "+avx512vl"} <= features:
         return "vnni"
     return "avx2" if "+avx2" in features else "generic"
@@ -69,6 +75,8 @@ def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True) -
     if kind == "avx2" and small:
         return k.op(f"sub {SUMS} {_maddubs(k, a, w.w)}, {w.prepared}")
     signed = k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}")
+    if kind == "sdot":  # signed times signed: a - 128 is the activation itself
+        return _sdot(k, "zeroinitializer", signed, w.w)
     if kind == "avx2":  # |w| times a with w's sign
         negative = k.op(f"icmp slt {BYTES} {w.w}, zeroinitializer")
         flipped = k.op(f"select <32 x i1> {negative}, {BYTES} {k.op(f'sub {BYTES} zeroinitializer, {signed}')}, {BYTES} {signed}")
@@ -87,6 +95,10 @@ def dot_add(k, acc: str, a: str, w: str, target: Target | None = None, lanes: in
     assert lanes == LANES, f"{lanes} lanes need VNNI"
     if kind == "avx2":
         return k.op(f"add {SUMS} {acc}, {_maddubs(k, a, w)}")
+    if kind == "sdot":  # a . w = (a - 128) . w + 128 * (1 . w)
+        acc = _sdot(k, acc, k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}"), w)
+        sums = _sdot(k, "zeroinitializer", constant(1, BLOCK), w)
+        return k.op(f"add {SUMS} {acc}, {k.op(f'shl {SUMS} {sums}, {constant(7, LANES, INT)}')}")
     return k.op(f"add {SUMS} {acc}, {_widened_sums(k, k.op(f'zext {BYTES} {a} to <{BLOCK} x i32>'), w)}")
 
 
@@ -108,6 +120,19 @@ def _widened_sums(k, a_wide: str, w: str) -> str:
         n //= 2
         products = k.op(f"add <{n} x i32> {even}, {odd}")
     return products
+
+
+def _sdot(k, acc: str, a: str, w: str) -> str:
+    """acc + the <8 x i32> lane sums (4 neighbours each) of signed bytes a times signed bytes w,
+    with aarch64's sdot on each 16-byte half."""
+    halves = []
+    for first in (0, 16):
+        pick = f"<16 x i32> <{', '.join(f'i32 {i}' for i in range(first, first + 16))}>"
+        x, y = (k.op(f"shufflevector {BYTES} {v}, {BYTES} poison, {pick}") for v in (a, w))
+        start = k.op(f"shufflevector {SUMS} {acc}, {SUMS} poison, <4 x i32> "
+                     f"<{', '.join(f'i32 {i}' for i in range(first // 4, first // 4 + 4))}>")
+        halves.append(k.op(f"call <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32> {start}, <16 x i8> {x}, <16 x i8> {y})"))
+    return k.concat(halves[0], halves[1], 4, "i32")
 
 
 def _maddubs(k, u: str, s: str) -> str:
