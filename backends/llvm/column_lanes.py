@@ -12,7 +12,7 @@ from its transposed bytes, one vector per sub-block, and kept in a stack array t
 pairs of sub-blocks reads. Each format's part is its reads' lanes_group and lanes_block.
 """
 from backends.llvm.blocks import reads as format_reads
-from backends.llvm.blocks.dot import LANES, full_range, wide_lanes
+from backends.llvm.blocks.dot import LANES, wide_lanes
 from backends.llvm.blocks.lanes import Lanes
 from ops import dtypes
 from ops.blocks import BLOCK
@@ -21,10 +21,8 @@ F32 = dtypes.float32
 
 
 def reads(w_types, target=None) -> bool:
-    """Whether every weight is in a format these kernels read (full-range 8-bit values need a
-    dot product that does not saturate)."""
-    return all(t.block is not None and format_reads(t.block).lanes and (t.block.small or full_range(target))
-               for t in w_types)
+    """Whether every weight is in a format these kernels read."""
+    return all(t.block is not None and format_reads(t.block).lanes for t in w_types)
 
 
 def columns(target=None) -> int:
@@ -90,7 +88,9 @@ def _add_blocks(v: Lanes, read, where, scales, rows, blocks, first, j, halves, a
                 for piece in block.pieces:
                     chains = [piece.bias, "zeroinitializer"]  # two dependency chains
                     for n, part in enumerate(piece.parts):
-                        chains[n % 2] = v.dot_add(chains[n % 2], groups[r][piece.first + n], part)
+                        a = groups[r][piece.first + n]
+                        chains[n % 2] = v.dot_add_signed(chains[n % 2], a, part, piece.absolute[n]) \
+                            if piece.absolute else v.dot_add(chains[n % 2], a, part)
                     total = k.op(f"sitofp {v.sums} {k.op(f'add {v.sums} {chains[0]}, {chains[1]}')} to {v.floats}")
                     term = k.op(f"fmul contract {v.floats} {k.op(f'fmul {v.floats} {total}, {piece.scale}')}, {d_x[r]}")
                     acc[i, r].set(k.op(f"fadd reassoc contract {v.floats} {acc[i, r].current}, {term}"))

@@ -10,7 +10,7 @@ import numpy as np
 from backends.numpy_backend import run_node as reference_node
 from backends.llvm import signatures, threads
 from backends.llvm.attention import attention_kernel
-from backends.llvm.plan import Plan, elementwise, kernel, reduction
+from backends.llvm.plan import elementwise, kernel, reduction
 from backends.llvm.products import linear, matmul
 from ops.elementwise import ELEMENTWISE
 from ops.fused import Instruction

@@ -102,6 +102,15 @@ def dot_add(k, acc: str, a: str, w: str, target: Target | None = None, lanes: in
     return k.op(f"add {SUMS} {acc}, {_widened_sums(k, k.op(f'zext {BYTES} {a} to <{BLOCK} x i32>'), w)}")
 
 
+def dot_add_signed(k, acc: str, a: str, w: str, w_abs: str) -> str:
+    """acc + the <8 x i32> lane sums of (a - 128) times w for any signed bytes w, on AVX2 (where
+    dot_add needs |w| <= 63): pmaddubsw takes |w| (unsigned, from the caller, once per w) and
+    a - 128 with w's sign, whose pairs fit 16 bits (2 * 128 * 127, the activations being within
+    +-127), as llama.cpp's AVX2 q8_0 product does."""
+    signed = k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}")
+    return k.op(f"add {SUMS} {acc}, {_maddubs(k, w_abs, k.op(f'call {BYTES} @llvm.x86.avx2.psign.b({BYTES} {signed}, {BYTES} {w})'))}")
+
+
 def wide_lanes(target: Target | None = None) -> bool:
     """Whether dot_add can take 16 lanes: AVX-512 VNNI (not AVX-VNNI's 256-bit form alone)."""
     features = set((target or host()).features.split(","))

@@ -12,7 +12,7 @@ q6_k's and q8_0's go in signed, and q6_k's two scales per 32 values make two pie
 """
 from dataclasses import dataclass
 
-from backends.llvm.blocks.dot import bitfield, dot_add
+from backends.llvm.blocks.dot import bitfield, dot_add, dot_add_signed
 from backends.llvm.emitter import constant
 from ops.blocks import BLOCK
 
@@ -24,6 +24,7 @@ class Piece:
     parts: list[str]   # bytes: parts[j] holds in lane c column c's values 4 (first + j) .. + 3
     scale: str         # floats, each column's
     bias: str          # i32s: -128 times each lane's sum of values, where its integer sum starts
+    absolute: list[str] | None = None  # |parts| where the products go signed (dot_add_signed; bias 0)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Lanes:
 
     def dot_add(self, acc: str, a: str, w: str) -> str:
         return dot_add(self.k, acc, a, w, self.target, self.n)
+
+    def dot_add_signed(self, acc: str, a: str, w: str, w_abs: str) -> str:
+        return dot_add_signed(self.k, acc, a, w, w_abs)
 
     def constant(self, value: int) -> str:
         return constant(value, 4 * self.n)

@@ -1,6 +1,6 @@
 """The simple formats (ops/blocks/simple.py: q8_0, q4_0, q4_1, q5_0, q5_1) in registers: a
 block of 32 values at a time, for both product kernels."""
-from backends.llvm.blocks.dot import BYTES, F16, LANES, Block
+from backends.llvm.blocks.dot import BYTES, F16, LANES, Block, full_range
 from backends.llvm.blocks.lanes import LaneBlock, Lanes, Piece
 from backends.llvm.blocks.reads import Group, Reads, field
 from backends.llvm.emitter import constant
@@ -41,7 +41,11 @@ class SimpleReads(Reads):
         d = v.of([k.load(field(k, w, f.D), F16) for w in where])
         if f.bits == 8:
             parts = v.transposed32(where, f.quants_at)
-            return LaneBlock([Piece(0, parts, d, v.bias(parts, -128, 127))], None)
+            if full_range(v.target):
+                return LaneBlock([Piece(0, parts, d, v.bias(parts, -128, 127))], None)
+            # AVX2: the activations go in signed, each product taking w's sign; no bias
+            absolute = [k.op(f"call {v.bytes} @llvm.abs.v32i8({v.bytes} {p}, i1 false)") for p in parts]
+            return LaneBlock([Piece(0, parts, d, "zeroinitializer", absolute)], None)
         packed = v.transposed(where, f.quants_at)
         parts = [v.bits(p, 0, 15) for p in packed] + [v.bits(p, 4, 15) for p in packed]
         if f.has_min:
