@@ -18,8 +18,10 @@ def backend_params(levels: bool = False):
     (TT_TARGET's: an AVX-512 VNNI host runs the AVX2, AVX-512 and VNNI kernels too; an aarch64
     one with dotprod, NEON's and sdot's), those in the slow tier."""
     from backends.llvm.target import levels_here
+    chosen = os.environ.get("TT_TEST_LEVELS")  # a comma-separated subset, or "none"
     return sorted(backends.KNOWN) + [pytest.param(("llvm", level), id=f"llvm-{level}", marks=pytest.mark.slow)
-                                     for level in (levels_here() if levels else ())]
+                                     for level in (levels_here() if levels else ())
+                                     if chosen is None or level in chosen.split(",")]
 
 
 def use_backend(param):

@@ -88,9 +88,9 @@ def block_sums(k, w_types, rows, cols, block, target=None):
                         at_w = k.add(col, k.mul(k.op(f"udiv i64 {b}, {f.sub_blocks}"), f.block_bytes))
                         groups[i, c] = _group(k, read[i], k.at(f"%W{i}", at_w, "i8"), at,
                                               [acc[i, r, c] for r in range(len(rows))])
-                    w = prepare(k, read[i].block(k, groups[i, c], sub), target, f.small)
+                    w = prepare(k, read[i].block(k, groups[i, c], sub), target, f.small, f.unsigned)
                     for r in range(len(rows)):
-                        sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.small)} to {vec}")
+                        sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.small, f.unsigned)} to {vec}")
                         # (sums * d_w) * d_x: a multiply and a fused add (d_w * d_x first became a
                         # scalar multiply and a broadcast per row and column)
                         term = k.op(f"fmul contract {vec} {k.op(f'fmul {vec} {sums}, {w.d}')}, {d_x[r]}")

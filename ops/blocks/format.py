@@ -29,6 +29,12 @@ class Format:
         (unsigned byte) * w cannot saturate 16 bits (AVX2's)."""
         return self.bits < 8
 
+    @property
+    def unsigned(self) -> bool:
+        """Whether every integer w is >= 0 (the formats with a minimum instead of an offset):
+        then w can be the unsigned side of a byte dot product, the activations the signed one."""
+        return self.offset == 0 and self.bits < 8
+
     def read(self, blocks: np.ndarray):
         """Blocks [n, block_bytes] -> per sub-block of 32 values (n * sub_blocks of them): the
         signed integers w [*, 32] (int32), the scale of each value [*, 32] and the minimum [*, 1]

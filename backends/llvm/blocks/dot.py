@@ -51,11 +51,13 @@ def full_range(target: Target | None = None) -> bool:
     return _kind(target) != "avx2"
 
 
-def prepare(k, w: Block, target: Target | None = None, small: bool = True) -> Block:
-    """What dot needs of a weight block for every row: -128 * its lane sums (VNNI), 128 * them
-    (AVX2, |w| <= 32: `small`, so pairs of (a + 128) * w fit in i16), or |w| (AVX2, 8-bit w:
-    (a + 128) * w would saturate)."""
+def prepare(k, w: Block, target: Target | None = None, small: bool = True, unsigned: bool = False) -> Block:
+    """What dot needs of a weight block for every row: nothing for `unsigned` w on x86 (w is
+    then the unsigned side), -128 * its lane sums (VNNI), 128 * them (AVX2, |w| <= 32: `small`,
+    so pairs of (a + 128) * w fit in i16), or |w| (AVX2, 8-bit w: (a + 128) * w would saturate)."""
     kind = _kind(target)
+    if unsigned and kind in ("vnni", "avx2"):
+        return w
     if kind == "vnni":
         bias = k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} zeroinitializer, {BYTES} {constant(-128, BLOCK)}, {BYTES} {w.w})")
         w.prepared = k.op(f"sub {SUMS} zeroinitializer, {bias}")
@@ -66,10 +68,17 @@ def prepare(k, w: Block, target: Target | None = None, small: bool = True) -> Bl
     return w
 
 
-def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True) -> str:
+def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True, unsigned: bool = False) -> str:
     """<8 x i32> partial sums of w . (a - 128) for a prepared block and 32 unsigned bytes a, each
-    lane the sum of 4 neighbouring products: exact, whichever instructions compute it."""
+    lane the sum of 4 neighbouring products: exact, whichever instructions compute it. For
+    `unsigned` w (0..31) on x86 the byte product takes w unsigned and a - 128 signed, one
+    instruction (VNNI) or two (AVX2) and no bias, as llama.cpp's q4_1 and K-quant products do."""
     kind = _kind(target)
+    if unsigned and kind in ("vnni", "avx2"):
+        signed = k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}")  # the same for every column: CSE'd
+        if kind == "vnni":
+            return k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} zeroinitializer, {BYTES} {w.w}, {BYTES} {signed})")
+        return _maddubs(k, w.w, signed)
     if kind == "vnni":
         return k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} {w.prepared}, {BYTES} {a}, {BYTES} {w.w})")
     if kind == "avx2" and small:
