@@ -33,10 +33,11 @@ def use_backend(param):
         backends.use(None)
 
 
-@pytest.fixture(scope="session", params=backend_params())
+@pytest.fixture(params=backend_params())
 def backend(request):
     """Runs a test once per backend; every one must match the NumPy reference. (The kernel
-    tests, tests/unit, and the real model's, run llvm at every level too.)"""
+    tests, tests/unit, and the real model's, run llvm at every level too.) Per test, so that
+    neither the backend nor a level outlives the tests that asked for it."""
     yield from use_backend(request.param)
 
 

@@ -24,7 +24,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "List 
 CONTEXT = 128  # the text is 18 chunks of it
 
 
-@pytest.fixture(scope="session", params=backend_params(levels=True))
+@pytest.fixture(params=backend_params(levels=True))
 def backend(request):
     """A real model on each backend, and on llvm at every level this CPU runs: each level's
     kernels give the logits within the same bounds."""

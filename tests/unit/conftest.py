@@ -3,7 +3,7 @@ import pytest
 from tests.conftest import backend_params, use_backend
 
 
-@pytest.fixture(scope="session", params=backend_params(levels=True))
+@pytest.fixture(params=backend_params(levels=True))
 def backend(request):
     """The kernel tests run on each backend, and on llvm at every level this CPU runs."""
     yield from use_backend(request.param)
