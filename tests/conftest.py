@@ -6,10 +6,11 @@ from hypothesis import HealthCheck, settings
 
 import backends
 
+# the `backend` fixture is per test but never changes between a test's examples
 settings.register_profile("default", deadline=None, max_examples=30,
-                          suppress_health_check=[HealthCheck.too_slow])
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("thorough", deadline=None, max_examples=300,
-                          suppress_health_check=[HealthCheck.too_slow])
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
