@@ -1,10 +1,9 @@
-import contextlib
 import os
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-import backends
+from tests.levels import backend_params, use_backend
 
 # the `backend` fixture is per test but never changes between a test's examples
 settings.register_profile("default", deadline=None, max_examples=30,
@@ -14,52 +13,12 @@ settings.register_profile("thorough", deadline=None, max_examples=300,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-def backend_params(levels: bool = False):
-    """Each backend; with `levels`, llvm again at each instruction-set level this CPU runs
-    (TT_TARGET's: an AVX-512 VNNI host runs the AVX2, AVX-512 and VNNI kernels too; an aarch64
-    one with dotprod, NEON's and sdot's), those in the slow tier."""
-    from backends.llvm.target import levels_here
-    chosen = os.environ.get("TT_TEST_LEVELS")  # a comma-separated subset, or "none"
-    return sorted(backends.KNOWN) + [pytest.param(("llvm", level), id=f"llvm-{level}", marks=pytest.mark.slow)
-                                     for level in (levels_here() if levels else ())
-                                     if chosen is None or level in chosen.split(",")]
-
-
-def use_backend(param):
-    """The `backend` fixtures' body: that backend (at that level) while the tests run."""
-    name, level = param if isinstance(param, tuple) else (param, None)
-    with target_level(level):
-        backends.use(name)
-        yield name
-        backends.use(None)
-
-
 @pytest.fixture(params=backend_params())
 def backend(request):
     """Runs a test once per backend; every one must match the NumPy reference. (The kernel
     tests, tests/unit, and the real model's, run llvm at every level too.) Per test, so that
     neither the backend nor a level outlives the tests that asked for it."""
     yield from use_backend(request.param)
-
-
-@contextlib.contextmanager
-def target_level(level):
-    """Compile for TT_TARGET=level meanwhile (None: as the environment says)."""
-    from backends.llvm.target import host
-    if level is None:
-        yield
-        return
-    before = os.environ.get("TT_TARGET")
-    os.environ["TT_TARGET"] = level
-    host.cache_clear()
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TT_TARGET"]
-        else:
-            os.environ["TT_TARGET"] = before
-        host.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from models.text.chat import chat_tokens
 from ops import dtypes
 from tools.perplexity import chunk_nlls
 
-from tests.conftest import backend_params, use_backend
+from tests.levels import backend_params, use_backend
 from tests.reference import nmse, perplexities, q8_nmse_per_product, quantised_products_on_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.oracle]

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.conftest import backend_params, use_backend
+from tests.levels import backend_params, use_backend
 
 
 @pytest.fixture(params=backend_params(levels=True))
