@@ -75,7 +75,7 @@ def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True, u
     instruction (VNNI) or two (AVX2) and no bias, as llama.cpp's q4_1 and K-quant products do."""
     kind = _kind(target)
     if unsigned and kind in ("vnni", "avx2"):
-        signed = k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}")  # the same for every column: CSE'd
+        signed = _signed(k, a)  # the same for every column: CSE'd
         if kind == "vnni":
             return k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} zeroinitializer, {BYTES} {w.w}, {BYTES} {signed})")
         return _maddubs(k, w.w, signed)
@@ -83,13 +83,11 @@ def dot(k, w: Block, a: str, target: Target | None = None, small: bool = True, u
         return k.op(f"call {SUMS} @llvm.x86.avx512.vpdpbusd.256({SUMS} {w.prepared}, {BYTES} {a}, {BYTES} {w.w})")
     if kind == "avx2" and small:
         return k.op(f"sub {SUMS} {_maddubs(k, a, w.w)}, {w.prepared}")
-    signed = k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}")
+    signed = _signed(k, a)
     if kind == "sdot":  # signed times signed: a - 128 is the activation itself
         return _sdot(k, "zeroinitializer", signed, w.w)
-    if kind == "avx2":  # |w| times a with w's sign
-        negative = k.op(f"icmp slt {BYTES} {w.w}, zeroinitializer")
-        flipped = k.op(f"select <32 x i1> {negative}, {BYTES} {k.op(f'sub {BYTES} zeroinitializer, {signed}')}, {BYTES} {signed}")
-        return _maddubs(k, w.prepared, flipped)
+    if kind == "avx2":  # 8-bit w: |w| (prepared) times a with w's sign
+        return _sign_products(k, signed, w.w, w.prepared)
     return _widened_sums(k, k.op(f"sext {BYTES} {signed} to <{BLOCK} x i32>"), w.w)
 
 
@@ -105,7 +103,7 @@ def dot_add(k, acc: str, a: str, w: str, target: Target | None = None, lanes: in
     if kind == "avx2":
         return k.op(f"add {SUMS} {acc}, {_maddubs(k, a, w)}")
     if kind == "sdot":  # a . w = (a - 128) . w + 128 * (1 . w)
-        acc = _sdot(k, acc, k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}"), w)
+        acc = _sdot(k, acc, _signed(k, a), w)
         sums = _sdot(k, "zeroinitializer", constant(1, BLOCK), w)
         return k.op(f"add {SUMS} {acc}, {k.op(f'shl {SUMS} {sums}, {constant(7, LANES, INT)}')}")
     return k.op(f"add {SUMS} {acc}, {_widened_sums(k, k.op(f'zext {BYTES} {a} to <{BLOCK} x i32>'), w)}")
@@ -116,8 +114,7 @@ def dot_add_signed(k, acc: str, a: str, w: str, w_abs: str) -> str:
     dot_add needs |w| <= 63): pmaddubsw takes |w| (unsigned, from the caller, once per w) and
     a - 128 with w's sign, whose pairs fit 16 bits (2 * 128 * 127, the activations being within
     +-127), as llama.cpp's AVX2 q8_0 product does."""
-    signed = k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}")
-    return k.op(f"add {SUMS} {acc}, {_maddubs(k, w_abs, k.op(f'call {BYTES} @llvm.x86.avx2.psign.b({BYTES} {signed}, {BYTES} {w})'))}")
+    return k.op(f"add {SUMS} {acc}, {_sign_products(k, _signed(k, a), w, w_abs)}")
 
 
 def wide_lanes(target: Target | None = None) -> bool:
@@ -138,6 +135,17 @@ def _widened_sums(k, a_wide: str, w: str) -> str:
         n //= 2
         products = k.op(f"add <{n} x i32> {even}, {odd}")
     return products
+
+
+def _signed(k, a: str) -> str:
+    """The activations a - 128 (signed bytes) from their stored form a (unsigned)."""
+    return k.op(f"xor {BYTES} {a}, {constant(-128, BLOCK)}")
+
+
+def _sign_products(k, signed: str, w: str, w_abs: str) -> str:
+    """<8 x i32> lane sums of signed activations times any signed bytes w on AVX2: |w| times
+    the activations with w's sign (psign), so pmaddubsw's pairs stay within 2 * 128 * 127."""
+    return _maddubs(k, w_abs, k.op(f"call {BYTES} @llvm.x86.avx2.psign.b({BYTES} {signed}, {BYTES} {w})"))
 
 
 def _sdot(k, acc: str, a: str, w: str) -> str:

@@ -75,7 +75,6 @@ class KQuantReads(Reads):
     def lanes_block(self, v: Lanes, where, scratch, s, j, e) -> LaneBlock:
         """Sub-block 2j + e: nibbles e of qs' 32 bytes j, unsigned, the minimum apart."""
         f, k = self.f, v.k
-        s = k.add(k.mul(j, 2), e)
         parts = [v.bits(p, 4 * e, 15) for p in v.transposed32(where, k.add(k.mul(j, 32), f.qs_at))]
         if f.high_bits:  # q5_k: bit s of qh[l] is value l's fifth bit
             parts = [k.op(f"or {v.bytes} {p}, {k.op(f'shl {v.bytes} {v.bits(h, s, 1)}, {v.constant(4)}')}")

@@ -41,7 +41,6 @@ class Q6KReads(Reads):
         """Sub-block 2j + e = 4h + t: 4 low bits from ql, 2 high from qh, minus 32; two pieces of
         16 values, each under its own scale."""
         f, k = self.f, v.k
-        s = k.add(k.mul(j, 2), e)
         h, odd = k.op(f"lshr i64 {j}, 1"), k.op(f"and i64 {j}, 1")  # t = 2 odd + e
         low = [v.bits(p, k.mul(odd, 4), 15) for p in v.transposed32(where, k.add(k.mul(h, 64), f.QL + 32 * e))]
         high = [k.op(f"shl {v.bytes} {v.bits(p, k.add(k.mul(odd, 4), 2 * e), 3)}, {v.constant(4)}")
