@@ -2,7 +2,7 @@
 super-block share, read once (`group`, `lanes_group`: the scales and minimums as float
 vectors), then each sub-block of 32 values. The same integers, scales and minimums as
 KQuant.read, each scale and minimum one float32 multiply as there."""
-from backends.llvm.blocks.dot import BYTES, F16, LANES, Block, bitfield
+from backends.llvm.blocks.dot import BYTES, LANES, Block, bitfield
 from backends.llvm.blocks.lanes import LaneBlock, Lanes, Piece
 from backends.llvm.blocks.reads import Group, Reads, field, lanes_of
 from backends.llvm.emitter import constant
@@ -32,7 +32,7 @@ class KQuantReads(Reads):
 
         def scaled(v, offset):  # the float16 at `offset` times each lane
             floats = k.op(f"uitofp <{LANES} x i8> {v} to <{LANES} x float>")
-            return k.op(f"fmul <{LANES} x float> {k.splat(k.load(field(k, at, offset), F16), LANES)}, {floats}")
+            return k.op(f"fmul <{LANES} x float> {k.splat(k.block_scale(field(k, at, offset)), LANES)}, {floats}")
 
         return Group(at, scaled(sc, f.D), k.op(f"fneg <{LANES} x float> {scaled(mn, f.DMIN)}"))
 

@@ -14,7 +14,7 @@ class Q6KReads(Reads):
     def group(self, k, at: str) -> Group:
         f = self.f
         sc = k.op(f"sitofp <16 x i8> {k.vload(k.at(at, f.SCALES, 'i8'), 16, 'i8')} to <16 x float>")
-        return Group(at, k.op(f"fmul <16 x float> {k.splat(k.load(k.at(at, f.D, 'i8'), F16), 16)}, {sc}"))
+        return Group(at, k.op(f"fmul <16 x float> {k.splat(k.block_scale(k.at(at, f.D, 'i8')), 16)}, {sc}"))
 
     def block(self, k, group: Group, sub: int) -> Block:
         """Sub-block `sub` = 4h + t: its integers, the first 16 values' scale in lanes 0-3 and

@@ -18,7 +18,7 @@ class SimpleReads(Reads):
 
     def block(self, k, group: Group, sub: int) -> Block:
         f, at = self.f, group.at
-        d = k.splat(k.load(field(k, at, f.D), F16), LANES)
+        d = k.splat(k.block_scale(field(k, at, f.D)), LANES)
         quants = k.at(at, f.quants_at, "i8")
         if f.bits == 8:
             return Block(k.vload(quants, BLOCK, "i8"), d, None)
@@ -32,7 +32,7 @@ class SimpleReads(Reads):
             q = k.op(f"or {BYTES} {q}, {k.op(f'shl {BYTES} {fifth}, {constant(4, BLOCK)}')}")
         if f.offset:
             q = k.op(f"sub {BYTES} {q}, {constant(f.offset, BLOCK)}")
-        return Block(q, d, k.load(k.at(at, f.M, "i8"), F16) if f.has_min else None)
+        return Block(q, d, k.block_scale(k.at(at, f.M, "i8")) if f.has_min else None)
 
     def lanes_block(self, v: Lanes, where, scratch, s, j, e) -> LaneBlock:
         """q8_0, q4_0, q4_1 blocks (byte j of a 4-bit block: value j low, value j + 16 high)."""
