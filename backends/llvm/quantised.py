@@ -13,6 +13,7 @@ from ops.blocks import BLOCK
 
 F32 = dtypes.float32
 FLOATS = f"<{BLOCK} x float>"
+VEC = f"<{LANES} x float>"
 SHIFT = BLOCK.bit_length() - 1  # K >> SHIFT blocks per row
 # Each weight row's bytes are asked for this far ahead of their use: a decode step streams the
 # weights once, and the hardware prefetcher alone left it at ~60% of the read bandwidth (a 147 MB
@@ -64,42 +65,87 @@ def block_sums(k, w_types, rows, cols, block, target=None):
     A, AD, AS) and weights in blocks; rows are row indices, cols each weight row's byte offset.
     Each weight (sub-)block is read (and prepared for the dot product) once and multiplied into
     every row of the step. The k loop steps by the largest block (256 values when a K-quant is
-    among the weights), reading the smaller ones' blocks in a straight run."""
+    among the weights), reading the smaller ones' blocks in a straight run.
+
+    With one sum (a decode step's matrix-vector product of one weight) its adds make one chain,
+    a block apart: there the loop takes two steps at a time into two sets of sums, so that the
+    next block's adds need not wait for this one's, and a last loop takes an odd step (SmolLM2
+    Q4_1's AVX2 decode: these products 1.47 -> 1.37 ms of the step's 3.92, Emerald Rapids; two
+    weights' sums, SwiGLU's, are two chains already and gained nothing)."""
     formats = [t.block for t in w_types]
     read = [reads(f) for f in formats]
     subs = max(f.sub_blocks for f in formats)  # x's blocks per step
-    vec = f"<{LANES} x float>"
+    minimums = [x for x in block if read[x[0]].block_minimum]
+    steps = k.op(f"udiv i64 %K, {subs * BLOCK}")
+    ways = 2 if len(block) == 1 else 1
+    paired = k.op(f"and i64 {steps}, {-ways}")
+    with k.loop("0", paired, step=ways, hint="group") as g:
+        sets = [_Sums(k, block, minimums) for _ in range(ways)]
+        for way, sums in enumerate(sets):
+            _add_step(k, formats, read, rows, cols, k.add(g, way), sums, target)
+    total = _Sums.added(k, sets)
+    if ways > 1:
+        with k.loop(paired, steps, hint="last") as g:
+            last = _Sums(k, block, minimums, total)
+            _add_step(k, formats, read, rows, cols, g, last, target)
+        total = _Sums.added(k, [last])
+    sums = {x: k.hsum(total.acc[x], LANES) for x in block}
+    return {x: k.op(f"fadd float {s}, {total.minimum[x]}") if x in total.minimum else s for x, s in sums.items()}
+
+
+class _Sums:
+    """Each (weight, row, col)'s 8 float lanes, and for the formats with a minimum per block the
+    sum of m_w * s_x (a K-quant's go into the lanes, 8 at once): carried around the open loop
+    (from `start`'s values, else zero), or, as `added` makes them, plain values."""
+
+    def __init__(self, k, block, minimums, start=None):
+        self.acc = {x: k.carry(start.acc[x] if start else "zeroinitializer", VEC) for x in block}
+        self.minimum = {x: k.carry(start.minimum[x] if start else "0.0") for x in minimums}
+
+    @classmethod
+    def added(cls, k, sets):
+        """The sums of the carried sets' final values."""
+        total = cls.__new__(cls)
+        total.acc = {x: c.final for x, c in sets[0].acc.items()}
+        total.minimum = {x: c.final for x, c in sets[0].minimum.items()}
+        for other in sets[1:]:
+            for x, c in other.acc.items():
+                total.acc[x] = k.op(f"fadd reassoc contract {VEC} {total.acc[x]}, {c.final}")
+            for x, c in other.minimum.items():
+                total.minimum[x] = k.op(f"fadd reassoc contract float {total.minimum[x]}, {c.final}")
+        return total
+
+
+def _add_step(k, formats, read, rows, cols, g, sums, target):
+    """Add step g of the k loop (x's blocks g * subs ...) to `sums`."""
+    subs = max(f.sub_blocks for f in formats)
     blocks = k.op(f"lshr i64 %K, {SHIFT}")  # x's blocks per row
-    with k.loop("0", k.op(f"udiv i64 %K, {subs * BLOCK}"), hint="group") as g:
-        acc = {x: k.carry("zeroinitializer", vec) for x in block}
-        # the minimums of formats with one per block, sum of m_w * s_x (a K-quant's go into acc, 8 at once)
-        minimum = {x: k.carry("0.0") for x in block if read[x[0]].block_minimum}
-        groups = {}
-        for s in range(subs):
-            b = k.add(k.mul(g, subs), s)  # x's block
-            a = [k.vload(k.at("%A", k.add(k.mul(row, "%K"), k.mul(b, BLOCK)), "i8"), BLOCK, "i8") for row in rows]
-            at = [k.add(k.mul(row, blocks), b) for row in rows]
-            d_x = [k.splat(k.load_at("%AD", x, F32), LANES) for x in at]
-            s_x = [k.load_at("%AS", x, F32) for x in at] if minimum else None
-            for i, f in enumerate(formats):
-                sub = s % f.sub_blocks
-                for c, col in enumerate(cols[i]):
-                    if sub == 0:  # the weight block's first sub-block: what they share, read once
-                        at_w = k.add(col, k.mul(k.op(f"udiv i64 {b}, {f.sub_blocks}"), f.block_bytes))
-                        groups[i, c] = _group(k, read[i], k.at(f"%W{i}", at_w, "i8"), at,
-                                              [acc[i, r, c] for r in range(len(rows))])
-                    w = prepare(k, read[i].block(k, groups[i, c], sub), target, f.small, f.unsigned)
-                    for r in range(len(rows)):
-                        sums = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.small, f.unsigned)} to {vec}")
-                        # (sums * d_w) * d_x: a multiply and a fused add (d_w * d_x first became a
-                        # scalar multiply and a broadcast per row and column)
-                        term = k.op(f"fmul contract {vec} {k.op(f'fmul {vec} {sums}, {w.d}')}, {d_x[r]}")
-                        acc[i, r, c].set(k.op(f"fadd reassoc contract {vec} {acc[i, r, c].current}, {term}"))
-                        if w.m is not None:
-                            term = k.op(f"fmul contract float {w.m}, {s_x[r]}")
-                            minimum[i, r, c].set(k.op(f"fadd reassoc contract float {minimum[i, r, c].current}, {term}"))
-    sums = {x: k.hsum(acc[x].final, LANES) for x in block}
-    return {x: k.op(f"fadd float {s}, {minimum[x].final}") if x in minimum else s for x, s in sums.items()}
+    groups = {}
+    for s in range(subs):
+        b = k.add(k.mul(g, subs), s)  # x's block
+        a = [k.vload(k.at("%A", k.add(k.mul(row, "%K"), k.mul(b, BLOCK)), "i8"), BLOCK, "i8") for row in rows]
+        at = [k.add(k.mul(row, blocks), b) for row in rows]
+        d_x = [k.splat(k.load_at("%AD", x, F32), LANES) for x in at]
+        s_x = [k.load_at("%AS", x, F32) for x in at] if sums.minimum else None
+        for i, f in enumerate(formats):
+            sub = s % f.sub_blocks
+            for c, col in enumerate(cols[i]):
+                if sub == 0:  # the weight block's first sub-block: what they share, read once
+                    at_w = k.add(col, k.mul(k.op(f"udiv i64 {b}, {f.sub_blocks}"), f.block_bytes))
+                    groups[i, c] = _group(k, read[i], k.at(f"%W{i}", at_w, "i8"), at,
+                                          [sums.acc[i, r, c] for r in range(len(rows))])
+                w = prepare(k, read[i].block(k, groups[i, c], sub), target, f.small, f.unsigned)
+                for r in range(len(rows)):
+                    products = k.op(f"sitofp <{LANES} x i32> {dot(k, w, a[r], target, f.small, f.unsigned)} to {VEC}")
+                    # (sums * d_w) * d_x: a multiply and a fused add (d_w * d_x first became a
+                    # scalar multiply and a broadcast per row and column)
+                    term = k.op(f"fmul contract {VEC} {k.op(f'fmul {VEC} {products}, {w.d}')}, {d_x[r]}")
+                    acc = sums.acc[i, r, c]
+                    acc.set(k.op(f"fadd reassoc contract {VEC} {acc.current}, {term}"))
+                    if w.m is not None:
+                        term = k.op(f"fmul contract float {w.m}, {s_x[r]}")
+                        minimum = sums.minimum[i, r, c]
+                        minimum.set(k.op(f"fadd reassoc contract float {minimum.current}, {term}"))
 
 
 def _group(k, read, where, at, accs):
