@@ -9,7 +9,11 @@ values of column c; blocks/lanes.py), each met by one 4-byte group of an x row b
 lanes, so one row's block costs 8 integer dot products and a few float operations for all the
 columns, and no horizontal sums. A K-quant's scales and minimums are decoded per super-block
 from its transposed bytes, one vector per sub-block, and kept in a stack array that a loop over
-pairs of sub-blocks reads. Each format's part is its reads' lanes_group and lanes_block.
+pairs of sub-blocks reads. On AVX2 its sub-block scales are integers there, multiplied in by
+the pmaddwd that adds the byte products' pairs anyway, so that a row's whole super-block is
+summed in integers and met by float work once (blocks/dot.py scaled_dot_add; llama.cpp's AVX2
+K-quant products do the same): the float work per sub-block was a third of the integer work.
+Each format's part is its reads' lanes_group, lanes_block and (integer scales) lanes_step.
 """
 from backends.llvm.blocks import reads as format_reads
 from backends.llvm.blocks.dot import LANES, wide_lanes
@@ -49,6 +53,7 @@ def column_lane_sums(k, w_types, rows, cols, target=None, depth="%K", scales=())
     formats = [t.block for t in w_types]
     read = [format_reads(f) for f in formats]
     v = Lanes(k, len(cols[0]), target)
+    integer = [r.integer and v.integer for r in read]
     subs = max(f.sub_blocks for f in formats)  # x's blocks per step
     blocks = k.op(f"lshr i64 {depth}, {BLOCK.bit_length() - 1}")
     with k.loop("0", k.op(f"udiv i64 {depth}, {subs * BLOCK}"), hint="step") as step:
@@ -60,20 +65,42 @@ def column_lane_sums(k, w_types, rows, cols, target=None, depth="%K", scales=())
             read[i].lanes_group(v, where[i], scales[i])
         first = k.mul(step, subs)  # x's first block
         if subs == 1:
-            _add_blocks(v, read, where, scales, rows, blocks, first, "0", [0], acc)
+            _add_blocks(v, read, where, scales, rows, blocks, first, "0", [0], acc, {})
         else:
             with k.loop("0", str(subs // 2), hint="pair", nonempty=True) as j:
-                inner = {x: k.carry(c.value, v.floats) for x, c in acc.items()}
-                _add_blocks(v, read, where, scales, rows, blocks, first, j, [0, 1], inner)
+                inner = {x: k.carry(c.value, v.floats) for x, c in acc.items() if not integer[x[0]]}
+                # integer scales: each row's integer sum over the step, and the bias they share
+                sums = {x: k.carry("zeroinitializer", v.sums) for x in acc if integer[x[0]]}
+                sums |= {(i, None): k.carry("zeroinitializer", v.sums) for i in range(len(formats)) if integer[i]}
+                _add_blocks(v, read, where, scales, rows, blocks, first, j, [0, 1], inner, sums)
             for x, c in acc.items():
-                c.set(inner[x].final)
+                c.set(inner[x].final if x in inner else _step_sums(v, read[x[0]], scales[x[0]], rows[x[1]], blocks,
+                                                                  first, subs, c.value, sums[x].final,
+                                                                  sums[x[0], None].final))
     return {(i, r, c): k.op(f"extractelement {v.floats} {acc[i, r].final}, i32 {c}")
             for i in range(len(formats)) for r in range(len(rows)) for c in range(v.n)}
 
 
-def _add_blocks(v: Lanes, read, where, scales, rows, blocks, first, j, halves, acc):
+def _step_sums(v: Lanes, read, scratch, row, blocks, first, subs, acc, sums, bias) -> str:
+    """acc + a row's integer sums over the step (integer scales), in floats: times the
+    columns' d and x's d (one per step: q8_K's), plus the offsets times the s_x of each block."""
+    k = v.k
+    d, offsets = read.lanes_step(v, scratch)
+    at = k.add(k.mul(row, blocks), first)
+    total = k.op(f"sitofp {v.sums} {k.op(f'add {v.sums} {sums}, {bias}')} to {v.floats}")
+    d_x = v.splat(k.load_at("%AD", at, F32))
+    term = k.op(f"fmul contract {v.floats} {k.op(f'fmul {v.floats} {total}, {d}')}, {d_x}")
+    acc = k.op(f"fadd reassoc contract {v.floats} {acc}, {term}")
+    for s, offset in enumerate(offsets or []):
+        term = k.op(f"fmul contract {v.floats} {offset}, {v.splat(k.load_at('%AS', k.add(at, s), F32))}")
+        acc = k.op(f"fadd reassoc contract {v.floats} {acc}, {term}")
+    return acc
+
+
+def _add_blocks(v: Lanes, read, where, scales, rows, blocks, first, j, halves, acc, sums):
     """acc[weight, row] += the columns' products with x's blocks first + len(halves) * j + e, e
-    in halves (each a sub-block of a K-quant, a block of a simple format)."""
+    in halves (each a sub-block of a K-quant, a block of a simple format); for a weight with
+    integer scales, sums[weight, row] (and sums[weight, None] the bias) in integers instead."""
     k = v.k
     for e in halves:
         s = k.add(k.mul(j, len(halves)), e)  # the block within the step
@@ -84,6 +111,13 @@ def _add_blocks(v: Lanes, read, where, scales, rows, blocks, first, j, halves, a
         s_x = [v.splat(k.load_at("%AS", x, F32)) for x in at]
         for i, r_i in enumerate(read):
             block = r_i.lanes_block(v, where[i], scales[i], s, j, e)
+            if (i, None) in sums:
+                for piece in block.pieces:
+                    sums[i, None].set(k.op(f"add {v.sums} {sums[i, None].current}, {piece.bias}"))
+                    for r in range(len(rows)):
+                        pairs = [(groups[r][piece.first + n], part) for n, part in enumerate(piece.parts)]
+                        sums[i, r].set(v.scaled_dot_add(sums[i, r].current, pairs, piece.scale, piece.largest))
+                continue
             for r in range(len(rows)):
                 for piece in block.pieces:
                     chains = [piece.bias, "zeroinitializer"]  # two dependency chains

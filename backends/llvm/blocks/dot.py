@@ -117,6 +117,40 @@ def dot_add_signed(k, acc: str, a: str, w: str, w_abs: str) -> str:
     return k.op(f"add {SUMS} {acc}, {_sign_products(k, _signed(k, a), w, w_abs)}")
 
 
+def integer_scales(target: Target | None = None) -> bool:
+    """Whether the K-quants' prefill sums take their sub-block scales as integers (AVX2: pmaddwd
+    multiplies by them for free, where it would multiply by ones; see scaled_dot_add)."""
+    return _kind(target) == "avx2"
+
+
+def scaled_dot_add(k, acc: str, pairs: list[tuple[str, str]], scale: str, largest: int) -> str:
+    """acc + the <8 x i32> lane sums of unsigned bytes a times signed bytes w over the (a, w) in
+    pairs (|w| <= largest <= 64), each i32 lane's products times its scale (an i16 in both its
+    halves), on AVX2: pmaddubsw's sums of pairs are added in 16 bits as many at a time as cannot
+    overflow them, then pmaddwd multiplies by the scale and adds neighbours, as llama.cpp's
+    AVX2 K-quant products do. Exact: every sum stays within its integer type."""
+    fold = 32767 // (2 * 255 * largest)  # pairs of 255 * w per 16 bits
+    for first in range(0, len(pairs), fold):
+        total = None
+        for a, w in pairs[first:first + fold]:
+            pair_sums = k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {a}, {BYTES} {w})")
+            total = pair_sums if total is None else k.op(f"add <16 x i16> {total}, {pair_sums}")
+        acc = k.op(f"add {SUMS} {acc}, {_scaled(k, total, scale)}")
+    return acc
+
+
+def scaled_products(k, u: str, s: str, scale: str) -> str:
+    """<8 x i32> lane sums of unsigned bytes u times signed bytes s, each lane's times its scale
+    (AVX2; exact while each pair of u * s fits 16 bits)."""
+    return _scaled(k, k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {u}, {BYTES} {s})"), scale)
+
+
+def _scaled(k, pair_sums: str, scale: str) -> str:
+    """pmaddwd: <16 x i16> times each i32 lane's scale, neighbours added into <8 x i32>."""
+    scales = k.op(f"bitcast {SUMS} {scale} to <16 x i16>")
+    return k.op(f"call {SUMS} @llvm.x86.avx2.pmadd.wd(<16 x i16> {pair_sums}, <16 x i16> {scales})")
+
+
 def wide_lanes(target: Target | None = None) -> bool:
     """Whether dot_add can take 16 lanes: AVX-512 VNNI (not AVX-VNNI's 256-bit form alone)."""
     features = set((target or host()).features.split(","))

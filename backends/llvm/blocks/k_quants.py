@@ -10,7 +10,8 @@ from ops.blocks import BLOCK
 
 
 class KQuantReads(Reads):
-    scratch = 16  # the scales of the 8 sub-blocks, then their minimums
+    scratch = 17  # the scales of the 8 sub-blocks, their minimums, then (integer scales) d
+    integer = True
 
     def group(self, k, at: str) -> Group:
         f = self.f
@@ -49,7 +50,8 @@ class KQuantReads(Reads):
 
     def lanes_group(self, v: Lanes, where, scratch):
         """The columns' scales into scratch[0:8] and their negated minimums into [8:16], each
-        the same float32 operations as `group`."""
+        the same float32 operations as `group`; with integer scales (Lanes.integer) the 6-bit
+        scales themselves, and d at [16]."""
         f, k = self.f, v.k
         # d, dmin, then scale_min's 12 bytes: the block's first 16 bytes, as four i32 lanes
         words = [k.op(f"bitcast {v.bytes} {x} to {v.sums}") for x in v.transposed(where, f.D)]
@@ -68,9 +70,13 @@ class KQuantReads(Reads):
             else:
                 sc = k.op(f"or {v.sums} {byte(s + 4, 0, 15)}, {top(s - 4)}")
                 mn = k.op(f"or {v.sums} {byte(s + 4, 4, 15)}, {top(s)}")
-            for at, scale, x in ((s, d, sc), (8 + s, dmin, mn)):
+            if v.integer:  # the scale in both i16 halves (dot.scaled_dot_add)
+                v.store_ints(scratch, s, k.op(f"mul {v.sums} {sc}, {v.ints(0x10001)}"))
+            for at, scale, x in ((s, d, sc), (8 + s, dmin, mn))[v.integer:]:
                 value = k.op(f"fmul {v.floats} {scale}, {k.op(f'uitofp {v.sums} {x} to {v.floats}')}")
                 v.store(scratch, at, value if at < 8 else k.op(f"fneg {v.floats} {value}"))
+        if v.integer:
+            v.store(scratch, 16, d)
 
     def lanes_block(self, v: Lanes, where, scratch, s, j, e) -> LaneBlock:
         """Sub-block 2j + e: nibbles e of qs' 32 bytes j, unsigned, the minimum apart."""
@@ -79,5 +85,11 @@ class KQuantReads(Reads):
         if f.high_bits:  # q5_k: bit s of qh[l] is value l's fifth bit
             parts = [k.op(f"or {v.bytes} {p}, {k.op(f'shl {v.bytes} {v.bits(h, s, 1)}, {v.constant(4)}')}")
                      for p, h in zip(parts, v.transposed32(where, f.QH))]
-        return LaneBlock([Piece(0, parts, v.load(scratch, s), v.bias(parts, 0, (1 << f.bits) - 1))],
-                         v.load(scratch, k.add(s, 8)))
+        largest = (1 << f.bits) - 1
+        if v.integer:  # the minimum comes once per step (lanes_step)
+            scale = v.load_ints(scratch, s)
+            return LaneBlock([Piece(0, parts, scale, v.bias(parts, 0, largest, scale), largest=largest)], None)
+        return LaneBlock([Piece(0, parts, v.load(scratch, s), v.bias(parts, 0, largest))], v.load(scratch, k.add(s, 8)))
+
+    def lanes_step(self, v: Lanes, scratch):
+        return v.load(scratch, 16), [v.load(scratch, 8 + s) for s in range(8)]

@@ -12,7 +12,7 @@ q6_k's and q8_0's go in signed, and q6_k's two scales per 32 values make two pie
 """
 from dataclasses import dataclass
 
-from backends.llvm.blocks.dot import bitfield, dot_add, dot_add_signed
+from backends.llvm.blocks.dot import bitfield, dot_add, dot_add_signed, integer_scales, scaled_dot_add, scaled_products
 from backends.llvm.emitter import constant
 from ops.blocks import BLOCK
 
@@ -22,9 +22,12 @@ class Piece:
     """Values 4 * first onwards of the columns' block, under one scale per column."""
     first: int         # the first 4-value group
     parts: list[str]   # bytes: parts[j] holds in lane c column c's values 4 (first + j) .. + 3
-    scale: str         # floats, each column's
-    bias: str          # i32s: -128 times each lane's sum of values, where its integer sum starts
+    scale: str         # floats, each column's; with integer scales (Lanes.integer), i32s: the
+                       # column's integer scale in both i16 halves
+    bias: str          # i32s: -128 times each lane's sum of values (times the integer scale),
+                       # where its integer sum starts
     absolute: list[str] | None = None  # |parts| where the products go signed (dot_add_signed; bias 0)
+    largest: int = 0   # with integer scales, the largest |value|
 
 
 @dataclass
@@ -46,6 +49,15 @@ class Lanes:
 
     def dot_add_signed(self, acc: str, a: str, w: str, w_abs: str) -> str:
         return dot_add_signed(self.k, acc, a, w, w_abs)
+
+    @property
+    def integer(self) -> bool:
+        """Whether a K-quant's sub-block sums take their scales as integers, once per step in
+        floats (dot.integer_scales)."""
+        return integer_scales(self.target)
+
+    def scaled_dot_add(self, acc: str, pairs: list[tuple[str, str]], scale: str, largest: int) -> str:
+        return scaled_dot_add(self.k, acc, pairs, scale, largest)
 
     def constant(self, value: int) -> str:
         return constant(value, 4 * self.n)
@@ -93,10 +105,10 @@ class Lanes:
         """The 32 bytes at `at`, as transposed gives 16 of them: 8 vectors."""
         return self.transposed(where, at) + self.transposed(where, self.k.add(at, 16))
 
-    def bias(self, parts: list[str], low: int, high: int) -> str:
-        """-128 times each lane's sum of the values in parts (each from low to high): the parts
-        are added bytewise as many at a time as cannot overflow a signed byte, then summed by
-        dot_add."""
+    def bias(self, parts: list[str], low: int, high: int, scale: str | None = None) -> str:
+        """-128 times each lane's sum of the values in parts (each from low to high), times its
+        integer scale if given: the parts are added bytewise as many at a time as cannot
+        overflow a signed byte, then summed by dot_add (scaled_dot_add)."""
         k, n = self.k, 1
         while n < len(parts) and (n + 1) * high <= 127 and (n + 1) * low >= -128:
             n += 1
@@ -105,8 +117,18 @@ class Lanes:
             total = parts[first]
             for part in parts[first + 1:first + n]:
                 total = k.op(f"add {self.bytes} {total}, {part}")
-            acc = self.dot_add(acc, self.constant(-128), total)  # 128 (unsigned) times the sums
+            if scale is None:  # 128 (unsigned) times the sums
+                acc = self.dot_add(acc, self.constant(-128), total)
+            else:  # pairs of 128 * (sums within +-128) fit 16 bits
+                acc = k.op(f"add {self.sums} {acc}, {scaled_products(k, self.constant(-128), total, scale)}")
         return k.op(f"sub {self.sums} zeroinitializer, {acc}")
+
+    def store_ints(self, scratch: str, index, value: str):
+        """Integer lanes into float vector `index` of a scratch array (the same bytes)."""
+        self.store(scratch, index, self.k.op(f"bitcast {self.sums} {value} to {self.floats}"))
+
+    def load_ints(self, scratch: str, index) -> str:
+        return self.k.op(f"bitcast {self.floats} {self.load(scratch, index)} to {self.sums}")
 
     def store(self, scratch: str, index, value: str):
         """Float vector `index` of a step's scratch array (column_lanes.scratch)."""

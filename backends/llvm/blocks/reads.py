@@ -21,6 +21,7 @@ class Reads:
     lanes = True         # whether column_lanes reads it
     scratch = 0          # lane vectors of scales a column_lanes step keeps per weight
     block_minimum = False  # whether Block.m holds a minimum, one float per block
+    integer = False      # whether lanes_block gives integer scales where Lanes.integer says so
 
     def __init__(self, f):
         self.f = f
@@ -40,6 +41,11 @@ class Reads:
     def lanes_block(self, v: Lanes, where: list[str], scratch: str | None, s: str, j: str, e: int) -> LaneBlock:
         """The columns' 32 values for x's block s of the step (s = 2j + e: j known when the
         kernel runs, e when it is built)."""
+        raise NotImplementedError
+
+    def lanes_step(self, v: Lanes, scratch: str | None) -> tuple[str, list[str] | None]:
+        """With integer scales, what multiplies the step's integer sums (each column's d) and
+        the terms per unit of s_x of x's blocks in the step (as LaneBlock.offset), if any."""
         raise NotImplementedError
 
 
