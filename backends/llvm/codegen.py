@@ -97,8 +97,9 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     (all of them or none; their leading dimension in bytes) meet A as q8 blocks (quantised.py);
     `target` picks the integer dot product's instructions (the host by default). `fixed`, (K,
     (ldw, ...)), builds those in as constants, ignoring the arguments: the column-lane kernels
-    read 16 weight rows and 12 rows of A at once, and with their distances known every address is
-    one base register plus a constant (with them unknown, 40-odd pointers spilled to the stack)."""
+    read 16 weight rows and 12 or 16 rows of A at once, and with their distances known every
+    address is one base register plus a constant (with them unknown, 40-odd pointers spilled to
+    the stack)."""
     quantised = any(t.block for t in w_types)
     assert not quantised or all(t.block for t in w_types), "one kernel reads blocks or floats, not both"
     k = Kernel(name, signatures.matmul_nt(len(w_types), len(extra_types), quantised))

@@ -15,12 +15,18 @@ from ops import dtypes
 from ops import linear as linear_ops
 from ops.blocks import BLOCK
 
-# x rows per step of the column-lane kernels: 8 and 16 lanes ran 1.6x the 4 x 4 block_sums at 64
-# rows; with 16 lanes, 12 rows ran 0.9-1.3x 8 rows on q4_k and q6_k at 64, 96 and 128 rows
-LANE_ROWS = 12
+def lane_rows(w_types, lanes: int) -> int:
+    """x rows per step of the column-lane kernels (8 and 16 lanes ran 1.6x the 4 x 4 block_sums
+    at 64 rows). More rows share each step's transposing of the weights: 16 ran 1.04-1.12x 12
+    on 1B Q4_K_M, Q6_K and Q8_0 at 64, 96, 100 and 128 rows, AVX2 and AVX-512 VNNI alike (12
+    ran 0.9-1.3x 8), except for the 4-bit simple formats in 16 lanes, whose float work per
+    block (a scale and an offset per row) then spills: there 12 ran 1.13x 16 (1B Q4_0)."""
+    simple_4_bit = any(t.block.sub_blocks == 1 and t.block.bits == 4 for t in w_types)
+    return 12 if lanes == 16 and simple_4_bit else 16
 
 
-def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pairs: bool = False):
+def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pairs: bool = False,
+           lane_rows: int = 16):
     """Rows x columns of C per step. Float weights: 4 x 3 keeps 12 accumulators and 7 loads in
     AVX2's 16 registers (measured best at 128 rows); with 32 registers (AVX-512) 4 x 6 (24
     accumulators) measured 1.1-1.4x faster with float16/float32 weights at 8-512 rows; bfloat16
@@ -32,7 +38,7 @@ def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pa
     one row reads one weight row at a time (1 x 1 streamed 10-15% faster than 1 x 4, as
     llama.cpp reads them)."""
     if lanes and m >= 4:  # column_lanes: `lanes` columns in the lanes of each vector
-        return (LANE_ROWS if m >= LANE_ROWS else 4, lanes)
+        return (lane_rows if m >= lane_rows else 4, lanes)
     if quantised:
         return (1, 1) if m < 4 else (4, max(1, 4 // weights))
     wide = vector_registers() >= 32
@@ -165,7 +171,7 @@ def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), pro
     m, k, n = A.shape[0], A.shape[1], C.shape[1]
     quantised = any(t.block for t in w_types)
     lanes = column_lanes.columns() if column_lanes.reads(w_types) else 0
-    mr, nr = _block(m, len(W), quantised, lanes, codegen.pair_major(w_types))
+    mr, nr = _block(m, len(W), quantised, lanes, codegen.pair_major(w_types), lanes and lane_rows(w_types, lanes))
     groups, row_groups, start = [], [], 0
     # rows in steps of mr, then (column lanes) 4: a lane kernel's single rows each transpose the weights again
     for step in [mr, 4, 1] if lanes and mr > 4 else [mr, 1]:
