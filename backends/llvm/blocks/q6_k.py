@@ -9,7 +9,8 @@ from ops.blocks import BLOCK
 
 
 class Q6KReads(Reads):
-    scratch = 16  # a scale per 16 values
+    scratch = 17  # a scale per 16 values, then (integer scales) d
+    integer = True
 
     def group(self, k, at: str) -> Group:
         f = self.f
@@ -29,13 +30,20 @@ class Q6KReads(Reads):
         return Block(w, lanes_of(k, group.scales, 16, [8 * h + 2 * t] * 4 + [8 * h + 2 * t + 1] * 4), None)
 
     def lanes_group(self, v: Lanes, where, scratch):
-        """The columns' 16 scales (d times 16 signed bytes) into scratch."""
+        """The columns' 16 scales (d times 16 signed bytes) into scratch; with integer scales
+        (Lanes.integer) the signed bytes themselves, and d at [16]."""
         f, k = self.f, v.k
         d = v.of([k.load(k.at(w, f.D, "i8"), F16) for w in where])
         words = [k.op(f"bitcast {v.bytes} {x} to {v.sums}") for x in v.transposed(where, f.SCALES)]
         for i in range(16):
             byte = k.op(f"ashr {v.sums} {k.op(f'shl {v.sums} {words[i // 4]}, {v.ints(24 - 8 * (i % 4))}')}, {v.ints(24)}")
-            v.store(scratch, i, k.op(f"fmul {v.floats} {d}, {k.op(f'sitofp {v.sums} {byte} to {v.floats}')}"))
+            if v.integer:  # the scale in both i16 halves (dot.scaled_dot_add)
+                low = k.op(f"and {v.sums} {byte}, {v.ints(0xFFFF)}")
+                v.store_ints(scratch, i, k.op(f"or {v.sums} {low}, {k.op(f'shl {v.sums} {byte}, {v.ints(16)}')}"))
+            else:
+                v.store(scratch, i, k.op(f"fmul {v.floats} {d}, {k.op(f'sitofp {v.sums} {byte} to {v.floats}')}"))
+        if v.integer:
+            v.store(scratch, 16, d)
 
     def lanes_block(self, v: Lanes, where, scratch, s, j, e) -> LaneBlock:
         """Sub-block 2j + e = 4h + t: 4 low bits from ql, 2 high from qh, minus 32; two pieces of
@@ -47,5 +55,15 @@ class Q6KReads(Reads):
                 for p in v.transposed32(where, k.add(k.mul(h, 32), f.QH))]
         parts = [k.op(f"sub {v.bytes} {k.op(f'or {v.bytes} {lo}, {hi}')}, {v.constant(f.offset)}")
                  for lo, hi in zip(low, high)]
-        return LaneBlock([Piece(4 * p, parts[4 * p:4 * p + 4], v.load(scratch, k.add(k.mul(s, 2), p)),
-                                v.bias(parts[4 * p:4 * p + 4], -f.offset, f.offset - 1)) for p in range(2)], None)
+        pieces = []
+        for p in range(2):
+            part, at = parts[4 * p:4 * p + 4], k.add(k.mul(s, 2), p)
+            if v.integer:
+                scale = v.load_ints(scratch, at)
+                pieces.append(Piece(4 * p, part, scale, v.bias(part, -f.offset, f.offset - 1, scale), largest=f.offset))
+            else:
+                pieces.append(Piece(4 * p, part, v.load(scratch, at), v.bias(part, -f.offset, f.offset - 1)))
+        return LaneBlock(pieces, None)
+
+    def lanes_step(self, v: Lanes, scratch):
+        return v.load(scratch, 16), None
