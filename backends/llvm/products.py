@@ -31,8 +31,9 @@ def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pa
     AVX2's 16 registers (measured best at 128 rows); with 32 registers (AVX-512) 4 x 6 (24
     accumulators) measured 1.1-1.4x faster with float16/float32 weights at 8-512 rows; bfloat16
     weights read in pairs (codegen.pair_major) hold two rows of A per row, and 4 x 5 (20
-    accumulators, 8 rows of A) ran 1.2-1.35x 4 x 6 (64 x 8192 x 2048, alternating). With two
-    weights (SwiGLU) each column needs two accumulators: with 16 registers 4 x 1 measured 1.5x
+    accumulators, 8 rows of A) ran 1.2-1.35x 4 x 6 (64 x 8192 x 2048, alternating); in 16
+    registers 2 x 4 ran 1.75x 4 x 3 (1B BF16 prefill, 64 rows, avx2), 3 x 3 and 2 x 5 alike.
+    With two weights (SwiGLU) each column needs two accumulators: with 16 registers 4 x 1 measured 1.5x
     faster than 3 x 2, which spills; with 32, 4 x 3 1.4-2.1x faster than 4 x 1. One row streams
     4 weight rows at a time. Block weights: 4 x 4 measured 5-30% faster than 4 x 2 at 64 rows;
     one row reads one weight row at a time (1 x 1 streamed 10-15% faster than 1 x 4, as
@@ -42,6 +43,8 @@ def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pa
     if quantised:
         return (1, 1) if m < 4 else (4, max(1, 4 // weights))
     wide = vector_registers() >= 32
+    if weights == 1 and m >= 4 and pairs and not wide:
+        return (2, 4)
     if weights == 1:
         return (1, 4) if m < 4 else (4, (5 if pairs else 6) if wide else 3)
     return (1, 2) if m < 4 else (4, 3 if wide else 1)
