@@ -1,0 +1,118 @@
+"""tools.perplexity's KL-divergence statistics (tools/kl_divergence.py): a base run saves every
+scored token's log-probabilities, a later run of another model compares its own with them."""
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tools.kl_divergence import Base, Statistics
+
+CONTEXT, CHUNKS = 64, 3
+HALF_EPS = 2.0 ** -11  # float16's relative rounding bound: how the base stores each log p
+
+
+def test_statistics_restate_the_definitions():
+    """KL(base || Q), Δp and the top tokens of three known rows, against the definitions written
+    out in float64: KL from the base's stored (float16) log-probabilities, renormalised; Δp and
+    the top token from its exact ones, which the base file keeps."""
+    exact = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]))
+    ours = np.log(np.array([[0.25, 0.5, 0.25], [0.1, 0.2, 0.7], [0.2, 0.7, 0.1]]))
+    targets = np.array([1, 2, 0])
+    base = Base(exact.astype(np.float16), -exact[np.arange(3), targets], np.argmax(exact, -1))
+    got = Statistics.of(ours, base, targets)
+    for row in range(3):
+        stored = [math.exp(float(v)) for v in base.log_probs[row]]
+        p = [x / sum(stored) for x in stored]
+        q = [math.exp(v) for v in ours[row]]
+        assert got.kld[row] == pytest.approx(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)), abs=1e-12)
+        assert got.delta_p[row] == pytest.approx(q[targets[row]] - math.exp(exact[row, targets[row]]), abs=1e-12)
+        assert got.nll[row] == pytest.approx(-ours[row, targets[row]], abs=1e-12)
+    assert list(got.same_top) == [False, True, False]
+    report = got.report()
+    assert "Mean    KLD:" in report and "Same top p:   33.333" in report
+
+
+def words(n: int, seed: int = 0) -> str:
+    import random
+    rng = random.Random(seed)
+    vocabulary = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
+    return " ".join(rng.choice(vocabulary) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The Llama 3.2 layout at dim 64: float32 and q8_0 GGUF files of the same random weights,
+    and a text of 4 chunks."""
+    root = tmp_path_factory.mktemp("kld")
+    for dtype in ("float32", "q8_0"):
+        subprocess.run([sys.executable, "-m", "tools.make_checkpoint", "--size", "tiny", "--layout", "gguf",
+                        "--dtype", dtype, str(root / f"{dtype}.gguf")], check=True, capture_output=True, timeout=300)
+    (root / "text.txt").write_text(words(600))
+    return root
+
+
+def perplexity(*args):
+    return subprocess.run([sys.executable, "-m", "tools.perplexity", "--context", str(CONTEXT), "--chunks",
+                           str(CHUNKS), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def figure(report: str, name: str) -> float:
+    return float(re.search(rf"{re.escape(name)}\s*:\s*(-?[\d.]+)", report).group(1))
+
+
+@pytest.mark.slow
+def test_a_model_against_its_own_base_and_its_quantisation(tiny, tmp_path):
+    base = tmp_path / "base.kld"
+    made = perplexity("--checkpoint", tiny / "float32.gguf", "--file", tiny / "text.txt", "--kl-divergence-base", base)
+    assert made.returncode == 0, made.stderr
+    ppl = float(re.search(r"PPL = ([\d.]+)", made.stdout).group(1))
+
+    same = perplexity("--checkpoint", tiny / "float32.gguf", "--file", tiny / "text.txt", "--kl-divergence-base", base,
+                      "--kl-divergence")
+    assert same.returncode == 0, same.stderr
+    # only the base's float16 storage differs: each log p within HALF_EPS * |log p| (|log p| <
+    # 2 ln(vocab) for this model's near-uniform rows), so KL within twice that
+    bound = 2 * HALF_EPS * 2 * math.log(128256)
+    assert abs(figure(same.stdout, "Mean    KLD")) <= bound
+    assert figure(same.stdout, "Same top p") == 100.0
+    assert figure(same.stdout, "Mean PPL(base)") == pytest.approx(ppl, rel=1e-4)  # kept exact
+    assert figure(same.stdout, "Mean PPL(Q)") == pytest.approx(ppl, rel=1e-4)  # printed to 4 places
+
+    # the q8_0 file, with the base's own tokens (no --file, as llama-perplexity runs it)
+    quantised = perplexity("--checkpoint", tiny / "q8_0.gguf", "--kl-divergence-base", base, "--kl-divergence")
+    assert quantised.returncode == 0, quantised.stderr
+    # 8-bit weights and activations: farther than the float16 storage alone, the same top token
+    # on most rows
+    assert figure(quantised.stdout, "Mean    KLD") > figure(same.stdout, "Mean    KLD")
+    assert figure(quantised.stdout, "Same top p") > 50.0
+
+
+@pytest.mark.slow
+def test_a_base_is_never_written_over_and_a_wrong_one_is_refused(tiny, tmp_path):
+    kept = tmp_path / "kept.kld"
+    kept.write_text("the user's file")
+    over = perplexity("--checkpoint", tiny / "float32.gguf", "--file", tiny / "text.txt", "--kl-divergence-base", kept)
+    assert over.returncode == 2 and over.stderr.count("\n") == 1 and "exists" in over.stderr
+    assert kept.read_text() == "the user's file"
+
+    not_base = perplexity("--checkpoint", tiny / "float32.gguf", "--kl-divergence-base", kept, "--kl-divergence")
+    assert not_base.returncode == 2 and not_base.stderr.count("\n") == 1
+    assert "not a --kl-divergence-base file" in not_base.stderr
+
+    alone = perplexity("--checkpoint", tiny / "float32.gguf", "--file", tiny / "text.txt", "--kl-divergence")
+    assert alone.returncode == 2 and "give --kl-divergence-base FILE" in alone.stderr
+
+    base = tmp_path / "base.kld"
+    assert perplexity("--checkpoint", tiny / "float32.gguf", "--file", tiny / "text.txt",
+                      "--kl-divergence-base", base).returncode == 0
+    other = subprocess.run([sys.executable, "-m", "tools.perplexity", "--context", "32", "--checkpoint",
+                            tiny / "q8_0.gguf", "--kl-divergence-base", base, "--kl-divergence"],
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1 and "--context 64, not 32" in other.stderr
+    (tmp_path / "other.txt").write_text(words(600, seed=1))
+    text = perplexity("--checkpoint", tiny / "q8_0.gguf", "--file", tmp_path / "other.txt", "--kl-divergence-base",
+                      base, "--kl-divergence")
+    assert text.returncode == 2 and "other tokens" in text.stderr
