@@ -81,9 +81,11 @@ def tensors(draw, dtype_choices=FLOATS, shape=None, low=-8.0, high=8.0):
 # K-quants): each value moves by at most half a step d = amax / 127, and as noise that spreads
 # evenly over the step its mean square is d^2 / 12. Since amax^2 <= the group's sum of squares
 # (`group` mean squares), one product's relative mean-square error is at most
-# group / (12 * 127^2). Noise from the products on a logit's path adds (to first order).
+# group / (12 * 127^2); per 32 values the scale is stored as float16, which moves every value
+# of the block by 2^-11 of it at most, (2^-11)^2 more. Noise from the products on a logit's
+# path adds (to first order).
 def q8_nmse_per_product(group: int) -> float:
-    return group / (12 * 127 ** 2)
+    return group / (12 * 127 ** 2) + (2.0 ** -22 if group == 32 else 0.0)
 
 
 def quantised_products_on_path(n_layers: int) -> int:

@@ -24,8 +24,9 @@ PREFETCH_BYTES = 4096
 def quantize_rows_kernel(name: str, group: int = BLOCK) -> str:
     """void name(i64 r0, i64 r1, i64 K, ptr X, i64 ldx, ptr Q, ptr D, ptr S): rows r0..r1 of X
     quantised as ops.blocks.quantize_rows does it for `group` (32, or 256 for the K-quants), one
-    float32 operation per step in the same order, so both give the same bits. Q holds q + 128
-    (unsigned bytes: see blocks/dot.py)."""
+    float32 operation per step in the same order, so both give the same bits (and the scales of
+    32 values rounded to float16 where it rounds them). Q holds q + 128 (unsigned bytes: see
+    blocks/dot.py)."""
     k = Kernel(name, signatures.QUANTIZE_ROWS)
     blocks = k.op(f"lshr i64 %K, {SHIFT}")
     per_group = group // BLOCK
@@ -55,8 +56,13 @@ def quantize_rows_kernel(name: str, group: int = BLOCK) -> str:
                 total = k.op(f"call i32 @llvm.vector.reduce.add.v32i32(<{BLOCK} x i32> "
                              f"{k.op(f'sext <{BLOCK} x i8> {q} to <{BLOCK} x i32>')})")
                 at = k.add(k.mul(r, blocks), b)
-                k.store_at(d, "%D", at, F32)
-                k.store_at(k.op(f"fmul float {d}, {k.op(f'sitofp i32 {total} to float')}"), "%S", at, F32)
+                s = k.op(f"fmul float {d}, {k.op(f'sitofp i32 {total} to float')}")
+                if group == BLOCK:  # stored as float16, as ggml's q8_0 and q8_1 (ops.blocks.quantize_rows)
+                    d_stored, s = (k.op(f"fpext half {k.op(f'fptrunc float {v} to half')} to float") for v in (d, s))
+                else:
+                    d_stored = d
+                k.store_at(d_stored, "%D", at, F32)
+                k.store_at(s, "%S", at, F32)
     return k.finish()
 
 

@@ -19,9 +19,10 @@ A product x @ W.T with W in blocks multiplies 8-bit activations, as llama.cpp do
 of a row of x is quantised to 8 bits with one scale (`quantize_rows`), so each sub-block's dot
 product is a sum of integer products (exact) times scale_w * d_x. The group is the weight
 format's block, as llama.cpp's `vec_dot_type` makes it: 32 values for the simple formats (its
-q8_0: d = max|x| / 127, q = round-half-even(x * 127 / max|x|)), 256 for the K-quants (its q8_K:
-the same over a super-block, d = 1 / (127 / max|x|)). `product` is that meaning; kernels differ
-from it only in the order of the float32 sums.
+q8_0 and q8_1: d = max|x| / 127 stored as float16, q = round-half-even(x * 127 / max|x|), and
+q8_1's block sum s as float16, as its x86 builds compute them), 256 for the K-quants (its q8_K:
+the same over a super-block, d = 1 / (127 / max|x|) in float32). `product` is that meaning;
+kernels differ from it only in the order of the float32 sums.
 
 Adding a format: a file here with its class (or a row of an existing class), a row in FORMATS,
 its name in ops/dtypes.py, and its reads in backends/llvm/blocks/ (see docs/architecture.md).
@@ -60,8 +61,12 @@ def dequantize(x: np.ndarray, f: Format) -> np.ndarray:
 def quantize_rows(x: np.ndarray, group: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 rows [m, K] -> their 8-bit values, one scale per `group` values (32, or 256 for
     the K-quants), given per block of 32: (q int8 [m, K], d float32 [m, K / 32], s float32
-    [m, K / 32] = d * sum(q) over the block, which formats with a minimum use). Every step is one
-    float32 operation, so a kernel doing the same steps gets the same bits."""
+    [m, K / 32] ~ d * sum(q) over the block, which formats with a minimum use). Every step is one
+    float32 operation, so a kernel doing the same steps gets the same bits.
+
+    As llama.cpp's x86 builds quantise activations: q = x * (127 / amax) rounded half to even;
+    per 32 values (its q8_0 and q8_1) the scale amax / 127 is stored as float16 and s as the
+    float16 of the unrounded scale times sum(q); per 256 (q8_K) both stay float32."""
     m, k = x.shape
     groups = np.ascontiguousarray(x, dtype=np.float32).reshape(m, k // group, group)
     amax = np.abs(groups).max(axis=-1)
@@ -73,12 +78,22 @@ def quantize_rows(x: np.ndarray, group: int = BLOCK) -> tuple[np.ndarray, np.nda
     q = np.rint(groups * inverse[..., None]).astype(np.int8).reshape(m, k // BLOCK, BLOCK)
     d = np.repeat(d, group // BLOCK, axis=-1)
     s = d * q.sum(axis=-1, dtype=np.int32).astype(np.float32)
+    if group == BLOCK:
+        with np.errstate(over="ignore"):  # as ggml's: a sum past float16's range is infinite
+            d, s = (v.astype(np.float16).astype(np.float32) for v in (d, s))
     return q.reshape(m, k), d, s
 
 
 def product(x: np.ndarray, w: np.ndarray, f: Format) -> np.ndarray:
     """x [m, K] float32 @ W.T for W [n, K] stored in format f: x's 8-bit values, one scale per
-    block of f (quantize_rows), times W's values, summed in float32."""
-    q, d, _ = quantize_rows(x, f.values)
+    block of f (quantize_rows), times W's values, summed in float32; a weight sub-block's
+    minimum m meets the sum s of x's block as quantize_rows stores it, as ggml's products do:
+    sum_k a_k (scale w_k + m) = sum_k a_k scale w_k + m s."""
+    q, d, s = quantize_rows(x, f.values)
     a = (q.reshape(d.shape + (BLOCK,)).astype(np.float32) * d[..., None]).reshape(x.shape)
-    return a @ dequantize(w, f).T
+    n = w.shape[0]
+    ints, scale, minimum = f.read(np.ascontiguousarray(w).reshape(-1, f.block_bytes))
+    out = a @ (scale * ints.astype(np.float32)).reshape(n, -1).T
+    if minimum is not None:
+        out += s @ minimum.reshape(n, -1).T
+    return out

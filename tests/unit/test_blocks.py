@@ -58,19 +58,34 @@ def q8(x, group=32):
     return q.reshape(d.shape + (32,)).astype(np.float64) * d[..., None].astype(np.float64)
 
 
+def q8_product(x, raw, dtype):
+    """ops.blocks.product in float64: x's 8-bit values times W's scaled integers, and each
+    sub-block's minimum times x's block sum s as stored."""
+    f = dtype.block
+    q, d, s = blocks.quantize_rows(x.astype(np.float32), f.values)
+    a = (q.reshape(d.shape + (32,)).astype(np.float64) * d[..., None]).reshape(x.shape)
+    ints, scale, minimum = f.read(raw.reshape(-1, f.block_bytes))
+    out = a @ (scale.astype(np.float64) * ints).reshape(raw.shape[0], -1).T
+    if minimum is not None:
+        out += s.astype(np.float64) @ minimum.astype(np.float64).reshape(raw.shape[0], -1).T
+    return out
+
+
 def product_bound(x, raw, dtype):
     """How far a kernel's x @ W.T on blocks may be from ops.blocks.product: both sum the same
-    products of x's q8 values with W's (exact reals) in float32, the reference in K + 2
-    roundings of |w||a|, a kernel in K + 4 of its terms' magnitudes (see magnitudes)."""
+    products of x's q8 values with W's (exact reals) and minimums with x's block sums s in
+    float32, the reference in K + 2 roundings of its terms, a kernel in K + 4 of them (see
+    magnitudes; |s| is within float16's 2^-10 of the sum of |x|'s 8-bit values)."""
     a = np.abs(q8(x, dtype.block.values)).reshape(x.shape)
-    w = np.abs(dtypes.widen(raw, dtype)).astype(np.float64)
-    return (x.shape[-1] + 2) * EPS * (a @ w.T) + (x.shape[-1] + 4) * EPS * (a @ magnitudes(raw, dtype).T) + 1e-30
+    return (2 * x.shape[-1] + 6) * EPS * (1 + 2.0 ** -10) * (a @ magnitudes(raw, dtype).T) + 1e-30
 
 
 def q8_reach(x, e, w_abs, group=32):
     """How far x's 8-bit product with |w| may move when the kernel only has x to within e
     (elementwise): each q may step by one where x * 127 / amax lies within reach of a
-    half-integer (rounding goes the other way), and the scale amax / 127 moves with amax."""
+    half-integer (rounding goes the other way), the scale amax / 127 moves with amax, and per
+    32 values (stored as float16, with s) the scale and s may round to a neighbouring float16,
+    2^-10 of them, where amax moves at all."""
     m, k = x.shape
     xb, eb = np.abs(x).reshape(m, k // group, group), e.reshape(m, k // group, group)
     amax, moved = xb.max(-1, keepdims=True), eb.max(-1, keepdims=True)
@@ -80,6 +95,8 @@ def q8_reach(x, e, w_abs, group=32):
     may_step = np.abs(scaled - np.floor(scaled) - 0.5) <= reach
     step = (amax + moved) / 127
     per_value = may_step * step + moved / 127 * (scaled + 1)
+    if group == 32:
+        per_value = per_value + (moved > 0) * step * 2.0 ** -10 * (scaled + 1)
     return np.where(amax > 0, per_value, eb).reshape(m, k) @ w_abs.T
 
 
@@ -115,8 +132,10 @@ def test_k_quants_we_write_are_ggmls_layout(dtype, simple):
 def test_activations_meet_blocks_in_eight_bits(group):
     """ops.blocks.quantize_rows, one scale per group (32 for the simple formats, 256 for the
     K-quants, as llama.cpp's q8_0 and q8_K): each group's largest magnitude becomes 127, every
-    value moves by at most half a step d = amax / 127, an all-zero group stays zero, and each
-    block of 32 has its group's d and s = d * sum(q)."""
+    value moves by at most half a step d = amax / 127 (plus 127 times the scale's rounding to
+    float16 per 32 values, as ggml stores it: 2^-11 relative, or half of float16's subnormal
+    spacing 2^-24), an all-zero group stays zero, and each block of 32 has its group's d and
+    s = d * sum(q) (its float16 per 32)."""
     blocks_per_group = group // 32
     x = np.random.default_rng(2).standard_normal((3, 3 * group)).astype(np.float32) * np.float32([[1], [1e-3], [300]])
     x[1, group:2 * group] = 0
@@ -126,9 +145,14 @@ def test_activations_meet_blocks_in_eight_bits(group):
     qg, xg = q.reshape(3, 3, group).astype(np.float64), x.reshape(3, 3, group).astype(np.float64)
     dg = d[:, ::blocks_per_group].astype(np.float64)
     assert np.array_equal(np.abs(qg).max(-1), np.where(dg > 0, 127, 0))
-    assert np.all(np.abs(qg * dg[..., None] - xg) <= dg[..., None] / 2 * (1 + 4 * EPS))
+    half = 2.0 ** -11 if group == 32 else 0.0  # float16's unit roundoff where the scale is stored so
+    rounded = np.maximum(half * dg, 2.0 ** -25 if half else 0.0)[..., None]
+    assert np.all(np.abs(qg * dg[..., None] - xg) <= (dg[..., None] / 2 + 127 * rounded) * (1 + 4 * EPS))
     assert np.array_equal(dg[1, 1], 0) and not qg[1, 1].any()
-    assert np.allclose(s, d * q.reshape(3, -1, 32).sum(-1), rtol=EPS)
+    # s: the unrounded scale times the sum, rounded once to float16 (per 32)
+    sums, scale_rounding = q.reshape(3, -1, 32).sum(-1), np.repeat(rounded[..., 0], group // 32, axis=-1)
+    assert np.all(np.abs(s - d * sums) <= np.abs(sums) * scale_rounding + np.abs(d * sums) * (half + 2 * EPS) +
+                  (2.0 ** -25 if half else 0))
 
 
 @pytest.mark.parametrize("group", [32, 256])
@@ -202,10 +226,8 @@ def test_every_fusion_reads_blocks(backend, m, mix):
     d_normed = (dim / 2 + 5) * EPS * np.abs(normed)
 
     def want(a, d_a, raw, dtype):  # (a's q8 product with W, how far a kernel may be from it)
-        w = dtypes.widen(raw, dtype).astype(np.float64)
-        group = dtype.block.values
-        return q8(a, group).reshape(a.shape) @ w.T, \
-            product_bound(a, raw, dtype) + q8_reach(a, d_a, np.abs(w), group)
+        return q8_product(a, raw, dtype), product_bound(a, raw, dtype) + \
+            q8_reach(a, d_a, magnitudes(raw, dtype), dtype.block.values)
 
     for product, raw, dtype in zip(qkv, (wq, wk, wv), qkv_types):
         value, reach = want(normed, d_normed, raw, dtype)

@@ -48,8 +48,9 @@ class SimpleReads(Reads):
             return LaneBlock([Piece(0, parts, d, "zeroinitializer", absolute)], None)
         packed = v.transposed(where, f.quants_at)
         parts = [v.bits(p, 0, 15) for p in packed] + [v.bits(p, 4, 15) for p in packed]
-        if f.has_min:
+        if f.has_min:  # m times x's block sum s, as ggml's q8_1 products take it
             offset = v.of([k.load(k.at(w, f.M, "i8"), F16) for w in where])
-        else:  # - o * d, exact (o a power of two)
-            offset = k.op(f"fmul {v.floats} {d}, {v.splat(f'{-float(f.offset)!r}')}")
-        return LaneBlock([Piece(0, parts, d, v.bias(parts, 0, 15))], offset)
+            return LaneBlock([Piece(0, parts, d, v.bias(parts, 0, 15))], offset)
+        # q4_0: the values q - 8 themselves (x's s, rounded to float16, is no sum to take 8 d of)
+        parts = [k.op(f"sub {v.bytes} {p}, {v.constant(f.offset)}") for p in parts]
+        return LaneBlock([Piece(0, parts, d, v.bias(parts, -f.offset, 15 - f.offset))], None)
