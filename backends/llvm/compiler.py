@@ -13,7 +13,8 @@ from backends.llvm.target import host, machine, optimize
 
 # The data kernels refer to by name, resolved wherever their object code is loaded (so the
 # disk cache's objects hold no address of this process)
-_half_table = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+with np.errstate(invalid="ignore"):  # the NaNs' payloads (aarch64's NumPy flags signalling ones)
+    _half_table = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 llvm.add_symbol(HALF_TABLE, _half_table.ctypes.data)
 
 _functions: dict[tuple, object] = {}  # (target, hash of the IR, function name)
