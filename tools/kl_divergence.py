@@ -12,6 +12,8 @@ The base file is a NumPy .npz (read without pickles): the tokens scored (so a ba
 another text, tokenizer or context is refused), the context, the log-probabilities as float16
 (within 2^-11 relative of each log p, at half the size of float32), and, exact, each scored
 token's NLL and top token (near-uniform rows have tops closer than float16 tells apart).
+A base that `llama-perplexity --kl-divergence-base` wrote is read too: with the same GGUF file
+on both sides, the KL divergence is then how far our logits are from llama.cpp's.
 """
 import zipfile
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import numpy as np
 from tinytensor.state import files
 
 FORMAT = "tinytensor-kld-base-1"
+LLAMACPP_MAGIC = b"_logits_"  # llama-perplexity's own base files (read_llamacpp)
 PERCENTILES = [("Maximum", 100.0), ("99.9%", 99.9), ("99.0%", 99.0), ("95.0%", 95.0), ("90.0%", 90.0),
                ("Median", 50.0), ("10.0%", 10.0), ("5.0%", 5.0), ("1.0%", 1.0), ("0.1%", 0.1), ("Minimum", 0.0)]
 
@@ -42,10 +45,15 @@ def save_base(path: Path, tokens: list[int], context: int, log_probs: list[np.nd
 
 def load_base(path: Path, tokens: list[int] | None, context: int) -> tuple[np.ndarray, "Base"]:
     """The base's tokens and its scored rows, after checking that they were computed with this
-    context (and on `tokens`, when given)."""
+    context (and on `tokens`, when given): ours, or llama-perplexity's own (read_llamacpp)."""
     path = Path(path)
+    with open(files.regular(path), "rb") as f:
+        magic = f.read(len(LLAMACPP_MAGIC))
+    if magic == LLAMACPP_MAGIC:
+        saved, saved_context, base = read_llamacpp(path)
+        return _checked(path, saved, saved_context, base, tokens, context)
     try:
-        with np.load(files.regular(path), allow_pickle=False) as data:
+        with np.load(path, allow_pickle=False) as data:
             if "format" not in data.files or str(data["format"]) != FORMAT:
                 raise BaseFileError(f"{path}: not a --kl-divergence-base file of this version; make one with "
                                     f"--kl-divergence-base")
@@ -56,15 +64,52 @@ def load_base(path: Path, tokens: list[int] | None, context: int) -> tuple[np.nd
             raise
         raise BaseFileError(f"{path}: not a --kl-divergence-base file ({e}); make one with "
                             f"--kl-divergence-base") from None
-    if saved_context != context:
-        raise BaseFileError(f"{path}: made with --context {saved_context}, not {context}; use the same context")
-    if tokens is not None and not np.array_equal(saved, tokens):
-        raise BaseFileError(f"{path}: made on other tokens (another text or tokenizer): give the base's text")
     n = len(base.log_probs)
     if base.log_probs.ndim != 2 or base.log_probs.dtype != np.float16 or saved.ndim != 1 or \
             base.nll.shape != (n,) or base.top.shape != (n,):
         raise BaseFileError(f"{path}: its arrays are not what --kl-divergence-base writes")
+    return _checked(path, saved, saved_context, base, tokens, context)
+
+
+def _checked(path, saved, saved_context, base, tokens, context):
+    if saved_context != context:
+        raise BaseFileError(f"{path}: made with --context {saved_context}, not {context}; use the same context")
+    # llama-perplexity keeps the tokens of the chunks it scored, a prefix of the text's
+    if tokens is not None and (len(saved) > len(tokens) or not np.array_equal(saved, tokens[:len(saved)])):
+        raise BaseFileError(f"{path}: made on other tokens (another text or tokenizer): give the base's text")
     return saved, base
+
+
+def read_llamacpp(path: Path) -> tuple[np.ndarray, int, "Base"]:
+    """A base written by `llama-perplexity --kl-divergence-base`: "_logits_", the context (u32),
+    the vocabulary and chunk count (i32), the chunks' tokens (i32), then per scored token a row
+    of uint16: a float32 scale and minimum (4 of them), then log p_i = scale * u_i + minimum for
+    each token of the vocabulary (an even count), u = 0 meaning "at most the minimum" (16 below
+    the top logit). The NLLs are llama.cpp's own (a target at u = 0 counts the minimum)."""
+    raw = np.fromfile(path, np.uint8)
+    header = 8 + 12
+    if len(raw) < header:
+        raise BaseFileError(f"{path}: too short for llama-perplexity's log-probabilities")
+    context, vocab, chunks = (int(v) for v in (raw[8:12].view("<u4")[0], *raw[12:20].view("<i4")))
+    rows, width = chunks * (context - 1 - context // 2), 2 * ((vocab + 1) // 2) + 4
+    size = header + 4 * context * chunks + 2 * rows * width
+    if min(context, vocab, chunks) < 1 or len(raw) != size:
+        raise BaseFileError(f"{path}: {len(raw)} bytes, not the {size} its header promises (llama-perplexity's "
+                            f"file, truncated or damaged?)")
+    tokens = raw[header:header + 4 * context * chunks].view("<i4").astype(np.int64)
+    table = raw[header + 4 * context * chunks:].view("<u2").reshape(rows, width)
+    scale, minimum = (table[:, i:i + 2].copy().view("<f4")[:, 0].astype(np.float64) for i in (0, 2))
+    u = table[:, 4:4 + vocab]
+    first = context // 2
+    targets = np.concatenate([tokens[c * context + first + 1:(c + 1) * context] for c in range(chunks)])
+    log_probs = np.empty((rows, vocab), np.float16)
+    for r in range(0, rows, 256):  # a few rows at a time: float32 [rows, vocab] may not fit
+        part = scale[r:r + 256, None].astype(np.float32) * u[r:r + 256] + minimum[r:r + 256, None].astype(np.float32)
+        # below its floor a probability is unknown (and < e^-16 of the top's): none, as
+        # llama-perplexity's KL sum leaves it out
+        log_probs[r:r + 256] = np.where(u[r:r + 256] > 0, part, -np.inf)
+    nll = -(scale * u[np.arange(rows), targets] + minimum)
+    return tokens, context, Base(log_probs, nll, np.argmax(u, axis=-1), complete=False)
 
 
 @dataclass
@@ -73,12 +118,13 @@ class Base:
     log_probs: np.ndarray
     nll: np.ndarray
     top: np.ndarray
+    complete: bool = True  # whether every row holds all its probability (else: llama.cpp's floor)
 
     def __len__(self):
         return len(self.log_probs)
 
     def rows(self, start: int, stop: int) -> "Base":
-        return Base(self.log_probs[start:stop], self.nll[start:stop], self.top[start:stop])
+        return Base(self.log_probs[start:stop], self.nll[start:stop], self.top[start:stop], self.complete)
 
 
 @dataclass
@@ -94,10 +140,11 @@ class Statistics:
     def of(cls, log_probs: np.ndarray, base: Base, targets: np.ndarray) -> "Statistics":
         """From the rows of Q's log-probabilities (float64), the base's, and the tokens that came next."""
         logp = base.log_probs.astype(np.float64)
-        logp -= np.logaddexp.reduce(logp, axis=-1, keepdims=True)  # renormalised after float16
+        if base.complete:  # renormalised after float16 (llama.cpp's rows lack what fell below their floor)
+            logp -= np.logaddexp.reduce(logp, axis=-1, keepdims=True)
         rows = np.arange(len(targets))
         p_base = np.exp(logp)
-        kld = np.sum(p_base * (logp - log_probs), axis=-1)
+        kld = np.sum(np.where(p_base > 0, p_base * (logp - log_probs), 0.0), axis=-1)
         return cls(-log_probs[rows, targets], base.nll, kld, np.exp(log_probs[rows, targets]) - np.exp(-base.nll),
                    np.argmax(log_probs, -1) == base.top)
 
