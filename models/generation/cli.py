@@ -111,6 +111,10 @@ def parse_args(argv):
                           help=f"drop tokens less likely than this times the likeliest (default: {DEFAULTS['min_p']})")
     sampling.add_argument("--repetition-penalty", type=_setting("repetition_penalty"),
                           help=f"divide the scores of tokens already seen, 1 is none (default: {DEFAULTS['repetition_penalty']})")
+    sampling.add_argument("--presence-penalty", type=_setting("presence_penalty"),
+                          help="subtract from the scores of tokens already generated, -2 to 2 (default: 0)")
+    sampling.add_argument("--frequency-penalty", type=_setting("frequency_penalty"),
+                          help="subtract this times each token's count so far, -2 to 2 (default: 0)")
     sampling.add_argument("--seed", type=int, help="make sampling reproducible")
     p.add_argument("--random-init", action="store_true", help="random weights in --size's exact architecture")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", *(d.name for d in dtypes.BLOCKS)],

@@ -223,6 +223,17 @@ def test_models_health_and_tokens(server):
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
     ("/v1/completions", {}, "prompt"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
+    # what an application sends and this server does not implement is refused, never dropped
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, "response_format 'json_object'"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "!"}, "suffix is not supported"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of must be 1"),
+    ("/v1/completions", {"prompt": "hi", "messages": []}, "messages is not supported"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"50000000": 1}}, "logit_bias key"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": -101}}, "[-100, 100]"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": "x"}, "frequency_penalty"),
 ])
 def test_bad_requests_are_400s(server, path, body, says):
     status, answer = server.post(path, raw=body) if isinstance(body, bytes) else server.post(path, body)
@@ -365,3 +376,43 @@ def test_api_key_and_a_full_queue(smollm2_path):
         assert busy[1].get("retry-after") == "1" and "busy" in busy[0]["error"]["message"]
     finally:
         running.stop()
+
+
+# ---- the sampling fields applications send ---------------------------------------------------------
+
+def test_logit_bias_bans_and_forces_tokens(client, model):
+    """-100 removes the greedy answer's first token; +100 makes another token the answer."""
+    def first(**kw):
+        return client.completions.create(model="m", prompt="The capital of France is", max_tokens=1, temperature=0,
+                                         **kw).choices[0].text
+    answer = first()
+    (token,) = model.tokenizer.encode(answer, bos=False)
+    assert first(logit_bias={str(token): -100}) != answer
+    (forced,) = model.tokenizer.encode(" London", bos=False)
+    assert first(logit_bias={str(forced): 100}) == " London"
+    assert chat(client, max_tokens=4, temperature=0, logit_bias={str(forced): 100}).choices[0].message.content \
+        == " London" * 4
+
+
+def test_penalties_are_the_samplers(client, model):
+    """The server's presence and frequency penalties are the sampler's (whose unit tests measure
+    them on logits): the same greedy tokens as the model in this process with make_sampler's,
+    float32 weights making logits independent of the pass; and they change the reply."""
+    from models.generation.sampling import make_sampler
+    prompt = "yes yes yes yes yes yes yes yes"
+    ids = model.tokenizer.encode(prompt, bos=bool(getattr(model.tokenizer, "add_bos", True)))  # as the server does
+    replies = []
+    for penalties in ({}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}, {"frequency_penalty": -2.0}):
+        text = client.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0,
+                                         **penalties).choices[0].text
+        want = list(model.generate(ids, 12, make_sampler(temperature=0, **penalties), model.tokenizer.stop_ids))
+        assert text == model.tokenizer.decode(want), penalties
+        replies.append(text)
+    assert len(set(replies)) == 3
+
+
+def test_hints_are_accepted(client):
+    """OpenAI's bookkeeping fields change no token: the same greedy reply with them."""
+    plain = chat(client, max_tokens=6, temperature=0).choices[0].message.content
+    hinted = chat(client, max_tokens=6, temperature=0, user="u1", metadata={"a": "b"}, store=False).choices[0]
+    assert hinted.message.content == plain

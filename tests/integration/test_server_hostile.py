@@ -172,7 +172,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) |
                     max_leaves=6)
 FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
           "seed", "n", "stop", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "ignore_eos",
-          "messages", "prompt", "user", "tokens", "content", "add_special_tokens"]
+          "messages", "prompt", "user", "tokens", "content", "add_special_tokens", "logit_bias", "presence_penalty",
+          "frequency_penalty", "response_format", "best_of", "tools", "suffix"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

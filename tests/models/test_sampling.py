@@ -51,3 +51,47 @@ def test_extreme_settings_never_make_nan():
     for settings in ({"temperature": 1e-320}, {"repetition_penalty": 1e-308}, {"repetition_penalty": 1e308}):
         sample = make_sampler(**settings, seed=1)
         assert 0 <= sample(logits, [1, 2, 3, int(np.argmax(logits))]) < 100
+
+
+@given(logits=logit_arrays, data=st.data())
+def test_logit_bias_adds_to_the_logits_and_minus_100_bans(logits, data):
+    """OpenAI's logit_bias: the bias is added before the choice (greedy: the argmax of the sum);
+    -100 removes the token whatever its logit; +100 makes a token the choice over logits spread
+    less than 100."""
+    n = logits.size
+    bias = data.draw(st.dictionaries(st.integers(0, n - 1), st.floats(-99, 99), max_size=4))
+    biased = logits.astype(np.float64).copy()
+    for token, value in bias.items():
+        biased[token] += value
+    assert make_sampler(temperature=0, logit_bias=bias)(logits, []) == int(np.argmax(biased))
+    best = int(np.argmax(logits))
+    assert make_sampler(temperature=0, logit_bias={best: -100})(logits, []) != best
+    forced = data.draw(st.integers(0, n - 1))
+    for seed in range(3):
+        assert make_sampler(temperature=1.0, top_k=0, logit_bias={forced: 100}, seed=seed)(logits, []) == forced
+
+
+def test_presence_and_frequency_penalties_count_the_samplers_own_choices():
+    """presence_penalty is subtracted once from a token chosen before, frequency_penalty once per
+    time it was chosen; tokens only in the prompt (the history) are not counted."""
+    logits = np.array([3.0, 2.5, 1.0], np.float32)
+    sample = make_sampler(temperature=0, presence_penalty=0.4)
+    assert sample(logits, [0, 0, 0]) == 0          # prompt tokens do not count: 3 > 2.5
+    assert sample(logits, [0, 0, 0, 0]) == 0       # 3 - 0.4 > 2.5
+    sample = make_sampler(temperature=0, presence_penalty=0.6)
+    assert [sample(logits, []) for _ in range(2)] == [0, 1]   # 3 - 0.6 < 2.5
+    sample = make_sampler(temperature=0, frequency_penalty=0.3)
+    # 0 chosen twice: 3 - 0.6 = 2.4 < 2.5, then 1 once: 2.5 - 0.3 = 2.2 < 2.4
+    assert [sample(logits, []) for _ in range(4)] == [0, 0, 1, 0]
+    sample = make_sampler(temperature=0, presence_penalty=-2.0)  # negative: stay on chosen tokens
+    assert [sample(np.array([2.0, 2.1], np.float32), []) for _ in range(3)] == [1, 1, 1]
+
+
+def test_bad_logit_bias_and_penalties_are_refused():
+    import pytest
+    for bad in ({"x": 1}, {-1: 1}, {3: 101}, {3: True}, {3: "1"}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            make_sampler(logit_bias=bad)
+    for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -3)):
+        with pytest.raises(ValueError, match=name):
+            make_sampler(**{name: value})

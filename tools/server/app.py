@@ -164,9 +164,10 @@ def make_app(server: Server) -> Starlette:
         except (ValueError, TypeError) as e:
             raise BadRequest(str(e), "prompt") from None
 
-    def settings(body: dict) -> dict:
+    def settings(body: dict, fields: set) -> dict:
+        protocol.refuse_unknown(body, fields)
         s = protocol.common(body)
-        s["sampling"] = protocol.sampling(body, server.defaults["sampling"])
+        s["sampling"] = protocol.sampling(body, server.defaults["sampling"], server.model.n_token_ids)
         return s
 
     async def collected(job: Job, chunks, request: HTTPRequest) -> list[dict]:
@@ -184,7 +185,7 @@ def make_app(server: Server) -> Starlette:
     # ---- /v1/completions ------------------------------------------------------------------------
     async def completions(request: HTTPRequest):
         body = await body_of(request)
-        s, tok = settings(body), server.model.tokenizer
+        s, tok = settings(body, protocol.COMPLETION_FIELDS), server.model.tokenizer
         k, echo = protocol.logprobs_wanted(body, chat=False), protocol.flag(body, "echo")
         # tokenized on a thread, off the event loop
         prompts = await asyncio.to_thread(protocol.completion_prompts, body, tok, server.model.context,
@@ -220,7 +221,7 @@ def make_app(server: Server) -> Starlette:
     # ---- /v1/chat/completions -------------------------------------------------------------------
     async def chat(request: HTTPRequest):
         body = await body_of(request)
-        s, tok = settings(body), server.model.tokenizer
+        s, tok = settings(body, protocol.CHAT_FIELDS), server.model.tokenizer
         k = protocol.logprobs_wanted(body, chat=True)
         messages = protocol.chat_messages(body)
         check_fits([m["content"] for m in messages], "messages")

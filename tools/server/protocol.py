@@ -1,14 +1,25 @@
 """The OpenAI API's request fields checked and turned into what the engine takes, and the
 engine's tokens turned into its response objects. No HTTP here (tools/server/app.py does that).
 
-Fields a client sends that this server does not use (`user`, `frequency_penalty`...) are
-ignored, as OpenAI-compatible servers do; a field it uses with the wrong type or out of range
-is a 400 with a message naming the field.
+A field this server does not implement is a 400 naming it (an application that sends
+`tools` or `response_format` must not get plain text as if it had been heard), except the ones
+OpenAI's API defines as hints or bookkeeping (`user`, `metadata`, `store`...), which change no
+token. A field it uses with the wrong type or out of range is a 400 with a message naming it.
 """
 import time
 import uuid
 
-from models.generation.sampling import RULES
+from models.generation.sampling import RULES, check_logit_bias
+
+SETTINGS = ("temperature", "top_p", "min_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty")
+COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "stream", "stream_options",
+                 "logprobs", "logit_bias", "ignore_eos", *SETTINGS}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of"}
+# OpenAI's hints and bookkeeping (and llama-server's cache_prompt: this server always reuses a
+# cached prefix): accepted, changing no token
+HINTS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt"}
+MAX_BIASES = 1024
 
 
 class BadRequest(ValueError):
@@ -42,11 +53,36 @@ def flag(body, name) -> bool:
     return value
 
 
-def sampling(body: dict, defaults: dict) -> dict:
+def refuse_unknown(body: dict, fields: set) -> None:
+    """A 400 for the first field (by name) this endpoint does not implement, and for values of
+    response_format and best_of other than the ones that ask for nothing."""
+    for name in sorted(body):
+        if name not in fields and name not in HINTS:
+            raise BadRequest(f"{name} is not supported by this server: leave it out (fields it would ignore are "
+                             f"refused, not dropped)", name)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+        raise BadRequest(f"response_format {kind!r} is not supported by this server yet: only {{'type': 'text'}}",
+                         "response_format")
+    if body.get("best_of") not in (None, 1):
+        raise BadRequest("best_of must be 1: this server returns the choices it generates", "best_of")
+
+
+def sampling(body: dict, defaults: dict, vocab_size: int) -> dict:
     """make_sampler's settings: the request's, else the server's defaults (the checkpoint's
-    generation_config.json, else llama.cpp's)."""
+    generation_config.json, else llama.cpp's), and its logit_bias."""
     settings = dict(defaults)
-    for name in ("temperature", "top_p", "min_p", "top_k", "repetition_penalty"):
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or len(bias) > MAX_BIASES:
+            raise BadRequest(f"logit_bias must be an object of at most {MAX_BIASES} token ids (as strings) to "
+                             f"numbers in [-100, 100]", "logit_bias")
+        try:
+            settings["logit_bias"] = check_logit_bias(bias, vocab_size)
+        except ValueError as e:
+            raise BadRequest(str(e), "logit_bias") from None
+    for name in SETTINGS:
         if body.get(name) is not None:
             value = _number(body, name, whole=name == "top_k")
             if not RULES[name][0](value):
