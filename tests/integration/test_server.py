@@ -214,7 +214,9 @@ def test_models_health_and_tokens(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n must be 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n is 17"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True},
+     "stream takes n = 1"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "image_url"),
     ("/v1/completions", {"prompt": "word " * 600}, "context holds 512"),
@@ -416,3 +418,21 @@ def test_hints_are_accepted(client):
     plain = chat(client, max_tokens=6, temperature=0).choices[0].message.content
     hinted = chat(client, max_tokens=6, temperature=0, user="u1", metadata={"a": "b"}, store=False).choices[0]
     assert hinted.message.content == plain
+
+
+def test_n_choices(client):
+    """n > 1: n choices, indexed; with a seed the first is the n = 1 answer with that seed and the
+    whole reply is the same again; greedy choices are all the greedy one; completions number
+    prompt * n + choice."""
+    one = chat(client, max_tokens=8, temperature=1.0, seed=11).choices[0].message.content
+    three = chat(client, max_tokens=8, temperature=1.0, seed=11, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2] and three.choices[0].message.content == one
+    again = chat(client, max_tokens=8, temperature=1.0, seed=11, n=3)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in three.choices]
+    assert len({c.message.content for c in three.choices}) > 1  # three draws of 8 tokens at temperature 1
+    greedy = chat(client, max_tokens=6, temperature=0, n=2)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    done = client.completions.create(model="m", prompt=["Once upon a", "The sky is"], max_tokens=3, temperature=0, n=2)
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]
+    assert done.choices[0].text == done.choices[1].text and done.choices[2].text == done.choices[3].text
+    assert done.usage.completion_tokens == 12

@@ -75,10 +75,13 @@ class EngineError(RuntimeError):
 class Job:
     """One prompt in the engine; its events arrive on this event loop's queue."""
 
-    def __init__(self, server: Server, ids, settings: dict, stop_ids, logprobs=None, echo=False):
+    def __init__(self, server: Server, ids, settings: dict, stop_ids, logprobs=None, echo=False, choice: int = 0):
+        """choice: which of the request's n choices; with a seed, choice 0 draws as a request of
+        n = 1 would, the others from the seed and their index."""
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         max_tokens = settings["max_tokens"] or server.model.context  # the context ends it first
-        self.request = Request(list(ids), max_tokens, make_sampler(**settings["sampling"], seed=settings["seed"]),
+        seed = settings["seed"] if settings["seed"] is None or choice == 0 else [settings["seed"], choice]
+        self.request = Request(list(ids), max_tokens, make_sampler(**settings["sampling"], seed=seed),
                                lambda kind, payload: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload)),
                                frozenset() if settings["ignore_eos"] else frozenset(stop_ids), logprobs, echo)
         server.engine.submit(self.request)  # Busy or ValueError go to the handler
@@ -111,6 +114,19 @@ class Job:
                     return
         finally:
             self.request.cancel()  # a client gone mid-stream frees the slot at the next step
+
+
+def submitted(make_job, asked: list) -> list[Job]:
+    """A job per (ids, choice), all or none: on Busy the ones queued already would run for nobody."""
+    jobs = []
+    try:
+        for ids, choice in asked:
+            jobs.append(make_job(ids, choice))
+    except Busy:
+        for job in jobs:
+            job.request.cancel()
+        raise
+    return jobs
 
 
 def make_app(server: Server) -> Starlette:
@@ -191,9 +207,9 @@ def make_app(server: Server) -> Starlette:
         prompts = await asyncio.to_thread(protocol.completion_prompts, body, tok, server.model.context,
                                           server.longest_token)
         prompts = [check_prompt(p) for p in prompts]
-        if len(prompts) > server.queue:  # they would never all fit in the queue: 503 forever
-            raise BadRequest(f"{len(prompts)} prompts in one request, but the queue holds {server.queue}: send at "
-                             f"most {server.queue} (the server's --queue)", "prompt")
+        if len(prompts) * s["n"] > server.queue:  # they would never all fit in the queue: 503 forever
+            raise BadRequest(f"{len(prompts)} prompts x n = {s['n']} choices in one request, but the queue holds "
+                             f"{server.queue}: send at most {server.queue} (the server's --queue)", "prompt")
         stop_ids = server.defaults["stop_ids"]
         head = {"id": protocol.new_id("cmpl"), "object": "text_completion", "created": protocol.now(),
                 "model": server.name}
@@ -202,17 +218,12 @@ def make_app(server: Server) -> Starlette:
                 raise BadRequest("stream takes one prompt: send one request per prompt", "prompt")
             job = Job(server, prompts[0], s, stop_ids, k, echo)
             return event_stream(_completion_chunks(job, tok, s, head, prompts[0], k))
-        jobs = []
-        try:
-            for ids in prompts:
-                jobs.append(Job(server, ids, s, stop_ids, k, echo))
-        except Busy:  # the prompts queued already would run for nobody
-            for job in jobs:
-                job.request.cancel()
-            raise
+        # choice index: prompt * n + choice, as OpenAI numbers them
+        asked = [(ids, choice) for ids in prompts for choice in range(s["n"])]
+        jobs = submitted(lambda ids, choice: Job(server, ids, s, stop_ids, k, echo, choice), asked)
         whole = {**s, "include_usage": False}
         replies = await asyncio.gather(*(collected(job, _completion_chunks(job, tok, whole, head, ids, k), request)
-                                         for job, ids in zip(jobs, prompts)))
+                                         for job, (ids, _) in zip(jobs, asked)))
         choices = [{**_merged_completion(chunks, k), "index": i} for i, chunks in enumerate(replies)]
         generated = sum(j.request.generated for j in jobs)
         return JSONResponse({**head, "choices": choices,
@@ -231,17 +242,24 @@ def make_app(server: Server) -> Starlette:
             raise BadRequest(f"the chat template could not render these messages: {e}", "messages") from None
         ids = check_prompt(ids)
         head = {"id": protocol.new_id("chatcmpl"), "created": protocol.now(), "model": server.name}
-        job = Job(server, ids, s, server.defaults["stop_ids"], k)
+        if s["n"] > server.queue:
+            raise BadRequest(f"n = {s['n']} choices, but the queue holds {server.queue} (the server's --queue)", "n")
+        jobs = submitted(lambda ids, choice: Job(server, ids, s, server.defaults["stop_ids"], k, choice=choice),
+                         [(ids, choice) for choice in range(s["n"])])
         if s["stream"]:
-            return event_stream(_chat_chunks(job, tok, s, head, len(ids), k))
-        chunks = await collected(job, _chat_chunks(job, tok, {**s, "include_usage": False}, head, len(ids), k), request)
-        entries = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
-        choice = {"index": 0, "message": {"role": "assistant",
-                                          "content": "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)},
-                  "logprobs": {"content": entries} if k is not None else None,
-                  "finish_reason": chunks[-1]["choices"][0]["finish_reason"]}
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
-                             "usage": protocol.usage(len(ids), job.request.generated)})
+            return event_stream(_chat_chunks(jobs[0], tok, s, head, len(ids), k))
+        whole = {**s, "include_usage": False}
+        replies = await asyncio.gather(*(collected(job, _chat_chunks(job, tok, whole, head, len(ids), k), request)
+                                         for job in jobs))
+        choices = []
+        for i, chunks in enumerate(replies):
+            entries = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": {"content": entries} if k is not None else None,
+                            "finish_reason": chunks[-1]["choices"][0]["finish_reason"]})
+        return JSONResponse({**head, "object": "chat.completion", "choices": choices,
+                             "usage": protocol.usage(len(ids), sum(j.request.generated for j in jobs))})
 
     # ---- the rest -------------------------------------------------------------------------------
     async def models(request: HTTPRequest):

@@ -20,6 +20,7 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of"}
 # cached prefix): accepted, changing no token
 HINTS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt"}
 MAX_BIASES = 1024
+MAX_CHOICES = 16  # n: choices per prompt
 
 
 class BadRequest(ValueError):
@@ -95,8 +96,9 @@ def sampling(body: dict, defaults: dict, vocab_size: int) -> dict:
 
 def common(body: dict) -> dict:
     """The fields both endpoints share."""
-    if _number(body, "n", lo=1, whole=True, default=1) != 1:
-        raise BadRequest("n must be 1: ask again for more choices", "n")
+    n = _number(body, "n", lo=1, hi=MAX_CHOICES, whole=True, default=1)
+    if n > 1 and flag(body, "stream"):
+        raise BadRequest("stream takes n = 1: send n requests to stream several choices", "n")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
@@ -110,7 +112,7 @@ def common(body: dict) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
-    return {"max_tokens": _number(body, name, lo=1, whole=True), "stop": stop, "seed": seed,
+    return {"max_tokens": _number(body, name, lo=1, whole=True), "stop": stop, "seed": seed, "n": n,
             "stream": flag(body, "stream"), "include_usage": bool(options.get("include_usage")),
             "ignore_eos": flag(body, "ignore_eos")}  # llama-server's and vLLM's: generate max_tokens
 
