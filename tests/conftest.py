@@ -13,6 +13,21 @@ settings.register_profile("thorough", deadline=None, max_examples=300,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocesses_read_no_stdin():
+    """The CLI takes its prompt from a piped stdin: a command a test starts must not inherit the
+    runner's (a CI pipe held open would hang it), so they get /dev/null; a test that means to
+    give input gives it (subprocess's `input`)."""
+    saved, null = os.dup(0), os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(null)
+
+
 @pytest.fixture(params=backend_params())
 def backend(request):
     """Runs a test once per backend; every one must match the NumPy reference. (The kernel

@@ -10,12 +10,15 @@ import io
 import os
 import secrets
 import signal
+import stat
 import sys
 import threading
 import time
+from pathlib import Path
 
 from models.generation.sampling import DEFAULTS, RULES, check_setting, make_sampler
 from models.generation.sequence_cache import CachedSequence
+from models.generation.stops import StopText
 from models.llama3.config import SIZES
 from models.llama3.images import open_image
 from models.llama3.vision_config import VISION_SIZES
@@ -25,8 +28,10 @@ from ops import dtypes
 from tinytensor import distributed
 from tinytensor.distributed import SINGLE
 from tinytensor.errors import UserError
+from tinytensor.state import files
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+MAX_PROMPT_BYTES = 16 << 20  # a prompt from a file or stdin; the context bounds it long before
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -93,7 +98,11 @@ def parse_args(argv):
                                                                      "(11b and 90b: Llama 3.2 Vision)")
     p.add_argument("--checkpoint", help="a Hugging Face or Meta checkpoint folder, or a .gguf file "
                                         "(default: SmolLM2-135M-Instruct, fetched on first use)")
-    p.add_argument("--prompt", type=_text, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt", type=_text, help=f"the prompt; - reads it from stdin, as does a pipe or a file "
+                                                f"given as stdin (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--file", type=Path, help="read the prompt from this UTF-8 file")
+    p.add_argument("--stop", action="append", type=_text, default=[], metavar="TEXT",
+                   help="end a reply at this text (left out of it); repeat for more, up to 16")
     p.add_argument("--system", type=_text, help="a system prompt for chat models")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image (JPEG, PNG, WebP...) the prompt is about, for Llama 3.2 Vision; repeat for more")
@@ -128,7 +137,42 @@ def parse_args(argv):
         p.error("give --size or --checkpoint, not both")
     if args.image and args.chat:
         p.error("--image goes with --prompt, not --chat")
+    if args.chat and (args.prompt or args.file):
+        p.error("--prompt and --file give a single reply's prompt; --chat reads your messages as you type them")
+    if args.prompt and args.file:
+        p.error("give --prompt or --file, not both")
+    if args.raw and args.system:
+        p.error("--system needs the chat template, which --raw leaves out")
+    if len(args.stop) > 16:
+        p.error(f"{len(args.stop)} --stop strings: give at most 16")
     return args
+
+
+def read_prompt(args) -> str:
+    """The prompt: --prompt, --file, stdin for `--prompt -` or when stdin is a pipe or a file that
+    holds text (not a terminal, not /dev/null), else the default question."""
+    if args.file is not None:
+        text = files.read_text(args.file, MAX_PROMPT_BYTES)
+    elif args.prompt == "-" or (args.prompt is None and _stdin_is_data()):
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        if len(data) > MAX_PROMPT_BYTES:
+            raise ValueError(f"the prompt on stdin is over {MAX_PROMPT_BYTES >> 20} MB")
+        text = data.decode("utf-8", errors="replace")
+        if not text.strip() and args.prompt is None:
+            return DEFAULT_PROMPT  # an empty pipe asks nothing: the default, as without one
+    else:
+        text = args.prompt or DEFAULT_PROMPT
+    if not text.strip():
+        raise ValueError("the prompt is empty: give some text")
+    return text
+
+
+def _stdin_is_data() -> bool:
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # no stdin, or one without a descriptor
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
 def run(args, group=SINGLE) -> None:
@@ -178,21 +222,29 @@ def run(args, group=SINGLE) -> None:
             prefill_s = prefilled_at - t0 - (model.vision_seconds if images else 0.0)
             if args.chat:  # a turn computes only the prompt tokens the conversation's cache lacks
                 fresh = conversation.computed - computed
-        decoder, text, note = StreamDecoder(tok), [], ""
+        # text that could still become a --stop string is held back until it cannot
+        decoder, cut, text, n, note, stopped = StreamDecoder(tok), StopText(args.stop), [], 0, "", False
         # split over processes, Ctrl-C ends them all: one stopping a reply alone would leave
         # the others waiting for it at the next step's collective
         with _interrupt_ends_reply(args.chat and group.size == 1) as interrupted:
             for token in tokens(ids, prefill_done):
-                text.append(decoder.add(token))
-                sys.stdout.write(text[-1])
+                n += 1
+                piece, stopped = cut.add(decoder.add(token))
+                text.append(piece)
+                sys.stdout.write(piece)
                 sys.stdout.flush()
+                if stopped:
+                    break
                 if interrupted.is_set():
                     note = " | stopped"
                     break
-        sys.stdout.write(decoder.flush() + "\n")
-        n = len(text)
-        # generation ends early without a stop token only when the context is full
-        if not note and n < args.max_tokens and len(ids) + n > model.context:
+        if not stopped:  # the last bytes, and what was held back for a stop string that never came
+            piece, stopped = cut.add(decoder.flush())
+            text.append(piece + ("" if stopped else cut.flush()))
+            sys.stdout.write(text[-1])
+        sys.stdout.write("\n")
+        # generation ends early without a stop token or string only when the context is full
+        if not note and not stopped and n < args.max_tokens and len(ids) + n > model.context:
             note = f" | the context of {model.context} positions is full: raise --context"
         if prefill_s is not None:
             decode_s = time.perf_counter() - prefilled_at
@@ -204,7 +256,7 @@ def run(args, group=SINGLE) -> None:
         return "".join(text)
 
     if not args.chat:
-        prompt = args.prompt or DEFAULT_PROMPT
+        prompt = group.broadcast(read_prompt(args) if group.rank == 0 else None)  # mpirun gives rank 0 the input
         if images and "<|image|>" not in tok.special:
             raise ValueError("--image needs a Llama 3.2 Vision checkpoint: this tokenizer has no <|image|> token")
         if use_chat:  # the Instruct template puts the images before the text

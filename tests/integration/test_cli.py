@@ -276,3 +276,44 @@ def test_each_console_script_names_a_command():
     for target in scripts.values():
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), target
+
+
+# ---- where the prompt comes from, and where a reply stops ----------------------------------------
+
+def greedy(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "models.llama3", "--temperature", "0", "--max-tokens", "12", *args],
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_the_prompt_from_a_pipe_a_file_or_prompt_dash(smollm2_path, tmp_path):
+    """`echo ... | python -m models.llama3` answers what was piped, as --prompt, --file and
+    `--prompt -` do; with no stdin data it is the default question."""
+    model, question = ["--checkpoint", str(smollm2_path)], "Name a colour."
+    want = greedy(*model, "--prompt", question)
+    assert want.returncode == 0, want.stderr
+    (tmp_path / "q.txt").write_text(question, encoding="utf-8")
+    for got in (greedy(*model, input=question), greedy(*model, "--prompt", "-", input=question),
+                greedy(*model, "--file", str(tmp_path / "q.txt"))):
+        assert got.returncode == 0 and got.stdout == want.stdout, got.stderr
+    default = greedy(*model)  # stdin is /dev/null here (tests/conftest.py)
+    assert default.stdout == greedy(*model, "--prompt", "What is the capital of France? Answer in one sentence.").stdout
+    assert default.stdout != want.stdout
+
+
+def test_stop_ends_a_reply_before_its_text(smollm2_path):
+    model = ["--checkpoint", str(smollm2_path), "--prompt", "Count from 1 to 10, separated by commas."]
+    whole = greedy(*model, "--max-tokens", "30").stdout
+    assert "5" in whole
+    cut = greedy(*model, "--max-tokens", "30", "--stop", "5", "--stop", "never there")
+    assert cut.returncode == 0 and cut.stdout == whole[:whole.index("5")] + "\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--chat", "--prompt", "hi"], ["--chat reads your messages"]),
+    (["--raw", "--system", "be brief"], ["--system needs the chat template"]),
+    (["--prompt", "hi", "--file", "q.txt"], ["--prompt or --file"]),
+    (["--stop", "x"] * 17, ["at most 16"]),
+    (["--file", "/nonexistent/q.txt"], ["q.txt", "missing"]),
+])
+def test_options_that_would_be_ignored_are_refused(tiny_gguf, args, words):
+    assert_one_line_error(run("--checkpoint", str(tiny_gguf), *args), *words)

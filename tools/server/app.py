@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from models.generation.engine import Busy, Engine, Request
 from models.generation.sampling import make_sampler
+from models.generation.stops import StopText
 from models.text.chat import chat_tokens
 from models.text.tokenizer import StreamDecoder
 from tools.server import protocol
@@ -89,7 +90,7 @@ class Job:
     async def events(self, tokenizer, stops):
         """("prompt", entries), ("text", text, tokens), and last ("done", finish_reason): the text cut
         at the first stop string, held back while it could still become one."""
-        decoder, cut, pending = StreamDecoder(tokenizer), protocol.StopText(stops), []
+        decoder, cut, pending = StreamDecoder(tokenizer), StopText(stops), []
         try:
             while True:
                 kind, payload = await self.queue.get()
