@@ -79,6 +79,11 @@ class Engine:
         self.wake = threading.Condition()
         self.steps: dict[int, jit] = {}  # batch width -> the captured step over slots[:width]
         self.stopped = False
+        # what the engine has done, for /metrics: prompt tokens computed and found cached,
+        # tokens generated, requests ended (by reason)
+        self.counts: collections.Counter = collections.Counter(dict.fromkeys(
+            ["prompt_tokens_computed", "prompt_tokens_cached", "generated_tokens", "finished:stop", "finished:length",
+             "finished:cancelled", "finished:error"], 0))  # every key from the start: /metrics reads them meanwhile
 
     # ---- from any thread ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -147,6 +152,7 @@ class Engine:
                                       for i, s in enumerate(self.slots) if s.request is None)
                 slot.request, slot.next_token = request, None
                 slot.prefilled = 0 if request.echo else min(shared, len(request.ids) - 1)
+                self.counts["prompt_tokens_cached"] += slot.prefilled
 
     def _prefill_chunk(self, slot: Slot, most: int) -> int:
         """Prefill up to `most` more prompt tokens of the slot's request; how many it did."""
@@ -155,6 +161,7 @@ class Engine:
         # rows begin..end-1 score tokens begin+1..end; for an echo every row, else the last only
         keep_from = begin if r.echo else end - 1
         logits = slot.sequence.run(r.ids[:end], keep_from)
+        self.counts["prompt_tokens_computed"] += end - begin
         slot.prefilled = end
         if r.echo:
             scored = [_logprobs(row, r.ids[j + 1], r.logprobs or 0)
@@ -195,6 +202,7 @@ class Engine:
             return self._finish(slot, "stop")
         logprob, top = _logprobs(logits, token, r.logprobs) if r.logprobs is not None else (None, [])
         r.generated += 1
+        self.counts["generated_tokens"] += 1
         r.emit("token", Token(token, logprob, top))
         if r.generated >= r.max_tokens or len(slot.sequence.tokens) >= self.model.context:
             return self._finish(slot, "length")
@@ -202,4 +210,5 @@ class Engine:
 
     def _finish(self, slot: Slot, reason: str) -> None:
         request, slot.request, slot.next_token = slot.request, None, None
+        self.counts["finished:" + reason.split(":")[0]] += 1
         request.emit("done", reason)

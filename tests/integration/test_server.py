@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -39,11 +40,13 @@ class Running:
     def __init__(self, *args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # the log in a file, not a pipe: a line per request would fill a pipe nobody reads and stall it
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen([sys.executable, "-m", "tools.server", "--port", str(self.port), *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.time() + 180
         while time.time() < deadline:
-            assert self.process.poll() is None, self.process.stderr.read()
+            assert self.process.poll() is None, self.logged()
             try:
                 if self.get("/health")[0] == 200:
                     return
@@ -61,6 +64,10 @@ class Running:
                 return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+
+    def logged(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def get(self, path, headers=None):
         return self.call("GET", path, headers=headers)[:2]
@@ -436,3 +443,51 @@ def test_n_choices(client):
     assert [c.index for c in done.choices] == [0, 1, 2, 3]
     assert done.choices[0].text == done.choices[1].text and done.choices[2].text == done.choices[3].text
     assert done.usage.completion_tokens == 12
+
+
+# ---- what operators and browsers use --------------------------------------------------------------
+
+def test_a_model_is_retrieved_by_its_id(client):
+    (entry,) = client.models.list().data
+    assert client.models.retrieve(entry.id).id == entry.id
+    with pytest.raises(openai.NotFoundError, match="no model 'nope' here"):
+        client.models.retrieve("nope")
+
+
+def test_metrics_parse_and_count(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+    chat(client, max_tokens=3, temperature=0)
+    chat(client, max_tokens=3, temperature=0)  # the same prompt again: its prefix is cached
+    status, _ = server.get("/no/such/path")
+    assert status == 404
+    with urllib.request.urlopen(server.url + "/metrics", timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["tinytensor_requests_total", (("path", "/v1/chat/completions"), ("status", "200"))] >= 2
+    assert samples["tinytensor_requests_total", (("path", "other"), ("status", "404"))] >= 1
+    assert samples["tinytensor_generated_tokens_total", ()] >= 6
+    assert samples["tinytensor_prompt_tokens_total", (("source", "cached"),)] > 0
+    assert samples["tinytensor_slots", (("state", "idle"),)] + samples["tinytensor_slots", (("state", "processing"),)] \
+        == PARALLEL
+    assert "/v1/chat/completions 200" in server.logged() and "GET /no/such/path 404" in server.logged()
+
+
+def test_cors_is_off_by_default_and_answers_its_origin(server, smollm2_path):
+    def preflight(running):
+        request = urllib.request.Request(running.url + "/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, r.headers.get("access-control-allow-origin")
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("access-control-allow-origin")
+    assert preflight(server) == (405, None)
+    running = Running("--checkpoint", str(smollm2_path), "--parallel", "1", "--context", "256", "--cors",
+                      "http://app.example")
+    try:
+        assert preflight(running) == (200, "http://app.example")
+    finally:
+        running.stop()

@@ -42,6 +42,9 @@ def parse_args(argv):
     p.add_argument("--api-key", default=os.environ.get("TINYTENSOR_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $TINYTENSOR_API_KEY, else none)")
     p.add_argument("--name", help="the model's name in /v1/models (default: the checkpoint's)")
+    p.add_argument("--cors", metavar="ORIGIN", help="let web pages from this origin call the API (e.g. "
+                                                    "http://localhost:3000, or * for any); default: none")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request on stderr")
     p.add_argument("--timeout", type=_positive, default=30.0, help="seconds a client may take to send a request's "
                                                                    "head, and again its body (beyond: the connection "
                                                                    "is closed, or 408) (default: 30)")
@@ -84,7 +87,8 @@ def main(argv=None) -> int:
     from tools.server.app import Server, make_app
     from tools.server.connections import with_header_timeout
 
-    server = Server(loader(args), model_name(args), args.parallel, args.queue, args.api_key, args.timeout)
+    server = Server(loader(args), model_name(args), args.parallel, args.queue, args.api_key, args.timeout,
+                    args.cors, not args.no_access_log)
     config = uvicorn.Config(make_app(server), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=2, http=with_header_timeout(args.timeout))
     http = uvicorn.Server(config)

@@ -12,12 +12,15 @@ import hmac
 import json
 import sys
 import threading
+import time
 import traceback
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from models.generation.engine import Busy, Engine, Request
@@ -25,7 +28,7 @@ from models.generation.sampling import make_sampler
 from models.generation.stops import StopText
 from models.text.chat import chat_tokens
 from models.text.tokenizer import StreamDecoder
-from tools.server import protocol
+from tools.server import metrics, protocol
 from tools.server.connections import BodyTimeout, BodyTooLarge, read_body
 from tools.server.protocol import BadRequest, error_body
 from tools.server.templates import TemplateRenderer
@@ -37,9 +40,11 @@ class Server:
     engine, and what the handlers need of them."""
 
     def __init__(self, load, name: str, parallel: int, queue: int, api_key: str | None = None,
-                 body_timeout: float = 30.0):
-        """body_timeout: seconds a client may take to send a request's body (408 after)."""
+                 body_timeout: float = 30.0, cors: str | None = None, access_log: bool = True):
+        """body_timeout: seconds a client may take to send a request's body (408 after); cors: the
+        origin browsers may call from (none by default); access_log: a line per request on stderr."""
         self.name, self.api_key, self.queue, self.body_timeout = name, api_key, queue, body_timeout
+        self.cors, self.access_log, self.requests = cors, access_log, metrics.Requests()
         self.model = self.engine = self.defaults = self.failed = None
         self.ready = threading.Event()
         self.render = TemplateRenderer()
@@ -263,10 +268,22 @@ def make_app(server: Server) -> Starlette:
                              "usage": protocol.usage(len(ids), sum(j.request.generated for j in jobs))})
 
     # ---- the rest -------------------------------------------------------------------------------
+    def model_entry() -> dict:
+        return {"id": server.name, "object": "model", "created": 0, "owned_by": "tinytensor",
+                "meta": {"context": server.model.context}}
+
     async def models(request: HTTPRequest):
-        return JSONResponse({"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
-                                                         "owned_by": "tinytensor",
-                                                         "meta": {"context": server.model.context}}]})
+        return JSONResponse({"object": "list", "data": [model_entry()]})
+
+    async def model(request: HTTPRequest):  # what client.models.retrieve(id) reads
+        name = request.path_params["model"]
+        if name != server.name:
+            return _error(404, f"no model {name!r} here: this server serves {server.name!r}", param="model")
+        return JSONResponse(model_entry())
+
+    async def metrics_text(request: HTTPRequest):
+        return PlainTextResponse(metrics.exposition(server.requests, server.engine, server.name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def health(request: HTTPRequest):
         if server.failed:
@@ -310,6 +327,8 @@ def make_app(server: Server) -> Starlette:
     routes = [Route("/v1/completions", guarded(completions), methods=["POST"]),
               Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
               Route("/v1/models", guarded(models), methods=["GET"]),
+              Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
+              Route("/metrics", guarded(metrics_text), methods=["GET"]),
               Route("/health", guarded(health, needs_model=False), methods=["GET"]),
               Route("/tokenize", guarded(tokenize), methods=["POST"]),
               Route("/detokenize", guarded(detokenize), methods=["POST"]),
@@ -323,7 +342,44 @@ def make_app(server: Server) -> Starlette:
 
     async def http_error(request: HTTPRequest, e: HTTPException):  # 404, 405: OpenAI's error object too
         return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}", headers=e.headers)
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    middleware = [Middleware(Accounted, server=server)]
+    if server.cors:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=[server.cors], allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error},
+                     middleware=middleware)
+
+
+class Accounted:
+    """Every HTTP request, whatever answers it (a handler, a 404, a CORS preflight): counted for
+    /metrics by path and status, and one access-log line on stderr when the end of its response
+    has gone out."""
+    KNOWN = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/tokenize", "/detokenize",
+             "/tokenizer_info", "/metrics"}
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sent(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            seconds, path = time.perf_counter() - start, scope["path"]
+            # other paths count together: a scanner's names are no labels
+            label = path if path in self.KNOWN else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+            self.server.requests.add(label, status[0], seconds)
+            if self.server.access_log:
+                client = scope["client"][0] if scope.get("client") else "-"
+                print(f"[tools.server] {client} {scope['method']} {path} {status[0]} {seconds * 1000:.0f} ms",
+                      file=sys.stderr, flush=True)
 
 
 def event_stream(chunks) -> StreamingResponse:
