@@ -1,5 +1,6 @@
 """What the op tests compare against: direct NumPy computations in float64, tolerances that
 follow from each dtype, and strategies for shapes and values."""
+import random
 import re
 import subprocess
 import sys
@@ -99,6 +100,13 @@ def nmse(got: np.ndarray, want: np.ndarray) -> float:
     products."""
     want = want.astype(np.float64)
     return float(np.mean((got - want) ** 2) / np.mean(want ** 2))
+
+
+def words(n: int, seed: int = 0) -> str:
+    """n common English words drawn at random: a text any tokenizer splits into about n tokens."""
+    rng = random.Random(seed)
+    vocabulary = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
+    return " ".join(rng.choice(vocabulary) for _ in range(n))
 
 
 def perplexities(gguf: Path, text: Path, llamacpp_bin: Path, context: int, chunks: int | None = None):

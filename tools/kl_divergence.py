@@ -54,16 +54,15 @@ def load_base(path: Path, tokens: list[int] | None, context: int) -> tuple[np.nd
         return _checked(path, saved, saved_context, base, tokens, context)
     try:
         with np.load(path, allow_pickle=False) as data:
-            if "format" not in data.files or str(data["format"]) != FORMAT:
-                raise BaseFileError(f"{path}: not a --kl-divergence-base file of this version; make one with "
-                                    f"--kl-divergence-base")
-            saved, saved_context = data["tokens"], int(data["context"])
-            base = Base(data["log_probs"], data["nll"], data["top"])
+            arrays = {name: data[name] for name in ("format", "tokens", "context", "log_probs", "nll", "top")}
     except (KeyError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        if isinstance(e, BaseFileError):
-            raise
         raise BaseFileError(f"{path}: not a --kl-divergence-base file ({e}); make one with "
                             f"--kl-divergence-base") from None
+    if str(arrays["format"]) != FORMAT:
+        raise BaseFileError(f"{path}: not a --kl-divergence-base file of this version; make one with "
+                            f"--kl-divergence-base")
+    saved, saved_context = arrays["tokens"], int(arrays["context"])
+    base = Base(arrays["log_probs"], arrays["nll"], arrays["top"])
     n = len(base.log_probs)
     if base.log_probs.ndim != 2 or base.log_probs.dtype != np.float16 or saved.ndim != 1 or \
             base.nll.shape != (n,) or base.top.shape != (n,):

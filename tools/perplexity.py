@@ -52,22 +52,30 @@ def chunk_nlls(model, tokens: list[int], context: int, add_bos: bool, chunks: in
         yield -log_probs[np.arange(len(targets)), targets]
 
 
-def text_tokens(model, text: str, context: int) -> tuple[list[int], bool]:
-    """The text's tokens as perplexity scores them, and whether chunks start with a BOS."""
-    add_bos = bool(getattr(model.tokenizer, "add_bos", True))  # Meta's Llama 3 tokenizer always adds one
-    tokens = model.tokenizer.encode(text, bos=add_bos)
+def adds_bos(model) -> bool:
+    """Whether chunks start with a BOS (Meta's Llama 3 tokenizer always adds one)."""
+    return bool(getattr(model.tokenizer, "add_bos", True))
+
+
+def text_tokens(model, text: str, context: int) -> list[int]:
+    """The text's tokens as perplexity scores them."""
+    tokens = model.tokenizer.encode(text, bos=adds_bos(model))
     if len(tokens) < 2 * context:
         raise ValueError(f"the text tokenizes to {len(tokens)} tokens; at least {2 * context} (twice --context) "
                          f"are needed")
-    return tokens, add_bos
+    return tokens
 
 
-def perplexity(model, text: str, context: int = 512, chunks: int | None = None, progress=None, keep=None):
-    """(perplexity, its standard error) over text, as llama-perplexity computes them. `keep`, a
-    list, receives each chunk's scored log-probabilities and next tokens (a KL-divergence base)."""
-    tokens, add_bos = text_tokens(model, text, context)
+def perplexity(model, text: str, context: int = 512, chunks: int | None = None, progress=None):
+    """(perplexity, its standard error) over text, as llama-perplexity computes them."""
+    return token_perplexity(model, text_tokens(model, text, context), context, chunks, progress)
+
+
+def token_perplexity(model, tokens: list[int], context: int, chunks: int | None = None, progress=None, keep=None):
+    """perplexity's figures over tokens; `keep`, a list, receives each chunk's scored
+    log-probabilities and next tokens (a KL-divergence base)."""
     total, total_sq, count = 0.0, 0.0, 0
-    for k, (log_probs, targets) in enumerate(chunk_log_probs(model, tokens, context, add_bos, chunks), 1):
+    for k, (log_probs, targets) in enumerate(chunk_log_probs(model, tokens, context, adds_bos(model), chunks), 1):
         nll = -log_probs[np.arange(len(targets)), targets]
         total, total_sq, count = total + nll.sum(), total_sq + (nll ** 2).sum(), count + nll.size
         if keep is not None:
@@ -84,18 +92,17 @@ def kl_divergence(model, base: Path, context: int, text: str | None = None, chun
                   progress=None) -> Statistics:
     """The model's statistics against a base file made on the same tokens (from `text` when
     given, checked against the base's; else the base's own)."""
-    add_bos = bool(getattr(model.tokenizer, "add_bos", True))
-    tokens = text_tokens(model, text, context)[0] if text is not None else None
+    tokens = text_tokens(model, text, context) if text is not None else None
     base_tokens, rows = load_base(base, tokens, context)
     tokens = base_tokens if tokens is None else tokens
-    parts, row = [], 0
-    for k, (ours, targets) in enumerate(chunk_log_probs(model, tokens, context, add_bos, chunks), 1):
+    parts, row, total = [], 0, 0.0
+    for k, (ours, targets) in enumerate(chunk_log_probs(model, tokens, context, adds_bos(model), chunks), 1):
         if row + len(targets) > len(rows):
             raise ValueError(f"{base}: holds {len(rows)} scored tokens, fewer than this run scores")
         parts.append(Statistics.of(ours, rows.rows(row, row + len(targets)), targets))
-        row += len(targets)
+        row, total = row + len(targets), total + parts[-1].nll.sum()
         if progress:
-            progress(k, math.exp(np.concatenate([p.nll for p in parts]).mean()))
+            progress(k, math.exp(total / row))
     return Statistics.joined(parts)
 
 
@@ -144,12 +151,11 @@ def main(argv=None) -> int:
             print(f"\n[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
             print(statistics.report())
             return 0
-        kept = [] if args.kl_divergence_base is not None else None
-        ppl, error = perplexity(model, text, args.context, args.chunks, progress, kept)
+        tokens, kept = text_tokens(model, text, args.context), [] if args.kl_divergence_base is not None else None
+        ppl, error = token_perplexity(model, tokens, args.context, args.chunks, progress, kept)
         print(f"\n[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
         if kept is not None:
-            save_base(args.kl_divergence_base, text_tokens(model, text, args.context)[0], args.context,
-                      *zip(*kept))
+            save_base(args.kl_divergence_base, tokens, args.context, *zip(*kept))
     except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

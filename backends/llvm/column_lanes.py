@@ -75,13 +75,12 @@ def column_lane_sums(k, w_types, rows, cols, target=None, depth="%K", scales=())
                 _add_blocks(v, read, where, scales, rows, blocks, first, j, [0, 1], inner, sums)
             for x, c in acc.items():
                 c.set(inner[x].final if x in inner else _step_sums(v, read[x[0]], scales[x[0]], rows[x[1]], blocks,
-                                                                  first, subs, c.value, sums[x].final,
-                                                                  sums[x[0], None].final))
+                                                                  first, c.value, sums[x].final, sums[x[0], None].final))
     return {(i, r, c): k.op(f"extractelement {v.floats} {acc[i, r].final}, i32 {c}")
             for i in range(len(formats)) for r in range(len(rows)) for c in range(v.n)}
 
 
-def _step_sums(v: Lanes, read, scratch, row, blocks, first, subs, acc, sums, bias) -> str:
+def _step_sums(v: Lanes, read, scratch, row, blocks, first, acc, sums, bias) -> str:
     """acc + a row's integer sums over the step (integer scales), in floats: times the
     columns' d and x's d (one per step: q8_K's), plus the offsets times the s_x of each block."""
     k = v.k

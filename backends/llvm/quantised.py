@@ -81,6 +81,7 @@ def block_sums(k, w_types, rows, cols, block, target=None):
     formats = [t.block for t in w_types]
     read = [reads(f) for f in formats]
     subs = max(f.sub_blocks for f in formats)  # x's blocks per step
+    blocks = k.op(f"lshr i64 %K, {SHIFT}")  # x's blocks per row
     minimums = [x for x in block if read[x[0]].block_minimum]
     steps = k.op(f"udiv i64 %K, {subs * BLOCK}")
     ways = 2 if len(block) == 1 else 1
@@ -88,12 +89,12 @@ def block_sums(k, w_types, rows, cols, block, target=None):
     with k.loop("0", paired, step=ways, hint="group") as g:
         sets = [_Sums(k, block, minimums) for _ in range(ways)]
         for way, sums in enumerate(sets):
-            _add_step(k, formats, read, rows, cols, k.add(g, way), sums, target)
+            _add_step(k, formats, read, rows, cols, subs, blocks, k.add(g, way), sums, target)
     total = _Sums.added(k, sets)
     if ways > 1:
         with k.loop(paired, steps, hint="last") as g:
             last = _Sums(k, block, minimums, total)
-            _add_step(k, formats, read, rows, cols, g, last, target)
+            _add_step(k, formats, read, rows, cols, subs, blocks, g, last, target)
         total = _Sums.added(k, [last])
     sums = {x: k.hsum(total.acc[x], LANES) for x in block}
     return {x: k.op(f"fadd float {s}, {total.minimum[x]}") if x in total.minimum else s for x, s in sums.items()}
@@ -122,10 +123,8 @@ class _Sums:
         return total
 
 
-def _add_step(k, formats, read, rows, cols, g, sums, target):
-    """Add step g of the k loop (x's blocks g * subs ...) to `sums`."""
-    subs = max(f.sub_blocks for f in formats)
-    blocks = k.op(f"lshr i64 %K, {SHIFT}")  # x's blocks per row
+def _add_step(k, formats, read, rows, cols, subs, blocks, g, sums, target):
+    """Add step g of the k loop (x's blocks g * subs ..., of `blocks` per row) to `sums`."""
     groups = {}
     for s in range(subs):
         b = k.add(k.mul(g, subs), s)  # x's block

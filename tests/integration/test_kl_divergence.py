@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.reference import words
 from tools.kl_divergence import Base, Statistics
 
 CONTEXT, CHUNKS = 64, 3
@@ -34,13 +35,6 @@ def test_statistics_restate_the_definitions():
     assert list(got.same_top) == [False, True, False]
     report = got.report()
     assert "Mean    KLD:" in report and "Same top p:   33.333" in report
-
-
-def words(n: int, seed: int = 0) -> str:
-    import random
-    rng = random.Random(seed)
-    vocabulary = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
-    return " ".join(rng.choice(vocabulary) for _ in range(n))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ The reference below restates that with transformers' model (PyTorch, float32) on
 checkpoint; the float32 logits agree to ~1e-5, so the perplexities agree to 1e-4 relative.
 Where llama.cpp is built, llama-perplexity itself is the oracle on the same GGUF file."""
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +16,11 @@ torch = pytest.importorskip("torch", reason="PyTorch is a test oracle: pip insta
 from models.llama3 import load
 from tools.perplexity import perplexity
 
-from tests.reference import perplexities
+from tests.reference import perplexities, words
 
 pytestmark = pytest.mark.oracle
 
 CONTEXT, CHUNKS = 64, 3
-
-
-def words(n: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    vocabulary = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
-    return " ".join(rng.choice(vocabulary) for _ in range(n))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import uuid
 
 from models.generation.sampling import RULES, check_logit_bias
 
-SETTINGS = ("temperature", "top_p", "min_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty")
+SETTINGS = tuple(RULES)  # the sampler's settings, each a request field
 COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "stream", "stream_options",
                  "logprobs", "logit_bias", "ignore_eos", *SETTINGS}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format"}

@@ -133,7 +133,7 @@ def scaled_dot_add(k, acc: str, pairs: list[tuple[str, str]], scale: str, larges
     for first in range(0, len(pairs), fold):
         total = None
         for a, w in pairs[first:first + fold]:
-            pair_sums = k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {a}, {BYTES} {w})")
+            pair_sums = _pair_sums(k, a, w)
             total = pair_sums if total is None else k.op(f"add <16 x i16> {total}, {pair_sums}")
         acc = k.op(f"add {SUMS} {acc}, {_scaled(k, total, scale)}")
     return acc
@@ -142,7 +142,7 @@ def scaled_dot_add(k, acc: str, pairs: list[tuple[str, str]], scale: str, larges
 def scaled_products(k, u: str, s: str, scale: str) -> str:
     """<8 x i32> lane sums of unsigned bytes u times signed bytes s, each lane's times its scale
     (AVX2; exact while each pair of u * s fits 16 bits)."""
-    return _scaled(k, k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {u}, {BYTES} {s})"), scale)
+    return _scaled(k, _pair_sums(k, u, s), scale)
 
 
 def _scaled(k, pair_sums: str, scale: str) -> str:
@@ -195,10 +195,15 @@ def _sdot(k, acc: str, a: str, w: str) -> str:
     return k.concat(halves[0], halves[1], 4, "i32")
 
 
+def _pair_sums(k, u: str, s: str) -> str:
+    """pmaddubsw: unsigned bytes u times signed bytes s, neighbours added into <16 x i16>
+    (saturating)."""
+    return k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {u}, {BYTES} {s})")
+
+
 def _maddubs(k, u: str, s: str) -> str:
     """Unsigned bytes u times signed bytes s, summed in fours into i32 lanes (AVX2)."""
-    pairs = k.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw({BYTES} {u}, {BYTES} {s})")
-    return k.op(f"call {SUMS} @llvm.x86.avx2.pmadd.wd(<16 x i16> {pairs}, <16 x i16> {constant(1, 16, 'i16')})")
+    return _scaled(k, _pair_sums(k, u, s), constant(0x10001, LANES, INT))  # times 1 in both halves
 
 
 
