@@ -98,6 +98,14 @@ def test_a_base_is_never_written_over_and_a_wrong_one_is_refused(tiny, tmp_path)
     assert not_base.returncode == 2 and not_base.stderr.count("\n") == 1
     assert "not a --kl-divergence-base file" in not_base.stderr
 
+    # llama-perplexity's format, its header promising more than the file holds (or a vocabulary of -1)
+    for header in ((64, 300, 2), (64, -1, 1)):
+        forged = tmp_path / "forged.kld"
+        forged.write_bytes(b"_logits_" + np.array(header[:1], "<u4").tobytes() + np.array(header[1:], "<i4").tobytes()
+                           + bytes(100))
+        cut = perplexity("--checkpoint", tiny / "float32.gguf", "--kl-divergence-base", forged, "--kl-divergence")
+        assert cut.returncode == 2 and cut.stderr.count("\n") == 1 and "its header promises" in cut.stderr
+
     alone = perplexity("--checkpoint", tiny / "float32.gguf", "--file", tiny / "text.txt", "--kl-divergence")
     assert alone.returncode == 2 and "give --kl-divergence-base FILE" in alone.stderr
 
