@@ -2,6 +2,7 @@
 from backends.llvm import signatures
 from backends.llvm.emitter import float_literal
 from backends.llvm.kernel import Kernel
+from backends.llvm.target import float_lanes
 from ops import dtypes
 
 ATTENTION_BLOCK = 16  # keys whose scores are held at once: the online softmax rescales once per block
@@ -63,12 +64,14 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
                 dead = k.op(f"fcmp oeq float {peak}, {NEG_INF}")  # nothing seen yet: keep zeros
                 corrections.append(k.op(f"select i1 {dead}, float 1.0, float {k.exp(k.op(f'fsub float {old}, {peak}'))}"))
 
-                def exp_score(total, s):  # scores[i] = exp(scores[i] - peak), 0 for a dead row
+                with k.loop("0", jn, hint="exp", nonempty=True) as i:  # scores = exp(scores - peak), 0 when dead
+                    s = k.at(scores, k.add(i, r * KB))
                     p = k.exp(k.op(f"fsub float {k.op(f'load float, ptr {s}')}, {peak}"))
-                    p = k.op(f"select i1 {dead}, float 0.0, float {p}")
-                    k.store(p, s, F32)
-                    return k.op(f"fadd reassoc float {total}, {p}")
-                total = _fold(k, scores, r * KB, jn, "0.0", exp_score)
+                    k.store(k.op(f"select i1 {dead}, float 0.0, float {p}"), s, F32)
+                # their sum in key order (no reassociation: a block cut short by the end of the
+                # keys must add its first scores as a whole one does), apart from the exps so
+                # that those still vectorise
+                total = _fold(k, scores, r * KB, jn, "0.0", lambda t, s: k.op(f"fadd float {t}, {k.op(f'load float, ptr {s}')}"))
                 kept = k.op(f"fmul float {k.op(f'load float, ptr {k.at(sums, r)}')}, {corrections[r]}")
                 k.store(k.op(f"fadd float {kept}, {total}"), k.at(sums, r), F32)
                 k.store(peak, k.at(peaks, r), F32)
@@ -116,14 +119,29 @@ def _any(k, flags) -> str:
 
 
 def _dot_rows(k, q, krow) -> list[str]:
-    """sum_d q[r][d] * K[krow + d] for every row r: one pass over the k row, R accumulators."""
-    with k.loop("0", "%D", hint="d", nonempty=True) as d:
-        kv = k.op(f"load float, ptr {k.at('%K', k.add(krow, d))}")
+    """sum_d q[r][d] * K[krow + d] for every row r: one pass over the k row, R accumulators, each
+    in the same float order whatever R is (as codegen._sums: lanes of partial sums, a fixed
+    tree, then the last D % lanes one by one), so that a row's scores do not depend on the
+    rows that share its tile."""
+    lanes = float_lanes()
+    vec = f"<{lanes} x float>"
+    whole = k.op(f"and i64 %D, {-lanes}")
+    with k.loop("0", whole, step=lanes, hint="d") as d:
+        kv = k.vload(k.at("%K", k.add(krow, d)), lanes, "float")
         sums = []
         for row in q:
-            s = k.carry("0.0")
+            s = k.carry("zeroinitializer", vec)
+            product = k.op(f"fmul contract {vec} {k.vload(k.at(row, d), lanes, 'float')}, {kv}")
+            s.set(k.op(f"fadd contract {vec} {s.value}, {product}"))
+            sums.append(s)
+    totals = [k.tree_sum(s.final, lanes) for s in sums]
+    with k.loop(whole, "%D", hint="dtail") as d:
+        kv = k.op(f"load float, ptr {k.at('%K', k.add(krow, d))}")
+        sums = []
+        for row, total in zip(q, totals):
+            s = k.carry(total)
             product = k.op(f"fmul contract float {k.op(f'load float, ptr {k.at(row, d)}')}, {kv}")
-            s.set(k.op(f"fadd reassoc contract float {s.value}, {product}"))
+            s.set(k.op(f"fadd contract float {s.value}, {product}"))
             sums.append(s)
     return [s.final for s in sums]
 

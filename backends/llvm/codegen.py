@@ -9,9 +9,11 @@
 - attention_kernel: online-softmax attention over blocks of keys (attention.py).
 """
 from backends.llvm import column_lanes, signatures
-from backends.llvm.emitter import compute_type, evaluate
+from backends.llvm.emitter import STORAGE, compute_type, evaluate
 from backends.llvm.kernel import Kernel
 from backends.llvm.quantised import block_sums
+from backends.llvm.target import float_lanes
+from backends.llvm.few_rows import few_row_sums
 from ops import dtypes
 
 
@@ -82,7 +84,7 @@ def _combine(reduce, t, acc, value) -> str:
 # ---- matrix products ------------------------------------------------------------------------------
 
 def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra_types=(), program=(),
-                     target=None, fixed=None) -> str:
+                     target=None, fixed=None, partial=False) -> str:
     """C[m, n] = epilogue(sum_k A[m, k] * W1[n, k], ..., sum_k A[m, k] * Wj[n, k], E1[m, n], ...):
     A and every W run along k with unit stride, the form of x @ W.T with PyTorch-layout weights.
     Each step computes an mr x nr block of C from mr rows of A and nr rows of each weight, so
@@ -99,53 +101,89 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     (ldw, ...)), builds those in as constants, ignoring the arguments: the column-lane kernels
     read 16 weight rows and 12 or 16 rows of A at once, and with their distances known every
     address is one base register plus a constant (with them unknown, 40-odd pointers spilled to
-    the stack)."""
+    the stack). `partial`: block weights' last columns, n1 - n0 < nr of them, whose lanes past
+    n1 read its last column again and store nothing (apart from the whole steps, whose column
+    addresses stay constants)."""
     quantised = any(t.block for t in w_types)
     assert not quantised or all(t.block for t in w_types), "one kernel reads blocks or floats, not both"
+    assert not quantised or nr in (1, column_lanes.columns(target)), "block products take one column per lane"
     k = Kernel(name, signatures.matmul_nt(len(w_types), len(extra_types), quantised))
     block = [(i, r, c) for i in range(len(w_types)) for r in range(mr) for c in range(nr)]
-    lanes = quantised and nr == column_lanes.columns(target) and column_lanes.reads(w_types, target)
-    scales = column_lanes.scratch(k, w_types, target) if lanes else ()
+    lanes = quantised and mr >= 4 and column_lanes.reads(w_types, target)
+    scales = column_lanes.scratch(k, w_types, target) if quantised else ()
     ldw = [str(x) for x in fixed[1]] if fixed else [f"%ldw{i}" for i in range(len(w_types))]
+    depth = str(fixed[0]) if fixed else "%K"
     with k.loop("%n0", "%n1", step=nr, hint="n") as n:
+        index = [k.add(n, c) for c in range(nr)]
+        if partial:  # lanes past n1 read column n1 - 1 again and store nothing
+            last = k.op("sub i64 %n1, 1")
+            index = [k.op(f"call i64 @llvm.smin.i64(i64 {x}, i64 {last})") for x in index]
         with k.loop("0", "%M", step=mr, hint="m") as m:
-            cols = [[k.mul(k.add(n, c), ldw[i]) for c in range(nr)] for i in range(len(w_types))]
+            cols = [[k.mul(x, ldw[i]) for x in index] for i in range(len(w_types))]
+            rows = [k.add(m, r) for r in range(mr)]
             if lanes:
-                sums = column_lanes.column_lane_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, target,
-                                                     str(fixed[0]) if fixed else "%K", scales)
+                sums = column_lanes.column_lane_sums(k, w_types, rows, cols, target, depth, scales)
+            elif quantised and nr == 1:  # TT_BATCH_INVARIANT=0's one-row kernel (products.batch_invariant)
+                sums = block_sums(k, w_types, rows, cols, block, target)
             elif quantised:
-                sums = block_sums(k, w_types, [k.add(m, r) for r in range(mr)], cols, block, target)
+                sums = few_row_sums(k, w_types, rows, cols, [k.mul(x, nr) for x in ldw], target, depth, scales)
             else:
-                sums = _sums(k, a_type, w_types, [k.mul(k.add(m, r), "%lda") for r in range(mr)], cols, block)
-            for r in range(mr):
-                row = k.add(m, r)
+                sums = _sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block)
+            stores = [(r, row, c, k.add(n, c)) for r, row in enumerate(rows) for c in range(nr)]
+            for r, row in enumerate(rows):
                 for c in range(nr):
                     col = k.add(n, c)
-                    extras = [k.load_at(f"%E{x}", k.add(k.mul(row, f"%lde{x}"), col), t)
-                              for x, t in enumerate(extra_types)]
-                    products = [sums[i, r, c] for i in range(len(w_types))]
-                    value = evaluate(k, program, [dtypes.float32] * len(w_types) + list(extra_types),
-                                     products + extras) if program else products[0]
-                    k.store_at(value, "%C", k.add(k.mul(row, "%ldc"), col), c_type)
+                    if not partial:
+                        _store(k, sums, row, col, r, c, len(w_types), extra_types, program, c_type)
+                        continue
+                    with k.when(k.op(f"icmp slt i64 {col}, %n1"), hint="column"):
+                        _store(k, sums, row, col, r, c, len(w_types), extra_types, program, c_type)
     return k.finish()
+
+
+def _store(k, sums, row, col, r, c, weights, extra_types, program, c_type):
+    """C[row, col] = the epilogue of the block's (r, c) products and the extras there."""
+    extras = [k.load_at(f"%E{x}", k.add(k.mul(row, f"%lde{x}"), col), t) for x, t in enumerate(extra_types)]
+    products = [sums[i, r, c] for i in range(weights)]
+    value = evaluate(k, program, [dtypes.float32] * weights + list(extra_types), products + extras) \
+        if program else products[0]
+    k.store_at(value, "%C", k.add(k.mul(row, "%ldc"), col), c_type)
 
 
 def _sums(k, a_type, w_types, rows, cols, block):
     """{(weight, row, col): sum_k A[row, k] * W[col, k]} for float weights: a k loop carrying
-    every sum of the block."""
+    every sum of the block. Each sum is the same float operations in every block shape, so that
+    a row's products do not depend on the rows beside it: a vector register's lanes of partial
+    sums (target.float_lanes) over the first K - K % lanes values, added in a fixed tree, then
+    the last K % lanes values one by one (then, bfloat16 pairs with an odd K, the last one)."""
+    lanes = float_lanes()
+    vec = f"<{lanes} x float>"
     # bfloat16 weights are read two at a time as one i32: the low one is (bits << 16), the high
     # one (bits & 0xffff0000), one integer op each, against a shuffle and a shift per element
     pairs = pair_major(w_types)
-    with k.loop("0", k.op("ashr i64 %K, 1") if pairs else "%K", hint="k") as kk:
-        acc = {x: k.carry("0.0") for x in block}
-        terms = _pair_terms(k, a_type, rows, cols, kk) if pairs else _terms(k, a_type, w_types, rows, cols, kk)
+    length = k.op("ashr i64 %K, 1") if pairs else "%K"
+    whole = k.op(f"and i64 {length}, {-lanes}")
+
+    def add_terms(acc, terms, t):
+        total = acc.value
+        for x, y in terms:
+            total = k.op(f"fadd contract {t} {total}, {k.op(f'fmul contract {t} {x}, {y}')}")
+        acc.set(total)
+
+    with k.loop("0", whole, step=lanes, hint="k") as kk:
+        acc = {x: k.carry("zeroinitializer", vec) for x in block}
+        terms = _pair_terms(k, a_type, rows, cols, kk, lanes) if pairs else \
+            _terms(k, a_type, w_types, rows, cols, kk, lanes)
         # bfloat16 pairs column by column: a column's two widened halves are then live only while
         # its rows take them, not every column's across all rows (spilled at 4 x 6)
         for i, r, c in sorted(block, key=lambda x: (x[0], x[2], x[1])) if pairs else block:
-            total = acc[i, r, c].value
-            for x, y in terms[i][r][c]:
-                total = k.op(f"fadd reassoc contract float {total}, {k.op(f'fmul contract float {x}, {y}')}")
-            acc[i, r, c].set(total)
+            add_terms(acc[i, r, c], terms[i][r][c], vec)
+    sums = {x: k.tree_sum(acc[x].final, lanes) for x in block}
+    with k.loop(whole, length, hint="tail") as kk:
+        acc = {x: k.carry(sums[x]) for x in block}
+        terms = _pair_terms(k, a_type, rows, cols, kk) if pairs else _terms(k, a_type, w_types, rows, cols, kk)
+        for i, r, c in block:
+            add_terms(acc[i, r, c], terms[i][r][c], "float")
     sums = {x: acc[x].final for x in block}
     if pairs:  # an odd K leaves one last element
         with k.when(k.op(f"icmp ne i64 {k.op('and i64 %K, 1')}, 0"), hint="tail") as tail:
@@ -153,7 +191,7 @@ def _sums(k, a_type, w_types, rows, cols, block):
             tails = {}
             for i, r, c in block:
                 (x, y), = last[i][r][c]
-                tails[i, r, c] = k.op(f"fadd float {sums[i, r, c]}, {k.op(f'fmul float {x}, {y}')}")
+                tails[i, r, c] = k.op(f"fadd contract float {sums[i, r, c]}, {k.op(f'fmul contract float {x}, {y}')}")
         sums = {x: tail.join(tails[x], sums[x]) for x in block}
     return sums
 
@@ -164,19 +202,29 @@ def pair_major(w_types) -> bool:
     return all(t == dtypes.bfloat16 for t in w_types)
 
 
-def _terms(k, a_type, w_types, rows, cols, at):
-    """[weight][row][col] -> [(a, w)]: the products of element `at`."""
-    a = [k.load_at("%A", k.add(row, at), a_type) for row in rows]
-    w = [[k.load_at(f"%W{i}", k.add(col, at), t) for col in cols[i]] for i, t in enumerate(w_types)]
+def _terms(k, a_type, w_types, rows, cols, at, lanes: int = 1):
+    """[weight][row][col] -> [(a, w)]: the products of element `at` (of elements at.. at + lanes
+    - 1 as vectors, with lanes > 1)."""
+    def load(ptr, index, d):
+        return k.load_at(ptr, index, d) if lanes == 1 else k.vload_floats(k.at(ptr, index, STORAGE[d.name]), lanes, d)
+    a = [load("%A", k.add(row, at), a_type) for row in rows]
+    w = [[load(f"%W{i}", k.add(col, at), t) for col in cols[i]] for i, t in enumerate(w_types)]
     return [[[[(a[r], w[i][c])] for c in range(len(cols[i]))] for r in range(len(rows))] for i in range(len(w_types))]
 
 
-def _pair_terms(k, a_type, rows, cols, at):
-    """Like _terms for elements 2 at and 2 at + 1, with bfloat16 weights read as one i32. A's rows
-    come pair-major (see pair_major) so that both halves load with unit stride."""
+def _pair_terms(k, a_type, rows, cols, at, lanes: int = 1):
+    """Like _terms for elements 2 at and 2 at + 1 (pairs at.. at + lanes - 1), with bfloat16
+    weights read as one i32 per pair. A's rows come pair-major (see pair_major) so that both
+    halves load with unit stride."""
     even, odd = k.op(f"shl i64 {at}, 1"), k.add(at, k.op("ashr i64 %K, 1"))
-    a = [[k.load_at("%A", k.add(row, x), a_type) for x in (at, odd)] for row in rows]
-    w = [[k.load_bf16_pair(k.at(f"%W{i}", k.add(col, even), "i16")) for col in weight] for i, weight in enumerate(cols)]
+    if lanes == 1:
+        a = [[k.load_at("%A", k.add(row, x), a_type) for x in (at, odd)] for row in rows]
+        w = [[k.load_bf16_pair(k.at(f"%W{i}", k.add(col, even), "i16")) for col in weight] for i, weight in enumerate(cols)]
+    else:
+        a = [[k.vload_floats(k.at("%A", k.add(row, x), STORAGE[a_type.name]), lanes, a_type) for x in (at, odd)]
+             for row in rows]
+        w = [[k.load_bf16_pairs(k.at(f"%W{i}", k.add(col, even), "i16"), lanes) for col in weight]
+             for i, weight in enumerate(cols)]
     return [[[list(zip(a[r], w[i][c])) for c in range(len(cols[i]))] for r in range(len(rows))] for i in range(len(cols))]
 
 

@@ -74,25 +74,41 @@ def column_lane_sums(k, w_types, rows, cols, target=None, depth="%K", scales=())
                 sums |= {(i, None): k.carry("zeroinitializer", v.sums) for i in range(len(formats)) if integer[i]}
                 _add_blocks(v, read, where, scales, rows, blocks, first, j, [0, 1], inner, sums)
             for x, c in acc.items():
-                c.set(inner[x].final if x in inner else _step_sums(v, read[x[0]], scales[x[0]], rows[x[1]], blocks,
-                                                                  first, c.value, sums[x].final, sums[x[0], None].final))
+                if x in inner:
+                    c.set(inner[x].final)
+                    continue
+                total = k.op(f"add {v.sums} {sums[x].final}, {sums[x[0], None].final}")
+                c.set(add_step(v, read[x[0]], scales[x[0]], k.add(k.mul(rows[x[1]], blocks), first), c.value, total))
     return {(i, r, c): k.op(f"extractelement {v.floats} {acc[i, r].final}, i32 {c}")
             for i in range(len(formats)) for r in range(len(rows)) for c in range(v.n)}
 
 
-def _step_sums(v: Lanes, read, scratch, row, blocks, first, acc, sums, bias) -> str:
-    """acc + a row's integer sums over the step (integer scales), in floats: times the
-    columns' d and x's d (one per step: q8_K's), plus the offsets times the s_x of each block."""
+def add_piece(v: Lanes, acc: str, total: str, scale: str, d_x: str) -> str:
+    """acc + a piece's integer sums (each column's, exact) times its columns' scale and x's d.
+    This and add_offset are the float order of every block product (few_rows.py's too), a
+    chain per column with no reassociation: a row's sums are then the same bits whichever
+    kernel computed them, alone or beside other rows (a decode step, a prefill, a batch)."""
+    k = v.k
+    floats = k.op(f"sitofp {v.sums} {total} to {v.floats}")
+    term = k.op(f"fmul contract {v.floats} {k.op(f'fmul {v.floats} {floats}, {scale}')}, {d_x}")
+    return k.op(f"fadd contract {v.floats} {acc}, {term}")
+
+
+def add_offset(v: Lanes, acc: str, offset: str, s_x: str) -> str:
+    """acc + the columns' offsets (a minimum, per unit of x's block sum) times x's block sum."""
+    k = v.k
+    return k.op(f"fadd contract {v.floats} {acc}, {k.op(f'fmul contract {v.floats} {offset}, {s_x}')}")
+
+
+def add_step(v: Lanes, read, scratch, at, acc: str, total: str) -> str:
+    """acc + a row's integer sums over a step (integer scales: x's blocks at..at + 7), in
+    floats: times the columns' d and x's d (one per step: q8_K's), plus the offsets times the
+    s_x of each block."""
     k = v.k
     d, offsets = read.lanes_step(v, scratch)
-    at = k.add(k.mul(row, blocks), first)
-    total = k.op(f"sitofp {v.sums} {k.op(f'add {v.sums} {sums}, {bias}')} to {v.floats}")
-    d_x = v.splat(k.load_at("%AD", at, F32))
-    term = k.op(f"fmul contract {v.floats} {k.op(f'fmul {v.floats} {total}, {d}')}, {d_x}")
-    acc = k.op(f"fadd reassoc contract {v.floats} {acc}, {term}")
+    acc = add_piece(v, acc, total, d, v.splat(k.load_at("%AD", at, F32)))
     for s, offset in enumerate(offsets or []):
-        term = k.op(f"fmul contract {v.floats} {offset}, {v.splat(k.load_at('%AS', k.add(at, s), F32))}")
-        acc = k.op(f"fadd reassoc contract {v.floats} {acc}, {term}")
+        acc = add_offset(v, acc, offset, v.splat(k.load_at("%AS", k.add(at, s), F32)))
     return acc
 
 
@@ -124,9 +140,7 @@ def _add_blocks(v: Lanes, read, where, scales, rows, blocks, first, j, halves, a
                         a = groups[r][piece.first + n]
                         chains[n % 2] = v.dot_add_signed(chains[n % 2], a, part, piece.absolute[n]) \
                             if piece.absolute else v.dot_add(chains[n % 2], a, part)
-                    total = k.op(f"sitofp {v.sums} {k.op(f'add {v.sums} {chains[0]}, {chains[1]}')} to {v.floats}")
-                    term = k.op(f"fmul contract {v.floats} {k.op(f'fmul {v.floats} {total}, {piece.scale}')}, {d_x[r]}")
-                    acc[i, r].set(k.op(f"fadd reassoc contract {v.floats} {acc[i, r].current}, {term}"))
+                    total = k.op(f"add {v.sums} {chains[0]}, {chains[1]}")
+                    acc[i, r].set(add_piece(v, acc[i, r].current, total, piece.scale, d_x[r]))
                 if block.offset is not None:
-                    term = k.op(f"fmul contract {v.floats} {block.offset}, {s_x[r]}")
-                    acc[i, r].set(k.op(f"fadd reassoc contract {v.floats} {acc[i, r].current}, {term}"))
+                    acc[i, r].set(add_offset(v, acc[i, r].current, block.offset, s_x[r]))

@@ -75,6 +75,14 @@ class Emitter:
         return (self.op(f"bitcast i32 {self.op(f'shl i32 {bits}, 16')} to float"),
                 self.op(f"bitcast i32 {self.op(f'and i32 {bits}, -65536')} to float"))
 
+    def load_bf16_pairs(self, ptr: str, n: int) -> tuple[str, str]:
+        """load_bf16_pair for n adjacent pairs: (<n x float> of the low ones, of the high ones)."""
+        words, v = f"<{n} x i32>", f"<{n} x float>"
+        bits = self.op(f"load {words}, ptr {ptr}, align 2")
+        low = self.op(f"shl {words} {bits}, {constant(16, n, 'i32')}")
+        high = self.op(f"and {words} {bits}, {constant(-65536, n, 'i32')}")
+        return self.op(f"bitcast {words} {low} to {v}"), self.op(f"bitcast {words} {high} to {v}")
+
     def store(self, value: str, ptr: str, d):
         if d == dtypes.float16:
             value = self.op(f"fptrunc float {value} to half")

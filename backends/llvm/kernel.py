@@ -15,7 +15,8 @@ that round, the instructions of a fused program) is the Emitter's, which Kernel 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from backends.llvm.emitter import DECLARATIONS, STORAGE, Emitter
+from backends.llvm.emitter import DECLARATIONS, STORAGE, Emitter, constant
+from ops import dtypes
 
 
 @dataclass
@@ -109,17 +110,30 @@ class Kernel(Emitter):
         lanes = ", ".join(f"i32 {i}" for i in range(2 * n))
         return self.op(f"shufflevector <{n} x {element}> {a}, <{n} x {element}> {b}, <{2 * n} x i32> <{lanes}>")
 
-    def fold_to(self, v: str, n: int, lanes: int) -> str:
-        """Add the halves of a float vector until `lanes` remain (a partial horizontal sum)."""
-        while n > lanes:
+    def tree_sum(self, v: str, n: int) -> str:
+        """The sum of a float vector's lanes in one fixed order: halves added until one lane
+        remains (no reassociation: the same bits wherever it runs)."""
+        while n > 1:
             lo, hi = self.halves(v, n)
             n //= 2
-            v = self.op(f"fadd reassoc contract <{n} x float> {lo}, {hi}")
-        return v
+            v = self.op(f"fadd <{n} x float> {lo}, {hi}")
+        return self.op(f"extractelement <1 x float> {v}, i32 0")
 
     def hsum(self, v: str, n: int) -> str:
         """The sum of a float vector's lanes, in any order."""
         return self.op(f"call reassoc float @llvm.vector.reduce.fadd.v{n}f32(float -0.0, <{n} x float> {v})")
+
+    def vload_floats(self, ptr: str, n: int, d) -> str:
+        """<n x float> from n elements of a float type at ptr."""
+        v = self.vload(ptr, n, STORAGE[d.name])
+        if d == dtypes.float16:
+            return self.op(f"fpext <{n} x half> {v} to <{n} x float>")
+        if d == dtypes.bfloat16:
+            wide = self.op(f"zext <{n} x i16> {v} to <{n} x i32>")
+            shifted = self.op(f"shl <{n} x i32> {wide}, {constant(16, n, 'i32')}")
+            return self.op(f"bitcast <{n} x i32> {shifted} to <{n} x float>")
+        assert d == dtypes.float32, d
+        return v
 
     def prefetch(self, ptr: str):
         """Ask for the cache line at ptr to be read (a hint: it never faults)."""

@@ -1,6 +1,7 @@
 """Lowering the products: matmul (x @ W, any float types) and fused_linear (ops.linear: an
 RMSNorm prologue, several weights, an epilogue, block-quantised weights met in 8 bits) into
 calls of the kernels in codegen.py, quantised.py and column_lanes.py, split over the threads."""
+import os
 from functools import partial
 from typing import NamedTuple
 
@@ -25,9 +26,8 @@ def lane_rows(w_types, lanes: int) -> int:
     return 12 if lanes == 16 and simple_4_bit else 16
 
 
-def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pairs: bool = False,
-           lane_rows: int = 16):
-    """Rows x columns of C per step. Float weights: 4 x 3 keeps 12 accumulators and 7 loads in
+def _block(m: int, weights: int = 1, pairs: bool = False):
+    """Rows x columns of C per step, with float weights. 4 x 3 keeps 12 accumulators and 7 loads in
     AVX2's 16 registers (measured best at 128 rows); with 32 registers (AVX-512) 4 x 6 (24
     accumulators) measured 1.1-1.4x faster with float16/float32 weights at 8-512 rows; bfloat16
     weights read in pairs (codegen.pair_major) hold two rows of A per row, and 4 x 5 (20
@@ -35,19 +35,47 @@ def _block(m: int, weights: int = 1, quantised: bool = False, lanes: int = 0, pa
     registers 2 x 4 ran 1.75x 4 x 3 (1B BF16 prefill, 64 rows, avx2), 3 x 3 and 2 x 5 alike.
     With two weights (SwiGLU) each column needs two accumulators: with 16 registers 4 x 1 measured 1.5x
     faster than 3 x 2, which spills; with 32, 4 x 3 1.4-2.1x faster than 4 x 1. One row streams
-    4 weight rows at a time. Block weights: 4 x 4 measured 5-30% faster than 4 x 2 at 64 rows;
-    one row reads one weight row at a time (1 x 1 streamed 10-15% faster than 1 x 4, as
-    llama.cpp reads them)."""
-    if lanes and m >= 4:  # column_lanes: `lanes` columns in the lanes of each vector
-        return (lane_rows if m >= lane_rows else 4, lanes)
-    if quantised:
-        return (1, 1) if m < 4 else (4, max(1, 4 // weights))
+    4 weight rows at a time."""
     wide = vector_registers() >= 32
     if weights == 1 and m >= 4 and pairs and not wide:
         return (2, 4)
     if weights == 1:
         return (1, 4) if m < 4 else (4, (5 if pairs else 6) if wide else 3)
     return (1, 2) if m < 4 else (4, 3 if wide else 1)
+
+
+def batch_invariant() -> bool:
+    """Whether a row's products are the same bits however many rows came with it (the default):
+    block products of a few rows then take the column-lane kernel's float order (few_rows.py),
+    which costs decode speed where the weights do not stream slower than it sums across lanes
+    (docs/performance.md). TT_BATCH_INVARIANT=0 trades that away: they then take the one-row
+    kernel (quantised.block_sums), and a token's logits depend on the batch it came in (a cached
+    prefix, a chunked prompt, the server's batch)."""
+    value = os.environ.get("TT_BATCH_INVARIANT", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"TT_BATCH_INVARIANT={value!r}: give 1 (the default: logits that do not depend on "
+                         f"the batch) or 0 (faster decode)")
+    return value == "1"
+
+
+def _block_tiles(m: int, n: int, w_types) -> list[tuple[range, int, range, int]]:
+    """(rows, rows per step, columns, columns per step) covering C, with block weights: a
+    column per vector lane, the last step's lanes past n reading the last column again. Rows
+    go in steps of lane_rows and 4 through the column-lane kernel where it reads the formats,
+    then the few left (all of them in a decode step) through few_rows.py, in the same order of
+    float operations per row."""
+    if m < 4 and not batch_invariant():
+        return [(range(m), 1, range(n), 1)]
+    lanes = column_lanes.columns()
+    steps = [lane_rows(w_types, lanes), 4] if column_lanes.reads(w_types) else [4]
+    row_steps, start = [], 0
+    for step in steps:
+        end = start + (m - start) // step * step
+        row_steps.append((range(start, end), step))
+        start = end
+    whole = n - n % lanes
+    return [(rows, step, cols, lanes) for rows, step in row_steps + [(range(start, m), m - start)]
+            for cols in (range(whole), range(whole, n))]
 
 
 def matmul(plan, a, b, a_type, b_type, out, out_type):
@@ -170,27 +198,27 @@ def _rms_norm(plan, x, g, g_type, eps):
 
 def _matmul_nt(A, W, C, a_type, w_types, c_type, threaded, E=(), e_types=(), program=()):
     """Groups of calls (each group one kernel split across threads when `threaded`) computing
-    C = epilogue(A @ W[0].T, ..., E...): the row and column tails get their own kernels."""
+    C = epilogue(A @ W[0].T, ..., E...): with float weights the row and column tails get their
+    own kernels; block weights are tiled by _block_tiles."""
     m, k, n = A.shape[0], A.shape[1], C.shape[1]
     quantised = any(t.block for t in w_types)
-    lanes = column_lanes.columns() if column_lanes.reads(w_types) else 0
-    mr, nr = _block(m, len(W), quantised, lanes, codegen.pair_major(w_types), lanes and lane_rows(w_types, lanes))
-    groups, row_groups, start = [], [], 0
-    # rows in steps of mr, then (column lanes) 4: a lane kernel's single rows each transpose the weights again
-    for step in [mr, 4, 1] if lanes and mr > 4 else [mr, 1]:
-        end = start + (m - start) // step * step
-        row_groups.append((range(start, end), step))
-        start = end
-    nb = n - n % nr
-    for rows, row_block in row_groups:
-        for cols, col_block in ((range(0, nb), nr), (range(nb, n), 1)):
-            if not len(rows) or not len(cols):
-                continue
-            # the column-lane kernels are built for their K and weights' strides (codegen.matmul_nt_kernel)
-            fixed = (k, tuple(_leading(w) for w in W)) if lanes and col_block == lanes and row_block > 1 else None
-            key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program, fixed)
+    if quantised:
+        tiles = _block_tiles(m, n, w_types)
+    else:
+        mr, nr = _block(m, len(W), codegen.pair_major(w_types))
+        rows, nb = m - m % mr, n - n % nr
+        tiles = [(r, r_step, c, c_step) for r, r_step in ((range(rows), mr), (range(rows, m), 1))
+                 for c, c_step in ((range(nb), nr), (range(nb, n), 1))]
+    groups = []
+    for rows, row_block, cols, col_block in tiles:
+        if len(rows) and len(cols):
+            # block kernels are built for their K and weights' strides (codegen.matmul_nt_kernel)
+            fixed = (k, tuple(_leading(w) for w in W)) if quantised else None
+            partial = quantised and col_block > 1 and len(cols) < col_block
+            key = ("nt", a_type, tuple(w_types), c_type, row_block, col_block, tuple(e_types), program, fixed, partial)
             fn = kernel(key, lambda name: codegen.matmul_nt_kernel(name, a_type, w_types, c_type, row_block,
-                                                                    col_block, e_types, program, fixed=fixed),
+                                                                    col_block, e_types, program, fixed=fixed,
+                                                                    partial=partial),
                          signatures.matmul_nt(len(W), len(E), quantised))
             work = len(cols) * sum(w.strides[0] for w in W) if threaded else 0  # bytes of weights
             weights = [x for w in W for x in (w.ctypes.data + cols.start * w.strides[0], _leading(w))]

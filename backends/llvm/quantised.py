@@ -1,8 +1,12 @@
-"""Products with block-quantised weights (ops.blocks.product), as llama.cpp computes them: the
-rows of x are quantised to 8 bits once (quantize_rows_kernel, one scale per 32 values or per
-256 for the K-quants), then every weight block meets
-every row block in an integer dot product (blocks.dot) scaled by d_w * d_x into 8 float lanes,
-plus m_w times the row block's scaled sum for the formats with a minimum."""
+"""The rows of x quantised to 8 bits for the products with block-quantised weights
+(ops.blocks.product), as llama.cpp quantises them: once per product, one scale per 32 values or
+per 256 for the K-quants. Every weight block then meets every row block in an integer dot
+product (column_lanes.py, few_rows.py).
+
+block_sums here is the one-row kernel that TT_BATCH_INVARIANT=0 chooses for a few rows: each
+(row, column) pair keeps 8 float lanes of partial sums, added up at the end, an order of its own,
+so a row's sums then depend on whether it came alone or in a prefill (products.batch_invariant).
+Decode is faster so: no sums across lanes per block."""
 from backends.llvm import signatures
 from backends.llvm.blocks import reads
 from backends.llvm.blocks.dot import LANES, dot, prepare

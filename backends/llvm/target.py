@@ -103,6 +103,15 @@ def vector_registers(target: Target | None = None) -> int:
     return 32 if target.arch == "aarch64" or "+avx512f" in target.features.split(",") else 16
 
 
+def float_lanes(target: Target | None = None) -> int:
+    """Floats per vector register: 16 with AVX-512, 8 with AVX2, 4 on aarch64 (NEON). The float
+    products' sums are kept in this many lanes, one fixed order per target (codegen._sums)."""
+    target = target or host()
+    if target.arch == "aarch64":
+        return 4
+    return 16 if "+avx512f" in target.features.split(",") else 8
+
+
 X86_64_AVX2 = Target("x86_64-unknown-linux-gnu", "haswell", "+avx,+avx2,+fma,+f16c")
 # skylake-avx512 prefers 256-bit vectors by default (512-bit ones lower its clock); ask for zmm
 X86_64_AVX512 = Target("x86_64-unknown-linux-gnu", "skylake-avx512",
