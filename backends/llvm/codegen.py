@@ -13,6 +13,7 @@ from backends.llvm.emitter import STORAGE, compute_type, evaluate
 from backends.llvm.kernel import Kernel
 from backends.llvm.quantised import block_sums
 from backends.llvm.target import float_lanes
+from backends.llvm import few_rows
 from backends.llvm.few_rows import few_row_sums
 from ops import dtypes
 
@@ -106,11 +107,11 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     addresses stay constants)."""
     quantised = any(t.block for t in w_types)
     assert not quantised or all(t.block for t in w_types), "one kernel reads blocks or floats, not both"
-    assert not quantised or nr in (1, column_lanes.columns(target)), "block products take one column per lane"
+    assert not quantised or nr in (1, few_rows.COLUMNS, column_lanes.columns(target)), "one column per lane"
     k = Kernel(name, signatures.matmul_nt(len(w_types), len(extra_types), quantised))
     block = [(i, r, c) for i in range(len(w_types)) for r in range(mr) for c in range(nr)]
     lanes = quantised and mr >= 4 and column_lanes.reads(w_types, target)
-    scales = column_lanes.scratch(k, w_types, target) if quantised else ()
+    scales = column_lanes.scratch(k, w_types, nr) if quantised and nr > 1 else ()
     ldw = [str(x) for x in fixed[1]] if fixed else [f"%ldw{i}" for i in range(len(w_types))]
     depth = str(fixed[0]) if fixed else "%K"
     with k.loop("%n0", "%n1", step=nr, hint="n") as n:

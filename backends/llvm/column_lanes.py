@@ -36,10 +36,10 @@ def columns(target=None) -> int:
     return 2 * LANES if wide_lanes(target) else LANES
 
 
-def scratch(k, w_types, target=None) -> list[str | None]:
-    """Per weight, at the kernel's start: the stack array of lane vectors its reads keep per step
-    (a K-quant's scales of its super-blocks, rewritten each step), or None."""
-    n, vectors = columns(target), [format_reads(t.block).scratch for t in w_types]
+def scratch(k, w_types, n: int) -> list[str | None]:
+    """Per weight, at the kernel's start: the stack array of vectors of n lanes its reads keep
+    per step (a K-quant's scales of its super-blocks, rewritten each step), or None."""
+    vectors = [format_reads(t.block).scratch for t in w_types]
     return [k.scratch(f"<{n} x float>", m) if m else None for m in vectors]
 
 

@@ -9,24 +9,39 @@ reads' group and block, as llama.cpp's decode reads it), met by x's block in one
 product of 8 lanes of partial sums, and the columns' partial sums are then added pairwise in a
 tree (a transposed sum) until each lane holds one column's total: exact integers, the same the
 lane kernel computes. From there both kernels run the same float code (column_lanes.add_piece,
-add_offset, add_step) on the same scales (the reads' lanes_group and lanes_block)."""
+add_offset, add_step) on the same scales (the reads' lanes_group and lanes_block).
+
+Decode costs little or nothing so against the one-row kernel (quantised.block_sums) where the
+weights stay in cache; streamed from memory, reading 8 rows interleaved loses up to ~20% on
+some K-quant files (docs/performance.md). TT_BATCH_INVARIANT=0 takes the one-row kernel
+instead (products.batch_invariant)."""
 from backends.llvm.blocks import reads as format_reads
-from backends.llvm.blocks.dot import LANES, SUMS, dot, prepare
+from backends.llvm.blocks.dot import LANES, SUMS, Block, dot, dot_add, prepare, wide_lanes
 from backends.llvm.blocks.lanes import Lanes
 from backends.llvm.column_lanes import add_offset, add_piece, add_step
+from backends.llvm.emitter import constant
 from ops import dtypes
 from ops.blocks import BLOCK
 
 F32 = dtypes.float32
+# Columns per step, one per lane of the float work (which gives each lane the same bits in
+# vectors of any width). 8 with AVX-512 VNNI too, where the column-lane kernel takes 16: with
+# 16, a K-quant's step held more than the registers (170 stack accesses in 960 instructions),
+# and a pair of 1B-shape Q4_K matrices (SwiGLU's) ran 0.63 ms (16 columns) against 0.51 (8)
+# and 0.58 for the one-row kernel, Emerald Rapids.
+COLUMNS = 8
+
+
 def few_row_sums(k, w_types, rows, cols, ahead, target=None, depth="%K", scales=()):
     """{(weight, row, c): sum_k x[row, k] * W[c, k]}, as column_lanes.column_lane_sums gives
     them, for the weight rows (one per lane) at byte offsets cols[weight] and a few rows of x
-    (each row's weights are read once for all of them). `scales` is column_lanes.scratch's;
-    ahead[weight], in bytes, where each column's bytes are asked for before they are read: the
-    same bytes of the next step's columns. (The weights stream through once per decode step,
-    and the hardware prefetcher alone left a one-row kernel at ~60% of the read bandwidth.
-    A fixed 4 KiB ahead of each row, as that kernel had, lands within this step's own columns
-    when rows are shorter: 1B Q4_0's decode ran 21.8 tok/s so, 26.2 so, Emerald Rapids.)"""
+    (each row's weights are read once for all of them). `scales` is column_lanes.scratch's.
+    ahead[weight], in bytes, is how far the next step of columns' rows lie: a step asks for its
+    share of them, in address order, before they are read. (The weights stream through once
+    per decode step. One weight row at a time, the hardware prefetcher sees one stream; here it
+    sees the step's rows interleaved, and 1B Q4_0's decode ran at 29 tok/s with a prefetch of
+    each row's bytes 4 KiB ahead (the one-row kernel's), 32 with each column's same bytes one
+    step ahead, 37-40 so, against the one-row kernel's 37-38, Emerald Rapids.)"""
     formats = [t.block for t in w_types]
     read = [format_reads(f) for f in formats]
     v = Lanes(k, len(cols[0]), target)
@@ -42,9 +57,11 @@ def few_row_sums(k, w_types, rows, cols, ahead, target=None, depth="%K", scales=
         for i, f in enumerate(formats):
             size = subs // f.sub_blocks * f.block_bytes  # the step's bytes of each weight row
             where.append([k.at(f"%W{i}", k.add(col, k.mul(step, size)), "i8") for col in cols[i]])
-            for w in where[i]:
-                for line in range(0, size, 64):
-                    k.prefetch(k.at(w, k.add(ahead[i], line), "i8"))
+            # the next step of columns' rows, in address order, this step's share of them (see `ahead`)
+            share = v.n * size
+            start = k.add(k.add(cols[i][0], ahead[i]), k.mul(step, share))
+            for line in range(0, share, 64):
+                k.prefetch(k.at(f"%W{i}", k.add(start, line), "i8"))
             read[i].lanes_group(v, where[i], scales[i])
         first = k.mul(step, subs)  # x's first block
         for s in range(subs):
@@ -56,13 +73,16 @@ def few_row_sums(k, w_types, rows, cols, ahead, target=None, depth="%K", scales=
                 sub = s % f.sub_blocks
                 if sub == 0:  # the format's next block: what its sub-blocks share, read once
                     groups[i] = [r_i.group(k, k.at(w, s // f.sub_blocks * f.block_bytes, "i8")) for w in where[i]]
-                weights = [prepare(k, r_i.block(k, g, sub), target, f.small, f.unsigned) for g in groups[i]]
+                weights = [_stored(k, r_i.block(k, g, sub), f, target) for g in groups[i]]
                 # the columns' scales as the lane kernel has them (LLVM drops its transposed
                 # values, which nothing here uses)
                 block = r_i.lanes_block(v, where[i], scales[i], str(s), str(s // 2), s % 2)
                 for r in range(len(rows)):
-                    pieces = column_totals(k, [dot(k, w, a[r], target, f.small, f.unsigned) for w in weights],
-                                           len(block.pieces), v)
+                    pieces = column_totals(k, _partials(k, weights, a[r], f, target), len(block.pieces), v)
+                    if f.offset:  # the offset times x's sum over each piece, for every column at once
+                        x_sums = dot(k, _ONES, a[r], target, unsigned=True)
+                        pieces = [k.op(f"sub {v.sums} {total}, {_offset_times(k, v, x_sums, f.offset, p, len(pieces))}")
+                                  for p, total in enumerate(pieces)]
                     if integer[i]:  # times the integer scales, summed over the step in integers
                         for piece, total in zip(block.pieces, pieces):
                             scale = k.op(f"ashr {v.sums} {k.op(f'shl {v.sums} {piece.scale}, {v.ints(16)}')}, {v.ints(16)}")
@@ -81,16 +101,70 @@ def few_row_sums(k, w_types, rows, cols, ahead, target=None, depth="%K", scales=
             for i, r in pairs for c in range(v.n)}
 
 
+_ONES = Block(constant(1, BLOCK), None, None)
+
+
+def _partials(k, weights: list[Block], a: str, f, target) -> list[str]:
+    """The columns' integer dot products with x's block a, in vectors of 8 lanes of partial sums
+    per column: one column per <8 x i32>, or with AVX-512 VNNI two per <16 x i32> (neighbours),
+    each pair in one 512-bit vpdpbusd, and then half the shuffles to sum them across lanes
+    (one row times a 1B-shape 8192 x 2048 matrix, in cache, Emerald Rapids: q4_0 0.370 ->
+    0.295 ms, q4_1 0.369 -> 0.298, q8_0 0.362 -> 0.324)."""
+    unsigned = f.unsigned or f.offset > 0
+    if not wide_lanes(target):
+        return [dot(k, w, a, target, f.small, unsigned) for w in weights]
+    two = lambda x, y, n, t: k.concat(x, y, n, t)  # noqa: E731
+    out = []
+    for w, u in zip(weights[::2], weights[1::2]):
+        both = two(w.w, u.w, BLOCK, "i8")
+        if unsigned:  # unsigned w, signed x
+            signed = k.op(f"xor <{BLOCK} x i8> {a}, {constant(-128, BLOCK)}")
+            out.append(dot_add(k, "zeroinitializer", both, two(signed, signed, BLOCK, "i8"), target, 2 * LANES))
+        else:  # x + 128 unsigned, w signed, less 128 * sum(w) (as prepare's, for the pair at once)
+            bias = dot_add(k, "zeroinitializer", constant(-128, 2 * BLOCK), both, target, 2 * LANES)
+            start = k.op(f"sub <{2 * LANES} x i32> zeroinitializer, {bias}")
+            out.append(dot_add(k, start, two(a, a, BLOCK, "i8"), both, target, 2 * LANES))
+    return out
+
+
+def _stored(k, w: Block, f, target) -> Block:
+    """A weight (sub-)block prepared for dot. A format with an offset (q4_0, q5_0, q6_k) goes in
+    as stored, q = w + offset, unsigned (x the signed side), and the offset times x's sum is
+    taken from the columns' totals once for all of them, where the signed w needs its bias per
+    column, a second dot product and a subtraction (one row times an 8192 x 2048 q4_0 matrix,
+    in cache: 0.445 -> 0.368 ms, Emerald Rapids)."""
+    if not f.offset:
+        return prepare(k, w, target, f.small, f.unsigned)
+    q = k.op(f"add <{BLOCK} x i8> {w.w}, {constant(f.offset, BLOCK)}")  # LLVM folds the format's subtraction away
+    return prepare(k, Block(q, w.d, w.m), target, f.small, unsigned=True)
+
+
+def _offset_times(k, v: Lanes, x_sums: str, offset: int, piece: int, pieces: int) -> str:
+    """offset times the sum of x's values in a piece, in every lane: from x_sums, the <8 x i32>
+    lane sums (4 values each) of x's block."""
+    n = LANES // pieces
+    part = k.op(f"shufflevector {SUMS} {x_sums}, {SUMS} poison, <{n} x i32> "
+                f"<{', '.join(f'i32 {piece * n + i}' for i in range(n))}>")
+    total = k.op(f"call i32 @llvm.vector.reduce.add.v{n}i32(<{n} x i32> {part})")
+    return v.splat(k.op(f"mul i32 {total}, {offset}"), "i32")
+
+
 def column_totals(k, partials: list[str], pieces: int, v: Lanes) -> list[str]:
-    """The columns' integer totals from their <8 x i32> partial sums (partials[c], column c's):
-    `pieces` vectors (1, or q6_k's 2 of 16 values each), piece p's lane c the sum of column c's
-    lanes 8p / pieces onwards. Neighbouring lanes are added pairwise, two vectors into one, until
-    each column holds `pieces` lanes: two shuffles and an add per pair (vphaddd's work)."""
-    level, width = partials, LANES  # each vector holds LANES / width columns, `width` lanes each
+    """The columns' integer totals from their partial sums (_partials: vectors of 8 or 16 lanes,
+    8 lanes per column, columns in order): `pieces` vectors (1, or q6_k's 2 of 16 values each),
+    piece p's lane c the sum of column c's lanes 8p / pieces onwards. Neighbouring lanes are
+    added pairwise, two vectors into one, until each column holds `pieces` lanes: two shuffles
+    and an add per pair (vphaddd's work)."""
+    n = v.n * LANES // len(partials)  # lanes per vector
+    level, width = partials, LANES  # each vector holds n / width columns, `width` lanes each
     while width > pieces:
-        level = [_pair_sums(k, a, b) for a, b in zip(level[::2], level[1::2])]
+        if len(level) == 1:  # one vector left: its halves side by side
+            a, b = k.halves(level[0], n, "i32")
+            n //= 2
+            level = [_pair_sums(k, a, b, n)]
+        else:
+            level = [_pair_sums(k, a, b, n) for a, b in zip(level[::2], level[1::2])]
         width //= 2
-    n = LANES
     while len(level) > 1:  # side by side: column c's `pieces` lanes at c * pieces
         level = [k.concat(a, b, n, "i32") for a, b in zip(level[::2], level[1::2])]
         n *= 2
@@ -100,8 +174,9 @@ def column_totals(k, partials: list[str], pieces: int, v: Lanes) -> list[str]:
                  f"<{', '.join(f'i32 {c * pieces + p}' for c in range(v.n))}>") for p in range(pieces)]
 
 
-def _pair_sums(k, a: str, b: str) -> str:
-    """a and b side by side, each pair of neighbouring lanes added: <8 x i32>."""
-    even, odd = (k.op(f"shufflevector {SUMS} {a}, {SUMS} {b}, {SUMS} "
-                      f"<{', '.join(f'i32 {i}' for i in range(first, 2 * LANES, 2))}>") for first in (0, 1))
-    return k.op(f"add {SUMS} {even}, {odd}")
+def _pair_sums(k, a: str, b: str, n: int) -> str:
+    """a and b (<n x i32>) side by side, each pair of neighbouring lanes added: <n x i32>."""
+    t = f"<{n} x i32>"
+    even, odd = (k.op(f"shufflevector {t} {a}, {t} {b}, {t} <{', '.join(f'i32 {i}' for i in range(first, 2 * n, 2))}>")
+                 for first in (0, 1))
+    return k.op(f"add {t} {even}, {odd}")

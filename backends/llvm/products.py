@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 import ops
-from backends.llvm import codegen, column_lanes, signatures, threads
+from backends.llvm import codegen, column_lanes, few_rows, signatures, threads
 from backends.llvm.plan import elementwise, kernel, reduction
 from backends.llvm.quantised import quantize_rows_kernel
 from backends.llvm.target import vector_registers
@@ -62,20 +62,19 @@ def _block_tiles(m: int, n: int, w_types) -> list[tuple[range, int, range, int]]
     """(rows, rows per step, columns, columns per step) covering C, with block weights: a
     column per vector lane, the last step's lanes past n reading the last column again. Rows
     go in steps of lane_rows and 4 through the column-lane kernel where it reads the formats,
-    then the few left (all of them in a decode step) through few_rows.py, in the same order of
-    float operations per row."""
+    then the few left (all of them in a decode step) through few_rows.py (its COLUMNS at a
+    time), in the same order of float operations per row."""
     if m < 4 and not batch_invariant():
         return [(range(m), 1, range(n), 1)]
-    lanes = column_lanes.columns()
-    steps = [lane_rows(w_types, lanes), 4] if column_lanes.reads(w_types) else [4]
+    lanes = column_lanes.columns() if column_lanes.reads(w_types) else 0
     row_steps, start = [], 0
-    for step in steps:
+    for step in [lane_rows(w_types, lanes), 4] if lanes else [4]:
         end = start + (m - start) // step * step
-        row_steps.append((range(start, end), step))
+        row_steps.append((range(start, end), step, lanes or few_rows.COLUMNS))
         start = end
-    whole = n - n % lanes
-    return [(rows, step, cols, lanes) for rows, step in row_steps + [(range(start, m), m - start)]
-            for cols in (range(whole), range(whole, n))]
+    row_steps.append((range(start, m), m - start, few_rows.COLUMNS))
+    return [(rows, step, cols, columns) for rows, step, columns in row_steps
+            for cols in (range(n - n % columns), range(n - n % columns, n))]
 
 
 def matmul(plan, a, b, a_type, b_type, out, out_type):

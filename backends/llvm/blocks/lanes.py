@@ -71,11 +71,11 @@ class Lanes:
     def splat(self, x: str, element: str = "float") -> str:
         return self.k.splat(x, self.n, element)
 
-    def of(self, values: list[str]) -> str:
-        """A float vector of one float per column."""
+    def of(self, values: list[str], element: str = "float") -> str:
+        """A vector of one value per column."""
         v = "poison"
         for c, x in enumerate(values):
-            v = self.k.op(f"insertelement {self.floats} {v}, float {x}, i32 {c}")
+            v = self.k.op(f"insertelement <{self.n} x {element}> {v}, {element} {x}, i32 {c}")
         return v
 
     def halves(self, words: str) -> str:

@@ -38,7 +38,12 @@ class SimpleReads(Reads):
         """q8_0, q4_0, q4_1 blocks (byte j of a 4-bit block: value j low, value j + 16 high)."""
         f, k = self.f, v.k
         where = [k.at(w, k.mul(s, f.block_bytes), "i8") for w in where]
-        d = v.of([k.load(field(k, w, f.D), F16) for w in where])
+        if f.has_min:  # d and m, the block's first 4 bytes, read as one i32 per column
+            assert (f.D, f.M) == (0, 2)
+            words = v.of([k.op(f"load i32, ptr {w}, align 1") for w in where], "i32")
+            d = v.halves(words)
+        else:
+            d = v.of([k.load(field(k, w, f.D), F16) for w in where])
         if f.bits == 8:
             parts = v.transposed32(where, f.quants_at)
             if full_range(v.target):
@@ -49,7 +54,7 @@ class SimpleReads(Reads):
         packed = v.transposed(where, f.quants_at)
         parts = [v.bits(p, 0, 15) for p in packed] + [v.bits(p, 4, 15) for p in packed]
         if f.has_min:  # m times x's block sum s, as ggml's q8_1 products take it
-            offset = v.of([k.load(k.at(w, f.M, "i8"), F16) for w in where])
+            offset = v.halves(k.op(f"lshr {v.sums} {words}, {v.ints(16)}"))  # m: the high half (M = D + 2)
             return LaneBlock([Piece(0, parts, d, v.bias(parts, 0, 15))], offset)
         # q4_0: the values q - 8 themselves (x's s, rounded to float16, is no sum to take 8 d of)
         parts = [k.op(f"sub {v.bytes} {p}, {v.constant(f.offset)}") for p in parts]
