@@ -1,10 +1,10 @@
 """python -m tools.server, driven over loopback by the real `openai` client (a test dependency)
 and by plain HTTP where the client would hide what is checked (errors, disconnects).
 
-The server runs SmolLM2-135M-Instruct dequantised to float32: then a pass's logits do not depend
-on how many rows it has, and the server's log-probabilities can be compared with the model's in
-this process at float32 tolerance (with Q4_1 weights, activations are rounded to 8 bits, and
-passes of other lengths differ by ~0.5 in the logits: tests/models/test_engine.py).
+The server runs SmolLM2-135M-Instruct as stored (Q4_1). A token's logits are the same bits in
+any pass (alone, after a cached prefix, beside other requests: tests/models/test_batched_logits.py),
+so the server's answers and log-probabilities are compared with the model's in this process
+exactly.
 """
 import json
 import socket
@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    running = Running("--checkpoint", str(smollm2_path), "--dtype", "float32", "--parallel", str(PARALLEL),
+    running = Running("--checkpoint", str(smollm2_path), "--parallel", str(PARALLEL),
                       "--context", str(CONTEXT))
     yield running
     running.stop()
@@ -102,7 +103,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def model(smollm2_path):
-    return load(smollm2_path, dtype="float32", context=CONTEXT)
+    return load(smollm2_path, context=CONTEXT)
 
 
 def chat(client, content=QUESTION, **kw):
@@ -120,8 +121,8 @@ def streamed_chat(client, content=QUESTION, **kw):
 # ---- the answers ---------------------------------------------------------------------------------
 
 def test_greedy_chat_is_the_command_lines_answer(server, client, smollm2_path):
-    cli = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(smollm2_path), "--dtype",
-                          "float32", "--prompt", QUESTION, "--temperature", "0", "--max-tokens", "24"],
+    cli = subprocess.run([sys.executable, "-m", "models.llama3", "--checkpoint", str(smollm2_path),
+                          "--prompt", QUESTION, "--temperature", "0", "--max-tokens", "24"],
                          capture_output=True, text=True, check=True)
     reply = chat(client, temperature=0, max_tokens=24)
     assert reply.choices[0].message.content == cli.stdout[:-1]  # the CLI ends with a newline
@@ -129,6 +130,21 @@ def test_greedy_chat_is_the_command_lines_answer(server, client, smollm2_path):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     text, reason = streamed_chat(client, temperature=0, max_tokens=24)
     assert text == reply.choices[0].message.content and reason == reply.choices[0].finish_reason
+
+
+def test_a_greedy_request_answers_the_same_alone_cached_or_among_others(client):
+    """The first time its prompt is prefilled whole; then its prefix is cached; then it comes
+    with 7 other requests at once, batched in the same decode steps (8 slots)."""
+    prompt = "Penguins live in"
+    ask = lambda p=prompt: client.completions.create(model="m", prompt=p, max_tokens=16,  # noqa: E731
+                                                     temperature=0).choices[0].text
+    first, cached = ask(), ask()
+    others = ["Once upon a time", "1, 2, 3,", "The capital of France is", "def f(x):", "Hello, my name is",
+              "Water boils at"]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, [prompt, *others, prompt]))
+    assert first == cached == together[0] == together[-1]
+    assert together[1:-1] == [ask(p) for p in others]
 
 
 def test_completions_stream_and_not(client):
@@ -171,7 +187,7 @@ def test_chat_logprobs_are_the_models(client, model):
     logp = log_softmax(model.logits(ids + generated[:-1]))[len(ids) - 1:]
     for entry, token, row in zip(entries, generated, logp):
         assert bytes(entry.bytes) == model.tokenizer.token_bytes(token)
-        assert abs(entry.logprob - row[token]) < 1e-4  # float32 logits of passes of other lengths
+        assert entry.logprob == row[token]
         assert [bytes(t.bytes) for t in entry.top_logprobs] == [model.tokenizer.token_bytes(int(i))
                                                                 for i in np.argsort(-row)[:3]]
         assert entry.top_logprobs[0].logprob == entry.logprob  # greedy: the likeliest
@@ -184,7 +200,7 @@ def test_echo_gives_the_prompts_log_probabilities(client, model):
     ids = model.tokenizer.encode(prompt)
     assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     want = log_softmax(model.logits(ids))[np.arange(len(ids) - 1), ids[1:]]
-    np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], want, atol=1e-4)
+    assert lp.token_logprobs[1:len(ids)] == list(want)
     assert reply.choices[0].text.startswith(prompt)
     assert lp.text_offset == sorted(lp.text_offset) and all(len(top) == 2 for top in lp.top_logprobs[1:])
     # token ids in, as lm-eval sends them: the same numbers
@@ -405,8 +421,8 @@ def test_logit_bias_bans_and_forces_tokens(client, model):
 
 def test_penalties_are_the_samplers(client, model):
     """The server's presence and frequency penalties are the sampler's (whose unit tests measure
-    them on logits): the same greedy tokens as the model in this process with make_sampler's,
-    float32 weights making logits independent of the pass; and they change the reply."""
+    them on logits): the same greedy tokens as the model in this process with make_sampler's;
+    and they change the reply."""
     from models.generation.sampling import make_sampler
     prompt = "yes yes yes yes yes yes yes yes"
     ids = model.tokenizer.encode(prompt, bos=bool(getattr(model.tokenizer, "add_bos", True)))  # as the server does
