@@ -21,7 +21,8 @@ from tests.reference import nmse, perplexities, q8_nmse_per_product, quantised_p
 pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers."]
-CONTEXT = 128  # the text is 18 chunks of it
+CONTEXT = 128
+CHUNKS = 18  # of the shipped text, 2,304 tokens
 
 
 @pytest.fixture(params=backend_params(levels=True))
@@ -43,10 +44,10 @@ def stored(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def prose():
-    """English prose shipped with the tests (~1100 words: the docstrings of five standard modules
-    of CPython 3.11, PSF-licensed), the same text on every host."""
-    return Path(__file__).parents[1] / "data" / "prose.txt"
+def text():
+    """English shipped with the tests (the project's own documentation, 10k words), the same on
+    every host; the first CHUNKS chunks of it are scored."""
+    return Path(__file__).parents[1] / "data" / "perplexity-text.md"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_prefill_logits_match_transformers(backend, ours, reference):
     np.testing.assert_allclose(ours.logits(ids), want, atol=1e-5 * np.abs(want).max(), rtol=0)
 
 
-def test_as_stored_it_keeps_its_blocks_and_its_perplexity(backend, stored, smollm2_path, prose):
+def test_as_stored_it_keeps_its_blocks_and_its_perplexity(backend, stored, smollm2_path, text):
     """The 8-bit activations move the logits by no more than their rounding can (the bound of
     tests/reference.q8_nmse_per_product over the products on a logit's path), and the perplexity
     by no more than the text can resolve: the mean change of a token's NLL is within 4 standard
@@ -84,7 +85,7 @@ def test_as_stored_it_keeps_its_blocks_and_its_perplexity(backend, stored, smoll
     two equally valid roundings of the activations differ by 0.3-0.8%, one standard error ~0.3%.)"""
     assert stored.weights["layers.0.feed_forward.w1.weight"].dtype == dtypes.q4_1
     exact = load(smollm2_path, dtype="float32", context=CONTEXT)
-    tokens = stored.tokenizer.encode(prose.read_text(encoding="utf-8"), bos=True)
+    tokens = stored.tokenizer.encode(text.read_text(encoding="utf-8"), bos=True)[:CHUNKS * CONTEXT]
     chunk = [stored.tokenizer.bos_id, *tokens[1:CONTEXT]]
     bound = quantised_products_on_path(stored.config.n_layers) * q8_nmse_per_product(32)  # q4_1, q8_0: 32
     assert nmse(stored.logits(chunk), exact.logits(chunk)) <= bound
@@ -94,9 +95,9 @@ def test_as_stored_it_keeps_its_blocks_and_its_perplexity(backend, stored, smoll
     assert abs(change.mean()) <= 4 * change.std(ddof=1) / np.sqrt(change.size)
 
 
-def test_as_stored_perplexity_is_llamacpps(stored, smollm2_path, prose, llamacpp_bin):
+def test_as_stored_perplexity_is_llamacpps(stored, smollm2_path, text, llamacpp_bin):
     """llama-perplexity computes the same 8-bit products (activations rounded as its x86 build
     rounds them, ops.blocks.quantize_rows), summed in another order, on the same chunks: within
     0.5%."""
-    (ppl, _), (their_ppl, _) = perplexities(smollm2_path, prose, llamacpp_bin, CONTEXT)
+    (ppl, _), (their_ppl, _) = perplexities(smollm2_path, text, llamacpp_bin, CONTEXT, CHUNKS)
     assert abs(ppl - their_ppl) <= 0.005 * their_ppl
