@@ -15,6 +15,7 @@ id), "length" (max_tokens or the context), "cancelled" or "error: ..." (the engi
 """
 import collections
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +77,7 @@ class Engine:
         self.scratch = model.context
         self.slots = [Slot(model, model.context + 1) for _ in range(parallel)]
         self.waiting: collections.deque[Request] = collections.deque()
+        self.calls: collections.deque[tuple] = collections.deque()  # (work, Future): see call
         self.wake = threading.Condition()
         self.steps: dict[int, jit] = {}  # batch width -> the captured step over slots[:width]
         self.stopped = False
@@ -97,6 +99,18 @@ class Engine:
             self.waiting.append(request)
             self.wake.notify()
 
+    def call(self, work) -> Future:
+        """Run work() on the engine's thread at its next turn (the model is not shared between
+        threads: an embedding's forward pass goes between decode steps); its result, or what it
+        raised, comes back through the Future. Busy when `queue` of them wait already."""
+        future = Future()
+        with self.wake:
+            if len(self.calls) >= self.queue_bound:
+                raise Busy(f"{len(self.calls)} calls are waiting already")
+            self.calls.append((work, future))
+            self.wake.notify()
+        return future
+
     def stop(self) -> None:
         with self.wake:
             self.stopped = True
@@ -109,7 +123,7 @@ class Engine:
         """The loop that owns the model (run it on one thread)."""
         while True:
             with self.wake:
-                self.wake.wait_for(lambda: self.stopped or self.waiting or self.busy_slots())
+                self.wake.wait_for(lambda: self.stopped or self.waiting or self.calls or self.busy_slots())
                 if self.stopped:
                     return
             self.turn()
@@ -117,7 +131,14 @@ class Engine:
     # ---- on the engine's thread -----------------------------------------------------------------
     def turn(self) -> None:
         """One turn: drop what was cancelled, admit waiting requests to free slots, prefill up to
-        CHUNK prompt tokens, one batched decode step."""
+        CHUNK prompt tokens, one batched decode step (after the calls waiting, see call)."""
+        while self.calls:
+            work, future = self.calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work())
+                except Exception as e:  # noqa: BLE001: the caller gets it; the engine goes on
+                    future.set_exception(e)
         for slot in self.slots:
             if slot.request is not None and slot.request.cancelled:
                 self._finish(slot, "cancelled")

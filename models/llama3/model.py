@@ -115,16 +115,20 @@ class Llama:
         return self.run(tokens, writes, positions, caches)
 
     def run(self, tokens: Tensor, start: Tensor, positions: Tensor, cache, rows=None) -> Tensor:
+        # a tied head split over processes is its own shard of the embedding's rows (load)
+        tied = self.config.tied_embeddings and self.group.size == 1
+        head = self.w("tok_embeddings.weight" if tied else "output.weight")
+        logits = nn.linear(self.features(tokens, start, positions, cache, rows), head)
+        return logits.allgather(self.group, axis=-1)
+
+    def features(self, tokens: Tensor, start: Tensor, positions: Tensor, cache, rows=None) -> Tensor:
+        """The final hidden states, RMS-normalised: what the head reads, [len(tokens) or rows, dim]."""
         x = nn.embedding(tokens, self.w("tok_embeddings.weight")).cast(dtypes.float32)  # activations are f32
         for i in range(self.config.n_layers):
             x = self.block(i, x, start, positions, cache)
         if rows is not None:
             x = x[rows]
-        # a tied head split over processes is its own shard of the embedding's rows (load)
-        tied = self.config.tied_embeddings and self.group.size == 1
-        head = self.w("tok_embeddings.weight" if tied else "output.weight")
-        logits = nn.linear(nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps), head)
-        return logits.allgather(self.group, axis=-1)
+        return nn.rms_norm(x, self.w("norm.weight"), self.config.norm_eps)
 
     # ---- the Python API -------------------------------------------------------------------------
     def new_cache(self, length: int, ids=None, images=()) -> KVCache:
@@ -139,6 +143,14 @@ class Llama:
         ids = self.check_ids(ids)
         cache = self.new_cache(len(ids), ids, images)
         return self.forward(Tensor(ids), 0, cache).numpy()
+
+    def hidden_states(self, ids: list[int]) -> np.ndarray:
+        """The final hidden states [len(ids), dim] of one fresh sequence, after the last RMSNorm
+        (the features the head reads; /v1/embeddings pools them)."""
+        ids = self.check_ids(ids)
+        cache = self.new_cache(len(ids), ids)
+        start = Tensor([0])
+        return self.features(Tensor(ids), start, start + Tensor.arange(len(ids)), cache).numpy()
 
     def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None, images=()):
         """Yield new token ids: the prompt in one pass, then one token per step with the cache.

@@ -215,6 +215,28 @@ def test_several_prompts_are_several_choices(client):
     assert reply.choices[1].text == alone.choices[0].text
 
 
+def test_embeddings_are_the_models_hidden_states_pooled(client, model):
+    """/v1/embeddings: the mean of an input's final hidden states, scaled to unit length, as the
+    model in this process gives them (the same bits: its features do not depend on the batch);
+    text or token ids in, float32 as base64 (the openai client's default) or as floats."""
+    from models.generation.pooling import pool
+    texts = ["The capital of France is Paris.", "Penguins live in Antarctica.", "def f(x):\n    return x"]
+    tok = model.tokenizer
+    ids = [tok.encode(t, bos=bool(getattr(tok, "add_bos", True))) for t in texts]
+    reply = client.embeddings.create(model="m", input=texts)
+    assert [d.index for d in reply.data] == [0, 1, 2] and reply.usage.prompt_tokens == sum(map(len, ids))
+    for got, want in zip(reply.data, ids):
+        want = pool(model.hidden_states(want))
+        assert len(got.embedding) == model.config.dim == len(want)
+        np.testing.assert_allclose(got.embedding, want, rtol=0, atol=1e-5)
+        assert abs(np.linalg.norm(got.embedding) - 1) < 1e-5
+    floats = client.embeddings.create(model="m", input=[ids[1], texts[0]], encoding_format="float")
+    assert floats.data[0].embedding == reply.data[1].embedding and floats.data[1].embedding == reply.data[0].embedding
+    near, far = (float(np.dot(reply.data[0].embedding, e.embedding)) for e in
+                 client.embeddings.create(model="m", input=["Paris is the capital of France.", "x = [1, 2, 3]"]).data)
+    assert near > far  # a paraphrase is closer than code
+
+
 def test_models_health_and_tokens(server):
     status, models = server.get("/v1/models")
     assert status == 200 and models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -259,6 +281,12 @@ def test_models_health_and_tokens(server):
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": -101}}, "[-100, 100]"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
     ("/v1/completions", {"prompt": "hi", "frequency_penalty": "x"}, "frequency_penalty"),
+    ("/v1/embeddings", {"input": []}, "input must be"),
+    ("/v1/embeddings", {"input": "hi", "dimensions": 64}, "dimensions is 64"),
+    ("/v1/embeddings", {"input": "hi", "encoding_format": "int8"}, "encoding_format"),
+    ("/v1/embeddings", {"input": "hi", "pooling": "max"}, "pooling is not supported"),
+    ("/v1/embeddings", {"input": ["hi"] * 257}, "at most 256"),
+    ("/v1/embeddings", {"input": "word " * 600}, "context holds 512"),
 ])
 def test_bad_requests_are_400s(server, path, body, says):
     status, answer = server.post(path, raw=body) if isinstance(body, bytes) else server.post(path, body)

@@ -1,6 +1,6 @@
 """python -m tools.server [--checkpoint PATH] [--host 127.0.0.1] [--port 8080] [--parallel N]
 [--context C]: the model behind the OpenAI HTTP API (/v1/chat/completions, /v1/completions,
-/v1/models), /health, /tokenize, /detokenize and /tokenizer_info.
+/v1/embeddings, /v1/models), /health, /metrics, /tokenize, /detokenize and /tokenizer_info.
 
 Bad options are one line on stderr and exit status 2; the model loads after the server is up
 (/health answers 503 until it has), and a checkpoint that fails to load ends the server with one
@@ -12,6 +12,7 @@ import sys
 import threading
 
 from models.generation.cli import OneLineParser, _whole
+from models.generation.pooling import POOLINGS
 from ops import dtypes
 
 
@@ -45,6 +46,10 @@ def parse_args(argv):
     p.add_argument("--cors", metavar="ORIGIN", help="let web pages from this origin call the API (e.g. "
                                                     "http://localhost:3000, or * for any); default: none")
     p.add_argument("--no-access-log", action="store_true", help="no line per request on stderr")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="how /v1/embeddings makes one vector of an "
+                                                                     "input's final hidden states: their mean, or "
+                                                                     "the last token's (default: mean)")
+    p.add_argument("--no-normalize", action="store_true", help="embeddings as pooled, not scaled to unit length")
     p.add_argument("--timeout", type=_positive, default=30.0, help="seconds a client may take to send a request's "
                                                                    "head, and again its body (beyond: the connection "
                                                                    "is closed, or 408) (default: 30)")
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
     from tools.server.connections import with_header_timeout
 
     server = Server(loader(args), model_name(args), args.parallel, args.queue, args.api_key, args.timeout,
-                    args.cors, not args.no_access_log)
+                    args.cors, not args.no_access_log, args.pooling, not args.no_normalize)
     config = uvicorn.Config(make_app(server), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=2, http=with_header_timeout(args.timeout))
     http = uvicorn.Server(config)

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from models.generation.engine import Busy, Engine, Request
+from models.generation.pooling import pool
 from models.generation.sampling import make_sampler
 from models.generation.stops import StopText
 from models.text.chat import chat_tokens
@@ -40,10 +41,14 @@ class Server:
     engine, and what the handlers need of them."""
 
     def __init__(self, load, name: str, parallel: int, queue: int, api_key: str | None = None,
-                 body_timeout: float = 30.0, cors: str | None = None, access_log: bool = True):
+                 body_timeout: float = 30.0, cors: str | None = None, access_log: bool = True,
+                 pooling: str = "mean", normalize: bool = True):
         """body_timeout: seconds a client may take to send a request's body (408 after); cors: the
-        origin browsers may call from (none by default); access_log: a line per request on stderr."""
+        origin browsers may call from (none by default); access_log: a line per request on stderr;
+        pooling and normalize: how /v1/embeddings makes one vector of an input's hidden states
+        (models.generation.pooling)."""
         self.name, self.api_key, self.queue, self.body_timeout = name, api_key, queue, body_timeout
+        self.pooling, self.normalize = pooling, normalize
         self.cors, self.access_log, self.requests = cors, access_log, metrics.Requests()
         self.model = self.engine = self.defaults = self.failed = None
         self.ready = threading.Event()
@@ -180,11 +185,11 @@ def make_app(server: Server) -> Starlette:
     def check_fits(texts: list[str], field: str):
         protocol.check_fits(texts, field, server.model.context, server.longest_token)
 
-    def check_prompt(ids: list[int]) -> list[int]:
+    def check_prompt(ids: list[int], field: str = "prompt") -> list[int]:
         try:
             return server.model.check_ids(ids).tolist()
         except (ValueError, TypeError) as e:
-            raise BadRequest(str(e), "prompt") from None
+            raise BadRequest(str(e), field) from None
 
     def settings(body: dict, fields: set) -> dict:
         protocol.refuse_unknown(body, fields)
@@ -294,6 +299,18 @@ def make_app(server: Server) -> Starlette:
         return JSONResponse({"status": "ok", "slots_idle": len(server.engine.slots) - busy,
                              "slots_processing": busy, "waiting": len(server.engine.waiting)})
 
+    async def embeddings(request: HTTPRequest):
+        body = await body_of(request)
+        protocol.refuse_unknown(body, protocol.EMBEDDING_FIELDS)
+        model = server.model
+        fmt = protocol.embedding_format(body, model.config.dim)
+        inputs = [check_prompt(ids, "input") for ids in await asyncio.to_thread(
+            protocol.token_lists, body.get("input"), "input", model.tokenizer, model.context, server.longest_token,
+            protocol.MAX_INPUTS)]
+        vectors = await asyncio.wrap_future(server.engine.call(
+            lambda: [pool(model.hidden_states(ids), server.pooling, server.normalize) for ids in inputs]))
+        return JSONResponse(protocol.embeddings_response(vectors, fmt, server.name, sum(map(len, inputs))))
+
     async def tokenize(request: HTTPRequest):  # vLLM's and llama-server's field names both
         body = await body_of(request)
         text = body.get("prompt", body.get("content"))
@@ -326,6 +343,7 @@ def make_app(server: Server) -> Starlette:
 
     routes = [Route("/v1/completions", guarded(completions), methods=["POST"]),
               Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
+              Route("/v1/embeddings", guarded(embeddings), methods=["POST"]),
               Route("/v1/models", guarded(models), methods=["GET"]),
               Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
               Route("/metrics", guarded(metrics_text), methods=["GET"]),

@@ -6,6 +6,7 @@ A field this server does not implement is a 400 naming it (an application that s
 OpenAI's API defines as hints or bookkeeping (`user`, `metadata`, `store`...), which change no
 token. A field it uses with the wrong type or out of range is a 400 with a message naming it.
 """
+import base64
 import time
 import uuid
 
@@ -16,6 +17,8 @@ COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "n", "stop", "s
                  "logprobs", "logit_bias", "ignore_eos", *SETTINGS}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of"}
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
+MAX_INPUTS = 256  # embeddings per request
 # OpenAI's hints and bookkeeping (and llama-server's cache_prompt: this server always reuses a
 # cached prefix): accepted, changing no token
 HINTS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt"}
@@ -129,26 +132,54 @@ def check_fits(texts: list[str], field: str, context: int, longest_token: int) -
 
 def completion_prompts(body: dict, tokenizer, context: int, longest_token: int) -> list[list[int]]:
     """/v1/completions' prompt: a string, a list of strings, a list of token ids, or a list of
-    lists of them; each is one prompt (one choice). Strings get the BOS as the tokenizer adds it,
-    once check_fits has passed them all."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    elif isinstance(prompt, list) and prompt and all(is_id(i) for i in prompt):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise BadRequest("prompt must be a string, a list of strings, a list of token ids or a list of such "
-                         "lists", "prompt")
-    check_fits([p for p in prompt if isinstance(p, str)], "prompt", context, longest_token)
+    lists of them; each is one prompt (one choice)."""
+    return token_lists(body.get("prompt"), "prompt", tokenizer, context, longest_token)
+
+
+def token_lists(value, field: str, tokenizer, context: int, longest_token: int, most: int | None = None):
+    """A string, a list of strings, a list of token ids, or a list of lists of them (at most
+    `most`), as lists of token ids. Strings get the BOS as the tokenizer adds it, once
+    check_fits has passed them all."""
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, list) and value and all(is_id(i) for i in value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise BadRequest(f"{field} must be a string, a list of strings, a list of token ids or a list of such "
+                         f"lists", field)
+    if most is not None and len(value) > most:
+        raise BadRequest(f"{field} holds {len(value)} inputs: at most {most} per request", field)
+    check_fits([p for p in value if isinstance(p, str)], field, context, longest_token)
     out = []
-    for p in prompt:
+    for p in value:
         if isinstance(p, str):
             out.append(tokenizer.encode(p, bos=bool(getattr(tokenizer, "add_bos", True))))
         elif isinstance(p, list) and p and all(is_id(i) for i in p):
             out.append(list(p))
         else:
-            raise BadRequest("each prompt must be a string or a non-empty list of token ids", "prompt")
+            raise BadRequest(f"each {field} must be a string or a non-empty list of token ids", field)
     return out
+
+
+def embedding_format(body: dict, dim: int) -> str:
+    """/v1/embeddings' encoding_format ("float", or "base64": the float32 bytes, little-endian,
+    as the openai client asks by default), and its dimensions, which must be the model's."""
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise BadRequest(f"encoding_format {fmt!r}: give float or base64", "encoding_format")
+    dimensions = _number(body, "dimensions", lo=1, whole=True)
+    if dimensions is not None and dimensions != dim:
+        raise BadRequest(f"dimensions is {dimensions}: this model's embeddings have {dim} (they are not shortened)",
+                         "dimensions")
+    return fmt
+
+
+def embeddings_response(vectors, fmt: str, model: str, tokens: int) -> dict:
+    """OpenAI's list of embedding objects."""
+    def value(v):
+        return base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64" else v.tolist()
+    return {"object": "list", "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "data": [{"object": "embedding", "index": i, "embedding": value(v)} for i, v in enumerate(vectors)]}
 
 
 def is_id(i) -> bool:
