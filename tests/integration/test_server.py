@@ -260,8 +260,6 @@ def test_models_health_and_tokens(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n is 17"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True},
-     "stream takes n = 1"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "image_url"),
     ("/v1/completions", {"prompt": "word " * 600}, "context holds 512"),
@@ -295,14 +293,16 @@ def test_bad_requests_are_400s(server, path, body, says):
     assert server.get("/health")[0] == 200
 
 
-def test_a_client_gone_mid_stream_frees_its_slot(server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_gone_mid_stream_frees_its_slot(server, n):
+    """One choice, or three streamed together: their slots are free again soon after."""
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 400,
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 400, "n": n,
                                                         "stream": True}), {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data: ")
-    assert server.get("/health")[1]["slots_processing"] == 1
+    assert server.get("/health")[1]["slots_processing"] == n
     conn.close()
     assert wait_for_idle(server)
 
@@ -487,6 +487,29 @@ def test_n_choices(client):
     assert [c.index for c in done.choices] == [0, 1, 2, 3]
     assert done.choices[0].text == done.choices[1].text and done.choices[2].text == done.choices[3].text
     assert done.usage.completion_tokens == 12
+
+
+def test_n_choices_stream_interleaved(client):
+    """Streamed, n choices arrive interleaved, each chunk indexed; each choice's text is the
+    whole reply's choice of the same seed, with one finish each, and one usage chunk last."""
+    whole = chat(client, max_tokens=8, temperature=1.0, seed=5, n=3)
+    chunks = list(chat(client, max_tokens=8, temperature=1.0, seed=5, n=3, stream=True,
+                       stream_options={"include_usage": True}))
+    texts, finishes = ["", "", ""], [0, 0, 0]
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        texts[choice.index] += choice.delta.content or ""
+        finishes[choice.index] += choice.finish_reason is not None
+    assert texts == [c.message.content for c in whole.choices] and finishes == [1, 1, 1]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    parts = list(client.completions.create(model="m", prompt=["Once upon a", "The sky is"], max_tokens=3,
+                                           temperature=0, n=2, stream=True))
+    got = ["", "", "", ""]
+    for p in parts:
+        got[p.choices[0].index] += p.choices[0].text
+    done = client.completions.create(model="m", prompt=["Once upon a", "The sky is"], max_tokens=3, temperature=0, n=2)
+    assert got == [c.text for c in done.choices]
 
 
 # ---- what operators and browsers use --------------------------------------------------------------

@@ -224,14 +224,12 @@ def make_app(server: Server) -> Starlette:
         stop_ids = server.defaults["stop_ids"]
         head = {"id": protocol.new_id("cmpl"), "object": "text_completion", "created": protocol.now(),
                 "model": server.name}
-        if s["stream"]:
-            if len(prompts) > 1:
-                raise BadRequest("stream takes one prompt: send one request per prompt", "prompt")
-            job = Job(server, prompts[0], s, stop_ids, k, echo)
-            return event_stream(_completion_chunks(job, tok, s, head, prompts[0], k))
         # choice index: prompt * n + choice, as OpenAI numbers them
         asked = [(ids, choice) for ids in prompts for choice in range(s["n"])]
         jobs = submitted(lambda ids, choice: Job(server, ids, s, stop_ids, k, echo, choice), asked)
+        if s["stream"]:
+            return event_stream(interleaved(jobs, [_completion_chunks(job, tok, s, head, ids, k)
+                                                   for job, (ids, _) in zip(jobs, asked)], sum(map(len, prompts))))
         whole = {**s, "include_usage": False}
         replies = await asyncio.gather(*(collected(job, _completion_chunks(job, tok, whole, head, ids, k), request)
                                          for job, (ids, _) in zip(jobs, asked)))
@@ -258,7 +256,8 @@ def make_app(server: Server) -> Starlette:
         jobs = submitted(lambda ids, choice: Job(server, ids, s, server.defaults["stop_ids"], k, choice=choice),
                          [(ids, choice) for choice in range(s["n"])])
         if s["stream"]:
-            return event_stream(_chat_chunks(jobs[0], tok, s, head, len(ids), k))
+            return event_stream(interleaved(jobs, [_chat_chunks(job, tok, s, head, len(ids), k) for job in jobs],
+                                            len(ids)))
         whole = {**s, "include_usage": False}
         replies = await asyncio.gather(*(collected(job, _chat_chunks(job, tok, whole, head, len(ids), k), request)
                                          for job in jobs))
@@ -420,6 +419,48 @@ def event_stream(chunks) -> StreamingResponse:
             return
         yield "data: [DONE]\n\n"
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def interleaved(jobs: list, streams: list, prompt_tokens: int):
+    """The chunks of several choices' streams (n > 1, or several prompts), each as it comes,
+    choice i's numbered i; their usage chunks (include_usage) become one, last: the request's
+    prompt tokens (each prompt once) and every choice's completion tokens. A failure in one
+    ends them all, as does the client going away: every choice's request is cancelled."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield chunk
+        return
+    queue, usages = asyncio.Queue(), []
+
+    async def pump(i, stream):
+        try:
+            async for chunk in stream:
+                await queue.put((i, chunk, None))
+        except Exception as e:  # noqa: BLE001: handed to the consumer, which raises it
+            await queue.put((i, None, e))
+        await queue.put((i, None, None))
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                left -= 1
+            elif "usage" in chunk and not chunk["choices"]:
+                usages.append(chunk)
+            else:
+                yield {**chunk, "choices": [{**c, "index": i} for c in chunk["choices"]]}
+        if usages:
+            generated = sum(u["usage"]["completion_tokens"] for u in usages)
+            yield {**usages[0], "usage": protocol.usage(prompt_tokens, generated)}
+    finally:
+        for job in jobs:
+            job.request.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _merged_completion(chunks: list[dict], k) -> dict:

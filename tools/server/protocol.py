@@ -100,8 +100,6 @@ def sampling(body: dict, defaults: dict, vocab_size: int) -> dict:
 def common(body: dict) -> dict:
     """The fields both endpoints share."""
     n = _number(body, "n", lo=1, hi=MAX_CHOICES, whole=True, default=1)
-    if n > 1 and flag(body, "stream"):
-        raise BadRequest("stream takes n = 1: send n requests to stream several choices", "n")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
