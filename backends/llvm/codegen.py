@@ -89,13 +89,17 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     """C[m, n] = epilogue(sum_k A[m, k] * W1[n, k], ..., sum_k A[m, k] * Wj[n, k], E1[m, n], ...):
     A and every W run along k with unit stride, the form of x @ W.T with PyTorch-layout weights.
     Each step computes an mr x nr block of C from mr rows of A and nr rows of each weight, so
-    every weight element loaded feeds mr multiply-adds; the k loop is a set of reductions the
-    vectoriser turns into vector accumulators. With M = 1 (decode) this streams each weight row
-    exactly once. The epilogue program (ops.fused) reads the j products then the extras, and runs
-    as each element is stored; none means the first product.
+    every weight element loaded feeds mr multiply-adds; each sum keeps one float order whatever
+    mr and nr are (float weights: _sums; block weights: column_lanes for 4 or more rows, few_rows
+    for fewer, the same chain per column), so a row's products do not depend on the rows beside
+    it. With M = 1 (decode) this streams each weight row exactly once. The epilogue program
+    (ops.fused) reads the j products then the extras, and runs as each element is stored; none
+    means the first product.
 
     void name(i64 n0, i64 n1, i64 M, i64 K, ptr A, i64 lda, (ptr W, i64 ldw) x j, ptr C, i64 ldc,
-    (ptr E, i64 lde) x extras): columns n0..n1 (a multiple of nr) and all M rows (a multiple of mr).
+    (ptr E, i64 lde) x extras): columns n0..n1 (a multiple of nr, but see `partial`) and all M rows
+    (a multiple of mr). Block weights take nr = one column per lane (few_rows.COLUMNS or
+    column_lanes.columns), or nr = 1: TT_BATCH_INVARIANT=0's one-row kernel, quantised.block_sums.
     With bfloat16 weights A's rows must be pair-major (see pair_major). Block-quantised weights
     (all of them or none; their leading dimension in bytes) meet A as q8 blocks (quantised.py);
     `target` picks the integer dot product's instructions (the host by default). `fixed`, (K,
@@ -129,7 +133,7 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
             elif quantised:
                 sums = few_row_sums(k, w_types, rows, cols, [k.mul(x, nr) for x in ldw], target, depth, scales)
             else:
-                sums = _sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block)
+                sums = _sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block, target)
             stores = [(r, row, c, k.add(n, c)) for r, row in enumerate(rows) for c in range(nr)]
             for r, row in enumerate(rows):
                 for c in range(nr):
@@ -151,13 +155,13 @@ def _store(k, sums, row, col, r, c, weights, extra_types, program, c_type):
     k.store_at(value, "%C", k.add(k.mul(row, "%ldc"), col), c_type)
 
 
-def _sums(k, a_type, w_types, rows, cols, block):
+def _sums(k, a_type, w_types, rows, cols, block, target=None):
     """{(weight, row, col): sum_k A[row, k] * W[col, k]} for float weights: a k loop carrying
     every sum of the block. Each sum is the same float operations in every block shape, so that
     a row's products do not depend on the rows beside it: a vector register's lanes of partial
     sums (target.float_lanes) over the first K - K % lanes values, added in a fixed tree, then
     the last K % lanes values one by one (then, bfloat16 pairs with an odd K, the last one)."""
-    lanes = float_lanes()
+    lanes = float_lanes(target)
     vec = f"<{lanes} x float>"
     # bfloat16 weights are read two at a time as one i32: the low one is (bits << 16), the high
     # one (bits & 0xffff0000), one integer op each, against a shuffle and a shift per element

@@ -1,6 +1,7 @@
 """Lowering the products: matmul (x @ W, any float types) and fused_linear (ops.linear: an
 RMSNorm prologue, several weights, an epilogue, block-quantised weights met in 8 bits) into
-calls of the kernels in codegen.py, quantised.py and column_lanes.py, split over the threads."""
+calls of the kernels in codegen.py, column_lanes.py and few_rows.py (quantised.py: x in 8 bits), split
+over the threads."""
 import os
 from functools import partial
 from typing import NamedTuple

@@ -104,11 +104,11 @@ def vector_registers(target: Target | None = None) -> int:
 
 
 def float_lanes(target: Target | None = None) -> int:
-    """Floats per vector register: 16 with AVX-512, 8 with AVX2, 4 on aarch64 (NEON). The float
-    products' sums are kept in this many lanes, one fixed order per target (codegen._sums)."""
+    """The lanes of partial sums each float product keeps, one fixed order per target
+    (codegen._sums, attention's dots): a vector register's floats on x86 (16 with AVX-512, 8
+    with AVX2), two NEON registers' on aarch64 (8), so that each sum has two chains of fused
+    multiply-adds in flight there too."""
     target = target or host()
-    if target.arch == "aarch64":
-        return 4
     return 16 if "+avx512f" in target.features.split(",") else 8
 
 
