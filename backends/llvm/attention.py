@@ -87,8 +87,7 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
                         v = k.op(f"load float, ptr {k.at('%V', k.add(vrow, x))}")
                         for r in range(R):
                             at = acc_at(x, r)
-                            product = k.op(f"fmul contract float {ps[r]}, {v}")
-                            k.store(k.op(f"fadd contract float {k.op(f'load float, ptr {at}')}, {product}"), at, F32)
+                            k.store(k.fma(ps[r], v, k.op(f"load float, ptr {at}")), at, F32)
 
         totals = [k.op(f"load float, ptr {k.at(sums, r)}") for r in range(R)]
         with k.loop("0", "%DV", hint="write") as x:  # out = acc / sum
@@ -131,8 +130,7 @@ def _dot_rows(k, q, krow) -> list[str]:
         sums = []
         for row in q:
             s = k.carry("zeroinitializer", vec)
-            product = k.op(f"fmul contract {vec} {k.vload(k.at(row, d), lanes, 'float')}, {kv}")
-            s.set(k.op(f"fadd contract {vec} {s.value}, {product}"))
+            s.set(k.fma(k.vload(k.at(row, d), lanes, "float"), kv, s.value, vec))
             sums.append(s)
     totals = [k.tree_sum(s.final, lanes) for s in sums]
     with k.loop(whole, "%D", hint="dtail") as d:
@@ -140,8 +138,7 @@ def _dot_rows(k, q, krow) -> list[str]:
         sums = []
         for row, total in zip(q, totals):
             s = k.carry(total)
-            product = k.op(f"fmul contract float {k.op(f'load float, ptr {k.at(row, d)}')}, {kv}")
-            s.set(k.op(f"fadd contract float {s.value}, {product}"))
+            s.set(k.fma(k.op(f"load float, ptr {k.at(row, d)}"), kv, s.value))
             sums.append(s)
     return [s.final for s in sums]
 

@@ -172,7 +172,7 @@ def _sums(k, a_type, w_types, rows, cols, block, target=None):
     def add_terms(acc, terms, t):
         total = acc.value
         for x, y in terms:
-            total = k.op(f"fadd contract {t} {total}, {k.op(f'fmul contract {t} {x}, {y}')}")
+            total = k.fma(x, y, total, t)
         acc.set(total)
 
     with k.loop("0", whole, step=lanes, hint="k") as kk:
@@ -196,7 +196,7 @@ def _sums(k, a_type, w_types, rows, cols, block, target=None):
             tails = {}
             for i, r, c in block:
                 (x, y), = last[i][r][c]
-                tails[i, r, c] = k.op(f"fadd contract float {sums[i, r, c]}, {k.op(f'fmul contract float {x}, {y}')}")
+                tails[i, r, c] = k.fma(x, y, sums[i, r, c])
         sums = {x: tail.join(tails[x], sums[x]) for x in block}
     return sums
 

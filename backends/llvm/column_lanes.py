@@ -90,14 +90,12 @@ def add_piece(v: Lanes, acc: str, total: str, scale: str, d_x: str) -> str:
     kernel computed them, alone or beside other rows (a decode step, a prefill, a batch)."""
     k = v.k
     floats = k.op(f"sitofp {v.sums} {total} to {v.floats}")
-    term = k.op(f"fmul contract {v.floats} {k.op(f'fmul {v.floats} {floats}, {scale}')}, {d_x}")
-    return k.op(f"fadd contract {v.floats} {acc}, {term}")
+    return k.fma(k.op(f"fmul {v.floats} {floats}, {scale}"), d_x, acc, v.floats)
 
 
 def add_offset(v: Lanes, acc: str, offset: str, s_x: str) -> str:
     """acc + the columns' offsets (a minimum, per unit of x's block sum) times x's block sum."""
-    k = v.k
-    return k.op(f"fadd contract {v.floats} {acc}, {k.op(f'fmul contract {v.floats} {offset}, {s_x}')}")
+    return v.k.fma(offset, s_x, acc, v.floats)
 
 
 def add_step(v: Lanes, read, scratch, at, acc: str, total: str) -> str:

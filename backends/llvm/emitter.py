@@ -93,6 +93,13 @@ class Emitter:
             value = self.op(f"zext i1 {value} to i8")
         self.raw(f"  store {STORAGE[d.name]} {value}, ptr {ptr}")
 
+    def fma(self, a: str, b: str, c: str, t: str = "float") -> str:
+        """a * b + c rounded once (t: float or <n x float>), by instruction: contraction (fmul
+        and fadd marked `contract`) is an option a backend may take at one place and not at the
+        next, and a row's sums must be the same bits in every kernel."""
+        suffix = "f32" if t == "float" else f"v{t.strip('<>').split(' x ')[0]}f32"
+        return self.op(f"call {t} @llvm.fma.{suffix}({t} {a}, {t} {b}, {t} {c})")
+
     def round_bf16(self, x: str) -> str:
         """Round a float to the nearest bfloat16 (ties to even), keeping NaN a NaN."""
         bits = self.op(f"bitcast float {x} to i32")
