@@ -8,13 +8,12 @@
 - matmul_nn_kernel: p @ v, a vectorised multiply-add per row.
 - attention_kernel: online-softmax attention over blocks of keys (attention.py).
 """
-from backends.llvm import column_lanes, signatures
+from backends.llvm import column_lanes, few_rows, signatures
 from backends.llvm.emitter import STORAGE, compute_type, evaluate
+from backends.llvm.few_rows import few_row_sums
 from backends.llvm.kernel import Kernel
 from backends.llvm.quantised import block_sums
 from backends.llvm.target import float_lanes
-from backends.llvm import few_rows
-from backends.llvm.few_rows import few_row_sums
 from ops import dtypes
 
 
@@ -134,7 +133,6 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
                 sums = few_row_sums(k, w_types, rows, cols, [k.mul(x, nr) for x in ldw], target, depth, scales)
             else:
                 sums = _sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block, target)
-            stores = [(r, row, c, k.add(n, c)) for r, row in enumerate(rows) for c in range(nr)]
             for r, row in enumerate(rows):
                 for c in range(nr):
                     col = k.add(n, c)
@@ -224,7 +222,7 @@ def _pair_terms(k, a_type, rows, cols, at, lanes: int = 1):
     even, odd = k.op(f"shl i64 {at}, 1"), k.add(at, k.op("ashr i64 %K, 1"))
     if lanes == 1:
         a = [[k.load_at("%A", k.add(row, x), a_type) for x in (at, odd)] for row in rows]
-        w = [[k.load_bf16_pair(k.at(f"%W{i}", k.add(col, even), "i16")) for col in weight] for i, weight in enumerate(cols)]
+        w = [[k.load_bf16_pairs(k.at(f"%W{i}", k.add(col, even), "i16")) for col in weight] for i, weight in enumerate(cols)]
     else:
         a = [[k.vload_floats(k.at("%A", k.add(row, x), STORAGE[a_type.name]), lanes, a_type) for x in (at, odd)]
              for row in rows]

@@ -15,6 +15,8 @@ summed in integers and met by float work once (blocks/dot.py scaled_dot_add; lla
 K-quant products do the same): the float work per sub-block was a third of the integer work.
 Each format's part is its reads' lanes_group, lanes_block and (integer scales) lanes_step.
 """
+from typing import NamedTuple
+
 from backends.llvm.blocks import reads as format_reads
 from backends.llvm.blocks.dot import LANES, wide_lanes
 from backends.llvm.blocks.lanes import Lanes
@@ -43,6 +45,28 @@ def scratch(k, w_types, n: int) -> list[str | None]:
     return [k.scratch(f"<{n} x float>", m) if m else None for m in vectors]
 
 
+class StepPlan(NamedTuple):
+    """What both block-product kernels (this one and few_rows.py) derive of their weights."""
+    formats: list          # each weight's block format
+    read: list             # its reads (blocks/)
+    v: Lanes               # the vectors, one column per lane
+    integer: list          # whether its sub-block scales go in as integers
+    subs: int              # x's blocks per step of the k loop (the largest block's)
+    blocks: str            # x's blocks per row
+    steps: str             # steps of the k loop
+
+
+def step_plan(k, w_types, n: int, target, depth) -> StepPlan:
+    """The k loop's plan for n columns per step and K = depth."""
+    formats = [t.block for t in w_types]
+    read = [format_reads(f) for f in formats]
+    v = Lanes(k, n, target)
+    subs = max(f.sub_blocks for f in formats)
+    shift = BLOCK.bit_length() - 1
+    return StepPlan(formats, read, v, [r.integer and v.integer for r in read], subs, k.op(f"lshr i64 {depth}, {shift}"),
+                    k.op(f"udiv i64 {depth}, {subs * BLOCK}"))
+
+
 def column_lane_sums(k, w_types, rows, cols, target=None, depth="%K", scales=()):
     """{(weight, row, c): sum_k x[row, k] * W[c, k]} for the weight rows (one per lane) at byte
     offsets cols[weight] (x's q8 blocks in the kernel's A, AD, AS). The k loop steps by the
@@ -50,13 +74,8 @@ def column_lane_sums(k, w_types, rows, cols, target=None, depth="%K", scales=())
     over pairs of sub-blocks reads them (unrolled, the 8 sub-blocks' values did not fit the
     registers), a smaller format's blocks in a straight run beside them. `depth` is K: the
     argument, or a constant."""
-    formats = [t.block for t in w_types]
-    read = [format_reads(f) for f in formats]
-    v = Lanes(k, len(cols[0]), target)
-    integer = [r.integer and v.integer for r in read]
-    subs = max(f.sub_blocks for f in formats)  # x's blocks per step
-    blocks = k.op(f"lshr i64 {depth}, {BLOCK.bit_length() - 1}")
-    with k.loop("0", k.op(f"udiv i64 {depth}, {subs * BLOCK}"), hint="step") as step:
+    formats, read, v, integer, subs, blocks, steps = step_plan(k, w_types, len(cols[0]), target, depth)
+    with k.loop("0", steps, hint="step") as step:
         acc = {(i, r): k.carry("zeroinitializer", v.floats) for i in range(len(formats)) for r in range(len(rows))}
         where = []
         for i, f in enumerate(formats):

@@ -68,19 +68,14 @@ class Emitter:
             return self.op(f"icmp ne i8 {v}, 0")
         return v
 
-    def load_bf16_pair(self, ptr: str) -> tuple[str, str]:
-        """Two adjacent bfloat16 values read as one i32 and widened: the low one is (bits << 16),
-        the high one (bits & 0xffff0000), one integer op each."""
-        bits = self.op(f"load i32, ptr {ptr}, align 2")
-        return (self.op(f"bitcast i32 {self.op(f'shl i32 {bits}, 16')} to float"),
-                self.op(f"bitcast i32 {self.op(f'and i32 {bits}, -65536')} to float"))
-
-    def load_bf16_pairs(self, ptr: str, n: int) -> tuple[str, str]:
-        """load_bf16_pair for n adjacent pairs: (<n x float> of the low ones, of the high ones)."""
-        words, v = f"<{n} x i32>", f"<{n} x float>"
+    def load_bf16_pairs(self, ptr: str, n: int = 1) -> tuple[str, str]:
+        """n adjacent pairs of bfloat16 values read as i32s and widened: the low ones are
+        (bits << 16), the high ones (bits & 0xffff0000), one integer op each. Floats for n = 1,
+        else <n x float>s."""
+        words, v = ("i32", "float") if n == 1 else (f"<{n} x i32>", f"<{n} x float>")
+        shift, mask = ("16", "-65536") if n == 1 else (constant(16, n, "i32"), constant(-65536, n, "i32"))
         bits = self.op(f"load {words}, ptr {ptr}, align 2")
-        low = self.op(f"shl {words} {bits}, {constant(16, n, 'i32')}")
-        high = self.op(f"and {words} {bits}, {constant(-65536, n, 'i32')}")
+        low, high = self.op(f"shl {words} {bits}, {shift}"), self.op(f"and {words} {bits}, {mask}")
         return self.op(f"bitcast {words} {low} to {v}"), self.op(f"bitcast {words} {high} to {v}")
 
     def store(self, value: str, ptr: str, d):

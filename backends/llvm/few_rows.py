@@ -15,10 +15,9 @@ Decode costs little or nothing so against the one-row kernel (quantised.block_su
 weights stay in cache; streamed from memory, reading 8 rows interleaved loses up to ~20% on
 some K-quant files (docs/performance.md). TT_BATCH_INVARIANT=0 takes the one-row kernel
 instead (products.batch_invariant)."""
-from backends.llvm.blocks import reads as format_reads
 from backends.llvm.blocks.dot import LANES, SUMS, Block, dot, dot_add, prepare, wide_lanes
 from backends.llvm.blocks.lanes import Lanes
-from backends.llvm.column_lanes import add_offset, add_piece, add_step
+from backends.llvm.column_lanes import add_offset, add_piece, add_step, step_plan
 from backends.llvm.emitter import constant
 from ops import dtypes
 from ops.blocks import BLOCK
@@ -42,14 +41,9 @@ def few_row_sums(k, w_types, rows, cols, ahead, target=None, depth="%K", scales=
     sees the step's rows interleaved, and 1B Q4_0's decode ran at 29 tok/s with a prefetch of
     each row's bytes 4 KiB ahead (the one-row kernel's), 32 with each column's same bytes one
     step ahead, 37-40 so, against the one-row kernel's 37-38, Emerald Rapids.)"""
-    formats = [t.block for t in w_types]
-    read = [format_reads(f) for f in formats]
-    v = Lanes(k, len(cols[0]), target)
-    integer = [r.integer and v.integer for r in read]
-    subs = max(f.sub_blocks for f in formats)  # x's blocks per step
-    blocks = k.op(f"lshr i64 {depth}, {BLOCK.bit_length() - 1}")
+    formats, read, v, integer, subs, blocks, steps = step_plan(k, w_types, len(cols[0]), target, depth)
     pairs = [(i, r) for i in range(len(formats)) for r in range(len(rows))]
-    with k.loop("0", k.op(f"udiv i64 {depth}, {subs * BLOCK}"), hint="step") as step:
+    with k.loop("0", steps, hint="step") as step:
         acc = {x: k.carry("zeroinitializer", v.floats) for x in pairs}
         sums = {x: acc[x].value for x in pairs}
         totals = {x: "zeroinitializer" for x in pairs if integer[x[0]]}  # integer scales: the step's
