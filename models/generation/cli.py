@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from models.generation.constraints import Grammar
 from models.generation.sampling import DEFAULTS, RULES, check_setting, make_sampler
 from models.generation.sequence_cache import CachedSequence
 from models.generation.stops import StopText
@@ -32,6 +33,7 @@ from tinytensor.state import files
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 MAX_PROMPT_BYTES = 16 << 20  # a prompt from a file or stdin; the context bounds it long before
+MAX_GRAMMAR_BYTES = 1 << 20  # a schema or grammar file
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -125,6 +127,11 @@ def parse_args(argv):
     sampling.add_argument("--frequency-penalty", type=_setting("frequency_penalty"),
                           help="subtract this times each token's count so far, -2 to 2 (default: 0)")
     sampling.add_argument("--seed", type=int, help="make sampling reproducible")
+    shape = p.add_argument_group("the reply's shape (one of these; a reply ends only where it is complete)")
+    shape.add_argument("--json-schema", metavar="JSON", help="the reply is JSON valid for this JSON Schema")
+    shape.add_argument("--json-schema-file", type=Path, metavar="PATH", help="--json-schema, read from a file")
+    shape.add_argument("--grammar", metavar="GBNF", help="the reply matches this grammar (llama.cpp's GBNF: root ::= ...)")
+    shape.add_argument("--grammar-file", type=Path, metavar="PATH", help="--grammar, read from a file (.gbnf)")
     p.add_argument("--random-init", action="store_true", help="random weights in --size's exact architecture")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", *(d.name for d in dtypes.BLOCKS)],
                    help="cast the weights, or quantise them at load to a GGUF block type such as q8_0 or q4_0 "
@@ -145,7 +152,25 @@ def parse_args(argv):
         p.error("--system needs the chat template, which --raw leaves out")
     if len(args.stop) > 16:
         p.error(f"{len(args.stop)} --stop strings: give at most 16")
+    shapes = [f"--{name.replace('_', '-')}" for name in ("json_schema", "json_schema_file", "grammar", "grammar_file")
+              if getattr(args, name) is not None]
+    if len(shapes) > 1:
+        p.error(f"give one of {' and '.join(shapes)}: a reply has one shape")
     return args
+
+
+def read_grammar(args) -> Grammar | None:
+    """The reply's grammar from --json-schema(-file) or --grammar(-file), checked before the
+    model loads: a bad one is one line, at once."""
+    if args.json_schema_file is not None:
+        return Grammar.json_schema(files.read_text(args.json_schema_file, MAX_GRAMMAR_BYTES))
+    if args.grammar_file is not None:
+        return Grammar.gbnf(files.read_text(args.grammar_file, MAX_GRAMMAR_BYTES))
+    if args.json_schema is not None:
+        return Grammar.json_schema(args.json_schema)
+    if args.grammar is not None:
+        return Grammar.gbnf(args.grammar)
+    return None
 
 
 def read_prompt(args) -> str:
@@ -182,6 +207,7 @@ def run(args, group=SINGLE) -> None:
     from models.llama3 import load
 
     images = [open_image(path) for path in args.image]  # a bad image fails now, not after loading
+    grammar = read_grammar(args)  # as does a bad schema or grammar
     if group.size > 1 and args.seed is None:  # every rank must draw the same tokens
         args.seed = group.broadcast(secrets.randbits(63))
     start = time.perf_counter()
@@ -196,7 +222,8 @@ def run(args, group=SINGLE) -> None:
     for name in DEFAULTS:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
-    sampler = make_sampler(**settings, seed=args.seed)
+    constraint = grammar.start(tok, stop_ids) if grammar else None
+    sampler = make_sampler(**settings, seed=args.seed, constraint=constraint)
     use_chat = not args.raw and not args.random_init and has_chat_format(tok)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     conversation = None  # a chat's cache: each turn computes only what the previous turns did not
@@ -214,6 +241,8 @@ def run(args, group=SINGLE) -> None:
     def reply(ids, load_s=None) -> str:
         """Stream one reply; Ctrl-C stops it (in a chat, the conversation goes on)."""
         t0, prefill_s, prefilled_at, fresh = time.perf_counter(), None, None, len(ids)
+        if constraint is not None:  # each reply is one whole match of the grammar
+            constraint.reset()
         computed = conversation.computed if conversation else 0
 
         def prefill_done():

@@ -1,6 +1,8 @@
 """Choosing the next token from logits. The order follows Hugging Face's generate, OpenAI's
 fields first: logit bias, repetition penalty, presence and frequency penalties, temperature,
-then top-k, top-p and min-p filters, then a draw."""
+then top-k, top-p and min-p filters, then a draw. A constraint (models/generation/constraints.py)
+masks the tokens its grammar does not allow before any of them: greedy takes the best allowed
+token, and the filters see only allowed ones."""
 from collections import Counter
 
 import numpy as np
@@ -52,13 +54,14 @@ def check_logit_bias(bias: dict, vocab_size: int | None = None) -> dict[int, flo
 def make_sampler(temperature=DEFAULTS["temperature"], top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"],
                  min_p=DEFAULTS["min_p"], repetition_penalty=DEFAULTS["repetition_penalty"],
                  presence_penalty=DEFAULTS["presence_penalty"], frequency_penalty=DEFAULTS["frequency_penalty"],
-                 logit_bias=None, seed=None):
+                 logit_bias=None, seed=None, constraint=None):
     """A function (logits, history of ids) -> next id. temperature 0 is greedy.
 
     As OpenAI defines them: logit_bias ({id: bias}) is added to the logits (-100 bans the token);
     presence_penalty is subtracted from the logit of every token this sampler has chosen before
     (its reply so far; a CLI chat's replies), frequency_penalty times how often it chose it. The
-    repetition penalty (Hugging Face's) divides the scores of every token in the history."""
+    repetition penalty (Hugging Face's) divides the scores of every token in the history.
+    constraint: a Constraint for this one reply (a sampler with one serves one reply)."""
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     for name, value in settings.items():
@@ -83,6 +86,10 @@ def make_sampler(temperature=DEFAULTS["temperature"], top_k=DEFAULTS["top_k"], t
                 logits[ids] -= presence_penalty + frequency_penalty * np.fromiter(chosen.values(), np.float64, len(ids))
             # a penalty can overflow a logit (x / 1e-308): an infinite one is the best, finite
             logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
+            if constraint is not None:
+                constraint.mask(logits)
+                if np.isneginf(logits).all():
+                    raise RuntimeError("logit_bias bans every token the grammar allows here")
             if temperature == 0:
                 return int(np.argmax(logits))
             logits = (logits - logits.max()) / temperature  # a tiny temperature: all but the best -inf
@@ -101,6 +108,8 @@ def make_sampler(temperature=DEFAULTS["temperature"], top_k=DEFAULTS["top_k"], t
 
     def sample(logits: np.ndarray, history: list[int]) -> int:
         token = choose(logits, history)
+        if constraint is not None:
+            constraint.advance(token)
         chosen[token] += 1
         return token
 

@@ -173,6 +173,7 @@ def test_make_checkpoint_block_types_are_gguf_only(tmp_path):
 
 
 @pytest.mark.parametrize("tool", ["tools.fetch", "tools.tokenize", "tools.make_checkpoint", "tools.bench", "tools.perplexity",
+                                  "tools.bench_constraints",
                                   "models.llama3"])
 def test_help_exits_cleanly(tool):
     result = subprocess.run([sys.executable, "-m", tool, "--help"], capture_output=True, text=True, timeout=120)
@@ -316,4 +317,35 @@ def test_stop_ends_a_reply_before_its_text(smollm2_path):
     (["--file", "/nonexistent/q.txt"], ["q.txt", "missing"]),
 ])
 def test_options_that_would_be_ignored_are_refused(tiny_gguf, args, words):
+    assert_one_line_error(run("--checkpoint", str(tiny_gguf), *args), *words)
+
+
+def test_json_schema_and_grammar_shape_the_reply(smollm2_path, tmp_path):
+    """--json-schema(-file): the reply is JSON valid for the schema; --grammar(-file): it matches
+    the GBNF; a bad one is one line before the model loads."""
+    jsonschema = pytest.importorskip("jsonschema", reason="the jsonschema oracle is a test dependency")
+    import json
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                              "age": {"type": "integer", "minimum": 0, "maximum": 130}},
+              "required": ["name", "age"], "additionalProperties": False}
+    model = ["--checkpoint", str(smollm2_path), "--prompt", "A 30 year old named Bob, as JSON.", "--max-tokens", "60"]
+    inline = greedy(*model, "--json-schema", json.dumps(schema))
+    assert inline.returncode == 0, inline.stderr
+    jsonschema.validate(json.loads(inline.stdout), schema)
+    (tmp_path / "person.json").write_text(json.dumps(schema), encoding="utf-8")
+    assert greedy(*model, "--json-schema-file", str(tmp_path / "person.json")).stdout == inline.stdout
+    (tmp_path / "yes.gbnf").write_text('root ::= ("yes" | "no") "."\n', encoding="utf-8")
+    for shape in (["--grammar", 'root ::= ("yes" | "no") "."'], ["--grammar-file", str(tmp_path / "yes.gbnf")]):
+        answer = greedy("--checkpoint", str(smollm2_path), "--prompt", "Is Paris in France?", *shape)
+        assert answer.returncode == 0 and answer.stdout in ("yes.\n", "no.\n"), answer.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--json-schema", '{"type": "object"'], ["JSON schema is not valid JSON"]),
+    (["--json-schema", '{"type": "objec"}'], ["JSON schema cannot be used", "objec"]),
+    (["--grammar", "root ::= missing"], ["grammar cannot be read", "missing"]),
+    (["--grammar-file", "/nonexistent/g.gbnf"], ["g.gbnf", "missing"]),
+    (["--json-schema", "{}", "--grammar", 'root ::= "a"'], ["a reply has one shape"]),
+])
+def test_a_bad_schema_or_grammar_is_one_line(tiny_gguf, args, words):
     assert_one_line_error(run("--checkpoint", str(tiny_gguf), *args), *words)

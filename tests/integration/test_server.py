@@ -271,7 +271,14 @@ def test_models_health_and_tokens(server):
     # what an application sends and this server does not implement is refused, never dropped
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools is not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, "response_format 'json_object'"),
+                              "response_format": {"type": "xml"}}, "response_format type 'xml'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}}, "Invalid type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "grammar": 'root ::= "a"',
+                              "response_format": {"type": "json_object"}}, "give one of response_format and grammar"),
+    ("/v1/completions", {"prompt": "hi", "grammar": "root ::= nothing"}, "'nothing' not found"),
+    ("/v1/completions", {"prompt": "hi", "grammar": 'root ::= "a"', "ignore_eos": True}, "leave out ignore_eos"),
+    ("/v1/completions", {"prompt": "hi", "json_schema": "{"}, "not valid JSON"),
     ("/v1/completions", {"prompt": "hi", "suffix": "!"}, "suffix is not supported"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of must be 1"),
     ("/v1/completions", {"prompt": "hi", "messages": []}, "messages is not supported"),
@@ -510,6 +517,56 @@ def test_n_choices_stream_interleaved(client):
         got[p.choices[0].index] += p.choices[0].text
     done = client.completions.create(model="m", prompt=["Once upon a", "The sky is"], max_tokens=3, temperature=0, n=2)
     assert got == [c.text for c in done.choices]
+
+
+# ---- structured output ------------------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                                          "languages": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                                        "maxItems": 3}},
+          "required": ["name", "age", "languages"], "additionalProperties": False}
+CITY = {"$defs": {"place": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                             "country": {"enum": ["France", "Italy", "Spain", "other"]}},
+                            "required": ["city", "country"], "additionalProperties": False}},
+        "type": "object", "properties": {"capital": {"$ref": "#/$defs/place"}, "is_large": {"type": "boolean"},
+                                         "population_millions": {"anyOf": [{"type": "number", "minimum": 0,
+                                                                            "maximum": 100}, {"type": "null"}]}},
+        "required": ["capital", "is_large", "population_millions"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("schema, question", [
+    (PERSON, "Describe a French programmer as JSON."),
+    (CITY, "What is the capital of France? Answer in JSON."),
+])
+def test_json_schema_replies_validate(client, schema, question):
+    """response_format json_schema, greedy and sampled, streamed and not: each reply parses and
+    is valid for its schema (jsonschema the oracle); streamed and whole replies are the same."""
+    jsonschema = pytest.importorskip("jsonschema", reason="the jsonschema oracle is a test dependency")
+    shape = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        whole = chat(client, question, max_tokens=160, response_format=shape, **kw).choices[0]
+        assert whole.finish_reason == "stop", whole.message.content
+        jsonschema.validate(json.loads(whole.message.content), schema)
+        text, finish = streamed_chat(client, question, max_tokens=160, response_format=shape, **kw)
+        assert (text, finish) == (whole.message.content, "stop")
+
+
+def test_json_object_and_grammar_replies(client):
+    """json_object: any JSON object; llama-server's grammar (GBNF) and json_schema fields, on
+    completions too."""
+    reply = chat(client, "Reply in JSON with the keys name and age for a 30 year old named Bob.", max_tokens=100,
+                 temperature=0, response_format={"type": "json_object"}).choices[0]
+    assert reply.finish_reason == "stop" and isinstance(json.loads(reply.message.content), dict)
+    yes_no = chat(client, "Is Paris in France?", max_tokens=8, temperature=0,
+                  extra_body={"grammar": 'root ::= ("yes" | "no") "."'}).choices[0]
+    assert yes_no.message.content in ("yes.", "no.") and yes_no.finish_reason == "stop"
+    numbers = client.completions.create(model="m", prompt="Count: one, two,", max_tokens=40, temperature=1.0, seed=2,
+                                        n=3, extra_body={"json_schema": {"type": "array", "items": {
+                                            "type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 4}})
+    for c in numbers.choices:
+        values = json.loads(c.text)
+        assert isinstance(values, list) and len(values) <= 4 and all(0 <= v <= 9 for v in values)
 
 
 # ---- what operators and browsers use --------------------------------------------------------------

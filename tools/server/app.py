@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from models.generation.constraints import GrammarError
 from models.generation.engine import Busy, Engine, Request
 from models.generation.pooling import pool
 from models.generation.sampling import make_sampler
@@ -86,13 +87,16 @@ class EngineError(RuntimeError):
 class Job:
     """One prompt in the engine; its events arrive on this event loop's queue."""
 
-    def __init__(self, server: Server, ids, settings: dict, stop_ids, logprobs=None, echo=False, choice: int = 0):
+    def __init__(self, server: Server, ids, settings: dict, stop_ids, logprobs=None, echo=False, choice: int = 0,
+                 constraint=None):
         """choice: which of the request's n choices; with a seed, choice 0 draws as a request of
-        n = 1 would, the others from the seed and their index."""
+        n = 1 would, the others from the seed and their index. constraint: the reply's grammar
+        (models.generation.constraints), one per job."""
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         max_tokens = settings["max_tokens"] or server.model.context  # the context ends it first
         seed = settings["seed"] if settings["seed"] is None or choice == 0 else [settings["seed"], choice]
-        self.request = Request(list(ids), max_tokens, make_sampler(**settings["sampling"], seed=seed),
+        self.request = Request(list(ids), max_tokens,
+                               make_sampler(**settings["sampling"], seed=seed, constraint=constraint),
                                lambda kind, payload: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload)),
                                frozenset() if settings["ignore_eos"] else frozenset(stop_ids), logprobs, echo)
         server.engine.submit(self.request)  # Busy or ValueError go to the handler
@@ -128,11 +132,11 @@ class Job:
 
 
 def submitted(make_job, asked: list) -> list[Job]:
-    """A job per (ids, choice), all or none: on Busy the ones queued already would run for nobody."""
+    """A job per (ids, choice) (make_job(i, ids, choice), i its place in asked), all or none: on Busy the ones queued already would run for nobody."""
     jobs = []
     try:
-        for ids, choice in asked:
-            jobs.append(make_job(ids, choice))
+        for i, (ids, choice) in enumerate(asked):
+            jobs.append(make_job(i, ids, choice))
     except Busy:
         for job in jobs:
             job.request.cancel()
@@ -197,6 +201,18 @@ def make_app(server: Server) -> Starlette:
         s["sampling"] = protocol.sampling(body, server.defaults["sampling"], server.model.n_token_ids)
         return s
 
+    async def constraints(s: dict, count: int) -> list:
+        """A constraint per choice when the request gives the reply a shape, else Nones (on a
+        thread: a vocabulary's first grammar takes a few tenths of a second to prepare)."""
+        if s["grammar"] is None:
+            return [None] * count
+        stop_ids = frozenset() if s["ignore_eos"] else server.defaults["stop_ids"]
+        try:
+            return await asyncio.to_thread(lambda: [s["grammar"].start(server.model.tokenizer, stop_ids)
+                                                    for _ in range(count)])
+        except GrammarError as e:
+            raise BadRequest(str(e), "ignore_eos" if s["ignore_eos"] else None) from None
+
     async def collected(job: Job, chunks, request: HTTPRequest) -> list[dict]:
         """A reply's chunks, gathered for a non-streaming answer; a client gone away cancels it."""
         async def watch():
@@ -226,7 +242,8 @@ def make_app(server: Server) -> Starlette:
                 "model": server.name}
         # choice index: prompt * n + choice, as OpenAI numbers them
         asked = [(ids, choice) for ids in prompts for choice in range(s["n"])]
-        jobs = submitted(lambda ids, choice: Job(server, ids, s, stop_ids, k, echo, choice), asked)
+        shapes = await constraints(s, len(asked))
+        jobs = submitted(lambda i, ids, choice: Job(server, ids, s, stop_ids, k, echo, choice, shapes[i]), asked)
         if s["stream"]:
             return event_stream(interleaved(jobs, [_completion_chunks(job, tok, s, head, ids, k)
                                                    for job, (ids, _) in zip(jobs, asked)], sum(map(len, prompts))))
@@ -253,7 +270,9 @@ def make_app(server: Server) -> Starlette:
         head = {"id": protocol.new_id("chatcmpl"), "created": protocol.now(), "model": server.name}
         if s["n"] > server.queue:
             raise BadRequest(f"n = {s['n']} choices, but the queue holds {server.queue} (the server's --queue)", "n")
-        jobs = submitted(lambda ids, choice: Job(server, ids, s, server.defaults["stop_ids"], k, choice=choice),
+        shapes = await constraints(s, s["n"])
+        jobs = submitted(lambda i, ids, choice: Job(server, ids, s, server.defaults["stop_ids"], k, choice=choice,
+                                                    constraint=shapes[i]),
                          [(ids, choice) for choice in range(s["n"])])
         if s["stream"]:
             return event_stream(interleaved(jobs, [_chat_chunks(job, tok, s, head, len(ids), k) for job in jobs],

@@ -2,7 +2,7 @@
 engine's tokens turned into its response objects. No HTTP here (tools/server/app.py does that).
 
 A field this server does not implement is a 400 naming it (an application that sends
-`tools` or `response_format` must not get plain text as if it had been heard), except the ones
+`tools` must not get plain text as if it had been heard), except the ones
 OpenAI's API defines as hints or bookkeeping (`user`, `metadata`, `store`...), which change no
 token. A field it uses with the wrong type or out of range is a 400 with a message naming it.
 """
@@ -10,11 +10,12 @@ import base64
 import time
 import uuid
 
+from models.generation.constraints import Grammar, GrammarError
 from models.generation.sampling import RULES, check_logit_bias
 
 SETTINGS = tuple(RULES)  # the sampler's settings, each a request field
 COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "stream", "stream_options",
-                 "logprobs", "logit_bias", "ignore_eos", *SETTINGS}
+                 "logprobs", "logit_bias", "ignore_eos", "json_schema", "grammar", *SETTINGS}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
@@ -58,17 +59,12 @@ def flag(body, name) -> bool:
 
 
 def refuse_unknown(body: dict, fields: set) -> None:
-    """A 400 for the first field (by name) this endpoint does not implement, and for values of
-    response_format and best_of other than the ones that ask for nothing."""
+    """A 400 for the first field (by name) this endpoint does not implement, and for a best_of
+    other than the one that asks for nothing."""
     for name in sorted(body):
         if name not in fields and name not in HINTS:
             raise BadRequest(f"{name} is not supported by this server: leave it out (fields it would ignore are "
                              f"refused, not dropped)", name)
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        kind = response_format.get("type") if isinstance(response_format, dict) else response_format
-        raise BadRequest(f"response_format {kind!r} is not supported by this server yet: only {{'type': 'text'}}",
-                         "response_format")
     if body.get("best_of") not in (None, 1):
         raise BadRequest("best_of must be 1: this server returns the choices it generates", "best_of")
 
@@ -97,6 +93,39 @@ def sampling(body: dict, defaults: dict, vocab_size: int) -> dict:
     return settings
 
 
+def reply_grammar(body: dict) -> Grammar | None:
+    """What the reply must match: OpenAI's response_format (json_object; json_schema with its
+    json_schema.schema), or llama-server's json_schema (a schema) and grammar (GBNF). One of
+    them at most."""
+    given = [name for name in ("response_format", "json_schema", "grammar") if body.get(name) is not None]
+    if len(given) > 1:
+        raise BadRequest(f"give one of {' and '.join(given)}: a reply has one shape", given[1])
+    try:
+        if body.get("grammar") is not None:
+            if not isinstance(body["grammar"], str):
+                raise BadRequest("grammar must be a string of GBNF rules (root ::= ...)", "grammar")
+            return Grammar.gbnf(body["grammar"])
+        if body.get("json_schema") is not None:
+            return Grammar.json_schema(body["json_schema"])
+        return _response_format(body.get("response_format"))
+    except GrammarError as e:
+        raise BadRequest(str(e), given[0]) from None
+
+
+def _response_format(value) -> Grammar | None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":  # llama-server lets it carry a schema too
+        return Grammar.json_object() if value.get("schema") is None else Grammar.json_schema(value["schema"])
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise BadRequest("response_format json_schema needs json_schema: {name, schema}", "response_format")
+        return Grammar.json_object() if spec.get("schema") is None else Grammar.json_schema(spec["schema"])
+    raise BadRequest(f"response_format type {kind!r}: give text, json_object or json_schema", "response_format")
+
+
 def common(body: dict) -> dict:
     """The fields both endpoints share."""
     n = _number(body, "n", lo=1, hi=MAX_CHOICES, whole=True, default=1)
@@ -114,6 +143,7 @@ def common(body: dict) -> dict:
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
     return {"max_tokens": _number(body, name, lo=1, whole=True), "stop": stop, "seed": seed, "n": n,
+            "grammar": reply_grammar(body),
             "stream": flag(body, "stream"), "include_usage": bool(options.get("include_usage")),
             "ignore_eos": flag(body, "ignore_eos")}  # llama-server's and vLLM's: generate max_tokens
 
