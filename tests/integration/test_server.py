@@ -269,7 +269,15 @@ def test_models_health_and_tokens(server):
     ("/v1/completions", {}, "prompt"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     # what an application sends and this server does not implement is refused, never dropped
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": []}, "list of 1 to 128"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     "tool_choice needs tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}],
+        "tool_choice": "required"}, "Invalid type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}},
+     "give tools or a reply's shape"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "xml"}}, "response_format type 'xml'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
@@ -567,6 +575,57 @@ def test_json_object_and_grammar_replies(client):
     for c in numbers.choices:
         values = json.loads(c.text)
         assert isinstance(values, list) and len(values) <= 4 and all(0 <= v <= 9 for v in values)
+
+
+# ---- tool calls ------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a timezone",
+    "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 30}}, "required": ["tz"],
+                   "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_a_forced_tool_call_has_valid_arguments(client, choice):
+    """required or a named function: the reply is a call (finish tool_calls) of an offered
+    function (the named one) whose arguments are valid for its parameters; streamed, the same
+    call arrives as tool_calls deltas."""
+    jsonschema = pytest.importorskip("jsonschema", reason="the jsonschema oracle is a test dependency")
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    ask = dict(tools=[WEATHER, CLOCK], tool_choice=choice, parallel_tool_calls=False, max_tokens=80)
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 7}):
+        whole = chat(client, "What's the weather in Paris?", **ask, **kw).choices[0]
+        assert whole.finish_reason == "tool_calls" and whole.message.content is None
+        (call,) = whole.message.tool_calls
+        assert call.type == "function" and call.id and (call.function.name == "get_time" or choice == "required")
+        jsonschema.validate(json.loads(call.function.arguments), parameters[call.function.name])
+        chunks = list(chat(client, "What's the weather in Paris?", stream=True, **ask, **kw))
+        deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == \
+            [(0, call.function.name, call.function.arguments)]
+
+
+def test_a_tool_result_goes_back_and_none_leaves_tools_out(client):
+    """The call and the tool's result in the conversation are accepted (the next reply is a
+    call or text); tool_choice none answers in text, as without tools."""
+    question = [{"role": "user", "content": "What's the weather in Paris?"}]
+    ask = dict(model="m", tools=[WEATHER], parallel_tool_calls=False, max_tokens=40, temperature=0)
+    call = client.chat.completions.create(messages=question, tool_choice="required", **ask).choices[0].message
+    after = question + [call.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": '{"celsius": 21}'}]
+    reply = client.chat.completions.create(messages=after, **ask).choices[0]
+    assert reply.finish_reason in ("tool_calls", "stop", "length")
+    assert (reply.message.tool_calls is not None) == (reply.finish_reason == "tool_calls")
+    plain = client.chat.completions.create(messages=question, tool_choice="none", **ask).choices[0].message
+    assert plain.tool_calls is None
+    assert plain.content == chat(client, "What's the weather in Paris?", max_tokens=40, temperature=0
+                                 ).choices[0].message.content
 
 
 # ---- what operators and browsers use --------------------------------------------------------------

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from models.generation.constraints import GrammarError
+from models.generation.constraints import Grammar, GrammarError
 from models.generation.engine import Busy, Engine, Request
 from models.generation.pooling import pool
 from models.generation.sampling import make_sampler
@@ -261,9 +261,20 @@ def make_app(server: Server) -> Starlette:
         s, tok = settings(body, protocol.CHAT_FIELDS), server.model.tokenizer
         k = protocol.logprobs_wanted(body, chat=True)
         messages = protocol.chat_messages(body)
-        check_fits([m["content"] for m in messages], "messages")
+        tools = protocol.chat_tools(body, messages, tok)
+        messages = tools.messages(messages) if tools else messages
+        if tools and tools.schema() is not None:
+            if s["grammar"] is not None:
+                raise BadRequest("give tools or a reply's shape (response_format, json_schema, grammar), not both "
+                                 "(tool_choice none leaves the tools out)", "tools")
+            try:
+                s["grammar"] = Grammar.json_schema(tools.schema())
+            except GrammarError as e:
+                raise BadRequest(f"the tools' parameters: {e}", "tools") from None
+        check_fits(protocol.message_texts(messages, tools), "messages")
         try:  # on a thread: the template renders in a child process, bounded in time and memory
-            ids = await asyncio.to_thread(chat_tokens, tok, messages, server.render)
+            ids = await asyncio.to_thread(chat_tokens, tok, messages, server.render,
+                                          tools.template_tools() if tools else None)
         except ValueError as e:  # the template refused or failed, or a message forges a control token
             raise BadRequest(f"the chat template could not render these messages: {e}", "messages") from None
         ids = check_prompt(ids)
@@ -275,16 +286,21 @@ def make_app(server: Server) -> Starlette:
                                                     constraint=shapes[i]),
                          [(ids, choice) for choice in range(s["n"])])
         if s["stream"]:
-            return event_stream(interleaved(jobs, [_chat_chunks(job, tok, s, head, len(ids), k) for job in jobs],
-                                            len(ids)))
+            return event_stream(interleaved(jobs, [_chat_chunks(job, tok, s, head, len(ids), k, tools)
+                                                   for job in jobs], len(ids)))
         whole = {**s, "include_usage": False}
-        replies = await asyncio.gather(*(collected(job, _chat_chunks(job, tok, whole, head, len(ids), k), request)
-                                         for job in jobs))
+        replies = await asyncio.gather(*(collected(job, _chat_chunks(job, tok, whole, head, len(ids), k, tools),
+                                                   request) for job in jobs))
         choices = []
         for i, chunks in enumerate(replies):
+            deltas = [c["choices"][0]["delta"] for c in chunks]
             entries = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
-            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+            calls = [call for d in deltas for call in d.get("tool_calls", [])]
+            message = {"role": "assistant", "content": "".join(d.get("content", "") for d in deltas) or
+                       (None if calls else "")}
+            if calls:
+                message["tool_calls"] = [{key: c[key] for key in ("id", "type", "function")} for c in calls]
+            choices.append({"index": i, "message": message,
                             "logprobs": {"content": entries} if k is not None else None,
                             "finish_reason": chunks[-1]["choices"][0]["finish_reason"]})
         return JSONResponse({**head, "object": "chat.completion", "choices": choices,
@@ -522,18 +538,35 @@ async def _completion_chunks(job, tok, s, head, ids, k):
         yield {**head, "choices": [], "usage": protocol.usage(len(ids), job.request.generated)}
 
 
-async def _chat_chunks(job, tok, s, head, n_prompt, k):
-    """The chunks of a chat reply: the role, the text, the finish."""
+async def _chat_chunks(job, tok, s, head, n_prompt, k, tools=None):
+    """The chunks of a chat reply: the role, the text, the finish. With tools, text that may
+    still become a call is held back; at the end a call is sent as tool_calls deltas (finish
+    "tool_calls"), anything else as content."""
     def chunk(delta, logprobs=None, reason=None):
         return {**head, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
     yield chunk({"role": "assistant", "content": ""})
+    holding, held, held_entries = tools is not None, "", []
     async for event in job.events(tok, s["stop"]):
         if event[0] == "text" and (event[1] or event[2]):
-            entries = {"content": [protocol.chat_logprob(tok, t) for t in event[2]]} if k is not None else None
-            yield chunk({"content": event[1]}, entries)
+            entries = [protocol.chat_logprob(tok, t) for t in event[2]] if k is not None else None
+            if holding:
+                held, held_entries = held + event[1], held_entries + (entries or [])
+                if tools.may_be_call(held):
+                    continue
+                holding, event, entries = False, ("text", held), held_entries
+            yield chunk({"content": event[1]}, {"content": entries} if k is not None else None)
         elif event[0] == "done":
-            yield chunk({}, None, event[1])
+            reason, logprobs = event[1], {"content": held_entries} if k is not None else None
+            if holding:
+                content, calls = tools.read(held)
+                if calls:
+                    yield chunk({"tool_calls": [{"index": i, "id": protocol.new_id("call"), "type": "function",
+                                                 "function": call} for i, call in enumerate(calls)]}, logprobs)
+                    reason = "tool_calls"
+                elif content:
+                    yield chunk({"content": content}, logprobs)
+            yield chunk({}, None, reason)
     if s["include_usage"]:
         yield {**head, "object": "chat.completion.chunk", "choices": [],
                "usage": protocol.usage(n_prompt, job.request.generated)}

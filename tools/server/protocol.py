@@ -7,16 +7,19 @@ OpenAI's API defines as hints or bookkeeping (`user`, `metadata`, `store`...), w
 token. A field it uses with the wrong type or out of range is a 400 with a message naming it.
 """
 import base64
+import json
 import time
 import uuid
 
 from models.generation.constraints import Grammar, GrammarError
 from models.generation.sampling import RULES, check_logit_bias
+from models.text.tool_calls import ToolError, Tools, read_tool_messages, read_tools
 
 SETTINGS = tuple(RULES)  # the sampler's settings, each a request field
 COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "stream", "stream_options",
                  "logprobs", "logit_bias", "ignore_eos", "json_schema", "grammar", *SETTINGS}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools", "tool_choice",
+                               "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
 MAX_INPUTS = 256  # embeddings per request
@@ -240,6 +243,23 @@ def chat_messages(body: dict) -> list[dict]:
             raise BadRequest("a message's content must be a string or a list of text parts", "messages")
         out.append({"role": m["role"], "content": content})
     return out
+
+
+def chat_tools(body: dict, messages: list[dict], tokenizer) -> Tools | None:
+    """The request's tools (None without them, or with tool_choice none), and the tool calls and
+    results in its messages added to messages (in place)."""
+    try:
+        messages[:] = read_tool_messages(messages, body["messages"], tokenizer.special)
+        return read_tools(body, tokenizer.chat_template, tokenizer.special)
+    except ToolError as e:
+        raise BadRequest(str(e), "tools") from None
+
+
+def message_texts(messages: list[dict], tools: Tools | None) -> list[str]:
+    """The text a conversation brings to the prompt, to bound it before it is tokenized."""
+    texts = [m["content"] for m in messages]
+    texts += [json.dumps(c["function"]) for m in messages for c in m.get("tool_calls", [])]
+    return texts + ([json.dumps(tools.template_tools())] if tools and tools.template_tools() else [])
 
 
 def logprobs_wanted(body: dict, chat: bool) -> int | None:
