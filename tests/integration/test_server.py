@@ -426,7 +426,9 @@ def test_api_key_and_a_full_queue(smollm2_path):
     running = Running("--checkpoint", str(smollm2_path), "--parallel", "1", "--queue", "1", "--api-key", "s3cret")
     try:
         assert running.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 401
-        assert running.get("/health")[0] == 200  # health needs no key
+        assert running.get("/health")[0] == 200  # health needs no key, nor does the chat page's text
+        with urllib.request.urlopen(running.url + "/", timeout=60) as r:
+            assert r.status == 200 and b"composer" in r.read()
         key = {"Authorization": "Bearer s3cret"}
         statuses = []
 
@@ -674,3 +676,83 @@ def test_cors_is_off_by_default_and_answers_its_origin(server, smollm2_path):
         assert preflight(running) == (200, "http://app.example")
     finally:
         running.stop()
+
+
+# ---- the chat page -----------------------------------------------------------------------------------
+
+def fetched(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def test_the_chat_page_is_served_with_its_policy(server):
+    """/ and its script and style, each with its type and a policy that lets the page reach this
+    server only; any other name under /page/ is a 404 (no path reaches the server's files)."""
+    status, headers, html = fetched(server.url + "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "connect-src 'self'" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
+    for part in (b'id="conversation"', b'id="composer"', b'id="stop"', b'id="stats"', b'id="temperature"',
+                 b'src="/page/chat.js"', b'href="/page/chat.css"'):
+        assert part in html
+    status, headers, script = fetched(server.url + "/page/chat.js")
+    assert status == 200 and headers["content-type"].startswith("text/javascript")
+    assert b"/v1/chat/completions" in script and b"innerHTML" not in script  # model text goes in as text
+    assert fetched(server.url + "/page/chat.css")[0] == 200
+    for name in ("/page/app.py", "/page/..%2Fapp.py", "/page/%2E%2E%2F__init__.py", "/page/"):
+        assert fetched(server.url + name)[0] == 404, name
+
+
+def test_the_chat_page_in_a_browser(server, client):
+    """Debian's Chromium, driven by Playwright: type a message, see the streamed answer (the API's
+    greedy answer) and the stats line; a second turn carries the first; Stop ends a reply and frees
+    its slot; no script errors."""
+    import shutil
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium to drive: apt-get install chromium (Debian's package)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright drives the browser: pip install -e '.[test]'")
+    want = chat(client, QUESTION, max_tokens=24, temperature=0).choices[0].message.content
+    story = "Write a long story about a dragon."  # with this seed, 400 tokens long: time to press Stop
+    assert chat(client, story, max_tokens=400, temperature=1.0, seed=1).choices[0].finish_reason == "length"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page, errors = browser.new_page(), []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(server.url + "/")
+            expect = sync_api.expect
+            expect(page.locator("#model")).not_to_have_text("…")
+            page.click("#settings summary")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "24")
+            page.fill("#message", QUESTION)
+            page.press("#message", "Enter")
+            expect(page.locator("#stats")).to_contain_text("tok/s", timeout=60_000)
+            expect(page.locator(".assistant").first).to_have_text(want)
+            assert "prompt" in page.text_content("#stats") and page.input_value("#message") == ""
+
+            page.fill("#message", "And of Italy?")
+            page.click("#send")
+            expect(page.locator(".assistant")).to_have_count(2)
+            expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+            assert page.locator(".user").count() == 2 and page.text_content(".assistant >> nth=1")
+
+            page.click("#new-chat")
+            expect(page.locator(".message")).to_have_count(0)
+            page.fill("#temperature", "1")
+            page.fill("#seed", "1")
+            page.fill("#max_tokens", "400")
+            page.fill("#message", story)
+            page.click("#send")
+            expect(page.locator(".assistant")).not_to_have_text("", timeout=60_000)
+            page.click("#stop")
+            expect(page.locator(".assistant")).to_have_class("message assistant stopped")
+            expect(page.locator("#stats")).to_contain_text("stopped")
+            assert wait_for_idle(server)
+            assert errors == []
+        finally:
+            browser.close()

@@ -14,13 +14,14 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request as HTTPRequest
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from models.generation.constraints import Grammar, GrammarError
@@ -74,6 +75,15 @@ class Server:
         if self.engine:
             self.engine.stop()
         self.render.close()
+
+
+PAGE = Path(__file__).parent / "page"
+PAGE_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
+              "chat.css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                           "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                                           "frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 def _error(status: int, message: str, kind="invalid_request_error", param=None, headers=None) -> JSONResponse:
@@ -156,9 +166,10 @@ def make_app(server: Server) -> Starlette:
             raise BadRequest("the body must be a JSON object")
         return body
 
-    def guarded(handler, needs_model=True):
+    def guarded(handler, needs_model=True, public=False):
+        """public: answered without the API key (/health, the chat page's static files)."""
         async def run(request: HTTPRequest):
-            if server.api_key is not None and request.url.path != "/health":
+            if server.api_key is not None and not public:
                 given = request.headers.get("authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
                     return _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
@@ -345,6 +356,14 @@ def make_app(server: Server) -> Starlette:
             lambda: [pool(model.hidden_states(ids), server.pooling, server.normalize) for ids in inputs]))
         return JSONResponse(protocol.embeddings_response(vectors, fmt, server.name, sum(map(len, inputs))))
 
+    async def page_file(request: HTTPRequest):
+        """The chat page (tools/server/page/): its three files, by name only. The page calls this
+        server's API and nothing else (its Content-Security-Policy says so)."""
+        name = request.path_params.get("name", "index.html")
+        if name not in PAGE_FILES:
+            return _error(404, f"GET {request.url.path}: Not Found")
+        return Response((PAGE / name).read_bytes(), media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
     async def tokenize(request: HTTPRequest):  # vLLM's and llama-server's field names both
         body = await body_of(request)
         text = body.get("prompt", body.get("content"))
@@ -381,7 +400,9 @@ def make_app(server: Server) -> Starlette:
               Route("/v1/models", guarded(models), methods=["GET"]),
               Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
               Route("/metrics", guarded(metrics_text), methods=["GET"]),
-              Route("/health", guarded(health, needs_model=False), methods=["GET"]),
+              Route("/health", guarded(health, needs_model=False, public=True), methods=["GET"]),
+              Route("/", guarded(page_file, needs_model=False, public=True), methods=["GET"]),
+              Route("/page/{name}", guarded(page_file, needs_model=False, public=True), methods=["GET"]),
               Route("/tokenize", guarded(tokenize), methods=["POST"]),
               Route("/detokenize", guarded(detokenize), methods=["POST"]),
               Route("/tokenizer_info", guarded(tokenizer_info), methods=["GET"])]
@@ -407,7 +428,7 @@ class Accounted:
     /metrics by path and status, and one access-log line on stderr when the end of its response
     has gone out."""
     KNOWN = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/tokenize", "/detokenize",
-             "/tokenizer_info", "/metrics"}
+             "/tokenizer_info", "/metrics", "/", "/v1/embeddings"}
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
@@ -426,7 +447,8 @@ class Accounted:
         finally:
             seconds, path = time.perf_counter() - start, scope["path"]
             # other paths count together: a scanner's names are no labels
-            label = path if path in self.KNOWN else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+            label = path if path in self.KNOWN else "/v1/models/{id}" if path.startswith("/v1/models/") \
+                else "/page/{name}" if path.startswith("/page/") else "other"
             self.server.requests.add(label, status[0], seconds)
             if self.server.access_log:
                 client = scope["client"][0] if scope.get("client") else "-"
