@@ -28,6 +28,12 @@ from tinytensor.errors import UserError
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+# llguidance's limits, but for the items of one parser row: an object's optional properties take
+# ~4 each, and its default (2,000) fails objects of 500+ properties partway through a reply. A
+# step's work stays bounded by its other limits (~15 ms at most, measured at 2,000 properties).
+ROW_ITEMS = 10_000
+
+
 class GrammarError(UserError, ValueError):
     """A schema or grammar that cannot constrain a reply: what is wrong, in one line."""
 
@@ -46,7 +52,7 @@ class Grammar:
     def __init__(self, text: str, what: str):
         """text: llguidance's grammar; checked here, before any vocabulary is at hand (a rule
         referred to but missing, a regex the lexer refuses, an unsupported schema keyword)."""
-        problem = _engine().LLMatcher.validate_grammar(text)
+        problem = _engine().LLMatcher.validate_grammar(text, limits=_limits())
         if problem:
             raise GrammarError(f"{what} cannot be used: {_line(problem)}")
         self.text, self.what = text, what
@@ -89,7 +95,7 @@ class Grammar:
         if not stop_ids:  # a constrained reply ends with a stop token where its grammar is complete
             raise GrammarError(f"{self.what} needs a stop token to end the reply: leave out ignore_eos")
         vocabulary = _vocabulary(tokenizer, frozenset(stop_ids))
-        matcher = _engine().LLMatcher(vocabulary, self.text, log_level=0)
+        matcher = _engine().LLMatcher(vocabulary, self.text, log_level=0, limits=_limits())
         if matcher.is_error():
             raise GrammarError(f"{self.what} cannot be used: {_line(matcher.get_error())}")
         return Constraint(matcher, vocabulary.vocab_size)
@@ -157,6 +163,10 @@ def _build_vocabulary(tokenizer, stop_ids: frozenset):
             return tokenizer.encode(text, bos=False)
     return llg.LLTokenizer(llg.TokenizerWrapper(View()), n_vocab=tokenizer.vocab_size,
                            eos_token=sorted(stop_ids))
+
+
+def _limits():
+    return _engine().LLParserLimits(max_items_in_row=ROW_ITEMS)
 
 
 def _line(error) -> str:

@@ -287,6 +287,8 @@ def test_models_health_and_tokens(server):
     ("/v1/completions", {"prompt": "hi", "grammar": "root ::= nothing"}, "'nothing' not found"),
     ("/v1/completions", {"prompt": "hi", "grammar": 'root ::= "a"', "ignore_eos": True}, "leave out ignore_eos"),
     ("/v1/completions", {"prompt": "hi", "json_schema": "{"}, "not valid JSON"),
+    ("/v1/completions", {"prompt": "hi", "json_schema": {"type": "object", "properties": {
+        f"p{i}": {"type": "string"} for i in range(5000)}}}, "compiles at most 65536"),
     ("/v1/completions", {"prompt": "hi", "suffix": "!"}, "suffix is not supported"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of must be 1"),
     ("/v1/completions", {"prompt": "hi", "messages": []}, "messages is not supported"),

@@ -160,3 +160,16 @@ def test_logit_bias_that_bans_every_allowed_token_is_an_error(tokenizer):
     sample = make_sampler(temperature=0, logit_bias={brace: -100}, constraint=constraint)
     with pytest.raises(RuntimeError, match="bans every token"):
         sample(np.zeros(tokenizer.vocab_size, np.float32), [])
+
+
+def test_an_object_of_many_optional_properties_is_written_whole(tokenizer):
+    """1,000 optional properties (past the engine's default row limit, which fails such an
+    object partway through): a document with some of them, in order, walks to its end."""
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1000)},
+              "additionalProperties": False}
+    document = {f"p{i}": i for i in (3, 500, 999)}
+    constraint = Grammar.json_schema(schema).start(tokenizer, tokenizer.stop_ids)
+    for token in tokenizer.encode(json.dumps(document), bos=False):
+        assert constraint.allowed(tokenizer.vocab_size)[token]
+        constraint.advance(token)
+    assert constraint.allowed(tokenizer.vocab_size)[sorted(tokenizer.stop_ids)].all()

@@ -207,6 +207,7 @@ def make_app(server: Server) -> Starlette:
             raise BadRequest(str(e), field) from None
 
     def settings(body: dict, fields: set) -> dict:
+        """The request's settings, checked (on a thread: a schema or grammar compiles here)."""
         protocol.refuse_unknown(body, fields)
         s = protocol.common(body)
         s["sampling"] = protocol.sampling(body, server.defaults["sampling"], server.model.n_token_ids)
@@ -239,7 +240,7 @@ def make_app(server: Server) -> Starlette:
     # ---- /v1/completions ------------------------------------------------------------------------
     async def completions(request: HTTPRequest):
         body = await body_of(request)
-        s, tok = settings(body, protocol.COMPLETION_FIELDS), server.model.tokenizer
+        s, tok = await asyncio.to_thread(settings, body, protocol.COMPLETION_FIELDS), server.model.tokenizer
         k, echo = protocol.logprobs_wanted(body, chat=False), protocol.flag(body, "echo")
         # tokenized on a thread, off the event loop
         prompts = await asyncio.to_thread(protocol.completion_prompts, body, tok, server.model.context,
@@ -269,7 +270,7 @@ def make_app(server: Server) -> Starlette:
     # ---- /v1/chat/completions -------------------------------------------------------------------
     async def chat(request: HTTPRequest):
         body = await body_of(request)
-        s, tok = settings(body, protocol.CHAT_FIELDS), server.model.tokenizer
+        s, tok = await asyncio.to_thread(settings, body, protocol.CHAT_FIELDS), server.model.tokenizer
         k = protocol.logprobs_wanted(body, chat=True)
         messages = protocol.chat_messages(body)
         tools = protocol.chat_tools(body, messages, tok)
@@ -279,7 +280,7 @@ def make_app(server: Server) -> Starlette:
                 raise BadRequest("give tools or a reply's shape (response_format, json_schema, grammar), not both "
                                  "(tool_choice none leaves the tools out)", "tools")
             try:
-                s["grammar"] = Grammar.json_schema(tools.schema())
+                s["grammar"] = await asyncio.to_thread(Grammar.json_schema, tools.schema())
             except GrammarError as e:
                 raise BadRequest(f"the tools' parameters: {e}", "tools") from None
         check_fits(protocol.message_texts(messages, tools), "messages")

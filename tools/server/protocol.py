@@ -28,6 +28,10 @@ MAX_INPUTS = 256  # embeddings per request
 HINTS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt"}
 MAX_BIASES = 1024
 MAX_CHOICES = 16  # n: choices per prompt
+# A schema's or grammar's characters: compiling one costs time on the server's threads growing
+# faster than its size (10,000 properties: ~10 s), so it is bounded. 64 KiB holds ~2,000
+# properties (~0.4 s); OpenAI's structured outputs take at most 5,000.
+MAX_GRAMMAR_CHARS = 1 << 16
 
 
 class BadRequest(ValueError):
@@ -103,6 +107,8 @@ def reply_grammar(body: dict) -> Grammar | None:
     given = [name for name in ("response_format", "json_schema", "grammar") if body.get(name) is not None]
     if len(given) > 1:
         raise BadRequest(f"give one of {' and '.join(given)}: a reply has one shape", given[1])
+    if given:
+        check_grammar_size(body[given[0]], given[0])
     try:
         if body.get("grammar") is not None:
             if not isinstance(body["grammar"], str):
@@ -113,6 +119,13 @@ def reply_grammar(body: dict) -> Grammar | None:
         return _response_format(body.get("response_format"))
     except GrammarError as e:
         raise BadRequest(str(e), given[0]) from None
+
+
+def check_grammar_size(value, field: str) -> None:
+    size = len(value) if isinstance(value, str) else len(json.dumps(value))
+    if size > MAX_GRAMMAR_CHARS:
+        raise BadRequest(f"the {field} has {size} characters: this server compiles at most {MAX_GRAMMAR_CHARS}",
+                         field)
 
 
 def _response_format(value) -> Grammar | None:
@@ -248,6 +261,8 @@ def chat_messages(body: dict) -> list[dict]:
 def chat_tools(body: dict, messages: list[dict], tokenizer) -> Tools | None:
     """The request's tools (None without them, or with tool_choice none), and the tool calls and
     results in its messages added to messages (in place)."""
+    if body.get("tools") is not None:
+        check_grammar_size(body["tools"], "tools")
     try:
         messages[:] = read_tool_messages(messages, body["messages"], tokenizer.special)
         return read_tools(body, tokenizer.chat_template, tokenizer.special)
