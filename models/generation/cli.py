@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from models.generation import speculative
 from models.generation.constraints import Grammar
 from models.generation.sampling import DEFAULTS, RULES, check_setting, make_sampler
 from models.generation.sequence_cache import CachedSequence
@@ -132,6 +133,13 @@ def parse_args(argv):
     shape.add_argument("--json-schema-file", type=Path, metavar="PATH", help="--json-schema, read from a file")
     shape.add_argument("--grammar", metavar="GBNF", help="the reply matches this grammar (llama.cpp's GBNF: root ::= ...)")
     shape.add_argument("--grammar-file", type=Path, metavar="PATH", help="--grammar, read from a file (.gbnf)")
+    fast = p.add_argument_group("speculative decoding (the same tokens, fewer passes of the model when drafts agree)")
+    fast.add_argument("--lookup", type=_whole(1), metavar="N",
+                      help="draft up to N tokens per pass from the context itself (prompt lookup: editing, "
+                           "summarising, code)")
+    fast.add_argument("--draft", metavar="CHECKPOINT", help="draft with this smaller model (the same tokenizer)")
+    fast.add_argument("--draft-max", type=_whole(1), default=8, metavar="N",
+                      help="most tokens the draft model proposes per pass (default: 8)")
     p.add_argument("--random-init", action="store_true", help="random weights in --size's exact architecture")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", *(d.name for d in dtypes.BLOCKS)],
                    help="cast the weights, or quantise them at load to a GGUF block type such as q8_0 or q4_0 "
@@ -152,6 +160,10 @@ def parse_args(argv):
         p.error("--system needs the chat template, which --raw leaves out")
     if len(args.stop) > 16:
         p.error(f"{len(args.stop)} --stop strings: give at most 16")
+    if args.lookup and args.draft:
+        p.error("give --lookup or --draft, not both")
+    if args.image and (args.lookup or args.draft):
+        p.error("--lookup and --draft speculate on text prompts; leave them out with --image")
     shapes = [f"--{name.replace('_', '-')}" for name in ("json_schema", "json_schema_file", "grammar", "grammar_file")
               if getattr(args, name) is not None]
     if len(shapes) > 1:
@@ -171,6 +183,23 @@ def read_grammar(args) -> Grammar | None:
     if args.grammar is not None:
         return Grammar.gbnf(args.grammar)
     return None
+
+
+def draft_proposer(args, model):
+    """What --lookup or --draft asks for (models.generation.speculative), or None."""
+    if args.lookup:
+        return speculative.PromptLookup()
+    if not args.draft:
+        return None
+    from models.llama3 import load
+    draft = load(args.draft, context=model.context)
+    theirs, ours = draft.tokenizer, model.tokenizer
+    differs = next((i for i in range(max(theirs.vocab_size, ours.vocab_size))
+                    if i >= min(theirs.vocab_size, ours.vocab_size) or theirs.token_bytes(i) != ours.token_bytes(i)), None)
+    if differs is not None:
+        raise ValueError(f"--draft {args.draft}: its vocabulary differs from the model's (from token {differs} on): "
+                         f"a draft must share the model's tokenizer")
+    return speculative.DraftModel(draft)
 
 
 def read_prompt(args) -> str:
@@ -222,6 +251,7 @@ def run(args, group=SINGLE) -> None:
     for name in DEFAULTS:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    proposer, most, stats = draft_proposer(args, model), args.lookup or args.draft_max, speculative.Stats()
     constraint = grammar.start(tok, stop_ids) if grammar else None
     sampler = make_sampler(**settings, seed=args.seed, constraint=constraint)
     use_chat = not args.raw and not args.random_init and has_chat_format(tok)
@@ -231,16 +261,21 @@ def run(args, group=SINGLE) -> None:
     def tokens(ids, prefill_done):
         nonlocal conversation
         if not args.chat:
-            return model.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done, images=images)
+            return model.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done, images=images,
+                                  proposer=proposer, most=most, stats=stats)
         ids = model.check_ids(ids).tolist()
         need = min(len(ids) + args.max_tokens, model.context)
         if conversation is None or conversation.length < need:  # room for a few turns more
             conversation = CachedSequence(model, min(max(2 * need, 1024), model.context))
+        if proposer is not None:
+            return speculative.generate(conversation, ids, args.max_tokens, sampler, stop_ids, proposer, most, stats,
+                                        prefill_done)
         return conversation.generate(ids, args.max_tokens, sampler, stop_ids, on_prefill=prefill_done)
 
     def reply(ids, load_s=None) -> str:
         """Stream one reply; Ctrl-C stops it (in a chat, the conversation goes on)."""
         t0, prefill_s, prefilled_at, fresh = time.perf_counter(), None, None, len(ids)
+        drafted, accepted = stats.drafted, stats.accepted
         if constraint is not None:  # each reply is one whole match of the grammar
             constraint.reset()
         computed = conversation.computed if conversation else 0
@@ -279,6 +314,9 @@ def run(args, group=SINGLE) -> None:
             decode_s = time.perf_counter() - prefilled_at
             vision = f"{len(images)} image(s) encoded in {model.vision_seconds:.1f} s | " if images else ""
             reused = f" ({len(ids) - fresh} cached)" if args.chat else ""
+            if proposer is not None:
+                d, a = stats.drafted - drafted, stats.accepted - accepted
+                note += f" | drafted {d}, accepted {a}" + (f" ({a / d:.0%})" if d else "")
             print(f"[{f'load {load_s:.1f} s | ' if load_s is not None else ''}{vision}prompt {len(ids)} tokens{reused}, "
                   f"prefill {fresh / prefill_s:.1f} tok/s | {n} tokens, decode "
                   f"{max(n - 1, 0) / decode_s if n > 1 else 0.0:.1f} tok/s{note}]", file=sys.stderr)

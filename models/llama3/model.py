@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.generation import speculative
 from models.generation.sequence_cache import CachedSequence
 from models.llama3.config import LlamaConfig, rope_frequencies
 from tinytensor import Tensor, dtypes, nn
@@ -152,10 +153,13 @@ class Llama:
         start = Tensor([0])
         return self.features(Tensor(ids), start, start + Tensor.arange(len(ids)), cache).numpy()
 
-    def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None, images=()):
+    def generate(self, ids: list[int], max_tokens: int, sampler, stop_ids=(), on_prefill=None, images=(),
+                 proposer=None, most: int = 8, stats=None):
         """Yield new token ids: the prompt in one pass, then one token per step with the cache.
         sampler: (logits, history) -> id, e.g. models.generation.sampling.make_sampler(temperature=0);
-        images as for `logits`."""
+        images as for `logits`. proposer: speculative decoding (models.generation.speculative:
+        PromptLookup or DraftModel), up to `most` drafted tokens checked per pass, the same tokens
+        as without it; stats: a speculative.Stats to count them in."""
         ids = self.check_ids(ids)
         if type(max_tokens) is not int or max_tokens < 1:
             raise ValueError(f"max_tokens is {max_tokens!r}: give a whole number >= 1")
@@ -163,7 +167,11 @@ class Llama:
             raise TypeError(f"sampler must be a function (logits, history) -> id, got {type(sampler).__name__}")
         length = min(len(ids) + max_tokens, self.context)
         cache = self.new_cache(length, ids, list(images))  # images are read and encoded now, not lazily
-        return CachedSequence(self, length, cache).generate(ids.tolist(), max_tokens, sampler, stop_ids, on_prefill)
+        sequence = CachedSequence(self, length, cache)
+        if proposer is not None:
+            return speculative.generate(sequence, ids.tolist(), max_tokens, sampler, stop_ids, proposer, most, stats,
+                                        on_prefill)
+        return sequence.generate(ids.tolist(), max_tokens, sampler, stop_ids, on_prefill)
 
     def check_ids(self, ids) -> np.ndarray:
         """Token ids as given to the API: whole numbers in [0, vocab), at least one, fitting the context."""

@@ -349,3 +349,29 @@ def test_json_schema_and_grammar_shape_the_reply(smollm2_path, tmp_path):
 ])
 def test_a_bad_schema_or_grammar_is_one_line(tiny_gguf, args, words):
     assert_one_line_error(run("--checkpoint", str(tiny_gguf), *args), *words)
+
+
+def test_speculation_gives_the_same_reply(smollm2_path):
+    """--lookup and --draft: the reply of plain decoding, and the stats line counts the drafts."""
+    model = ["--checkpoint", str(smollm2_path), "--max-tokens", "40",
+             "--prompt", "Repeat exactly: the clocks were striking thirteen, and the clocks were striking thirteen."]
+    want = greedy(*model)
+    assert want.returncode == 0, want.stderr
+    for extra in (["--lookup", "6"], ["--draft", str(smollm2_path), "--draft-max", "4"]):
+        got = greedy(*model, *extra)
+        assert got.returncode == 0 and got.stdout == want.stdout, got.stderr
+        assert "drafted" in got.stderr and "accepted" in got.stderr
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lookup", "4", "--draft", "x.gguf"], ["--lookup or --draft"]),
+    (["--lookup", "0"], ["--lookup", "too small"]),
+    (["--image", "a.png", "--lookup", "4"], ["leave them out with --image"]),
+])
+def test_bad_speculation_options_are_one_line(tiny_gguf, extra, words):
+    assert_one_line_error(run("--checkpoint", str(tiny_gguf), *extra), *words)
+
+
+def test_a_draft_with_another_vocabulary_is_one_line(smollm2_path, tiny_gguf):
+    assert_one_line_error(run("--checkpoint", str(smollm2_path), "--draft", str(tiny_gguf), "--max-tokens", "2"),
+                          "vocabulary differs", "tokenizer")
