@@ -7,6 +7,8 @@ noisy.
     python -m tools.bench                                  # SmolLM2-135M (the default model)
     python -m tools.bench --size 1b --random-init          # the true Llama 3.2 1B shape
     python -m tools.bench --checkpoint PATH --backends llvm
+    python -m tools.bench --lookup 8                       # speculative decoding: prompt lookup
+    python -m tools.bench --checkpoint BIG --draft SMALL   # ... or a draft model (tools/bench_speculative.py)
 """
 import argparse
 import statistics
@@ -81,7 +83,14 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="prefills timed, after one warm-up (default: 3)")
     p.add_argument("--backends", default="llvm,numpy", help="backends to time, comma-separated (default: llvm,numpy)")
     p.add_argument("--no-peer", action="store_true", help="skip the peers (llama.cpp, transformers)")
+    p.add_argument("--lookup", type=int, metavar="N", help="time speculative decoding with prompt lookup, N drafts a pass, "
+                                                         "beside plain decoding, on tasks that copy their input")
+    p.add_argument("--draft", metavar="CHECKPOINT", help="the same with this draft model")
+    p.add_argument("--draft-max", type=int, default=8, metavar="N", help="drafts a pass for --draft (default: 8)")
+    p.add_argument("--reply-tokens", type=int, default=128, help="reply length for --lookup/--draft (default: 128)")
     args = p.parse_args(argv)
+    if args.lookup or args.draft:
+        return speculation(args)
     model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype,
                  context=args.prompt_tokens + args.decode_tokens + 1)
     prompt = list(np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens))
@@ -104,6 +113,19 @@ def main(argv=None):
     peer = bench_transformers(model, prompt, args.decode_tokens, args.repeat)
     if peer:
         print(f"{'transformers f32 (PyTorch)':<28} {peer[0]:>14.1f} {peer[1]:>13.2f}")
+
+
+def speculation(args) -> None:
+    from models.generation import speculative
+    from tools.bench_speculative import bench
+    model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype, context=2048)
+    if args.draft:
+        draft = load(args.draft, context=2048)
+        make, most, how = (lambda: speculative.DraftModel(draft)), args.draft_max, f"draft {draft.config.name}"
+    else:
+        make, most, how = speculative.PromptLookup, args.lookup, "prompt lookup"
+    print(f"{model.config.name}, {how}, up to {most} drafts a pass, greedy, medians of {args.repeat} rounds\n")
+    bench(model, make, most, args.reply_tokens, args.repeat)
 
 
 def peer_file(args) -> str | None:

@@ -193,12 +193,7 @@ def draft_proposer(args, model):
         return None
     from models.llama3 import load
     draft = load(args.draft, context=model.context)
-    theirs, ours = draft.tokenizer, model.tokenizer
-    differs = next((i for i in range(max(theirs.vocab_size, ours.vocab_size))
-                    if i >= min(theirs.vocab_size, ours.vocab_size) or theirs.token_bytes(i) != ours.token_bytes(i)), None)
-    if differs is not None:
-        raise ValueError(f"--draft {args.draft}: its vocabulary differs from the model's (from token {differs} on): "
-                         f"a draft must share the model's tokenizer")
+    speculative.check_same_vocabulary(model, draft, f"--draft {args.draft}")
     return speculative.DraftModel(draft)
 
 

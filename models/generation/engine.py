@@ -8,6 +8,12 @@ new requests join between steps and finished or cancelled ones leave.
     all of it)
     -> decoding, batched with the other slots -> done: the slot keeps its tokens for the next
 
+A sequence that decodes alone may speculate (models/generation/speculative.py): with the
+engine's proposer (prompt lookup or a draft model), or with its request's prediction (OpenAI's
+predicted output: drafts by lookup in it), one pass checks several drafted tokens. Beside others
+it decodes one token a step in the batch, which already shares each weight read among them. The
+tokens are the same either way.
+
 A request hears of its progress through its `emit` callback, called on the engine's thread:
 emit("prompt", [(logprob, top), ...]) once for echo requests (the prompt's own log-probabilities),
 emit("token", Token) per generated token, and emit("done", reason) last, reason "stop" (a stop
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from models.generation import speculative
 from models.generation.scoring import log_softmax
 from models.generation.sequence_cache import CachedSequence, common_prefix
 from tinytensor import Tensor
@@ -46,6 +53,9 @@ class Request:
     stop_ids: frozenset = frozenset()
     logprobs: int | None = None      # None: none; k: each token's log p and the k likeliest
     echo: bool = False               # the prompt's log-probabilities too (position 0 has none)
+    prediction: list = field(default_factory=list)  # ids of the expected reply: drafts for speculative decoding
+    drafted: int = 0                 # tokens drafted for it, and how many the model's draws kept
+    accepted: int = 0
     cancelled: bool = False          # set from any thread; the engine frees the slot at the next turn
     generated: int = 0
 
@@ -70,10 +80,12 @@ class Slot:
 class Engine:
     CHUNK = 256  # prompt tokens prefilled per turn, over all the slots that wait for theirs
 
-    def __init__(self, model, parallel: int = 4, queue: int = 64):
+    def __init__(self, model, parallel: int = 4, queue: int = 64, proposer=None, most: int = 8):
         """parallel slots of the model's context each (one more position: the scratch row that
-        a batched step's idle rows write to); at most `queue` requests wait for a slot."""
+        a batched step's idle rows write to); at most `queue` requests wait for a slot.
+        proposer: speculative decoding's drafts for a sequence decoding alone, up to `most` a pass."""
         self.model, self.queue_bound = model, queue
+        self.proposer, self.most, self.lookup = proposer, most, speculative.PromptLookup()
         self.scratch = model.context
         self.slots = [Slot(model, model.context + 1) for _ in range(parallel)]
         self.waiting: collections.deque[Request] = collections.deque()
@@ -84,8 +96,8 @@ class Engine:
         # what the engine has done, for /metrics: prompt tokens computed and found cached,
         # tokens generated, requests ended (by reason)
         self.counts: collections.Counter = collections.Counter(dict.fromkeys(
-            ["prompt_tokens_computed", "prompt_tokens_cached", "generated_tokens", "finished:stop", "finished:length",
-             "finished:cancelled", "finished:error"], 0))  # every key from the start: /metrics reads them meanwhile
+            ["prompt_tokens_computed", "prompt_tokens_cached", "generated_tokens", "draft_tokens",
+             "draft_tokens_accepted", "finished:stop", "finished:length", "finished:cancelled", "finished:error"], 0))  # every key from the start: /metrics reads them meanwhile
 
     # ---- from any thread ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -148,7 +160,10 @@ class Engine:
             if budget <= 0:
                 break
             budget -= self._guarded(slot, lambda s: self._prefill_chunk(s, budget)) or 0  # None: it failed
-        if any(s.next_token is not None for s in self.slots):
+        decoding = [s for s in self.slots if s.next_token is not None]
+        if len(decoding) == 1 and (self.proposer or decoding[0].request.prediction):
+            self._guarded(decoding[0], self._speculative_step)
+        elif decoding:
             self._decode_step()
 
     def _guarded(self, slot: Slot, work):
@@ -214,6 +229,28 @@ class Engine:
             if slot.next_token is not None:
                 slot.sequence.tokens.append(slot.next_token)
                 self._guarded(slot, lambda s: self._sampled(s, logits[b]))
+
+    def _speculative_step(self, slot: Slot) -> None:
+        """One pass of the slot's model over its pending token and the drafts after it; the
+        request's tokens drawn from its rows in order while they agree with the drafts
+        (speculative.generate's rule, emitting as _sampled does)."""
+        r, sequence = slot.request, slot.sequence
+        history = sequence.tokens + [slot.next_token]
+        room = min(self.most, r.max_tokens - r.generated - 1, self.model.context - len(history))
+        proposer, context = (self.lookup, r.prediction + history) if r.prediction else (self.proposer, history)
+        drafts = speculative.fitting(proposer.propose(context, room)) if room > 0 else []
+        if not drafts:
+            return self._decode_step()
+        rows = sequence.run(history + drafts, len(history) - 1)
+        r.drafted += len(drafts)
+        self.counts["draft_tokens"] += len(drafts)
+        for j, logits in enumerate(rows):
+            sequence.tokens = history + drafts[:j]  # what the cache holds truly, and the sampler's history
+            self._sampled(slot, logits)
+            if slot.request is None or j == len(drafts) or slot.next_token != drafts[j]:
+                return
+            r.accepted += 1
+            self.counts["draft_tokens_accepted"] += 1
 
     def _sampled(self, slot: Slot, logits: np.ndarray) -> None:
         """Draw the request's next token from logits and tell it, or end it."""

@@ -76,6 +76,22 @@ class DraftModel:
         return drafts
 
 
+def fitting(drafts: list[int]) -> list[int]:
+    """The drafts cut to fill a pass of 2, 4, 8 ... rows with the token before them, as the cache
+    pads passes (CachedSequence.padded): a draft cut costs nothing, a padding row its work."""
+    return drafts[:(1 << (len(drafts) + 1).bit_length() - 1) - 1]
+
+
+def check_same_vocabulary(model, draft, name: str) -> None:
+    """ValueError unless the draft's tokens are the model's, id for id."""
+    theirs, ours = draft.tokenizer, model.tokenizer
+    differs = next((i for i in range(max(theirs.vocab_size, ours.vocab_size))
+                    if i >= min(theirs.vocab_size, ours.vocab_size) or theirs.token_bytes(i) != ours.token_bytes(i)), None)
+    if differs is not None:
+        raise ValueError(f"{name}: its vocabulary differs from the model's (from token {differs} on): a draft must "
+                         f"share the model's tokenizer")
+
+
 class Stats:
     """What speculation did: passes of the model, tokens drafted, drafts accepted."""
 
@@ -112,10 +128,7 @@ def generate(sequence: CachedSequence, ids: list[int], max_tokens: int, sampler,
             stats.accepted += 1
         sequence.tokens = history[:-1]  # what the cache holds truly; drafts after a correction are not
         room = min(most, max_tokens - made - 1, sequence.length - len(history))  # a pass gives drafts + 1
-        drafts = proposer.propose(history, room) if room > 0 else []
-        # passes of 2, 4, 8 ... rows, as the cache pads them (CachedSequence.padded): a draft cut
-        # to fit costs nothing, padding rows would cost their work
-        drafts = drafts[:(1 << (len(drafts) + 1).bit_length() - 1) - 1]
+        drafts = fitting(proposer.propose(history, room)) if room > 0 else []
         stats.drafted += len(drafts)
         stats.passes += 1
         if drafts:

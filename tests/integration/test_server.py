@@ -287,6 +287,9 @@ def test_models_health_and_tokens(server):
     ("/v1/completions", {"prompt": "hi", "grammar": "root ::= nothing"}, "'nothing' not found"),
     ("/v1/completions", {"prompt": "hi", "grammar": 'root ::= "a"', "ignore_eos": True}, "leave out ignore_eos"),
     ("/v1/completions", {"prompt": "hi", "json_schema": "{"}, "not valid JSON"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prediction": "text"}, "prediction must be"),
+    ("/v1/completions", {"prompt": "hi", "prediction": {"type": "content", "content": "x"}},
+     "prediction is not supported"),
     ("/v1/completions", {"prompt": "hi", "json_schema": {"type": "object", "properties": {
         f"p{i}": {"type": "string"} for i in range(5000)}}}, "compiles at most 65536"),
     ("/v1/completions", {"prompt": "hi", "suffix": "!"}, "suffix is not supported"),
@@ -414,7 +417,9 @@ def test_lm_eval_local_completions_scores_as_our_adapter(server, model, tmp_path
 # ---- the command line and the guards ------------------------------------------------------------
 
 @pytest.mark.parametrize("args, says", [(["--port", "70000"], "65535"), (["--parallel", "0"], "too small"),
-                                        (["--checkpoint", "/nonexistent/model.gguf"], "nonexistent")])
+                                        (["--checkpoint", "/nonexistent/model.gguf"], "nonexistent"),
+                                        (["--lookup", "4", "--draft", "x.gguf"], "--lookup or --draft"),
+                                        (["--draft", "/nonexistent/draft.gguf"], "nonexistent")])
 def test_bad_options_are_one_line(args, says):
     port = [] if "--port" in args else ["--port", str(free_port())]
     done = subprocess.run([sys.executable, "-m", "tools.server", *port, *args], capture_output=True, text=True,
@@ -579,6 +584,50 @@ def test_json_object_and_grammar_replies(client):
     for c in numbers.choices:
         values = json.loads(c.text)
         assert isinstance(values, list) and len(values) <= 4 and all(0 <= v <= 9 for v in values)
+
+
+# ---- predicted outputs -------------------------------------------------------------------------------
+
+def test_a_prediction_drafts_the_reply_and_changes_no_token(client):
+    """OpenAI's predicted output: drafts checked by speculative decoding (this request decodes
+    alone), counted in usage; the reply is the one without a prediction, streamed or not, and a
+    wrong prediction only costs rejected drafts."""
+    ask = dict(max_tokens=40, temperature=0)
+    plain = chat(client, **ask)
+    text = plain.choices[0].message.content
+    right = chat(client, prediction={"type": "content", "content": text}, **ask)
+    assert right.choices[0].message.content == text
+    details = right.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= right.usage.completion_tokens // 2
+    wrong = chat(client, prediction={"type": "content", "content": "Bananas are yellow. " * 5}, **ask)
+    assert wrong.choices[0].message.content == text
+    streamed, _ = streamed_chat(client, prediction={"type": "content", "content": [{"type": "text", "text": text}]},
+                                **ask)
+    assert streamed == text
+    assert plain.usage.completion_tokens_details is None  # nothing was drafted
+
+
+def test_a_speculating_server_gives_the_same_replies(client, smollm2_path):
+    """--draft (here SmolLM2 drafting for itself, re-quantised) and --lookup: a request alone gets
+    the module server's reply and usage counts the drafts; /metrics counts them too."""
+    from prometheus_client.parser import text_string_to_metric_families
+    want = chat(client, max_tokens=30, temperature=0).choices[0].message.content
+    for flag in (["--lookup", "6"], ["--draft", str(smollm2_path), "--dtype", "q8_0"]):
+        running = Running("--checkpoint", str(smollm2_path), "--parallel", "2", "--context", str(CONTEXT), *flag)
+        try:
+            there = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=120)
+            got = chat(there, max_tokens=30, temperature=0)
+            assert got.choices[0].message.content == want
+            if flag[0] == "--draft":  # a draft of the same model agrees
+                assert got.usage.completion_tokens_details.accepted_prediction_tokens >= got.usage.completion_tokens // 2
+            with urllib.request.urlopen(running.url + "/metrics", timeout=60) as r:
+                families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+            drafted = {s.labels["kept"]: s.value for s in families["tinytensor_draft_tokens"].samples}
+            details = got.usage.completion_tokens_details
+            assert drafted == ({"yes": details.accepted_prediction_tokens, "no": details.rejected_prediction_tokens}
+                               if details else {"yes": 0, "no": 0})
+        finally:
+            running.stop()
 
 
 # ---- tool calls ------------------------------------------------------------------------------------

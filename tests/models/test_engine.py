@@ -175,3 +175,28 @@ def test_cached_sequence_reuses_and_recomputes_from_where_prompts_differ(model):
     fresh = model.forward(Tensor(b), 0, model.new_cache(64)).numpy()[-1]
     assert np.array_equal(got, fresh)
     assert seq.computed - computed == len(b) - next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def test_a_sequence_alone_speculates_and_gets_the_same_tokens(model):
+    """With prompt lookup, or with a prediction of its reply, a request decoding alone checks
+    several drafts a pass (fewer turns than tokens) and gets the tokens it gets without; beside
+    others it decodes in the batch, the same tokens again."""
+    from models.generation.speculative import PromptLookup
+    tok = model.tokenizer
+    text = "the quick brown fox jumps over the lazy dog and the quick brown fox jumps over the lazy dog"
+    ids = tok.encode(f"Repeat: {text}. Again: {text}. Again:", bos=False)
+    want = alone(model, ids, 24)
+    for engine, prediction in ((Engine(model, parallel=2, proposer=PromptLookup()), []),
+                               (Engine(model, parallel=2), tok.encode(tok.decode(want), bos=False))):
+        request, heard = submit(engine, ids, 24, prediction=prediction)
+        turns = 0
+        while heard.done is None:
+            engine.turn()
+            turns += 1
+        assert [t.id for t in heard.tokens] == want
+        assert request.accepted > 0 and request.drafted >= request.accepted and turns < len(want) - 4
+        assert engine.counts["draft_tokens_accepted"] == request.accepted
+        together = [submit(engine, ids, 24, prediction=prediction), submit(engine, tok.encode(PROMPTS[0]), 8)]
+        run_until_done(engine, [h for _, h in together])
+        assert [t.id for t in together[0][1].tokens] == want
+        assert [t.id for t in together[1][1].tokens] == alone(model, tok.encode(PROMPTS[0]), 8)

@@ -50,12 +50,19 @@ def parse_args(argv):
                                                                      "input's final hidden states: their mean, or "
                                                                      "the last token's (default: mean)")
     p.add_argument("--no-normalize", action="store_true", help="embeddings as pooled, not scaled to unit length")
+    p.add_argument("--lookup", type=_whole(1), metavar="N", help="speculative decoding by prompt lookup, up to N "
+                                                                "drafts a pass, for a sequence decoding alone")
+    p.add_argument("--draft", metavar="CHECKPOINT", help="speculative decoding with this smaller model (the same "
+                                                         "tokenizer), for a sequence decoding alone")
+    p.add_argument("--draft-max", type=_whole(1), default=8, metavar="N", help="drafts a pass for --draft (default: 8)")
     p.add_argument("--timeout", type=_positive, default=30.0, help="seconds a client may take to send a request's "
                                                                    "head, and again its body (beyond: the connection "
                                                                    "is closed, or 408) (default: 30)")
     args = p.parse_args(argv)
     if args.port > 65535:
         p.error(f"argument --port: {args.port} is too big: ports go up to 65535")
+    if args.lookup and args.draft:
+        p.error("give --lookup or --draft, not both")
     return args
 
 
@@ -64,6 +71,7 @@ def loader(args):
     def load():
         from models.formats import hf
         from models.llama3 import available_memory, load
+        from models.generation import speculative
         from models.generation.sampling import DEFAULTS
 
         model = load(args.checkpoint, dtype=args.dtype, context=args.context)
@@ -74,7 +82,15 @@ def loader(args):
                               f"of cache: lower --parallel or --context")
         generation = hf.generation_settings(args.checkpoint) if args.checkpoint else {}
         stop_ids = model.tokenizer.stop_ids | generation.pop("stop_ids", set())
-        return model, {"sampling": {**DEFAULTS, **generation}, "stop_ids": stop_ids}
+        proposer, most = None, args.lookup or args.draft_max
+        if args.lookup:
+            proposer = speculative.PromptLookup()
+        elif args.draft:
+            draft = load(args.draft, dtype=args.dtype, context=args.context)
+            speculative.check_same_vocabulary(model, draft, f"--draft {args.draft}")
+            proposer = speculative.DraftModel(draft)
+        return model, {"sampling": {**DEFAULTS, **generation}, "stop_ids": stop_ids, "proposer": proposer,
+                       "most": most}
     return load
 
 

@@ -63,7 +63,8 @@ class Server:
                 self.longest_token = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
                 if tok.chat_template is not None:
                     self.render.start()
-                self.engine = Engine(self.model, parallel, queue)
+                self.engine = Engine(self.model, parallel, queue, self.defaults.get("proposer"),
+                                     self.defaults.get("most", 8))
             except Exception as e:  # the server says so on /health and every endpoint
                 self.failed = str(e)
                 return
@@ -98,17 +99,19 @@ class Job:
     """One prompt in the engine; its events arrive on this event loop's queue."""
 
     def __init__(self, server: Server, ids, settings: dict, stop_ids, logprobs=None, echo=False, choice: int = 0,
-                 constraint=None):
+                 constraint=None, prediction=()):
         """choice: which of the request's n choices; with a seed, choice 0 draws as a request of
         n = 1 would, the others from the seed and their index. constraint: the reply's grammar
-        (models.generation.constraints), one per job."""
+        (models.generation.constraints), one per job. prediction: ids of the expected reply
+        (OpenAI's predicted output), drafts for speculative decoding."""
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         max_tokens = settings["max_tokens"] or server.model.context  # the context ends it first
         seed = settings["seed"] if settings["seed"] is None or choice == 0 else [settings["seed"], choice]
         self.request = Request(list(ids), max_tokens,
                                make_sampler(**settings["sampling"], seed=seed, constraint=constraint),
                                lambda kind, payload: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload)),
-                               frozenset() if settings["ignore_eos"] else frozenset(stop_ids), logprobs, echo)
+                               frozenset() if settings["ignore_eos"] else frozenset(stop_ids), logprobs, echo,
+                               list(prediction))
         server.engine.submit(self.request)  # Busy or ValueError go to the handler
 
     async def events(self, tokenizer, stops):
@@ -265,7 +268,8 @@ def make_app(server: Server) -> Starlette:
         choices = [{**_merged_completion(chunks, k), "index": i} for i, chunks in enumerate(replies)]
         generated = sum(j.request.generated for j in jobs)
         return JSONResponse({**head, "choices": choices,
-                             "usage": protocol.usage(sum(map(len, prompts)), generated)})
+                             "usage": protocol.usage(sum(map(len, prompts)), generated,
+                                                     [j.request for j in jobs])})
 
     # ---- /v1/chat/completions -------------------------------------------------------------------
     async def chat(request: HTTPRequest):
@@ -294,8 +298,10 @@ def make_app(server: Server) -> Starlette:
         if s["n"] > server.queue:
             raise BadRequest(f"n = {s['n']} choices, but the queue holds {server.queue} (the server's --queue)", "n")
         shapes = await constraints(s, s["n"])
+        prediction = await asyncio.to_thread(protocol.prediction, body, tok, server.model.context,
+                                             server.longest_token)
         jobs = submitted(lambda i, ids, choice: Job(server, ids, s, server.defaults["stop_ids"], k, choice=choice,
-                                                    constraint=shapes[i]),
+                                                    constraint=shapes[i], prediction=prediction),
                          [(ids, choice) for choice in range(s["n"])])
         if s["stream"]:
             return event_stream(interleaved(jobs, [_chat_chunks(job, tok, s, head, len(ids), k, tools)
@@ -316,7 +322,8 @@ def make_app(server: Server) -> Starlette:
                             "logprobs": {"content": entries} if k is not None else None,
                             "finish_reason": chunks[-1]["choices"][0]["finish_reason"]})
         return JSONResponse({**head, "object": "chat.completion", "choices": choices,
-                             "usage": protocol.usage(len(ids), sum(j.request.generated for j in jobs))})
+                             "usage": protocol.usage(len(ids), sum(j.request.generated for j in jobs),
+                                                     [j.request for j in jobs])})
 
     # ---- the rest -------------------------------------------------------------------------------
     def model_entry() -> dict:
@@ -512,7 +519,7 @@ async def interleaved(jobs: list, streams: list, prompt_tokens: int):
                 yield {**chunk, "choices": [{**c, "index": i} for c in chunk["choices"]]}
         if usages:
             generated = sum(u["usage"]["completion_tokens"] for u in usages)
-            yield {**usages[0], "usage": protocol.usage(prompt_tokens, generated)}
+            yield {**usages[0], "usage": protocol.usage(prompt_tokens, generated, [j.request for j in jobs])}
     finally:
         for job in jobs:
             job.request.cancel()
@@ -558,7 +565,7 @@ async def _completion_chunks(job, tok, s, head, ids, k):
         elif event[0] == "done":
             yield chunk("", None, event[1])
     if s["include_usage"]:
-        yield {**head, "choices": [], "usage": protocol.usage(len(ids), job.request.generated)}
+        yield {**head, "choices": [], "usage": protocol.usage(len(ids), job.request.generated, [job.request])}
 
 
 async def _chat_chunks(job, tok, s, head, n_prompt, k, tools=None):
@@ -592,4 +599,4 @@ async def _chat_chunks(job, tok, s, head, n_prompt, k, tools=None):
             yield chunk({}, None, reason)
     if s["include_usage"]:
         yield {**head, "object": "chat.completion.chunk", "choices": [],
-               "usage": protocol.usage(n_prompt, job.request.generated)}
+               "usage": protocol.usage(n_prompt, job.request.generated, [job.request])}

@@ -47,6 +47,9 @@ def exposition(requests: Requests, engine, model_name: str) -> str:
            [({"source": "computed"}, counts.get("prompt_tokens_computed", 0)),
             ({"source": "cached"}, counts.get("prompt_tokens_cached", 0))])
     family("generated_tokens_total", "counter", "Tokens generated.", [({}, counts.get("generated_tokens", 0))])
+    family("draft_tokens_total", "counter", "Tokens speculative decoding drafted, by whether the model kept them.",
+           [({"kept": "yes"}, counts.get("draft_tokens_accepted", 0)),
+            ({"kept": "no"}, counts.get("draft_tokens", 0) - counts.get("draft_tokens_accepted", 0))])
     family("requests_finished_total", "counter", "Engine requests ended, by reason.",
            [({"reason": k.split(":", 1)[1]}, n) for k, n in sorted(counts.items()) if k.startswith("finished:")])
     family("requests_waiting", "gauge", "Requests waiting for a slot.", [({}, len(engine.waiting))])

@@ -19,7 +19,7 @@ SETTINGS = tuple(RULES)  # the sampler's settings, each a request field
 COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "stream", "stream_options",
                  "logprobs", "logit_bias", "ignore_eos", "json_schema", "grammar", *SETTINGS}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools", "tool_choice",
-                               "parallel_tool_calls"}
+                               "parallel_tool_calls", "prediction"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
 MAX_INPUTS = 256  # embeddings per request
@@ -294,8 +294,30 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, requests=()) -> dict:
+    """OpenAI's usage object; with the engine's requests, what speculative decoding drafted for
+    them, as OpenAI counts predicted outputs: tokens of drafts kept and of drafts not kept."""
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    drafted, accepted = sum(r.drafted for r in requests), sum(r.accepted for r in requests)
+    if drafted or any(r.prediction for r in requests):
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
+
+
+def prediction(body: dict, tokenizer, context: int, longest_token: int) -> list[int]:
+    """OpenAI's predicted output ({type: content, content: text or text parts}) as token ids."""
+    value = body.get("prediction")
+    if value is None:
+        return []
+    content = value.get("content") if isinstance(value, dict) and value.get("type") == "content" else None
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                         for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise BadRequest("prediction must be {type: content, content: text or text parts}", "prediction")
+    check_fits([content], "prediction", context, longest_token)
+    return tokenizer.encode(content, bos=False)
 
 
 def chat_logprob(tokenizer, token) -> dict:
