@@ -24,6 +24,7 @@ openai = pytest.importorskip("openai", reason="the openai client is a test depen
 
 from models.generation.scoring import log_softmax  # noqa: E402
 from models.llama3 import load  # noqa: E402
+from tests.functions import CLOCK, WEATHER  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 
@@ -631,17 +632,6 @@ def test_a_speculating_server_gives_the_same_replies(client, smollm2_path):
 
 
 # ---- tool calls ------------------------------------------------------------------------------------
-
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city now",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {
-    "name": "get_time", "description": "The time in a timezone",
-    "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 30}}, "required": ["tz"],
-                   "additionalProperties": False}}}
-
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_a_forced_tool_call_has_valid_arguments(client, choice):

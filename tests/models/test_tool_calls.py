@@ -11,18 +11,10 @@ from models.generation.sampling import make_sampler
 from models.text.chat import chat_tokens
 from models.text.tokenizer import Llama3Tokenizer
 from models.text.tool_calls import ToolError, read_tool_messages, read_tools
+from tests.functions import CLOCK, WEATHER
 
 jsonschema = pytest.importorskip("jsonschema", reason="the jsonschema oracle is a test dependency: pip install -e '.[test]'")
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city now",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
-                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {
-    "name": "get_time", "description": "The time in a timezone",
-    "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
-                   "additionalProperties": False}}}
 CALLED = [{"role": "user", "content": "Weather in Paris?"},
           {"role": "assistant", "content": None, "tool_calls": [
               {"id": "c1", "type": "function", "function": {"name": "get_weather",
