@@ -121,11 +121,11 @@ def speculation(args) -> None:
     model = load(args.checkpoint or args.size, random_init=args.random_init, dtype=args.dtype, context=2048)
     if args.draft:
         draft = load(args.draft, context=2048)
-        make, most, how = (lambda: speculative.DraftModel(draft)), args.draft_max, f"draft {draft.config.name}"
+        proposer, most, how = speculative.DraftModel(draft), args.draft_max, f"draft {draft.config.name}"
     else:
-        make, most, how = speculative.PromptLookup, args.lookup, "prompt lookup"
+        proposer, most, how = speculative.PromptLookup(), args.lookup, "prompt lookup"
     print(f"{model.config.name}, {how}, up to {most} drafts a pass, greedy, medians of {args.repeat} rounds\n")
-    bench(model, make, most, args.reply_tokens, args.repeat)
+    bench(model, proposer, most, args.reply_tokens, args.repeat)
 
 
 def peer_file(args) -> str | None:

@@ -10,7 +10,7 @@ new requests join between steps and finished or cancelled ones leave.
 
 A sequence that decodes alone may speculate (models/generation/speculative.py): with the
 engine's proposer (prompt lookup or a draft model), or with its request's prediction (OpenAI's
-predicted output: drafts by lookup in it), one pass checks several drafted tokens. Beside others
+predicted output: drafts from it), one pass checks several drafted tokens. Beside others
 it decodes one token a step in the batch, which already shares each weight read among them. The
 tokens are the same either way.
 
@@ -21,6 +21,7 @@ id), "length" (max_tokens or the context), "cancelled" or "error: ..." (the engi
 """
 import collections
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class Request:
     prediction: list = field(default_factory=list)  # ids of the expected reply: drafts for speculative decoding
     drafted: int = 0                 # tokens drafted for it, and how many the model's draws kept
     accepted: int = 0
+    predicted: object = None         # its prediction's place in the reply (speculative.Prediction), once decoding
     cancelled: bool = False          # set from any thread; the engine frees the slot at the next turn
     generated: int = 0
 
@@ -85,7 +87,10 @@ class Engine:
         a batched step's idle rows write to); at most `queue` requests wait for a slot.
         proposer: speculative decoding's drafts for a sequence decoding alone, up to `most` a pass."""
         self.model, self.queue_bound = model, queue
-        self.proposer, self.most, self.lookup = proposer, most, speculative.PromptLookup()
+        self.proposer = proposer
+        # how many drafts a pass checks, learnt as the engine runs; a prediction's drafts apart,
+        # trusted at first (its sender expects it kept)
+        self.pace, self.prediction_pace = speculative.Pace(most), speculative.Pace(most, kept=3.0)
         self.scratch = model.context
         self.slots = [Slot(model, model.context + 1) for _ in range(parallel)]
         self.waiting: collections.deque[Request] = collections.deque()
@@ -219,7 +224,11 @@ class Engine:
             model, caches = self.model, [s.sequence.cache for s in self.slots[:width]]
             self.steps[width] = jit(lambda t, p, w: model.forward_batch(t, p, w, caches))
         try:
+            start = time.perf_counter()
             logits = self.steps[width](Tensor(tokens), Tensor(positions), Tensor(writes)).numpy()
+            if width == 1:  # a pass of one row: the paces' yardstick for speculating
+                for pace in (self.pace, self.prediction_pace):
+                    pace.passed(self.steps, 1, time.perf_counter() - start)
         except Exception as e:
             for slot in self.slots[:width]:
                 if slot.next_token is not None:
@@ -231,26 +240,31 @@ class Engine:
                 self._guarded(slot, lambda s: self._sampled(s, logits[b]))
 
     def _speculative_step(self, slot: Slot) -> None:
-        """One pass of the slot's model over its pending token and the drafts after it; the
-        request's tokens drawn from its rows in order while they agree with the drafts
-        (speculative.generate's rule, emitting as _sampled does)."""
+        """One pass of the slot's model over its pending token and the drafts after it (as many
+        as the pace asks for); the request's tokens drawn from its rows in order while they agree
+        with the drafts (speculative.generate's rule, emitting as _sampled does)."""
         r, sequence = slot.request, slot.sequence
         history = sequence.tokens + [slot.next_token]
-        room = min(self.most, r.max_tokens - r.generated - 1, self.model.context - len(history))
-        proposer, context = (self.lookup, r.prediction + history) if r.prediction else (self.proposer, history)
-        drafts = speculative.fitting(proposer.propose(context, room)) if room > 0 else []
-        if not drafts:
-            return self._decode_step()
-        rows = sequence.run(history + drafts, len(history) - 1)
+        room = min(r.max_tokens - r.generated - 1, self.model.context - len(history))
+        if r.prediction:  # drafts from the reply expected, at the place the reply has reached in it
+            if r.predicted is None:
+                r.predicted = speculative.Prediction(r.prediction)
+            proposer, context, pace = r.predicted, history[len(r.ids):], self.prediction_pace
+        else:
+            proposer, context, pace = self.proposer, history, self.pace
+        drafts, rows = speculative.step(sequence, history, proposer, pace, room, context)
         r.drafted += len(drafts)
         self.counts["draft_tokens"] += len(drafts)
+        kept = 0
         for j, logits in enumerate(rows):
             sequence.tokens = history + drafts[:j]  # what the cache holds truly, and the sampler's history
             self._sampled(slot, logits)
             if slot.request is None or j == len(drafts) or slot.next_token != drafts[j]:
-                return
-            r.accepted += 1
-            self.counts["draft_tokens_accepted"] += 1
+                break
+            kept += 1
+        r.accepted += kept
+        self.counts["draft_tokens_accepted"] += kept
+        pace.judged(len(drafts), kept)
 
     def _sampled(self, slot: Slot, logits: np.ndarray) -> None:
         """Draw the request's next token from logits and tell it, or end it."""

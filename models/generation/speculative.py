@@ -14,12 +14,20 @@ bit for bit, and so is sampled output with the same seed: the sampler sees the s
 draws the same random numbers. (For a deterministic draft, drawing from the model and keeping
 the draft while they agree is the standard acceptance rule: the distribution is the model's.)
 
+How many drafts a pass checks is chosen per pass (Pace): the count that maximises the expected
+tokens per second, from the acceptance rate seen so far and the measured cost of each pass size
+(a pass of 8 rows costs ~1.3x one row on a model that is memory-bound, ~3.6x on SmolLM2 on two
+cores): drafts that are seldom kept stop being checked, so speculation costs little where it
+does not help.
+
 Drafts come from a proposer:
 - PromptLookup: the tokens that followed the last earlier occurrence of the context's final
   n-gram (no second model): text that copies its input (editing, summarising, code) drafts well.
 - DraftModel: a smaller model sharing the tokenizer (Llama 3.2 1B for 3.1 8B), greedy, drafting
   while it is confident.
 """
+import time
+
 import numpy as np
 
 from models.generation.scoring import log_softmax
@@ -46,6 +54,35 @@ class PromptLookup:
                 if np.array_equal(seq[start:start + n], tail):
                     return seq[start + n:start + n + most].tolist()
         return []
+
+
+class Prediction:
+    """Drafts from the reply its sender expects (OpenAI's predicted output): the expected tokens
+    after the place the reply has reached in them. The place follows the reply token by token;
+    where the reply departs from the prediction it is found again by the reply's last n-gram
+    (longest first; the first occurrence after the old place, else the first anywhere).
+    propose takes the reply so far (not the prompt)."""
+
+    def __init__(self, tokens: list[int], ngram: int = 3):
+        self.tokens, self.ngram = list(tokens), ngram
+        self.at, self.seen = 0, 0   # the place in tokens; how much of the reply it has followed
+
+    def propose(self, reply: list[int], most: int) -> list[int]:
+        for token in reply[self.seen:]:
+            follows = self.at is not None and self.at < len(self.tokens) and self.tokens[self.at] == token
+            self.at = self.at + 1 if follows else None
+        self.seen = len(reply)
+        if self.at is None:
+            self.at = self._found(reply)
+        return [] if self.at is None else self.tokens[self.at:self.at + most]
+
+    def _found(self, reply: list[int]) -> int | None:
+        for n in range(min(self.ngram, len(reply)), 0, -1):
+            tail = reply[-n:]
+            places = [i + n for i in range(len(self.tokens) - n + 1) if self.tokens[i:i + n] == tail]
+            if places:
+                return places[0]
+        return None
 
 
 class DraftModel:
@@ -92,6 +129,73 @@ def check_same_vocabulary(model, draft, name: str) -> None:
                          f"share the model's tokenizer")
 
 
+class Pace:
+    """How many drafts the next pass should check: of 0, 1, 3, 7, 15 (passes of 1, 2, 4, 8, 16
+    rows), the count that maximises expected tokens per second. Expected tokens of k drafts with
+    each kept with probability a: 1 + a + ... + a^k. Seconds: the median of a pass size's recent
+    times (a size not timed yet: the largest smaller one's, and 30% more a row beyond it, between
+    memory- and compute-bound), and the proposer's time per draft. The acceptance rate is counted
+    with decay, so it follows the text; passes without drafts let it drift back toward even. Now
+    and then a pass of one row (the yardstick) or of the next size up is timed again."""
+    COUNTS = (0, 1, 3, 7, 15)
+    DECAY = 0.9
+    KEPT_TIMES = 8   # a size's recent times, whose median is its cost
+    REFRESH = 32     # every this many passes, time one row again, or the next size up
+
+    def __init__(self, most: int, adaptive: bool = True, kept: float = 0.0):
+        """adaptive False: always as many as room allows, up to most (tests that need drafts).
+        kept: drafts counted as kept before any is judged (0: the rate starts at even; 3: at
+        0.8, for drafts given by the user, who expects them kept)."""
+        self.most, self.adaptive = most, adaptive
+        self.kept, self.refused = kept, 0.0   # decayed counts of drafts kept and refused
+        self.times: dict[int, list[float]] = {}  # rows -> a pass's recent seconds
+        self.draft_seconds = 0.0            # the proposer's seconds per draft (a moving average)
+        self.seen: dict = {}                # (sequence, rows) -> passes seen: the first two capture and warm up
+        self.passes = 0
+
+    def rate(self) -> float:
+        return (self.kept + 1) / (self.kept + self.refused + 2)
+
+    def cost(self, rows: int) -> float:
+        if rows in self.times:
+            return float(np.median(self.times[rows]))
+        below = max(r for r in self.times if r < rows)
+        return self.cost(below) * (1 + 0.3 * (rows - below) / below)
+
+    def count(self, room: int) -> int:
+        """Drafts to ask for, at most room."""
+        allowed = [k for k in self.COUNTS if k <= min(self.most, room)]
+        if not self.adaptive:
+            return min(self.most, room)
+        self.passes += 1
+        if 1 not in self.times or self.passes % self.REFRESH == 0:
+            return 0  # a pass of one row, the yardstick
+        a = self.rate()
+        value = {k: (1 - a ** (k + 1)) / (1 - a) / (self.cost(k + 1) + k * self.draft_seconds) for k in allowed}
+        best = max(value, key=value.get)
+        if self.passes % self.REFRESH == self.REFRESH // 2 and best != allowed[-1]:
+            return allowed[allowed.index(best) + 1]  # time the next size up again: costs change
+        return best
+
+    def proposed(self, drafts: int, seconds: float) -> None:
+        if drafts:
+            self.draft_seconds = 0.7 * self.draft_seconds + 0.3 * seconds / drafts
+
+    def judged(self, drafts: int, kept: int) -> None:
+        """A pass's drafts, of which the first `kept` were drawn: the next one (if any) was not."""
+        if drafts:
+            self.kept = self.DECAY * self.kept + kept
+            self.refused = self.DECAY * self.refused + (kept < drafts)
+        else:
+            self.kept, self.refused = self.kept * 0.98, self.refused * 0.98
+
+    def passed(self, sequence, rows: int, seconds: float) -> None:
+        key = (id(sequence), rows)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if self.seen[key] > 2:
+            self.times[rows] = (self.times.get(rows, []) + [seconds])[-self.KEPT_TIMES:]
+
+
 class Stats:
     """What speculation did: passes of the model, tokens drafted, drafts accepted."""
 
@@ -104,16 +208,17 @@ class Stats:
 
 
 def generate(sequence: CachedSequence, ids: list[int], max_tokens: int, sampler, stop_ids=(), proposer=None,
-             most: int = 8, stats: Stats | None = None, on_prefill=None):
+             most: int = 8, stats: Stats | None = None, on_prefill=None, pace: Pace | None = None):
     """Yield new token ids after ids as CachedSequence.generate does, the same ones, with up to
-    `most` drafted tokens checked per pass of the model."""
-    stats = stats if stats is not None else Stats()
+    `most` drafted tokens checked per pass of the model (as many as `pace` asks for)."""
+    stats, pace = stats if stats is not None else Stats(), pace or Pace(most)
     rows = sequence.run(ids, len(ids) - 1)[-1:]
     if on_prefill:
         on_prefill()
     history, drafts, made = list(ids), [], 0
     while True:
         # rows[j]: the logits after history (j = 0) and after each accepted draft before it
+        kept = 0
         for j, logits in enumerate(rows):
             token = sampler(logits, history)
             if token in stop_ids:
@@ -125,13 +230,27 @@ def generate(sequence: CachedSequence, ids: list[int], max_tokens: int, sampler,
                 return
             if j == len(drafts) or token != drafts[j]:
                 break  # a correction, or the token after every draft: not in the cache yet
-            stats.accepted += 1
+            kept += 1
+        stats.accepted += kept
+        pace.judged(len(drafts), kept)
         sequence.tokens = history[:-1]  # what the cache holds truly; drafts after a correction are not
-        room = min(most, max_tokens - made - 1, sequence.length - len(history))  # a pass gives drafts + 1
-        drafts = fitting(proposer.propose(history, room)) if room > 0 else []
+        drafts, rows = step(sequence, history, proposer, pace, min(max_tokens - made - 1, sequence.length - len(history)))
         stats.drafted += len(drafts)
         stats.passes += 1
-        if drafts:
-            rows = sequence.run(history + drafts, len(history) - 1)
-        else:
-            rows = sequence.advance(history[-1])[None]
+
+
+def step(sequence: CachedSequence, history: list[int], proposer, pace: Pace, room: int, context=None):
+    """(drafts, rows): the pass after history, whose last token the cache lacks, over the drafts
+    the pace asks for (at most room; proposed from context, else history): rows[j] are the
+    logits after history and its first j drafts."""
+    start = time.perf_counter()
+    wanted = pace.count(room) if room > 0 else 0
+    drafts = fitting(proposer.propose(history if context is None else context, wanted)) if wanted else []
+    proposed = time.perf_counter()
+    pace.proposed(len(drafts), proposed - start)
+    if drafts:
+        rows = sequence.run(history + drafts, len(history) - 1)
+    else:
+        rows = sequence.advance(history[-1])[None]
+    pace.passed(sequence, len(drafts) + 1, time.perf_counter() - proposed)
+    return drafts, rows

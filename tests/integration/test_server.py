@@ -593,24 +593,24 @@ def test_a_prediction_drafts_the_reply_and_changes_no_token(client):
     """OpenAI's predicted output: drafts checked by speculative decoding (this request decodes
     alone), counted in usage; the reply is the one without a prediction, streamed or not, and a
     wrong prediction only costs rejected drafts."""
-    ask = dict(max_tokens=40, temperature=0)
-    plain = chat(client, **ask)
+    ask = dict(max_tokens=40, temperature=0, messages=[{"role": "user", "content": "Count from 1 to 20, with commas."}])
+    plain = client.chat.completions.create(model="m", **ask)
     text = plain.choices[0].message.content
-    right = chat(client, prediction={"type": "content", "content": text}, **ask)
+    right = client.chat.completions.create(model="m", prediction={"type": "content", "content": text}, **ask)
     assert right.choices[0].message.content == text
     details = right.usage.completion_tokens_details
     assert details.accepted_prediction_tokens >= right.usage.completion_tokens // 2
-    wrong = chat(client, prediction={"type": "content", "content": "Bananas are yellow. " * 5}, **ask)
+    wrong = client.chat.completions.create(model="m", prediction={"type": "content", "content": "Bananas. " * 9}, **ask)
     assert wrong.choices[0].message.content == text
-    streamed, _ = streamed_chat(client, prediction={"type": "content", "content": [{"type": "text", "text": text}]},
-                                **ask)
-    assert streamed == text
+    streamed = client.chat.completions.create(model="m", stream=True, **ask, prediction={
+        "type": "content", "content": [{"type": "text", "text": text}]})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
     assert plain.usage.completion_tokens_details is None  # nothing was drafted
 
 
 def test_a_speculating_server_gives_the_same_replies(client, smollm2_path):
-    """--draft (here SmolLM2 drafting for itself, re-quantised) and --lookup: a request alone gets
-    the module server's reply and usage counts the drafts; /metrics counts them too."""
+    """--draft (here SmolLM2 drafting for itself, re-quantised: it agrees) and --lookup: a request
+    alone gets the module server's reply and usage counts the drafts; /metrics counts them too."""
     from prometheus_client.parser import text_string_to_metric_families
     want = chat(client, max_tokens=30, temperature=0).choices[0].message.content
     for flag in (["--lookup", "6"], ["--draft", str(smollm2_path), "--dtype", "q8_0"]):
@@ -619,8 +619,8 @@ def test_a_speculating_server_gives_the_same_replies(client, smollm2_path):
             there = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=120)
             got = chat(there, max_tokens=30, temperature=0)
             assert got.choices[0].message.content == want
-            if flag[0] == "--draft":  # a draft of the same model agrees
-                assert got.usage.completion_tokens_details.accepted_prediction_tokens >= got.usage.completion_tokens // 2
+            if flag[0] == "--draft":  # a draft as big as the model: tried, then left as its cost is learnt
+                assert got.usage.completion_tokens_details.accepted_prediction_tokens > 0
             with urllib.request.urlopen(running.url + "/metrics", timeout=60) as r:
                 families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
             drafted = {s.labels["kept"]: s.value for s in families["tinytensor_draft_tokens"].samples}

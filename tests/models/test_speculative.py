@@ -39,8 +39,10 @@ def plain(model, ids, n, sampler):
 
 
 def speculated(model, ids, n, sampler, proposer, most=8):
+    """Every pass checks all the drafts it can (no pace: these tests need drafts checked)."""
     stats = speculative.Stats()
-    out = list(model.generate(ids, n, sampler, model.tokenizer.stop_ids, proposer=proposer, most=most, stats=stats))
+    out = list(speculative.generate(CachedSequence(model, len(ids) + n), ids, n, sampler, model.tokenizer.stop_ids,
+                                    proposer, most, stats, pace=speculative.Pace(most, adaptive=False)))
     return out, stats
 
 
@@ -67,6 +69,44 @@ def test_the_same_tokens_greedy_and_seeded(model, draft, kind):
         want = plain(model, ids, 60, make_sampler(temperature=1.0, seed=seed))
         got, stats = speculated(model, ids, 60, make_sampler(temperature=1.0, seed=seed), proposer)
         assert got == want and stats.drafted > stats.accepted  # sampled replies reject some drafts
+
+
+def test_a_prediction_drafts_from_where_the_reply_is_in_it():
+    predicted = speculative.Prediction([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert predicted.propose([], 3) == [1, 2, 3]
+    assert predicted.propose([1, 2], 3) == [3, 4, 5]          # followed token by token
+    assert predicted.propose([1, 2, 3, 9], 3) == []           # departed: 9 is last, nothing after it
+    assert predicted.propose([1, 2, 3, 9, 6, 7], 2) == [8, 9]  # found again by its last n-gram
+    repeats = speculative.Prediction([5, 0, 1, 5, 0, 2, 5, 0, 3])
+    assert repeats.propose([7, 5, 0], 1) == [1]               # the first place a repeated n-gram is
+    assert repeats.propose([7, 5, 0, 1, 5, 0], 1) == [2]      # then followed, not searched again
+
+
+def test_the_pace_drafts_where_drafts_pay():
+    """Drafts always kept on a model whose passes cost little more with more rows: the most;
+    drafts seldom kept: one at most; a pass of 8 rows costing 8 of one: none."""
+    pace = speculative.Pace(8)
+    assert pace.count(5) == 0                      # nothing measured: a pass of one row first
+    for rows, seconds in ((1, 0.010), (2, 0.011), (4, 0.012), (8, 0.014)):
+        pace.passed("s", rows, 1.0)                # a first pass captures, a second warms up: not counted
+        pace.passed("s", rows, 0.5)
+        pace.passed("s", rows, seconds)
+    for _ in range(20):
+        pace.judged(7, 7)
+    assert [pace.count(100) for _ in range(10)].count(7) >= 9 and pace.count(3) == 3
+    for _ in range(30):
+        pace.judged(7, 0)
+    assert sum(pace.count(100) <= 1 for _ in range(10)) >= 9  # at ~10% kept, one draft at 10% more a pass just pays
+    slow = speculative.Pace(8)
+    for rows in (1, 2, 4, 8):
+        for seconds in (1.0, 0.5, 0.010 * rows):
+            slow.passed("s", rows, seconds)
+    for _ in range(20):
+        slow.judged(7, 5)                          # ~80% kept, but each row costs a pass
+    assert [slow.count(100) for _ in range(10)].count(0) >= 9  # (one pass may time the next size up)
+    for _ in range(200):                           # passes without drafts: the rate drifts back up
+        pace.judged(0, 0)
+    assert pace.count(100) > 0
 
 
 def test_max_tokens_the_context_and_a_constraint_hold(model):
