@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from models.generation.scoring import log_softmax
-from models.generation.sequence_cache import CachedSequence
+from models.generation.sequence_cache import CachedSequence, common_prefix
 
 
 class PromptLookup:
@@ -88,7 +88,8 @@ class Prediction:
 class DraftModel:
     """A second, smaller model's greedy guess, drafting while its likeliest token has at least
     `confidence` probability (a guess it doubts is likely wasted rows in the model's pass). Its
-    own cache grows with the conversation (up to its context) and keeps what it has computed."""
+    cache spans its context and keeps what it has computed; it catches up on the tokens since
+    its last call in passes of 1 to 32 rows, each size captured once, at its first call."""
 
     def __init__(self, model, confidence: float = 0.5):
         self.model, self.confidence, self.sequence = model, confidence, None
@@ -97,9 +98,9 @@ class DraftModel:
         most = min(most, self.model.context - len(history))
         if most <= 0:
             return []
-        if self.sequence is None or self.sequence.length < len(history) + most:
-            self.sequence = CachedSequence(self.model, min(max(2 * (len(history) + most), 1024), self.model.context))
-        logits = self.sequence.run(history, len(history) - 1)[-1]  # only what its cache lacks
+        if self.sequence is None:
+            self.sequence = self._warmed()
+        logits = self.caught_up(history)
         drafts = []
         while True:
             logp = log_softmax(logits)
@@ -111,6 +112,26 @@ class DraftModel:
                 break
             logits = self.sequence.advance(token)
         return drafts
+
+    def caught_up(self, history: list[int]) -> np.ndarray:
+        """The logits after history, computing what its cache lacks in passes of at most 32
+        tokens: the pass sizes captured already (CachedSequence.padded), where one pass of any
+        length would capture a new size (~0.2 s for SmolLM2)."""
+        start = min(common_prefix(self.sequence.tokens, history), len(history) - 1)
+        for end in range(start + CachedSequence.BUCKET, len(history), CachedSequence.BUCKET):
+            self.sequence.run(history[:end], end - 1)
+        return self.sequence.run(history, len(history) - 1)[-1]
+
+    def _warmed(self) -> CachedSequence:
+        sequence = CachedSequence(self.model, self.model.context)
+        size = 1
+        while size <= CachedSequence.BUCKET:  # every pass size a catch-up takes, and the one-token step
+            sequence.tokens = []
+            sequence.run([0] * size, size - 1)
+            size *= 2
+        sequence.advance(0)
+        sequence.tokens = []
+        return sequence
 
 
 def fitting(drafts: list[int]) -> list[int]:
@@ -134,13 +155,17 @@ class Pace:
     rows), the count that maximises expected tokens per second. Expected tokens of k drafts with
     each kept with probability a: 1 + a + ... + a^k. Seconds: the median of a pass size's recent
     times (a size not timed yet: the largest smaller one's, and 30% more a row beyond it, between
-    memory- and compute-bound), and the proposer's time per draft. The acceptance rate is counted
+    memory- and compute-bound), and the proposer's time a call and a draft; a proposer that often
+    gives nothing (a draft model in doubt) is worth asking only if asking is cheap. The acceptance rate is counted
     with decay, so it follows the text; passes without drafts let it drift back toward even. Now
-    and then a pass of one row (the yardstick) or of the next size up is timed again."""
+    and then a pass of one row (the yardstick) or of the next size up is timed again; while
+    drafts do not pay, one is tried after 32 passes, then 64, ... up to 1,024 (a try costs a draft
+    model its catching up)."""
     COUNTS = (0, 1, 3, 7, 15)
     DECAY = 0.9
     KEPT_TIMES = 8   # a size's recent times, whose median is its cost
     REFRESH = 32     # every this many passes, time one row again, or the next size up
+    LONGEST_WAIT = 1024  # passes between tries of a draft, at most, while drafts do not pay
 
     def __init__(self, most: int, adaptive: bool = True, kept: float = 0.0):
         """adaptive False: always as many as room allows, up to most (tests that need drafts).
@@ -149,9 +174,11 @@ class Pace:
         self.most, self.adaptive = most, adaptive
         self.kept, self.refused = kept, 0.0   # decayed counts of drafts kept and refused
         self.times: dict[int, list[float]] = {}  # rows -> a pass's recent seconds
-        self.draft_seconds = 0.0            # the proposer's seconds per draft (a moving average)
+        self.calls, self.call_times, self.draft_times = 0, [], []  # the proposer's seconds a call, and a draft more
+        self.gives = 1.0                    # how often the proposer gives drafts when asked (a moving average)
         self.seen: dict = {}                # (sequence, rows) -> passes seen: the first two capture and warm up
         self.passes = 0
+        self.idle, self.wait = 0, self.REFRESH  # passes without drafts since the last try; passes until the next
 
     def rate(self) -> float:
         return (self.kept + 1) / (self.kept + self.refused + 2)
@@ -171,15 +198,43 @@ class Pace:
         if 1 not in self.times or self.passes % self.REFRESH == 0:
             return 0  # a pass of one row, the yardstick
         a = self.rate()
-        value = {k: (1 - a ** (k + 1)) / (1 - a) / (self.cost(k + 1) + k * self.draft_seconds) for k in allowed}
+        per_draft, g, one = self.draft_seconds(), self.gives, self.cost(1)
+        value = {0: 1 / one}
+        for k in allowed[1:]:  # asked for k: drafts with probability g, else a pass of one row
+            tokens = g * (1 - a ** (k + 1)) / (1 - a) + (1 - g)
+            value[k] = tokens / (g * (self.cost(k + 1) + k * per_draft) + (1 - g) * one + self.call_seconds())
         best = max(value, key=value.get)
+        if best == 0:  # drafts do not pay: try one now and then, less often each time it still does not
+            self.idle += 1
+            if self.idle < self.wait or len(allowed) == 1:
+                return 0
+            self.idle, self.wait = 0, min(2 * self.wait, self.LONGEST_WAIT)
+            return allowed[1]
+        self.wait = self.REFRESH
         if self.passes % self.REFRESH == self.REFRESH // 2 and best != allowed[-1]:
             return allowed[allowed.index(best) + 1]  # time the next size up again: costs change
         return best
 
-    def proposed(self, drafts: int, seconds: float) -> None:
+    def proposed(self, asked: int, drafts: int, seconds: float) -> None:
+        """A proposer asked for `asked` drafts gave `drafts` in `seconds`: how often it gives any,
+        its time a call (a draft model catches up on the tokens since its last call, drafts or
+        not) and its time a draft (medians of recent calls; the first call warms up, uncounted)."""
+        if not asked:
+            return
+        self.calls += 1
+        self.gives = 0.8 * self.gives + 0.2 * (drafts > 0)
+        if self.calls == 1:
+            return
         if drafts:
-            self.draft_seconds = 0.7 * self.draft_seconds + 0.3 * seconds / drafts
+            self.draft_times = (self.draft_times + [max(seconds - self.call_seconds(), 0.0) / drafts])[-self.KEPT_TIMES:]
+        else:
+            self.call_times = (self.call_times + [seconds])[-self.KEPT_TIMES:]
+
+    def call_seconds(self) -> float:
+        return float(np.median(self.call_times)) if self.call_times else 0.0
+
+    def draft_seconds(self) -> float:
+        return float(np.median(self.draft_times)) if self.draft_times else 0.0
 
     def judged(self, drafts: int, kept: int) -> None:
         """A pass's drafts, of which the first `kept` were drawn: the next one (if any) was not."""
@@ -247,7 +302,7 @@ def step(sequence: CachedSequence, history: list[int], proposer, pace: Pace, roo
     wanted = pace.count(room) if room > 0 else 0
     drafts = fitting(proposer.propose(history if context is None else context, wanted)) if wanted else []
     proposed = time.perf_counter()
-    pace.proposed(len(drafts), proposed - start)
+    pace.proposed(wanted, len(drafts), proposed - start)
     if drafts:
         rows = sequence.run(history + drafts, len(history) - 1)
     else:

@@ -104,6 +104,13 @@ def test_the_pace_drafts_where_drafts_pay():
     for _ in range(20):
         slow.judged(7, 5)                          # ~80% kept, but each row costs a pass
     assert [slow.count(100) for _ in range(10)].count(0) >= 9  # (one pass may time the next size up)
+    empty = speculative.Pace(8)                    # a proposer asked that gives nothing (a doubtful draft model)
+    for seconds in (1.0, 0.5, 0.010):
+        empty.passed("s", 1, seconds)
+    for _ in range(10):
+        empty.proposed(7, 0, 0.004)                # 40% of a pass to say nothing (the first call: warm-up)
+        empty.judged(0, 0)
+    assert [empty.count(100) for _ in range(10)].count(0) >= 9
     for _ in range(200):                           # passes without drafts: the rate drifts back up
         pace.judged(0, 0)
     assert pace.count(100) > 0
