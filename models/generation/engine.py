@@ -220,9 +220,7 @@ class Engine:
             if slot.next_token is not None:
                 tokens[b] = slot.next_token
                 positions[b] = writes[b] = len(slot.sequence.tokens)
-        if width not in self.steps:
-            model, caches = self.model, [s.sequence.cache for s in self.slots[:width]]
-            self.steps[width] = jit(lambda t, p, w: model.forward_batch(t, p, w, caches))
+        self._capture(width)
         try:
             start = time.perf_counter()
             logits = self.steps[width](Tensor(tokens), Tensor(positions), Tensor(writes)).numpy()
@@ -238,6 +236,21 @@ class Engine:
             if slot.next_token is not None:
                 slot.sequence.tokens.append(slot.next_token)
                 self._guarded(slot, lambda s: self._sampled(s, logits[b]))
+
+    def _capture(self, width: int) -> None:
+        """The decode step over slots[:width], captured once (tinytensor.jit)."""
+        if width not in self.steps:
+            model, caches = self.model, [s.sequence.cache for s in self.slots[:width]]
+            self.steps[width] = jit(lambda t, p, w: model.forward_batch(t, p, w, caches))
+
+    def warm(self) -> None:
+        """Capture the decode step of every batch width now (~0.2-0.5 s each), so that no request
+        waits for one when a stream joins: each runs once with every row idle (writing the
+        scratch row, read by no position)."""
+        for width in range(1, len(self.slots) + 1):
+            self._capture(width)
+            idle = np.full(width, self.scratch, np.int64)
+            self.steps[width](Tensor(np.zeros(width, np.int64)), Tensor(np.zeros(width, np.int64)), Tensor(idle))
 
     def _speculative_step(self, slot: Slot) -> None:
         """One pass of the slot's model over its pending token and the drafts after it (as many

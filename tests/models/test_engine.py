@@ -200,3 +200,17 @@ def test_a_sequence_alone_speculates_and_gets_the_same_tokens(model):
         run_until_done(engine, [h for _, h in together])
         assert [t.id for t in together[0][1].tokens] == want
         assert [t.id for t in together[1][1].tokens] == alone(model, tok.encode(PROMPTS[0]), 8)
+
+
+def test_a_warmed_engine_captures_no_step_while_serving(model):
+    """warm() captures every batch width's step (idle rows only): requests joining afterwards
+    wait for no capture, and get the tokens they get alone."""
+    engine = Engine(model, parallel=3)
+    engine.warm()
+    steps = dict(engine.steps)
+    assert sorted(steps) == [1, 2, 3]
+    asked = [submit(engine, model.tokenizer.encode(p), 6) for p in PROMPTS[:3]]
+    run_until_done(engine, [h for _, h in asked])
+    assert engine.steps == steps
+    for (request, heard), prompt in zip(asked, PROMPTS):
+        assert [t.id for t in heard.tokens] == alone(model, model.tokenizer.encode(prompt), 6)

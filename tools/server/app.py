@@ -65,6 +65,7 @@ class Server:
                     self.render.start()
                 self.engine = Engine(self.model, parallel, queue, self.defaults.get("proposer"),
                                      self.defaults.get("most", 8))
+                self.engine.warm()  # every batch width captured before the first request
             except Exception as e:  # the server says so on /health and every endpoint
                 self.failed = str(e)
                 return
