@@ -230,6 +230,9 @@ def run(args, group=SINGLE) -> None:
     from models.formats import hf
     from models.llama3 import load
 
+    if group.size > 1 and (args.lookup or args.draft):  # each process would pace its drafts by its own clock
+        raise ValueError("--lookup and --draft run in one process: leave them out under mpirun (the processes "
+                         "must check the same drafts, and each times its own passes)")
     images = [open_image(path) for path in args.image]  # a bad image fails now, not after loading
     grammar = read_grammar(args)  # as does a bad schema or grammar
     if group.size > 1 and args.seed is None:  # every rank must draw the same tokens

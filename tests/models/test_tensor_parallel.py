@@ -238,6 +238,17 @@ def test_a_model_that_does_not_split_is_one_line_and_every_rank_ends(tiny_gguf):
     assert "Traceback" not in result.stderr
 
 
+@needs_mpi
+def test_speculation_under_mpirun_is_one_line_and_every_rank_ends(tiny_gguf):
+    """Each process would pace its drafts by its own clock, and the processes' passes must
+    match: --lookup and --draft are refused under mpirun."""
+    result = mpiexec(2, "-m", "models.llama3", "--checkpoint", str(tiny_gguf), *GREEDY, "--lookup", "4", timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    # rank 0 says it; another rank only if rank 0's abort has not ended it within 2 s (a busy host)
+    assert ours and all("leave them out under mpirun" in line for line in ours), result.stderr
+
+
 def _rank_pid(marker: str, rank: int) -> int | None:
     for proc in Path("/proc").iterdir():
         try:
