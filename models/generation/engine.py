@@ -100,9 +100,10 @@ class Engine:
         self.stopped = False
         # what the engine has done, for /metrics: prompt tokens computed and found cached,
         # tokens generated, requests ended (by reason)
+        # (every key from the start: /metrics reads them meanwhile)
         self.counts: collections.Counter = collections.Counter(dict.fromkeys(
             ["prompt_tokens_computed", "prompt_tokens_cached", "generated_tokens", "draft_tokens",
-             "draft_tokens_accepted", "finished:stop", "finished:length", "finished:cancelled", "finished:error"], 0))  # every key from the start: /metrics reads them meanwhile
+             "draft_tokens_accepted", "finished:stop", "finished:length", "finished:cancelled", "finished:error"], 0))
 
     # ---- from any thread ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:

@@ -25,6 +25,7 @@ Drafts come from a proposer:
   n-gram (no second model): text that copies its input (editing, summarising, code) drafts well.
 - DraftModel: a smaller model sharing the tokenizer (Llama 3.2 1B for 3.1 8B), greedy, drafting
   while it is confident.
+- Prediction: the reply its sender expects (OpenAI's predicted outputs), followed in place.
 """
 import time
 
@@ -143,8 +144,9 @@ def fitting(drafts: list[int]) -> list[int]:
 def check_same_vocabulary(model, draft, name: str) -> None:
     """ValueError unless the draft's tokens are the model's, id for id."""
     theirs, ours = draft.tokenizer, model.tokenizer
-    differs = next((i for i in range(max(theirs.vocab_size, ours.vocab_size))
-                    if i >= min(theirs.vocab_size, ours.vocab_size) or theirs.token_bytes(i) != ours.token_bytes(i)), None)
+    shared = min(theirs.vocab_size, ours.vocab_size)
+    differs = next((i for i in range(shared) if theirs.token_bytes(i) != ours.token_bytes(i)),
+                   None if theirs.vocab_size == ours.vocab_size else shared)
     if differs is not None:
         raise ValueError(f"{name}: its vocabulary differs from the model's (from token {differs} on): a draft must "
                          f"share the model's tokenizer")
@@ -156,8 +158,9 @@ class Pace:
     each kept with probability a: 1 + a + ... + a^k. Seconds: the median of a pass size's recent
     times (a size not timed yet: the largest smaller one's, and 30% more a row beyond it, between
     memory- and compute-bound), and the proposer's time a call and a draft; a proposer that often
-    gives nothing (a draft model in doubt) is worth asking only if asking is cheap. The acceptance rate is counted
-    with decay, so it follows the text; passes without drafts let it drift back toward even. Now
+    gives nothing (a draft model in doubt) is worth asking only if asking is cheap. The acceptance
+    rate is counted with decay, so it follows the text; passes without drafts let it drift back
+    toward even. Now
     and then a pass of one row (the yardstick) or of the next size up is timed again; while
     drafts do not pay, one is tried after 32 passes, then 64, ... up to 1,024 (a try costs a draft
     model its catching up)."""
@@ -226,7 +229,8 @@ class Pace:
         if self.calls == 1:
             return
         if drafts:
-            self.draft_times = (self.draft_times + [max(seconds - self.call_seconds(), 0.0) / drafts])[-self.KEPT_TIMES:]
+            per_draft = max(seconds - self.call_seconds(), 0.0) / drafts
+            self.draft_times = (self.draft_times + [per_draft])[-self.KEPT_TIMES:]
         else:
             self.call_times = (self.call_times + [seconds])[-self.KEPT_TIMES:]
 
@@ -289,7 +293,8 @@ def generate(sequence: CachedSequence, ids: list[int], max_tokens: int, sampler,
         stats.accepted += kept
         pace.judged(len(drafts), kept)
         sequence.tokens = history[:-1]  # what the cache holds truly; drafts after a correction are not
-        drafts, rows = step(sequence, history, proposer, pace, min(max_tokens - made - 1, sequence.length - len(history)))
+        room = min(max_tokens - made - 1, sequence.length - len(history))
+        drafts, rows = step(sequence, history, proposer, pace, room)
         stats.drafted += len(drafts)
         stats.passes += 1
 

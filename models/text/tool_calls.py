@@ -112,8 +112,9 @@ class Tools:
                 return reply["response"], []
             found = reply.get("tool_calls") if "tool_calls" in reply else [reply.get("tool_call")]
             key = "arguments"
-        if not isinstance(found, list) or not all(
-                isinstance(c, dict) and c.get("name") in self.functions and isinstance(c.get(key), dict) for c in found):
+        def is_call(c) -> bool:
+            return isinstance(c, dict) and c.get("name") in self.functions and isinstance(c.get(key), dict)
+        if not isinstance(found, list) or not all(map(is_call, found)):
             return text, []
         return None, [{"name": c["name"], "arguments": json.dumps(c[key])} for c in found]
 
@@ -185,7 +186,7 @@ def read_tool_messages(messages: list[dict], raw: list[dict], special: dict) -> 
             m["tool_calls"] = []
             for c in calls:
                 f = c.get("function") if isinstance(c, dict) else None
-                if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), str):
+                if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), str)):
                     raise ToolError("each tool call must be {id, type: function, function: {name, arguments}}")
                 try:
                     arguments = json.loads(f["arguments"])
