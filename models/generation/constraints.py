@@ -113,8 +113,8 @@ class Constraint:
         self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
         if self.matcher.is_error():
             raise RuntimeError(f"constrained decoding failed: {self.matcher.get_error()}")
-        allowed = np.unpackbits(self.bits.view(np.uint8), bitorder="little").astype(bool)
-        return np.pad(allowed, (0, max(0, n - allowed.size)))[:n]
+        allowed = np.unpackbits(self.bits.view(np.uint8), bitorder="little").view(bool)  # 0/1 bytes, as bools
+        return allowed[:n] if n <= allowed.size else np.pad(allowed, (0, n - allowed.size))
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """logits with -inf for every token the grammar does not allow next (in place)."""

@@ -54,10 +54,9 @@ class Request:
     stop_ids: frozenset = frozenset()
     logprobs: int | None = None      # None: none; k: each token's log p and the k likeliest
     echo: bool = False               # the prompt's log-probabilities too (position 0 has none)
-    prediction: list = field(default_factory=list)  # ids of the expected reply: drafts for speculative decoding
+    prediction: object = None        # the expected reply (speculative.Prediction): drafts for speculative decoding
     drafted: int = 0                 # tokens drafted for it, and how many the model's draws kept
     accepted: int = 0
-    predicted: object = None         # its prediction's place in the reply (speculative.Prediction), once decoding
     cancelled: bool = False          # set from any thread; the engine frees the slot at the next turn
     generated: int = 0
 
@@ -261,9 +260,7 @@ class Engine:
         history = sequence.tokens + [slot.next_token]
         room = min(r.max_tokens - r.generated - 1, self.model.context - len(history))
         if r.prediction:  # drafts from the reply expected, at the place the reply has reached in it
-            if r.predicted is None:
-                r.predicted = speculative.Prediction(r.prediction)
-            proposer, context, pace = r.predicted, history[len(r.ids):], self.prediction_pace
+            proposer, context, pace = r.prediction, history[len(r.ids):], self.prediction_pace
         else:
             proposer, context, pace = self.proposer, history, self.pace
         drafts, rows = speculative.step(sequence, history, proposer, pace, room, context)

@@ -181,14 +181,14 @@ def test_a_sequence_alone_speculates_and_gets_the_same_tokens(model):
     """With prompt lookup, or with a prediction of its reply, a request decoding alone checks
     several drafts a pass (fewer turns than tokens) and gets the tokens it gets without; beside
     others it decodes in the batch, the same tokens again."""
-    from models.generation.speculative import PromptLookup
+    from models.generation.speculative import Prediction, PromptLookup
     tok = model.tokenizer
     text = "the quick brown fox jumps over the lazy dog and the quick brown fox jumps over the lazy dog"
     ids = tok.encode(f"Repeat: {text}. Again: {text}. Again:", bos=False)
     want = alone(model, ids, 24)
     for engine, prediction in ((Engine(model, parallel=2, proposer=PromptLookup()), []),
                                (Engine(model, parallel=2), tok.encode(tok.decode(want), bos=False))):
-        request, heard = submit(engine, ids, 24, prediction=prediction)
+        request, heard = submit(engine, ids, 24, prediction=Prediction(prediction) if prediction else None)
         turns = 0
         while heard.done is None:
             engine.turn()
@@ -196,7 +196,8 @@ def test_a_sequence_alone_speculates_and_gets_the_same_tokens(model):
         assert [t.id for t in heard.tokens] == want
         assert request.accepted > 0 and request.drafted >= request.accepted and turns < len(want) - 4
         assert engine.counts["draft_tokens_accepted"] == request.accepted
-        together = [submit(engine, ids, 24, prediction=prediction), submit(engine, tok.encode(PROMPTS[0]), 8)]
+        together = [submit(engine, ids, 24, prediction=Prediction(prediction) if prediction else None),
+                    submit(engine, tok.encode(PROMPTS[0]), 8)]
         run_until_done(engine, [h for _, h in together])
         assert [t.id for t in together[0][1].tokens] == want
         assert [t.id for t in together[1][1].tokens] == alone(model, tok.encode(PROMPTS[0]), 8)

@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from models.generation import speculative
 from models.generation.constraints import Grammar, GrammarError
 from models.generation.engine import Busy, Engine, Request
 from models.generation.pooling import pool
@@ -112,7 +113,7 @@ class Job:
                                make_sampler(**settings["sampling"], seed=seed, constraint=constraint),
                                lambda kind, payload: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload)),
                                frozenset() if settings["ignore_eos"] else frozenset(stop_ids), logprobs, echo,
-                               list(prediction))
+                               speculative.Prediction(prediction) if prediction else None)
         server.engine.submit(self.request)  # Busy or ValueError go to the handler
 
     async def events(self, tokenizer, stops):
