@@ -181,13 +181,15 @@ def test_a_sequence_alone_speculates_and_gets_the_same_tokens(model):
     """With prompt lookup, or with a prediction of its reply, a request decoding alone checks
     several drafts a pass (fewer turns than tokens) and gets the tokens it gets without; beside
     others it decodes in the batch, the same tokens again."""
-    from models.generation.speculative import Prediction, PromptLookup
+    from models.generation.speculative import Pace, Prediction, PromptLookup
     tok = model.tokenizer
     text = "the quick brown fox jumps over the lazy dog and the quick brown fox jumps over the lazy dog"
     ids = tok.encode(f"Repeat: {text}. Again: {text}. Again:", bos=False)
     want = alone(model, ids, 24)
     for engine, prediction in ((Engine(model, parallel=2, proposer=PromptLookup()), []),
                                (Engine(model, parallel=2), tok.encode(tok.decode(want), bos=False))):
+        # every pass checks what it can: how many a pace checks depends on this host's pass costs
+        engine.pace, engine.prediction_pace = Pace(8, adaptive=False), Pace(8, adaptive=False)
         request, heard = submit(engine, ids, 24, prediction=Prediction(prediction) if prediction else None)
         turns = 0
         while heard.done is None:
