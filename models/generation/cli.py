@@ -162,6 +162,9 @@ def parse_args(argv):
         p.error(f"{len(args.stop)} --stop strings: give at most 16")
     if args.lookup and args.draft:
         p.error("give --lookup or --draft, not both")
+    if (args.lookup or args.draft) and distributed.launched()[1] > 1:  # each process would pace by its own clock
+        p.error("--lookup and --draft run in one process: leave them out under mpirun (the processes must check "
+                "the same drafts, and each times its own passes)")
     if args.image and (args.lookup or args.draft):
         p.error("--lookup and --draft speculate on text prompts; leave them out with --image")
     shapes = [f"--{name.replace('_', '-')}" for name in ("json_schema", "json_schema_file", "grammar", "grammar_file")
@@ -230,9 +233,6 @@ def run(args, group=SINGLE) -> None:
     from models.formats import hf
     from models.llama3 import load
 
-    if group.size > 1 and (args.lookup or args.draft):  # each process would pace its drafts by its own clock
-        raise ValueError("--lookup and --draft run in one process: leave them out under mpirun (the processes "
-                         "must check the same drafts, and each times its own passes)")
     images = [open_image(path) for path in args.image]  # a bad image fails now, not after loading
     grammar = read_grammar(args)  # as does a bad schema or grammar
     if group.size > 1 and args.seed is None:  # every rank must draw the same tokens
