@@ -6,6 +6,7 @@ they are the identity; under `mpirun` they go through MPI (mpi4py), between kern
 """
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -26,6 +27,16 @@ class Group:
         """Rank 0's value, on every rank (a picklable Python object)."""
         return value
 
+    def from_rank_0(self, read):
+        """What read() gives on rank 0 (which mpirun gives the input), on every rank; when it
+        raises, the same error is raised on every rank, so that all of them end alike."""
+        return read()
+
+    def end_together(self, within: float) -> bool:
+        """Whether every rank has come to its end within `within` seconds: then each may exit
+        as usual (and mpirun passes on all they printed). Alone, always."""
+        return True
+
     def abort(self, code: int):
         raise SystemExit(code)
 
@@ -40,6 +51,7 @@ class MPIGroup(Group):
         from mpi4py import MPI
         self.mpi, self.comm = MPI, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.endings = comm.Dup()  # its own, so that a rank waiting in a collective cannot match an ending
 
     def allreduce(self, x):
         total = np.array(x, dtype=np.float32, order="C")  # MPI sums in place, into a buffer of ours
@@ -54,6 +66,26 @@ class MPIGroup(Group):
 
     def broadcast(self, value):
         return self.comm.bcast(value, root=0)
+
+    def from_rank_0(self, read):
+        if self.rank == 0:
+            try:
+                outcome = (True, read())
+            except Exception as e:
+                outcome = (False, e)
+        read_it, value = self.comm.bcast(outcome if self.rank == 0 else None, root=0)
+        if not read_it:
+            raise value
+        return value
+
+    def end_together(self, within):
+        ended = self.endings.Ibarrier()
+        deadline = time.monotonic() + within
+        while not ended.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def abort(self, code: int):
         self.comm.Abort(code)  # ends every rank, so none waits forever in a collective

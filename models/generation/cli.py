@@ -33,6 +33,8 @@ from tinytensor.errors import UserError
 from tinytensor.state import files
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+# ranks that meet the same bad input reach their end seconds apart at most, even on a busy host
+ALL_RANKS_END_WITHIN_S = 10
 MAX_PROMPT_BYTES = 16 << 20  # a prompt from a file or stdin; the context bounds it long before
 MAX_GRAMMAR_BYTES = 1 << 20  # a schema or grammar file
 
@@ -321,7 +323,7 @@ def run(args, group=SINGLE) -> None:
         return "".join(text)
 
     if not args.chat:
-        prompt = group.broadcast(read_prompt(args) if group.rank == 0 else None)  # mpirun gives rank 0 the input
+        prompt = group.from_rank_0(lambda: read_prompt(args))
         if images and "<|image|>" not in tok.special:
             raise ValueError("--image needs a Llama 3.2 Vision checkpoint: this tokenizer has no <|image|> token")
         if use_chat:  # the Instruct template puts the images before the text
@@ -338,7 +340,7 @@ def run(args, group=SINGLE) -> None:
     if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not the end of the chat
         sys.stdin.reconfigure(errors="replace")
     while True:
-        line = group.broadcast(_read_line() if group.rank == 0 else None)  # mpirun gives rank 0 the input
+        line = group.from_rank_0(_read_line)
         if not line:
             break
         messages.append({"role": "user", "content": line})
@@ -379,16 +381,18 @@ def main(argv=None) -> int:
 
 
 def _end(rank: int, group, code: int, message: str, errors) -> int:
-    """Say what went wrong and give the exit status. Split over processes every rank is ended,
-    so that none waits for the others in a collective forever: bad input reaches every rank
-    alike, so rank 0 says it and ends them all; another rank speaks only if rank 0 has not.
+    """Say what went wrong and give the exit status. Bad input reaches every rank alike (rank 0's
+    input is shared with its errors), so rank 0 says it and all exit as usual: an abort could
+    end mpirun before it had passed on what rank 0 printed. A rank that ends while another does
+    not (that one waits in a collective) ends them all, saying why if it is not rank 0.
     (Without a working MPI each process ends alone, and rank 0 speaks.)"""
+    if rank != 0 and group.size == 1:
+        return code
+    if rank == 0:
+        print(message, file=errors, flush=True)
+    if group.end_together(within=ALL_RANKS_END_WITHIN_S):
+        return code
     if rank != 0:
-        if group.size == 1:
-            return code
-        time.sleep(2)
-        message = message and f"{message} (rank {rank} of {group.size})"
-    print(message, file=errors, flush=True)
-    if group.size > 1:
-        group.abort(code)
+        print(message and f"{message} (rank {rank} of {group.size})", file=errors, flush=True)
+    group.abort(code)
     return code
