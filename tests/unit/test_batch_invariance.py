@@ -79,6 +79,29 @@ def test_attention_rows_do_not_depend_on_the_rows_or_keys_beside_them(llvm):
         assert np.array_equal(attend(rows, cache_length), whole[:, rows]), (rows, cache_length)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["mask rows", "mask columns"])
+def test_attention_never_reads_the_keys_no_row_may_see(llvm, transposed):
+    """A decode step over a preallocated cache: the positions not yet written hold anything (NaN
+    here), and whole blocks of them are skipped; the rows see the same bits as over the written
+    keys alone. Rows of one tile (the query heads of a key head) see different prefixes, and the
+    mask's keys lie side by side or (transposed) apart."""
+    rng = np.random.default_rng(5)
+    heads, kv_heads, length, dim = 8, 2, 150, 16
+    seen = np.array([[40], [40], [3], [3], [99], [99], [17], [17]])  # the last key each query head sees
+    q = rng.standard_normal((heads, 1, dim)).astype(np.float32)
+    keys, values = (rng.standard_normal((kv_heads, length, dim)).astype(np.float32) for _ in range(2))
+    unwritten = np.arange(length) > seen.reshape(kv_heads, -1).max(axis=1)[:, None]
+    keys[unwritten], values[unwritten] = np.nan, np.nan
+    visible = (np.arange(length)[None, :] <= seen).reshape(heads, 1, length)
+    mask = Tensor(np.ascontiguousarray(visible.transpose(2, 1, 0))).permute(2, 1, 0) if transposed else Tensor(visible)
+    got = nn.scaled_dot_product_attention(Tensor(q), Tensor(keys), Tensor(values), attn_mask=mask).numpy()
+    assert np.isfinite(got).all()
+    written = 100  # every key any row sees
+    want = nn.scaled_dot_product_attention(Tensor(q), Tensor(keys[:, :written]), Tensor(values[:, :written]),
+                                           attn_mask=Tensor(visible[..., :written])).numpy()
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [dtypes.q4_0, dtypes.q4_k], ids=lambda d: d.name)
 def test_the_faster_decode_trades_invariance_for_speed_not_accuracy(llvm, monkeypatch, dtype):
     """TT_BATCH_INVARIANT=0: a few rows take the one-row kernel, an order of its own, still
