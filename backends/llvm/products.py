@@ -62,20 +62,41 @@ def batch_invariant() -> bool:
 def _block_tiles(m: int, n: int, w_types) -> list[tuple[range, int, range, int]]:
     """(rows, rows per step, columns, columns per step) covering C, with block weights: a
     column per vector lane, the last step's lanes past n reading the last column again. Rows
-    go in steps of lane_rows and 4 through the column-lane kernel where it reads the formats,
-    then the few left (all of them in a decode step) through few_rows.py (its COLUMNS at a
-    time), in the same order of float operations per row."""
+    go in steps of lane_rows through the column-lane kernel where it reads the formats, the
+    rows left in one more step of their own number (see column_lane_rest), then the one or
+    two left (a decode step) through few_rows.py (its COLUMNS at a time), in the same order
+    of float operations per row."""
     if m < 4 and not batch_invariant():
         return [(range(m), 1, range(n), 1)]
     lanes = column_lanes.columns() if column_lanes.reads(w_types) else 0
     row_steps, start = [], 0
-    for step in [lane_rows(w_types, lanes), 4] if lanes else [4]:
-        end = start + (m - start) // step * step
-        row_steps.append((range(start, end), step, lanes or few_rows.COLUMNS))
-        start = end
+    if lanes:
+        step = lane_rows(w_types, lanes)
+        start = m // step * step
+        row_steps.append((range(start), step, lanes))
+        if m - start >= column_lane_rest(w_types):
+            row_steps.append((range(start, m), m - start, lanes))
+            start = m
+    else:
+        start = m // 4 * 4
+        row_steps.append((range(start), 4, few_rows.COLUMNS))
     row_steps.append((range(start, m), m - start, few_rows.COLUMNS))
     return [(rows, step, cols, columns) for rows, step, columns in row_steps
             for cols in (range(n - n % columns), range(n - n % columns, n))]
+
+
+def column_lane_rest(w_types) -> int:
+    """The fewest rows left after the lane_rows steps (a batch of decode steps, a prefill's
+    last rows) that go through the column-lane kernel as one step: it transposes the weights
+    it reads once for all of them, where few_rows.py sums each row apart. One step of all of
+    them, against steps of 4 and the rest through few_rows, 8192 x 2048 weights, 2 threads,
+    Emerald Rapids (AVX-512 VNNI), ms at 3/5/8/11 rows: Q4_0 0.65/0.74/0.79/1.40 ->
+    0.49/0.47/0.56/0.75, Q4_K 0.56/0.60/0.72/1.24 -> 0.56/0.42/0.54/0.71, Q6_K
+    0.68/1.19/1.60/2.26 -> 0.66/0.93/1.10/1.23, Q8_0 0.39/0.77/0.96/1.32 -> 0.40/0.54/0.68/0.85;
+    at the AVX2 level, Q6_K at 8 rows 2.31 -> 1.47. At 2 rows few_rows is the faster (Q4_K
+    0.36 against 0.43) but for the simple 4-bit formats (Q4_0 0.48 against 0.39)."""
+    simple_4_bit = all(t.block.sub_blocks == 1 and t.block.bits == 4 for t in w_types)
+    return 2 if simple_4_bit else 3
 
 
 def matmul(plan, a, b, a_type, b_type, out, out_type):
