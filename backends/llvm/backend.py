@@ -11,8 +11,8 @@ import numpy as np
 from backends.executor import run_schedule
 from backends.llvm.lowering import native, plan_node
 from backends.llvm.plan import Plan
+from backends.llvm.writes import plan_write
 from backends.numpy_backend import run_node as reference_node
-from ops.memory import write_in_place
 from ops.movement import VIEWS
 
 
@@ -39,7 +39,7 @@ class LLVMBackend:
         for placeholder, array in fixed.items():
             plan.steps.append(partial(lambda f, p: np.copyto(f, p.buffer), array, placeholder))
         outputs = run_schedule(schedule, partial(_prepare_node, plan), values=fixed, keep_all=True,
-                               write=lambda op, arg, arrays: plan.steps.append(partial(write_in_place, op, arg, arrays)))
+                               write=partial(plan_write, plan))
         return lambda: (plan.run(), [o.copy() for o in outputs])[1]
 
 

@@ -88,6 +88,18 @@ def _matmul_op(plan, node, arrays, out):
     matmul(plan, *arrays, *(s.dtype for s in node.srcs), out, node.dtype)
 
 
+def _cat(plan, node, arrays, out):
+    """Each part copied into its place (a batch's rows of attention, one per sequence): native,
+    so that a step's kernels are not cut into native runs by Python between them."""
+    copy = (Instruction("cast", node.dtype, (0,), node.dtype),)  # the identity
+    at = 0
+    for part in arrays:
+        n = part.shape[node.arg]
+        place = out[(slice(None),) * node.arg + (slice(at, at + n),)]
+        elementwise(plan, copy, [part], [node.dtype], place, node.dtype)
+        at += n
+
+
 # op -> (whether this node of it runs natively, the lowering that adds its calls to a plan)
 LOWERINGS = {
     "fused": (lambda node: True, _fused),
@@ -95,6 +107,7 @@ LOWERINGS = {
     "fused_linear": (lambda node: True, linear),
     "attention": (lambda node: True, attention),
     "matmul": (lambda node: node.dtype.is_float, _matmul_op),
+    "cat": (lambda node: not node.dtype.block, _cat),
     **{op: (lambda node: bool(node.srcs), _elementwise_op) for op in ELEMENTWISE},
     **{op: (lambda node: True, _reduce_op) for op in REDUCE},
 }

@@ -56,3 +56,8 @@ MATMUL_NN = Signature((("m0", INT), ("m1", INT), ("N", INT), ("K", INT), ("A", A
 ATTENTION = Signature((("r0", INT), ("r1", INT), ("table", ARRAY), ("K", ARRAY), ("ldk", INT), ("V", ARRAY),
                        ("ldv", INT), ("S", INT), ("D", INT), ("DV", INT), ("mstride", INT)))
 """Rows r0..r1 of the table of (q row, out row, mask row) addresses, over S keys of K and V."""
+
+ASSIGN_AT = Signature((("o0", INT), ("o1", INT), ("T", PTR), ("V", PTR), ("start", PTR), ("n", INT), ("length", INT),
+                       ("t_outer", INT), ("t_axis", INT), ("v_outer", INT), ("v_axis", INT), ("bytes", INT)))
+"""Outer indices o0..o1 of T[outer, length, bytes] <- V[outer, n, bytes] from T's index *start on
+its middle axis (strides in bytes)."""

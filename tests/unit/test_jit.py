@@ -7,8 +7,14 @@ from hypothesis import given, strategies as st
 from models.formats.checkpoint import random_weights
 from models.llama3 import KVCache, Llama
 from models.llama3.config import LlamaConfig
+from tests.levels import use_backend
 from tinytensor import Tensor
 from tinytensor.jit import jit
+
+
+@pytest.fixture
+def llvm():
+    yield from use_backend("llvm")
 
 
 @given(data=st.data())
@@ -22,6 +28,64 @@ def test_assign_at_writes_at_a_runtime_position(backend, data):
     want[:, start:start + rows] = value.numpy()
     cache.assign_at(Tensor([start]), value, axis=1)
     np.testing.assert_array_equal(cache.numpy(), want)
+
+
+@given(data=st.data())
+def test_a_replayed_write_lands_at_each_position_it_is_given(backend, data):
+    """assign_at in a captured step (a native copy on llvm, backends/llvm/writes.py), its value
+    a transposed view as a KV cache's new keys are, at a position chosen on each replay."""
+    heads, length, dim = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 5))
+    rows = data.draw(st.integers(1, length))
+    cache = Tensor.zeros(heads, length, dim).contiguous().realize()
+    step = jit(lambda x, at: cache.assign_at(at, x.transpose(0, 1), axis=1).sum(0))
+    want, rng = np.zeros((heads, length, dim), np.float32), np.random.default_rng(data.draw(st.integers(0, 99)))
+    for _ in range(3):
+        start = data.draw(st.integers(0, length - rows))
+        x = rng.standard_normal((rows, heads, dim)).astype(np.float32)
+        step(Tensor(x), Tensor([start]))
+        want[:, start:start + rows] = x.transpose(1, 0, 2)
+        np.testing.assert_array_equal(cache.numpy(), want)
+
+
+def test_a_replayed_write_past_its_buffer_writes_nothing(llvm):
+    """A native write cannot raise in the middle of a replay: a position whose rows would not
+    fit writes nothing, rather than past the buffer."""
+    cache = Tensor.zeros(2, 4, 3).contiguous().realize()
+    step = jit(lambda x, at: cache.assign_at(at, x, axis=1).sum(0))
+    step(Tensor.ones(2, 2, 3), Tensor([1]))
+    for outside in (3, 4, 1 << 40, -1):
+        step(Tensor.full((2, 2, 3), 7.0), Tensor([outside]))
+    np.testing.assert_array_equal(cache.numpy()[:, [0, 3]], 0.0)
+    np.testing.assert_array_equal(cache.numpy()[:, 1:3], 1.0)
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_a_captured_step_runs_its_layers_without_python_between_them(llvm, monkeypatch, batch):
+    """The kernels of a decode step (alone, or a batch of sequences with their own caches: the
+    cache writes and the attention rows' cat) run as native runs (backends/llvm/threads.py)
+    whose number does not grow with the layers: no Python step cuts them between layers."""
+    from backends.llvm import threads
+    runs = []
+    replay = threads.Run.__call__
+    monkeypatch.setattr(threads.Run, "__call__", lambda self: (runs.append(self), replay(self))[1])
+    counts = {}
+    for layers in (2, 4):
+        config = LlamaConfig(dim=32, n_layers=layers, n_heads=4, n_kv_heads=2, vocab_size=50, ffn_dim=64,
+                             max_context=16)
+        model = Llama(config, random_weights(config, seed=1))
+        if batch is None:
+            cache = KVCache.allocate(config, 8)
+            step = jit(lambda tok, pos: model.forward(tok, pos, cache))
+            args = (Tensor([3]), Tensor([2]))
+        else:
+            caches = [KVCache.allocate(config, 8) for _ in range(batch)]
+            step = jit(lambda tok, pos, at: model.forward_batch(tok, pos, at, caches))
+            args = (Tensor(np.arange(batch)), Tensor(np.arange(batch)), Tensor(np.arange(batch)))
+        step(*args)  # the capture
+        runs.clear()
+        step(*args)
+        counts[layers] = len(runs)
+    assert counts[2] == counts[4] <= 2, counts
 
 
 def test_replay_matches_eager_at_every_position(backend):
