@@ -67,6 +67,16 @@ class Running:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
 
+    def open(self, path, body, headers=None):
+        """A POST whose response is read as it comes (a stream); close it to go away."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        return urllib.request.urlopen(request, timeout=120)
+
+    def call_text(self, path, headers=None) -> str:
+        with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers or {}), timeout=60) as r:
+            return r.read().decode()
+
     def logged(self) -> str:
         self.log.seek(0)
         return self.log.read()
@@ -440,16 +450,27 @@ def test_api_key_and_a_full_queue(smollm2_path):
         key = {"Authorization": "Bearer s3cret"}
         statuses = []
 
-        def one():
-            statuses.append(running.call("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 60}, key))
-        threads = [threading.Thread(target=one) for _ in range(4)]
-        for t in threads:
-            t.start()
-            time.sleep(0.3)  # one runs, one waits, the rest find the queue full
-        for t in threads:
-            t.join(timeout=120)
+        def waiting() -> float:
+            text = running.call_text("/metrics", key)
+            return float(next(line.split()[-1] for line in text.splitlines()
+                              if line.startswith("tinytensor_requests_waiting ")))
+
+        # the one slot held by a stream until this test lets it go (not by a reply's length,
+        # which a faster engine ends sooner)
+        holding = running.open("/v1/completions", {"prompt": "Once", "max_tokens": 4000, "ignore_eos": True,
+                                                   "stream": True}, key)
+        holding.readline()  # its first chunk: it runs
+        queued = threading.Thread(target=lambda: statuses.append(
+            running.call("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 2}, key)))
+        queued.start()
+        deadline = time.time() + 60
+        while waiting() < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        statuses.append(running.call("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 2}, key))
+        holding.close()  # the client goes: the server cancels the stream and frees the slot
+        queued.join(timeout=120)
         codes = sorted(s for s, _, _ in statuses)
-        assert codes[:2] == [200, 200] and 503 in codes
+        assert codes == [200, 503], codes
         busy = next((body, headers) for s, body, headers in statuses if s == 503)
         assert busy[1].get("retry-after") == "1" and "busy" in busy[0]["error"]["message"]
     finally:
