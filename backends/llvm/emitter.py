@@ -105,31 +105,38 @@ class Emitter:
         kept = self.op(f"and i32 {self.op(f'select i1 {isnan}, i32 {quiet}, i32 {rounded}')}, -65536")
         return self.op(f"bitcast i32 {kept} to float")
 
-    def exp(self, x: str) -> str:
+    def exp(self, x: str, lanes: int = 1) -> str:
         """e^x in plain arithmetic, so that loops vectorise (llvm.exp becomes a scalar libm call
         per element): Cody-Waite reduction x = n ln2 + r, a degree-7 polynomial for e^r
         (Cephes' expf, within 2 ulp), times 2^n built from exponent bits in two halves, so that
-        results underflow gradually and overflow to inf as they should."""
-        lit = float_literal
-        low = self.op(f"call float @llvm.maxnum.f32(float {x}, float {lit(-104.0)})")
-        clamped = self.op(f"call float @llvm.minnum.f32(float {low}, float {lit(89.0)})")
-        n = self.op(f"call float @llvm.rint.f32(float {self.op(f'fmul float {clamped}, {lit(1.44269504088896341)}')})")
-        r = self.op(f"fsub float {clamped}, {self.op(f'fmul float {n}, {lit(0.693359375)}')}")
-        r = self.op(f"fsub float {r}, {self.op(f'fmul float {n}, {lit(-2.12194440e-4)}')}")
+        results underflow gradually and overflow to inf as they should. lanes > 1: of each lane
+        of a <lanes x float>, the same operations."""
+        f, i, b = ("float", "i32", "i1") if lanes == 1 else (f"<{lanes} x float>", f"<{lanes} x i32>", f"<{lanes} x i1>")
+        v = "f32" if lanes == 1 else f"v{lanes}f32"
+
+        def lit(c, kind="float"):
+            one = float_literal(c) if kind == "float" else str(c)
+            return one if lanes == 1 else "<" + ", ".join([f"{kind} {one}"] * lanes) + ">"
+        low = self.op(f"call {f} @llvm.maxnum.{v}({f} {x}, {f} {lit(-104.0)})")
+        clamped = self.op(f"call {f} @llvm.minnum.{v}({f} {low}, {f} {lit(89.0)})")
+        n = self.op(f"call {f} @llvm.rint.{v}({f} {self.op(f'fmul {f} {clamped}, {lit(1.44269504088896341)}')})")
+        r = self.op(f"fsub {f} {clamped}, {self.op(f'fmul {f} {n}, {lit(0.693359375)}')}")
+        r = self.op(f"fsub {f} {r}, {self.op(f'fmul {f} {n}, {lit(-2.12194440e-4)}')}")
         p = lit(1.9875691500e-4)
         for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-            p = self.op(f"fadd float {self.op(f'fmul float {p}, {r}')}, {lit(c)}")
-        r2 = self.op(f"fmul float {r}, {r}")
-        poly = self.op(f"fadd float {self.op(f'fmul float {r2}, {p}')}, {r}")
-        poly = self.op(f"fadd float {poly}, 1.0")
-        whole = self.op(f"fptosi float {n} to i32")
-        half = self.op(f"ashr i32 {whole}, 1")
+            p = self.op(f"fadd {f} {self.op(f'fmul {f} {p}, {r}')}, {lit(c)}")
+        r2 = self.op(f"fmul {f} {r}, {r}")
+        poly = self.op(f"fadd {f} {self.op(f'fmul {f} {r2}, {p}')}, {r}")
+        poly = self.op(f"fadd {f} {poly}, {lit(1.0)}")
+        whole = self.op(f"fptosi {f} {n} to {i}")
+        one, bias, shift = lit(1, "i32"), lit(127, "i32"), lit(23, "i32")
+        half = self.op(f"ashr {i} {whole}, {one}")
         scales = []
-        for h in (half, self.op(f"sub i32 {whole}, {half}")):
-            biased = self.op(f"add i32 {h}, 127")
-            scales.append(self.op(f"bitcast i32 {self.op(f'shl i32 {biased}, 23')} to float"))
-        y = self.op(f"fmul float {self.op(f'fmul float {poly}, {scales[0]}')}, {scales[1]}")
-        return self.op(f"select i1 {self.op(f'fcmp uno float {x}, {x}')}, float {x}, float {y}")
+        for h in (half, self.op(f"sub {i} {whole}, {half}")):
+            biased = self.op(f"add {i} {h}, {bias}")
+            scales.append(self.op(f"bitcast {i} {self.op(f'shl {i} {biased}, {shift}')} to {f}"))
+        y = self.op(f"fmul {f} {self.op(f'fmul {f} {poly}, {scales[0]}')}, {scales[1]}")
+        return self.op(f"select {b} {self.op(f'fcmp uno {f} {x}, {x}')}, {f} {x}, {f} {y}")
 
     def round_to(self, x: str, d) -> str:
         if d == dtypes.float16:

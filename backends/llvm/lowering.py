@@ -9,9 +9,10 @@ import numpy as np
 
 from backends.numpy_backend import run_node as reference_node
 from backends.llvm import signatures, threads
-from backends.llvm.attention import attention_kernel
+from backends.llvm.attention import attention_kernel, lanes_attention_kernel
 from backends.llvm.plan import elementwise, kernel, reduction
 from backends.llvm.products import linear, matmul
+from backends.llvm.target import float_lanes
 from ops.elementwise import ELEMENTWISE
 from ops.fused import Instruction
 from ops.reduce import REDUCE
@@ -42,14 +43,17 @@ def attention(plan, node, arrays, out):
     starts = np.flatnonzero(np.r_[True, np.any(pairs[order][1:] != pairs[order][:-1], axis=1)]) * q.shape[-2]
     calls = []
     for g0, g1, (kp, vp) in zip(starts, list(starts[1:]) + [len(table)], pairs[order][starts // q.shape[-2]]):
-        # a group of up to 8 rows (a GQA group at decode) is one tile; more go 4 at a time
-        tile = g1 - g0 if g1 - g0 <= 8 else ATTENTION_TILE
+        # a group of up to 8 rows (a GQA group at decode) is one tile; more go 4 at a time, or as
+        # many as a vector's lanes hold where there are 16 (the same bits either way)
+        lanes = float_lanes() if float_lanes() >= 16 and g1 - g0 > 8 else 0
+        tile = g1 - g0 if g1 - g0 <= 8 else lanes or ATTENTION_TILE
         tiled = g0 + (g1 - g0) // tile * tile
         for r0, r1, rows in ((int(g0), int(tiled), int(tile)), (int(tiled), int(g1), int((g1 - g0) % tile))):
             if r0 == r1:
                 continue
-            fn = kernel(("attention", rows, scale, kind),
-                         lambda name: attention_kernel(name, rows, scale, kind), signatures.ATTENTION)
+            make = lanes_attention_kernel if rows > 8 else attention_kernel
+            fn = kernel(("attention", make.__name__, rows, scale, kind),
+                         lambda name: make(name, rows, scale, kind), signatures.ATTENTION)
             piece = max(rows, -(-(r1 - r0) // threads.count() // rows) * rows)  # a share per thread in one group
             calls += [partial(fn, a, min(a + piece, r1), table.ctypes.data, int(kp), k.strides[-2] // 4, int(vp),
                               v.strides[-2] // 4, S, D, DV, mstride) for a in range(r0, r1, piece)]

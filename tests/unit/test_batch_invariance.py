@@ -79,6 +79,22 @@ def test_attention_rows_do_not_depend_on_the_rows_or_keys_beside_them(llvm):
         assert np.array_equal(attend(rows, cache_length), whole[:, rows]), (rows, cache_length)
 
 
+def test_a_long_attentions_rows_are_the_bits_of_each_row_alone(llvm):
+    """The Vision encoder's attention (heads of 80, every position a query, a padding mask):
+    tiles of 16 rows take the kernel with the rows in a vector's lanes where there are 16
+    lanes (backends/llvm/attention.py); a row alone takes the streaming kernel. The same bits."""
+    rng = np.random.default_rng(6)
+    heads, seq, dim = 2, 45, 80  # 2 tiles of 16 and one of 13
+    q, keys, values = (rng.standard_normal((heads, seq, dim)).astype(np.float32) for _ in range(3))
+    pad = np.arange(seq) >= 40
+    visible = ~(pad[:, None] & pad[None, :])
+    whole = nn.scaled_dot_product_attention(Tensor(q), Tensor(keys), Tensor(values), attn_mask=Tensor(visible)).numpy()
+    for row in (0, 17, 39, 44):
+        alone = nn.scaled_dot_product_attention(Tensor(q[:, row:row + 1]), Tensor(keys), Tensor(values),
+                                                attn_mask=Tensor(visible[row:row + 1])).numpy()
+        assert np.array_equal(alone, whole[:, row:row + 1]), row
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["mask rows", "mask columns"])
 def test_attention_never_reads_the_keys_no_row_may_see(llvm, transposed):
     """A decode step over a preallocated cache: the positions not yet written hold anything (NaN
