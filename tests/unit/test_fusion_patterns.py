@@ -51,6 +51,24 @@ def test_linear_fusions_equal_the_unfused_graph(backend, m, k, n, seed, weight_t
 
 
 @settings(deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 40), n=st.integers(1, 19), seed=st.integers(0, 2**16),
+       weight_type=st.sampled_from(WEIGHT_TYPES))
+def test_a_bias_and_gelu_after_a_linear_layer_are_its_epilogue(backend, m, k, n, seed, weight_type):
+    """The Vision encoder's MLP: gelu(x @ W1.T + b1) is one kernel, as the unfused graph computes it
+    (the same operations on each output element: only the product's order of summation differs)."""
+    rng = np.random.default_rng(seed)
+    x, b = Tensor(normal(rng, m, k)), Tensor(normal(rng, n))
+    w = Tensor(normal(rng, n, k), dtype=weight_type)
+    assert kernels(nn.linear(x, w, b).gelu()) == ["fused_linear"]
+    with passes("none"):
+        want = nn.linear(x, w, b).gelu().numpy().astype(np.float64)
+    got = nn.linear(x, w, b).gelu().numpy().astype(np.float64)
+    error = summation_error(k, 2 * np.abs(x.numpy().astype(np.float64)) @ np.abs(w.numpy().astype(np.float64)).T)
+    # |gelu'| < 1.13: a sum off by e moves gelu by at most 1.13 e
+    np.testing.assert_allclose(got, want, rtol=RTOL[dtypes.float32] * 4, atol=ATOL[dtypes.float32] + 1.13 * error.max())
+
+
+@settings(deadline=None)
 @given(kv_heads=st.integers(1, 2), ratio=st.sampled_from([1, 2, 4, 8]), q_len=st.integers(1, 6),
        extra_keys=st.integers(0, 40), head_dim=st.integers(1, 33),
        mask=st.sampled_from([None, "bool", "add", "causal"]), seed=st.integers(0, 2**16))

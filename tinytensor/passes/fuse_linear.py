@@ -3,7 +3,8 @@
 
 - RMSNorm before it: rms_norm(x) * g feeding the product becomes the kernel's prologue;
 - SwiGLU after it: silu(x @ Wg.T) * (x @ Wu.T) becomes one kernel over both weights;
-- a residual add after it: r + x @ W.T adds r as each output element is stored;
+- a residual add after it: r + x @ W.T adds r as each output element is stored (a bias too),
+  and a GELU after that add applies to each element then;
 - linear layers of one input with nothing after them (Q, K and V) become one kernel whose output
   holds theirs side by side; each becomes a view of its columns.
 
@@ -19,6 +20,7 @@ from tinytensor.node import Node, add_node, set_node
 from tinytensor.passes.patterns import const_value, only_for, rewrite, under
 
 F32 = dtypes.float32
+EPILOGUE_ACTIVATIONS = ("gelu",)  # applied to each output element after the residual or bias add
 
 
 def _weight(b):
@@ -106,6 +108,11 @@ def fuse_linear(g: nx.DiGraph, outputs) -> None:
                 pair = (value, ("extra", 0)) if residual.srcs[0] is root else (("extra", 0), value)
                 program.append(("add", None, pair, F32))
                 absorbed, root = absorbed + [root], residual
+
+        activation = _sole_reader(g, root, outputs) if root is residual else None
+        if activation is not None and activation.op in EPILOGUE_ACTIVATIONS and activation.dtype == F32:
+            program.append((activation.op, None, (("ins", len(program) - 1),), F32))  # of the add's result
+            absorbed, root = absorbed + [root], activation
 
         norm = _rms_norm(a)
         srcs, eps = ([norm[0], norm[1]], norm[2]) if norm else ([a], None)
