@@ -33,12 +33,8 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
         return k.at(acc, k.add(x, k.mul("%DV", r)))
 
     with k.loop("%r0", "%r1", step=R, hint="tile") as t:
-        q, out, mask = [], [], []  # each row's addresses, from the table
+        q, out, mask = _tile_rows(k, t, R)
         for r in range(R):
-            desc = k.at("%table", k.mul(k.add(t, r), 3), "i64")
-            q.append(k.op(f"load ptr, ptr {desc}"))
-            out.append(k.op(f"load ptr, ptr {k.at(desc, 1, 'i64')}"))
-            mask.append(k.op(f"load ptr, ptr {k.at(desc, 2, 'i64')}"))
             k.store(NEG_INF, k.at(peaks, r), F32)
             k.store("0.0", k.at(sums, r), F32)
         with k.loop("0", k.mul("%DV", R), hint="zero") as x:
@@ -104,6 +100,17 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
                 a = k.op(f"load float, ptr {acc_at(x, r)}")
                 k.store(k.op(f"fdiv float {a}, {totals[r]}"), k.at(out[r], x), F32)
     return k.finish()
+
+def _tile_rows(k, t, R) -> tuple[list[str], list[str], list[str]]:
+    """The q, out and mask row addresses of the tile's R rows from row t, from the table."""
+    q, out, mask = [], [], []
+    for r in range(R):
+        desc = k.at("%table", k.mul(k.add(t, r), 3), "i64")
+        q.append(k.op(f"load ptr, ptr {desc}"))
+        out.append(k.op(f"load ptr, ptr {k.at(desc, 1, 'i64')}"))
+        mask.append(k.op(f"load ptr, ptr {k.at(desc, 2, 'i64')}"))
+    return q, out, mask
+
 
 def _block_seen(k, mask, j0, jn) -> str:
     """Whether any row of the tile may see a key of the block j0 .. j0 + jn - 1 (a boolean
@@ -209,12 +216,7 @@ def lanes_attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str
     last_key = k.op("sub i64 %S, 1")
 
     with k.loop("%r0", "%r1", step=R, hint="tile") as t:
-        q, out, mask = [], [], []  # each row's addresses, from the table
-        for r in range(R):
-            desc = k.at("%table", k.mul(k.add(t, r), 3), "i64")
-            q.append(k.op(f"load ptr, ptr {desc}"))
-            out.append(k.op(f"load ptr, ptr {k.at(desc, 1, 'i64')}"))
-            mask.append(k.op(f"load ptr, ptr {k.at(desc, 2, 'i64')}"))
+        q, out, mask = _tile_rows(k, t, R)
         with k.loop("0", "%D", hint="transpose") as d:
             lanes = "zeroinitializer"
             for r in range(R):
