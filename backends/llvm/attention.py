@@ -1,8 +1,6 @@
 """The fused attention kernel, on the kernel-building layer (kernel.py)."""
-import contextlib
-
 from backends.llvm import signatures
-from backends.llvm.emitter import float_literal
+from backends.llvm.emitter import constant, float_literal
 from backends.llvm.kernel import Kernel
 from backends.llvm.target import float_lanes
 from ops import dtypes
@@ -42,11 +40,10 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
 
         with k.loop("0", "%S", step=KB, hint="block") as j0:
             jn = k.op(f"call i64 @llvm.smin.i64(i64 {k.op(f'sub i64 %S, {j0}')}, i64 {KB})")
-            live = contextlib.nullcontext() if mask_kind != "bool" else \
-                k.when(_block_seen(k, mask, j0, jn), hint="live")
+            live = _block_seen(k, mask, j0, jn) if mask_kind == "bool" else "true"
             # a block no row may see is skipped: gone through, its weights would be 0 (exp clamps
             # -inf to -104, which underflows) and its rescaling exp(0) = 1, the same bits
-            with live:
+            with k.when(live, hint="live"):
                 with k.loop("0", jn, hint="scores") as jj:  # the block's scores, -inf where masked
                     key = k.add(j0, jj)
                     seen = [_visible(k, mask[r], key, mask_kind) for r in range(R)]
@@ -100,6 +97,7 @@ def attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str:
                 a = k.op(f"load float, ptr {acc_at(x, r)}")
                 k.store(k.op(f"fdiv float {a}, {totals[r]}"), k.at(out[r], x), F32)
     return k.finish()
+
 
 def _tile_rows(k, t, R) -> tuple[list[str], list[str], list[str]]:
     """The q, out and mask row addresses of the tile's R rows from row t, from the table."""
@@ -210,7 +208,7 @@ def lanes_attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str
     partials = k.scratch("float", float_lanes() * KB * L)  # each key's lane partial sums: [lane][key][r]
     ot = k.scratch("float", k.mul("%DV", L))   # the rows' accumulators transposed: ot[x * L + r]
     zeros = k.scratch("float", "%DV")          # the value row of a key no row weighs (its own may be NaN)
-    splat = lambda c: "<" + ", ".join([f"float {c}"] * L) + ">"  # noqa: E731
+    splat = lambda c: constant(c, L, "float")  # noqa: E731
     with k.loop("0", "%DV", hint="zeros") as x:
         k.store("0.0", k.at(zeros, x), F32)
     last_key = k.op("sub i64 %S, 1")

@@ -115,8 +115,8 @@ class Emitter:
         v = "f32" if lanes == 1 else f"v{lanes}f32"
 
         def lit(c, kind="float"):
-            one = float_literal(c) if kind == "float" else str(c)
-            return one if lanes == 1 else "<" + ", ".join([f"{kind} {one}"] * lanes) + ">"
+            one = float_literal(c) if kind == "float" else c
+            return one if lanes == 1 else constant(one, lanes, kind)
         low = self.op(f"call {f} @llvm.maxnum.{v}({f} {x}, {f} {lit(-104.0)})")
         clamped = self.op(f"call {f} @llvm.minnum.{v}({f} {low}, {f} {lit(89.0)})")
         n = self.op(f"call {f} @llvm.rint.{v}({f} {self.op(f'fmul {f} {clamped}, {lit(1.44269504088896341)}')})")

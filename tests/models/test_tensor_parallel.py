@@ -145,9 +145,9 @@ def test_collective_ops_run_between_kernels_and_on_replay(backend):
 needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: pip install mpi4py mpich (the test extra does)")
 
 
-def mpiexec(n: int, *args, timeout=300, env=None):
+def mpiexec(n: int, *args, timeout=300, env=None, input=None):
     return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})}, input=input)
 
 
 @functools.cache
@@ -243,8 +243,8 @@ def test_bad_input_on_rank_0_ends_every_rank_as_usual(tiny_gguf):
     """Rank 0 reads the input; its error reaches every rank, so that none waits for rank 0 in
     a collective and all exit as usual: an MPI abort could end mpirun before it had passed on
     what rank 0 printed."""
-    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "models.llama3", "--checkpoint", str(tiny_gguf),
-                             "--prompt", "-", "--raw"], input="  \n", capture_output=True, text=True, timeout=120)
+    result = mpiexec(2, "-m", "models.llama3", "--checkpoint", str(tiny_gguf), "--prompt", "-", "--raw",
+                     input="  \n", timeout=120)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.splitlines() == ["error: the prompt is empty: give some text"], result.stderr
 
