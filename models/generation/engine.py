@@ -8,7 +8,12 @@ new requests join between steps and finished or cancelled ones leave.
     all of it)
     -> decoding, batched with the other slots -> done: the slot keeps its tokens for the next
 
-A sequence that decodes alone may speculate (models/generation/speculative.py): with the
+A request with images (Llama 3.2 Vision) has them encoded on the engine's thread when it gets a
+slot (the engine keeps the last `images_kept` encoded, by digest, so the next turn of a
+conversation about a picture does not encode it again), and decodes alone, one token a step:
+a batched step's rows are text sequences (their cross layers have nothing to read).
+
+A text sequence that decodes alone may speculate (models/generation/speculative.py): with the
 engine's proposer (prompt lookup or a draft model), or with its request's prediction (OpenAI's
 predicted output: drafts from it), one pass checks several drafted tokens. Beside others
 it decodes one token a step in the batch, which already shares each weight read among them. The
@@ -29,7 +34,7 @@ import numpy as np
 
 from models.generation import speculative
 from models.generation.scoring import log_softmax
-from models.generation.sequence_cache import CachedSequence, common_prefix
+from models.generation.sequence_cache import CachedSequence, shared_prefix
 from tinytensor import Tensor
 from tinytensor.jit import jit
 
@@ -55,6 +60,7 @@ class Request:
     logprobs: int | None = None      # None: none; k: each token's log p and the k likeliest
     echo: bool = False               # the prompt's log-probabilities too (position 0 has none)
     prediction: object = None        # the expected reply (speculative.Prediction): drafts for speculative decoding
+    images: tuple = ()               # models.llama3.images.Pixels, one per <|image|> token of ids, in order
     drafted: int = 0                 # tokens drafted for it, and how many the model's draws kept
     accepted: int = 0
     cancelled: bool = False          # set from any thread; the engine frees the slot at the next turn
@@ -75,17 +81,23 @@ class Slot:
         self.sequence = CachedSequence(model, length)
         self.request: Request | None = None
         self.prefilled = 0               # prompt tokens in the cache so far, while prefilling
+        self.shown = False               # whether the cross layers show the request's images yet
         self.next_token: int | None = None  # sampled, not yet in the cache, while decoding
 
 
 class Engine:
     CHUNK = 256  # prompt tokens prefilled per turn, over all the slots that wait for theirs
 
-    def __init__(self, model, parallel: int = 4, queue: int = 64, proposer=None, most: int = 8):
+    def __init__(self, model, parallel: int = 4, queue: int = 64, proposer=None, most: int = 8,
+                 images_kept: int = 4):
         """parallel slots of the model's context each (one more position: the scratch row that
         a batched step's idle rows write to); at most `queue` requests wait for a slot.
-        proposer: speculative decoding's drafts for a sequence decoding alone, up to `most` a pass."""
+        proposer: speculative decoding's drafts for a sequence decoding alone, up to `most` a pass.
+        images_kept: encoded images kept for requests that show them again (a vision model)."""
         self.model, self.queue_bound = model, queue
+        self.image_token = getattr(model, "image_token_id", None)
+        self.encoded: collections.OrderedDict = collections.OrderedDict()  # digest -> EncodedImage, oldest first
+        self.images_kept = images_kept
         self.proposer = proposer
         # how many drafts a pass checks, learnt as the engine runs; a prediction's drafts apart,
         # trusted at first (its sender expects it kept)
@@ -102,7 +114,7 @@ class Engine:
         # (every key from the start: /metrics reads them meanwhile)
         self.counts: collections.Counter = collections.Counter(dict.fromkeys(
             ["prompt_tokens_computed", "prompt_tokens_cached", "generated_tokens", "draft_tokens",
-             "draft_tokens_accepted", "finished:stop", "finished:length", "finished:cancelled", "finished:error"], 0))
+             "draft_tokens_accepted", "images_encoded", "images_cached", "finished:stop", "finished:length", "finished:cancelled", "finished:error"], 0))
 
     # ---- from any thread ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -166,10 +178,14 @@ class Engine:
                 break
             budget -= self._guarded(slot, lambda s: self._prefill_chunk(s, budget)) or 0  # None: it failed
         decoding = [s for s in self.slots if s.next_token is not None]
-        if len(decoding) == 1 and (self.proposer or decoding[0].request.prediction):
-            self._guarded(decoding[0], self._speculative_step)
-        elif decoding:
-            self._decode_step()
+        batch = [s for s in decoding if not s.sequence.images]
+        for slot in decoding:
+            if slot.sequence.images:
+                self._guarded(slot, self._decode_alone)
+        if len(batch) == 1 and (self.proposer or batch[0].request.prediction):
+            self._guarded(batch[0], self._speculative_step)
+        elif batch:
+            self._decode_step(batch)
 
     def _guarded(self, slot: Slot, work):
         try:
@@ -178,7 +194,7 @@ class Engine:
             self._fail(slot, e)
 
     def _fail(self, slot: Slot, error: Exception) -> None:
-        slot.sequence.tokens = []  # what the cache holds is unknown now
+        slot.sequence.tokens, slot.sequence.images = [], None  # what the cache holds is unknown now
         self._finish(slot, f"error: {error}")
 
     def _admit(self) -> None:
@@ -189,15 +205,49 @@ class Engine:
                     request.emit("done", "cancelled")
                     continue
                 # the free slot sharing the longest prefix; among equals the lowest, so the batch stays narrow
-                shared, _, slot = max((common_prefix(s.sequence.tokens, request.ids), -i, s)
+                shared, _, slot = max((self._reusable(s, request), -i, s)
                                       for i, s in enumerate(self.slots) if s.request is None)
-                slot.request, slot.next_token = request, None
+                slot.request, slot.next_token, slot.shown = request, None, False
                 slot.prefilled = 0 if request.echo else min(shared, len(request.ids) - 1)
                 self.counts["prompt_tokens_cached"] += slot.prefilled
+
+    def _reusable(self, slot: Slot, request: Request) -> int:
+        """Positions of the slot's cache that the request's prompt can keep."""
+        sequence = slot.sequence
+        if sequence.images is None:
+            return 0
+        return shared_prefix(sequence.tokens, sequence.images, request.ids,
+                             tuple(px.digest for px in request.images), self.image_token)
+
+    def _show_images(self, slot: Slot) -> None:
+        """The cross layers of the slot's cache made to see its request's images (or none)."""
+        r = slot.request
+        if self.image_token is None:
+            if r.images:
+                raise ValueError("this model takes no images: it is not a Llama 3.2 Vision model")
+            return
+        slot.sequence.show(r.ids, [self._encoded(px) for px in r.images], tuple(px.digest for px in r.images))
+        slot.shown = True
+
+    def _encoded(self, pixels):
+        """An image encoded, or as encoded already for an earlier request."""
+        encoded = self.encoded.get(pixels.digest)
+        if encoded is not None:
+            self.encoded.move_to_end(pixels.digest)
+            self.counts["images_cached"] += 1
+            return encoded
+        encoded = self.model.encode(pixels)
+        self.counts["images_encoded"] += 1
+        self.encoded[pixels.digest] = encoded
+        while len(self.encoded) > self.images_kept:
+            self.encoded.popitem(last=False)
+        return encoded
 
     def _prefill_chunk(self, slot: Slot, most: int) -> int:
         """Prefill up to `most` more prompt tokens of the slot's request; how many it did."""
         r = slot.request
+        if not slot.shown:
+            self._show_images(slot)
         begin, end = slot.prefilled, min(slot.prefilled + most, len(r.ids))
         # rows begin..end-1 score tokens begin+1..end; for an echo every row, else the last only
         keep_from = begin if r.echo else end - 1
@@ -212,12 +262,13 @@ class Engine:
             self._sampled(slot, logits[-1])
         return end - begin
 
-    def _decode_step(self) -> None:
-        width = 1 + max(i for i, s in enumerate(self.slots) if s.next_token is not None)
+    def _decode_step(self, batch: list[Slot]) -> None:
+        """One step of the slots in batch, in one captured pass over slots[:width]."""
+        width = 1 + max(i for i, s in enumerate(self.slots) if s in batch)
         tokens, positions = np.zeros(width, np.int64), np.zeros(width, np.int64)
         writes = np.full(width, self.scratch, np.int64)  # idle rows: position 0, written to the scratch row
         for b, slot in enumerate(self.slots[:width]):
-            if slot.next_token is not None:
+            if slot in batch:
                 tokens[b] = slot.next_token
                 positions[b] = writes[b] = len(slot.sequence.tokens)
         self._capture(width)
@@ -228,14 +279,17 @@ class Engine:
                 for pace in (self.pace, self.prediction_pace):
                     pace.passed(self.steps, 1, time.perf_counter() - start)
         except Exception as e:
-            for slot in self.slots[:width]:
-                if slot.next_token is not None:
-                    self._fail(slot, e)
+            for slot in batch:
+                self._fail(slot, e)
             return
         for b, slot in enumerate(self.slots[:width]):
-            if slot.next_token is not None:
+            if slot in batch:
                 slot.sequence.tokens.append(slot.next_token)
                 self._guarded(slot, lambda s: self._sampled(s, logits[b]))
+
+    def _decode_alone(self, slot: Slot) -> None:
+        """One step of a sequence with images (its own captured pass: the cross layers read its images)."""
+        self._sampled(slot, slot.sequence.advance(slot.next_token))
 
     def _capture(self, width: int) -> None:
         """The decode step over slots[:width], captured once (tinytensor.jit)."""

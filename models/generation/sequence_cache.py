@@ -4,7 +4,8 @@ turn of a chat, a server slot's next request with the same system prompt (prompt
 
 The cache's record of what it holds is `tokens`: position i holds the keys and values of
 tokens[i]. Anything written past them (a pass's padding, a batched step's idle row) is garbage
-that the next write there replaces.
+that the next write there replaces. With Llama 3.2 Vision, what a position holds depends on the
+images its <|image|> tokens stand for too: `images` records their digests (see shared_prefix).
 """
 import numpy as np
 
@@ -17,6 +18,29 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     for i in range(n):
         if a[i] != b[i]:
             return i
+    return n
+
+
+def shared_prefix(tokens: list[int], images: tuple, ids: list[int], new_images: tuple, image_token=None) -> int:
+    """How many leading positions of a cache holding `tokens`, whose k-th <|image|> token showed
+    images[k] (digests), also serve the prompt `ids` with new_images: the common prefix, up to
+    the first image token whose image differs. Text before an image token sees no image, so it
+    is reused whatever the images. Consecutive image tokens share the span of the last of them
+    (images.image_spans), so a run of them that the prefix ends with is left out where an image
+    token follows it in either: their rows see that image too."""
+    n = common_prefix(tokens, ids)
+    if image_token is None:
+        return n
+    seen = 0
+    for i in range(n):
+        if tokens[i] == image_token:
+            if seen >= min(len(images), len(new_images)) or images[seen] != new_images[seen]:
+                n = i
+                break
+            seen += 1
+    if any(n < len(seq) and seq[n] == image_token for seq in (tokens, ids)):
+        while n > 0 and ids[n - 1] == image_token:
+            n -= 1
     return n
 
 
@@ -36,6 +60,8 @@ class CachedSequence:
         """A fresh cache of `length` positions, or `cache` as the model made it (with images)."""
         self.model, self.cache = model, cache if cache is not None else model.new_cache(length)
         self.tokens: list[int] = []
+        self.images: tuple | None = ()  # the digests of the images the cross layers see; None: unknown
+        self.image_places: tuple = ()    # and the positions of their <|image|> tokens
         self.passes, self.step = {}, None
         self.computed = 0  # tokens run through the model (the work prefix reuse saves shows here)
 
@@ -68,6 +94,21 @@ class CachedSequence:
         self.tokens = list(ids)
         self.computed += len(new)
         return logits
+
+    def show(self, ids: list[int], images: list, digests: tuple) -> None:
+        """Point a vision model's cross layers at the encoded images of the prompt ids (none: no
+        image), unless they show them already where ids puts them. The captured passes read the
+        old images' buffers, so they are captured anew."""
+        image_token = self.model.image_token_id
+        at = tuple(i for i, t in enumerate(ids) if t == image_token)
+        if (digests, at) == (self.images, self.image_places):
+            return
+        # positions that saw other images hold what ids will not: forgotten
+        kept = 0 if self.images is None else shared_prefix(self.tokens, self.images, ids, digests, image_token)
+        self.tokens, self.images = self.tokens[:kept], None  # None: unknown until attach has finished
+        self.model.attach(self.cache, ids, images)
+        self.images, self.image_places = digests, at
+        self.passes, self.step = {}, None
 
     def advance(self, token: int) -> np.ndarray:
         """Logits [vocab] after appending one token (a decode step, captured once)."""

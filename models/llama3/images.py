@@ -2,10 +2,13 @@
 it: pick the tile arrangement (canvas) among the supported aspect ratios, resize keeping the
 aspect ratio (PIL bilinear), pad right and bottom, rescale and normalise, split into tiles; and
 which text tokens see which image (processing_mllama's cross-attention spans)."""
+import hashlib
+import io
 import json
 import math
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,25 +61,42 @@ class Pixels:
     aspect_ratio_id: int      # 1 + its index among the supported arrangements
     tiles: int                # tiles the image fills: the rest are padding
 
+    @cached_property
+    def digest(self) -> str:
+        """What the encoder's output depends on, hashed: the same picture sent again (in another
+        turn of a conversation, or re-encoded as another file type) has the same digest."""
+        h = hashlib.sha256(self.values.tobytes())
+        h.update(f"{self.aspect_ratio_id}:{self.tiles}".encode())
+        return h.hexdigest()
+
 
 def open_image(path):
     """An image file as an RGB PIL image, transparency composited on white (as transformers)."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         files.regular(path)
     except CheckpointError as e:
         raise ImageError(str(e).replace(": missing", ": no such image file")) from None
+    return _decoded(path, str(path))
+
+
+def image_from_bytes(data: bytes, name: str = "the image"):
+    """An image file's bytes (e.g. from a data: URL) as open_image reads a file."""
+    return _decoded(io.BytesIO(data), name)
+
+
+def _decoded(source, name: str):
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():  # past Pillow's pixel bound it warns; twice past, it refuses
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused: {str(e).rstrip('.')}; give a smaller image") from None
+        raise ImageError(f"{name}: refused: {str(e).rstrip('.')}; give a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: not an image Pillow can read (JPEG, PNG, WebP...): {e}") from None
+        raise ImageError(f"{name}: not an image Pillow can read (JPEG, PNG, WebP...): {e}") from None
     return to_rgb(image)
 
 

@@ -35,11 +35,22 @@ class VisionKVCache(KVCache):
     end: Tensor | None = None
 
 
+@dataclass
+class EncodedImage:
+    """One image as the cross layers read it: its keys and values [kv_heads, vision tokens,
+    head_dim] for each cross layer. Made once per image: a server keeps them by the image's
+    digest, so a conversation about a picture does not encode it every turn."""
+    keys: dict[int, Tensor]
+    values: dict[int, Tensor]
+    tiles: int
+
+
 class VisionLlama(Llama):
     def __init__(self, config: MllamaConfig, weights: dict[str, Tensor], tokenizer=None, context: int = 8192,
                  image_settings: ImageSettings | None = None):
         super().__init__(config.text, weights, tokenizer, context)
         self.mllama = config
+        self.image_token_id = config.image_token_id
         self.cross_layers = frozenset(config.cross_attention_layers)
         self.n_token_ids = config.text.vocab_size + config.extra_tokens  # the image token's row too
         self.encoder = VisionEncoder(config.vision, weights)
@@ -58,44 +69,66 @@ class VisionLlama(Llama):
         """The self-attention cache, with the images' keys and values for every cross layer
         when the prompt `ids` has images (one per <|image|> token)."""
         cache = VisionKVCache.allocate(self.config, length, skip=self.cross_layers)
-        spans = image_spans(list(ids), self.mllama.image_token_id) if ids is not None else []
-        if len(spans) != len(images):
-            raise ImageError(f"the prompt has {len(spans)} <|image|> token(s) but {len(images)} image(s) were "
-                             f"given: put one <|image|> where each image belongs")
+        if ids is not None:
+            self._spans(ids, len(images))  # a miscount fails before any image is encoded
+        self.vision_seconds = 0.0
         if images:
-            self._attach(cache, spans, [self.pixels(image) for image in images])
+            self.attach(cache, ids, [self.encode(self.pixels(image)) for image in images])
         return cache
 
-    def _attach(self, cache: VisionKVCache, spans, pixels: list[Pixels]):
+    def _spans(self, ids, count: int) -> list[tuple[int, int]]:
+        spans = image_spans(list(ids), self.image_token_id)
+        if len(spans) != count:
+            raise ImageError(f"the prompt has {len(spans)} <|image|> token(s) but {count} image(s) were "
+                             f"given: put one <|image|> where each image belongs")
+        return spans
+
+    def encode(self, pixels: Pixels) -> EncodedImage:
+        """The image encoder, then each cross layer's keys and values of its features."""
         started = time.perf_counter()
-        c, v = self.config, self.mllama.vision
-        features = [self.encoder(px.values, px.aspect_ratio_id, px.tiles) for px in pixels]
-        features = features[0].cat(*features[1:], axis=0) if len(features) > 1 else features[0]
+        c = self.config
+        features = self.encoder(pixels.values, pixels.aspect_ratio_id, pixels.tiles)
         n = features.shape[0]
+        keys, values = {}, {}
         for i in sorted(self.cross_layers):
             p = f"layers.{i}.cross_attention."
             k = nn.linear(features, self.w(p + "wk.weight")).reshape(n, c.n_kv_heads, c.head_dim)
             k = nn.rms_norm(k, self.w(p + "k_norm.weight"), c.norm_eps)
             val = nn.linear(features, self.w(p + "wv.weight")).reshape(n, c.n_kv_heads, c.head_dim)
-            cache.keys[i] = k.transpose(0, 1).contiguous()
-            cache.values[i] = val.transpose(0, 1).contiguous()
-        first = np.zeros((len(pixels), v.max_tiles, v.patches), np.int64)
+            keys[i], values[i] = k.transpose(0, 1).contiguous(), val.transpose(0, 1).contiguous()
+        made = [*keys.values(), *values.values()]
+        made[0].realize(*made[1:])
+        self.vision_seconds += time.perf_counter() - started
+        return EncodedImage(keys, values, pixels.tiles)
+
+    def attach(self, cache: VisionKVCache, ids, images: list[EncodedImage]) -> None:
+        """Point the cache's cross layers at the images of the prompt `ids`, in the order of its
+        <|image|> tokens (none: the cross layers are skipped)."""
+        spans = self._spans(ids, len(images))
+        if not images:
+            for i in self.cross_layers:
+                cache.keys[i] = cache.values[i] = None
+            cache.first = cache.end = None
+            return
+        for i in self.cross_layers:
+            keys, values = [im.keys[i] for im in images], [im.values[i] for im in images]
+            cache.keys[i] = keys[0].cat(*keys[1:], axis=1).contiguous() if len(keys) > 1 else keys[0]
+            cache.values[i] = values[0].cat(*values[1:], axis=1).contiguous() if len(values) > 1 else values[0]
+        v = self.mllama.vision
+        first = np.zeros((len(images), v.max_tiles, v.patches), np.int64)
         end = np.zeros_like(first)  # padding tiles: [0, 0) holds no position
-        for j, ((a, b), px) in enumerate(zip(spans, pixels)):
-            first[j, :px.tiles], end[j, :px.tiles] = a, NEVER if b == -1 else b
+        for j, ((a, b), image) in enumerate(zip(spans, images)):
+            first[j, :image.tiles], end[j, :image.tiles] = a, NEVER if b == -1 else b
         cache.first, cache.end = Tensor(first.reshape(-1)), Tensor(end.reshape(-1))
         made = [cache.keys[i] for i in self.cross_layers] + [cache.values[i] for i in self.cross_layers]
         made[0].realize(*made[1:])
-        self.vision_seconds = time.perf_counter() - started
 
     # ---- the cross-attention block ------------------------------------------------------------
     def block(self, i: int, x: Tensor, start: Tensor, positions: Tensor, cache) -> Tensor:
         if i not in self.cross_layers:
             return super().block(i, x, start, positions, cache)
-        if not isinstance(cache, KVCache):  # a batch of sequences (forward_batch)
-            if any(one.keys[i] is not None for one in cache):
-                raise ValueError("a batched step takes text-only sequences: run image prompts alone")
-            return x
+        if not isinstance(cache, KVCache):  # a batch of text sequences (forward_batch): the engine
+            return x                           # decodes a sequence with images alone
         if cache.keys[i] is None:
             return x  # no image in this prompt: the layer is skipped
         c, p, eps = self.config, f"layers.{i}.", self.config.norm_eps

@@ -271,8 +271,10 @@ def test_models_health_and_tokens(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n is 17"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "image_url"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [  # a 1x1 PNG
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1Pe"
+                                                   "AAAADElEQVR4nGNgYGAAAAAEAAH2FzhVAAAAAElFTkSuQmCC"}}]}]},
+     "takes no images"),
     ("/v1/completions", {"prompt": "word " * 600}, "context holds 512"),
     ("/v1/completions", {"prompt": [1, 2, 10**9]}, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "hi", "stop": 7}, "stop"),

@@ -311,3 +311,52 @@ def test_a_broken_preprocessor_config_is_one_line(vision_folder, tmp_path):
     os.link(folder / "original" / "tokenizer.model", tmp_path / "tokenizer.model")
     (tmp_path / "preprocessor_config.json").write_text('{"size": {"height": null}}')
     assert_one_line_error(run("--checkpoint", str(tmp_path), "--prompt", "x"), "preprocessor_config.json")
+
+
+# ---- images in the engine (the server's) --------------------------------------------------------
+
+def test_the_engine_gives_image_requests_the_tokens_they_get_alone(vision_folder):
+    """Image and text requests through two slots, as a server sees them: each gets the greedy
+    tokens model.generate gives it alone, and their log-probabilities to the bit (a picture
+    changes them where the tiny model's tokens might not tell). The second turn with the same picture keeps the cached
+    prefix and the encoded image; another picture after the same text reuses the text before
+    its <|image|> token only (as does the same text with another picture); a text request after an image one on the same slot sees no image."""
+    from models.generation.engine import Engine
+    from models.generation.scoring import log_softmax
+    from tests.models.test_engine import run_until_done, submit
+
+    folder, _ = vision_folder
+    model = load(folder, context=64)
+    greedy = make_sampler(temperature=0)
+    cat, dog = picture(28, 28, seed=1), picture(60, 30, seed=2)
+    look = [128000, 9906, 1917, IMAGE, 791, 2217, 374]
+    text = [128000, 9906, 1917, 11, 1268, 527, 499]
+
+    def alone(ids, images):
+        rows = []
+        tokens = list(model.generate(ids, 5, lambda logits, h: rows.append(logits) or greedy(logits, h), images=images))
+        return [(t, float(log_softmax(row)[t])) for t, row in zip(tokens, rows)]
+
+    def heard(recorder):
+        return [(t.id, t.logprob) for t in recorder.tokens]
+
+    engine = Engine(model, parallel=2)
+    engine.CHUNK = 4  # prompts in pieces, between the other slot's steps
+    first = [submit(engine, look, 5, images=(model.pixels(cat),), logprobs=0), submit(engine, text, 5, logprobs=0)]
+    run_until_done(engine, [h for _, h in first])
+    assert [heard(h) for _, h in first] == [alone(look, [cat]), alone(text, [])]
+    assert engine.counts["images_encoded"] == 1
+
+    turn = look + [t.id for t in first[0][1].tokens] + [128009, 40, 1093]
+    cached = engine.counts["prompt_tokens_cached"]
+    _, again = submit(engine, turn, 5, images=(model.pixels(cat),), logprobs=0)
+    run_until_done(engine, [again])
+    assert heard(again) == alone(turn, [cat])
+    assert engine.counts["prompt_tokens_cached"] - cached == len(look) + 5 - 1  # the last new row apart
+    assert (engine.counts["images_encoded"], engine.counts["images_cached"]) == (1, 1)
+
+    for ids, images in [(turn, [dog]), (text, []), (look, [cat]), (look, [dog])]:
+        _, recorder = submit(engine, ids, 5, images=tuple(model.pixels(im) for im in images), logprobs=0)
+        run_until_done(engine, [recorder])
+        assert heard(recorder) == alone(ids, images)
+    assert engine.counts["images_encoded"] == 2  # the dog; the cat was kept

@@ -55,6 +55,8 @@ def parse_args(argv):
     p.add_argument("--draft", metavar="CHECKPOINT", help="speculative decoding with this smaller model (the same "
                                                          "tokenizer), for a sequence decoding alone")
     p.add_argument("--draft-max", type=_whole(1), default=8, metavar="N", help="drafts a pass for --draft (default: 8)")
+    p.add_argument("--image-cache", type=_whole(0), default=4, metavar="N",
+                   help="encoded images kept for the next requests that show them (Llama 3.2 Vision; default: 4)")
     p.add_argument("--timeout", type=_positive, default=30.0, help="seconds a client may take to send a request's "
                                                                    "head, and again its body (beyond: the connection "
                                                                    "is closed, or 408) (default: 30)")
@@ -90,7 +92,7 @@ def loader(args):
             speculative.check_same_vocabulary(model, draft, f"--draft {args.draft}")
             proposer = speculative.DraftModel(draft)
         return model, {"sampling": {**DEFAULTS, **generation}, "stop_ids": stop_ids, "proposer": proposer,
-                       "most": most}
+                       "most": most, "images_kept": args.image_cache}
     return load
 
 

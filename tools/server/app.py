@@ -30,6 +30,7 @@ from models.generation.engine import Busy, Engine, Request
 from models.generation.pooling import pool
 from models.generation.sampling import make_sampler
 from models.generation.stops import StopText
+from models.llama3.images import ImageError, image_from_bytes
 from models.text.chat import chat_tokens
 from models.text.tokenizer import StreamDecoder
 from tools.server import metrics, protocol
@@ -65,7 +66,7 @@ class Server:
                 if tok.chat_template is not None:
                     self.render.start()
                 self.engine = Engine(self.model, parallel, queue, self.defaults.get("proposer"),
-                                     self.defaults.get("most", 8))
+                                     self.defaults.get("most", 8), self.defaults.get("images_kept", 4))
                 self.engine.warm()  # every batch width captured before the first request
             except Exception as e:  # the server says so on /health and every endpoint
                 self.failed = str(e)
@@ -101,11 +102,12 @@ class Job:
     """One prompt in the engine; its events arrive on this event loop's queue."""
 
     def __init__(self, server: Server, ids, settings: dict, stop_ids, logprobs=None, echo=False, choice: int = 0,
-                 constraint=None, prediction=()):
+                 constraint=None, prediction=(), images=()):
         """choice: which of the request's n choices; with a seed, choice 0 draws as a request of
         n = 1 would, the others from the seed and their index. constraint: the reply's grammar
         (models.generation.constraints), one per job. prediction: ids of the expected reply
-        (OpenAI's predicted output), drafts for speculative decoding."""
+        (OpenAI's predicted output), drafts for speculative decoding. images: the encoder's input
+        (models.llama3.images.Pixels), one per <|image|> token of ids."""
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         max_tokens = settings["max_tokens"] or server.model.context  # the context ends it first
         seed = settings["seed"] if settings["seed"] is None or choice == 0 else [settings["seed"], choice]
@@ -113,7 +115,7 @@ class Job:
                                make_sampler(**settings["sampling"], seed=seed, constraint=constraint),
                                lambda kind, payload: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload)),
                                frozenset() if settings["ignore_eos"] else frozenset(stop_ids), logprobs, echo,
-                               speculative.Prediction(prediction) if prediction else None)
+                               speculative.Prediction(prediction) if prediction else None, images=tuple(images))
         server.engine.submit(self.request)  # Busy or ValueError go to the handler
 
     async def events(self, tokenizer, stops):
@@ -205,11 +207,33 @@ def make_app(server: Server) -> Starlette:
     def check_fits(texts: list[str], field: str):
         protocol.check_fits(texts, field, server.model.context, server.longest_token)
 
-    def check_prompt(ids: list[int], field: str = "prompt") -> list[int]:
+    def check_prompt(ids: list[int], field: str = "prompt", images: int = 0) -> list[int]:
+        """Token ids the model takes, with an <|image|> token for each of the images (a Vision model)."""
         try:
-            return server.model.check_ids(ids).tolist()
+            ids = server.model.check_ids(ids).tolist()
         except (ValueError, TypeError) as e:
             raise BadRequest(str(e), field) from None
+        image_token = getattr(server.model, "image_token_id", None)
+        if image_token is not None and ids.count(image_token) != images:
+            if not images:
+                raise BadRequest(f"the {field} holds the <|image|> token (id {image_token}) but no image: images go "
+                                 f"in chat messages, as image_url parts", field)
+            raise BadRequest(f"the chat template wrote {ids.count(image_token)} <|image|> token(s) for {images} "
+                             f"image(s): this checkpoint's template does not place images", field)
+        return ids
+
+    def pictures(blobs: list[bytes]) -> list:
+        """Image files' bytes as the encoder's input (on a thread: decoding, resizing, hashing)."""
+        if getattr(server.model, "image_token_id", None) is None:
+            raise BadRequest(f"{server.name} takes no images (it is not a Llama 3.2 Vision model): send text only",
+                             "messages")
+        try:
+            out = [server.model.pixels(image_from_bytes(b, f"image {k + 1}")) for k, b in enumerate(blobs)]
+        except ImageError as e:
+            raise BadRequest(str(e), "messages") from None
+        for px in out:
+            px.digest  # noqa: B018: hashed here, not on the engine's thread
+        return out
 
     def settings(body: dict, fields: set) -> dict:
         """The request's settings, checked (on a thread: a schema or grammar compiles here)."""
@@ -278,7 +302,8 @@ def make_app(server: Server) -> Starlette:
         body = await body_of(request)
         s, tok = await asyncio.to_thread(settings, body, protocol.CHAT_FIELDS), server.model.tokenizer
         k = protocol.logprobs_wanted(body, chat=True)
-        messages = protocol.chat_messages(body)
+        messages, blobs = protocol.chat_messages(body)
+        images = await asyncio.to_thread(pictures, blobs) if blobs else []
         tools = protocol.chat_tools(body, messages, tok)
         messages = tools.messages(messages) if tools else messages
         if tools and tools.schema() is not None:
@@ -295,7 +320,7 @@ def make_app(server: Server) -> Starlette:
                                           tools.template_tools() if tools else None)
         except ValueError as e:  # the template refused or failed, or a message forges a control token
             raise BadRequest(f"the chat template could not render these messages: {e}", "messages") from None
-        ids = check_prompt(ids)
+        ids = check_prompt(ids, "messages", len(images))
         head = {"id": protocol.new_id("chatcmpl"), "created": protocol.now(), "model": server.name}
         if s["n"] > server.queue:
             raise BadRequest(f"n = {s['n']} choices, but the queue holds {server.queue} (the server's --queue)", "n")
@@ -303,7 +328,7 @@ def make_app(server: Server) -> Starlette:
         prediction = await asyncio.to_thread(protocol.prediction, body, tok, server.model.context,
                                              server.longest_token)
         jobs = submitted(lambda i, ids, choice: Job(server, ids, s, server.defaults["stop_ids"], k, choice=choice,
-                                                    constraint=shapes[i], prediction=prediction),
+                                                    constraint=shapes[i], prediction=prediction, images=images),
                          [(ids, choice) for choice in range(s["n"])])
         if s["stream"]:
             return event_stream(interleaved(jobs, [_chat_chunks(job, tok, s, head, len(ids), k, tools)

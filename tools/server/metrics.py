@@ -50,6 +50,9 @@ def exposition(requests: Requests, engine, model_name: str) -> str:
     family("draft_tokens_total", "counter", "Tokens speculative decoding drafted, by whether the model kept them.",
            [({"kept": "yes"}, counts.get("draft_tokens_accepted", 0)),
             ({"kept": "no"}, counts.get("draft_tokens", 0) - counts.get("draft_tokens_accepted", 0))])
+    family("images_total", "counter", "Images of chat requests, by whether they were encoded or found encoded.",
+           [({"source": "encoded"}, counts.get("images_encoded", 0)),
+            ({"source": "cached"}, counts.get("images_cached", 0))])
     family("requests_finished_total", "counter", "Engine requests ended, by reason.",
            [({"reason": k.split(":", 1)[1]}, n) for k, n in sorted(counts.items()) if k.startswith("finished:")])
     family("requests_waiting", "gauge", "Requests waiting for a slot.", [({}, len(engine.waiting))])

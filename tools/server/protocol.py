@@ -27,6 +27,10 @@ MAX_INPUTS = 256  # embeddings per request
 # cached prefix): accepted, changing no token
 HINTS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt"}
 MAX_BIASES = 1024
+# images a chat request may hold: the encoder takes minutes an image on a CPU (the 11B's 4 tiles
+# are 6,400 positions), and each adds as many keys to every cross layer's attention
+MAX_IMAGES = 4
+MAX_IMAGE_BYTES = 10 << 20  # an image file (decoded from base64); the request body holds 16 MiB
 MAX_CHOICES = 16  # n: choices per prompt
 # A schema's or grammar's characters: compiling one costs time on the server's threads growing
 # faster than its size (10,000 properties: ~10 s), so it is bounded. 64 KiB holds ~2,000
@@ -230,13 +234,14 @@ def is_id(i) -> bool:
     return isinstance(i, int) and not isinstance(i, bool)
 
 
-def chat_messages(body: dict) -> list[dict]:
-    """/v1/chat/completions' messages as models.text.chat takes them: role and text content (a string
-    or text parts, joined)."""
+def chat_messages(body: dict) -> tuple[list[dict], list[bytes]]:
+    """/v1/chat/completions' messages as models.text.chat takes them: role and content, a string
+    (text parts joined), or for a message with images its parts, each image an {"type": "image"}
+    part where it stood; and the images' bytes, in order (image_url parts with data: URLs)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
-    out = []
+    out, images = [], []
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest("each message must be an object with a role and content", "messages")
@@ -245,17 +250,51 @@ def chat_messages(body: dict) -> list[dict]:
             parts = []
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text" or not isinstance(part.get("text"), str):
-                    raise BadRequest(f"content parts of type {kind!r} are not supported: send text parts "
-                                     f"(images go through python -m models.llama3 --image)", "messages")
-                parts.append(part["text"])
-            content = "".join(parts)
+                if kind == "image_url":
+                    if m["role"] != "user":
+                        raise BadRequest(f"a {m['role']} message holds an image: images go in user messages",
+                                         "messages")
+                    images.append(image_bytes(part.get("image_url")))
+                    parts.append({"type": "image"})
+                elif kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                else:
+                    raise BadRequest(f"content parts of type {kind!r} are not supported: send text and image_url "
+                                     f"parts", "messages")
+            text_only = all(p["type"] == "text" for p in parts)
+            content = "".join(p["text"] for p in parts) if text_only else parts
         if content is None:
             content = ""
-        if not isinstance(content, str):
-            raise BadRequest("a message's content must be a string or a list of text parts", "messages")
+        if not isinstance(content, (str, list)):
+            raise BadRequest("a message's content must be a string or a list of text and image_url parts", "messages")
         out.append({"role": m["role"], "content": content})
-    return out
+    if len(images) > MAX_IMAGES:
+        raise BadRequest(f"the messages hold {len(images)} images: this server takes at most {MAX_IMAGES} a request "
+                         f"(each is encoded on its own, thousands of positions for the cross layers)", "messages")
+    return out, images
+
+
+def image_bytes(value) -> bytes:
+    """An image_url part's image: a data: URL with base64 content (the server fetches nothing)."""
+    url = value.get("url") if isinstance(value, dict) else None
+    if not isinstance(url, str):
+        raise BadRequest("an image_url part needs image_url: {url: \"data:image/png;base64,...\"}", "messages")
+    if value.get("detail", "auto") not in ("auto", None):
+        raise BadRequest(f"image_url detail {value['detail']!r}: this model sees every image at its own tile size; "
+                         f"leave detail out or give auto", "messages")
+    head, comma, data = url.partition(",")
+    if not head.lower().startswith("data:"):
+        scheme = url.split(":", 1)[0][:16] if ":" in url else "no scheme"
+        raise BadRequest(f"image_url is a {scheme} URL: this server never fetches one; send the image itself as a "
+                         f"data: URL (data:image/png;base64,...)", "messages")
+    if not comma or not head.lower().endswith(";base64"):
+        raise BadRequest("an image's data: URL must be base64 (data:image/png;base64,...)", "messages")
+    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise BadRequest(f"an image is larger than {MAX_IMAGE_BYTES >> 20} MiB: send a smaller one", "messages")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise BadRequest("an image's data: URL is not valid base64", "messages") from None
 
 
 def chat_tools(body: dict, messages: list[dict], tokenizer) -> Tools | None:
@@ -272,7 +311,8 @@ def chat_tools(body: dict, messages: list[dict], tokenizer) -> Tools | None:
 
 def message_texts(messages: list[dict], tools: Tools | None) -> list[str]:
     """The text a conversation brings to the prompt, to bound it before it is tokenized."""
-    texts = [m["content"] for m in messages]
+    texts = [m["content"] if isinstance(m["content"], str) else "".join(p.get("text", "") for p in m["content"])
+             for m in messages]
     texts += [json.dumps(c["function"]) for m in messages for c in m.get("tool_calls", [])]
     return texts + ([json.dumps(tools.template_tools())] if tools and tools.template_tools() else [])
 
