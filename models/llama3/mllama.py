@@ -33,6 +33,11 @@ class VisionKVCache(KVCache):
     vision token the text positions [first, end) that see it."""
     first: Tensor | None = None
     end: Tensor | None = None
+    cross: frozenset = frozenset()  # the cross layers
+
+    @property
+    def length(self) -> int:
+        return next(k for i, k in enumerate(self.keys) if i not in self.cross).shape[1]
 
 
 @dataclass
@@ -69,6 +74,7 @@ class VisionLlama(Llama):
         """The self-attention cache, with the images' keys and values for every cross layer
         when the prompt `ids` has images (one per <|image|> token)."""
         cache = VisionKVCache.allocate(self.config, length, skip=self.cross_layers)
+        cache.cross = self.cross_layers
         if ids is not None:
             self._spans(ids, len(images))  # a miscount fails before any image is encoded
         self.vision_seconds = 0.0

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from models.llama3.config import ConfigError, LlamaConfig, _fields, _typed, _LLAMA31, hf_text_config
 
 
+MAX_TILES = 64  # tiles an image may be cut into: the arrangements to number grow as its square
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     dim: int = 1280
@@ -27,6 +30,9 @@ class VisionConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ConfigError(f"vision_config {name} is {value!r}: it must be a whole number >= 1")
+        if self.max_tiles > MAX_TILES:
+            raise ConfigError(f"vision_config max_num_tiles is {self.max_tiles}: at most {MAX_TILES} are supported "
+                              f"(the published models take 4)")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision_config image_size ({self.image_size}) is not a multiple of patch_size "
                               f"({self.patch_size})")

@@ -360,3 +360,252 @@ def test_the_engine_gives_image_requests_the_tokens_they_get_alone(vision_folder
         run_until_done(engine, [recorder])
         assert heard(recorder) == alone(ids, images)
     assert engine.counts["images_encoded"] == 2  # the dog; the cat was kept
+
+
+# ---- Meta's layout (consolidated.pth, llama-models' names) ------------------------------------
+
+META_PARAMS = {"dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256, "multiple_of": 32,
+               "ffn_dim_multiplier": 0.5, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
+               "vision_chunk_size": TILE, "vision_max_num_chunks": 4, "vision_num_cross_attention_layers": 2}
+RATIOS = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]  # the rows of a per-ratio tile embedding
+
+
+def meta_shaped_config() -> dict:
+    """A hub config.json of the shape Meta's code builds for META_PARAMS: 3 self-attention layers with
+    2 cross layers before self layers 0 and 2 (layers 0 and 3 in one list), and the encoder Meta fixes
+    (32 local + 8 global layers, 16 heads, 5 kept layers, MLP 4x) at a width of 32."""
+    d = hub_config()
+    d["text_config"].update(num_hidden_layers=5, cross_attention_layers=[0, 3])
+    d["vision_config"].update(num_hidden_layers=32, num_global_layers=8, attention_heads=16, intermediate_size=128,
+                              intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=192)
+    return d
+
+
+def to_meta(state: dict, d: dict) -> dict:
+    """A hub state dict in llama-models' names and layouts: the inverse of what the loader reads,
+    written from Meta's module definitions (CrossAttentionTransformer)."""
+    from models.formats.hf import unpermute
+    t, cross = d["text_config"], d["text_config"]["cross_attention_layers"]
+    self_layers = [i for i in range(t["num_hidden_layers"]) if i not in cross]
+    out = {}
+    lm, vm = "language_model.model.", "vision_model."
+    embed = state[lm + "embed_tokens.weight"]
+    out["text_model.tok_embeddings.weight"], out["text_model.learnable_embedding.weight"] = embed[:128256], embed[128256:]
+    out["text_model.norm.weight"], out["text_model.output.weight"] = state[lm + "norm.weight"], state["language_model.lm_head.weight"]
+    mlp = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    for i in range(t["num_hidden_layers"]):
+        p = f"{lm}layers.{i}."
+        if i in cross:
+            q = f"text_model.cross_attention_layers.{cross.index(i)}."
+            for x in "qkvo":
+                out[f"{q}attention.w{x}.weight"] = state[f"{p}cross_attn.{x}_proj.weight"]
+            out[q + "attention.q_norm.weight"] = state[p + "cross_attn.q_norm.weight"]
+            out[q + "attention.k_norm.weight"] = state[p + "cross_attn.k_norm.weight"]
+            out[q + "gate_attn"], out[q + "gate_ffwd"] = state[p + "cross_attn_attn_gate"], state[p + "cross_attn_mlp_gate"]
+        else:
+            q = f"text_model.layers.{self_layers.index(i)}."
+            heads = {"q": t["num_attention_heads"], "k": t["num_key_value_heads"]}
+            for x in "qkvo":
+                w = state[f"{p}self_attn.{x}_proj.weight"]
+                out[f"{q}attention.w{x}.weight"] = torch.from_numpy(unpermute(w.numpy(), heads[x])) if x in heads else w
+        out[q + "attention_norm.weight"] = state[p + "input_layernorm.weight"]
+        out[q + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+        for hf_name, meta_name in mlp.items():
+            out[f"{q}feed_forward.{meta_name}.weight"] = state[f"{p}mlp.{hf_name}.weight"]
+    e = "vision_model.vision_encoder."
+    out[e + "conv1._linear.weight"] = state[vm + "patch_embedding.weight"].reshape(32, -1)
+    out[e + "class_embedding"] = state[vm + "class_embedding"]
+    out[e + "positional_embedding"] = state[vm + "gated_positional_embedding.embedding"]
+    out[e + "gated_positional_embedding_gate"] = state[vm + "gated_positional_embedding.gate"]
+    for ours, meta in [("gated_positional_embedding.tile_embedding.weight", "gated_positional_embedding"),
+                       ("pre_tile_positional_embedding.embedding.weight", "pre_tile_pos_embed.embedding"),
+                       ("post_tile_positional_embedding.embedding.weight", "post_tile_pos_embed.embedding")]:
+        rows = state[vm + ours].reshape(len(RATIOS) + 1, 4, -1, 32)
+        grid = torch.zeros(4, 4, rows.shape[2], 32)
+        for j, (h, w) in enumerate(RATIOS, start=1):
+            grid[:h, :w] = rows[j, :h * w].reshape(h, w, -1, 32)
+        out[e + meta] = grid
+    for name in ("pre_tile_positional_embedding.gate", "post_tile_positional_embedding.gate"):
+        out[e + name.replace("_positional_embedding", "_pos_embed")] = state[vm + name]
+    for a, b in [("layernorm_pre", "ln_pre"), ("layernorm_post", "ln_post")]:
+        out[f"{e}{b}.weight"], out[f"{e}{b}.bias"] = state[f"{vm}{a}.weight"], state[f"{vm}{a}.bias"]
+    block = {"self_attn.q_proj.weight": "attn.wq.weight", "self_attn.k_proj.weight": "attn.wk.weight",
+             "self_attn.v_proj.weight": "attn.wv.weight", "self_attn.o_proj.weight": "attn.wo.weight",
+             "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias", "mlp.fc2.weight": "mlp.c_proj.weight",
+             "mlp.fc2.bias": "mlp.c_proj.bias", "input_layernorm.weight": "ln_1.weight", "input_layernorm.bias": "ln_1.bias",
+             "post_attention_layernorm.weight": "ln_2.weight", "post_attention_layernorm.bias": "ln_2.bias",
+             "gate_attn": "gate_attn", "gate_ffn": "gate_ffn"}
+    for name, value in state.items():
+        for stack in ("transformer", "global_transformer"):
+            prefix = f"{vm}{stack}.layers."
+            if name.startswith(prefix):
+                n, rest = name[len(prefix):].split(".", 1)
+                out[f"{e}{stack}.resblocks.{n}.{block[rest]}"] = value
+    out["vision_model.vision_projection.weight"] = state["multi_modal_projector.weight"]
+    out["vision_model.vision_projection.bias"] = state["multi_modal_projector.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def meta_vision_folders(tmp_path_factory):
+    """The same random weights as a hub folder and as a Meta folder (params.json +
+    consolidated.00.pth); the tile embeddings drawn as Meta's grids (a grid cell shared by the
+    aspect ratios that read it), as only those have a Meta form."""
+    from safetensors.torch import save_file
+    from models.formats.assets import fetch
+
+    d = meta_shaped_config()
+    torch.manual_seed(1)
+    model = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig.from_dict(d)).eval()
+    randomise(model, seed=1)
+    state = {hub_name(k): v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    for name in ("gated_positional_embedding.tile_embedding.weight", "pre_tile_positional_embedding.embedding.weight",
+                 "post_tile_positional_embedding.embedding.weight"):
+        rows = state["vision_model." + name].reshape(len(RATIOS) + 1, 4, -1, 32)
+        grid = torch.randn((4, 4, rows.shape[2], 32), generator=g) * 0.2
+        rows.zero_()
+        for j, (h, w) in enumerate(RATIOS, start=1):
+            rows[j, :h * w] = grid[:h, :w].reshape(h * w, -1, 32)
+    hub, meta = tmp_path_factory.mktemp("hub-vision"), tmp_path_factory.mktemp("meta-vision")
+    (hub / "config.json").write_text(json.dumps(d))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    (meta / "params.json").write_text(json.dumps(META_PARAMS))
+    torch.save(to_meta(state, d), meta / "consolidated.00.pth")
+    for folder in (hub, meta):
+        (folder / "tokenizer.model").write_bytes(fetch("llama3-tokenizer").read_bytes())
+    return hub, meta
+
+
+def test_meta_layout_loads_as_the_hub_layout(meta_vision_folders):
+    """Meta's consolidated.pth of the same weights gives the same logits, bit for bit, with images
+    of each arrangement kind (one tile, two wide, four tall, 2x2) and without."""
+    hub, meta = meta_vision_folders
+    a, b = load(hub, context=64), load(meta, context=64)
+    assert b.mllama.cross_attention_layers == (0, 3) and b.tokenizer.special["<|image|>"] == IMAGE
+    for ids, sizes in [PROMPTS["one tile"], PROMPTS["two tiles wide"], PROMPTS["four tiles tall"],
+                       PROMPTS["2x2 with text before"], PROMPTS["two images"], ([128000, 9906, 1917, 11], [])]:
+        images = [picture(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+        np.testing.assert_array_equal(b.logits(ids, images=images), a.logits(ids, images=images))
+
+
+def meta_reference():
+    """llama-models' Llama 3.2 Vision modules (Meta's own code, from the PyPI wheel, never
+    installed), importable on a CPU without fairscale: its model-parallel layers and collectives
+    stood in for by torch's layers and identities, for one process."""
+    import sys
+    import types
+    from models.formats.assets import FetchError, fetch
+
+    try:
+        source = fetch("llama3-reference", quiet=True)
+    except FetchError as e:
+        pytest.skip(f"Meta's reference code is not available: {e}")
+    if "meta_reference.llama3.multimodal.model" in sys.modules:
+        return sys.modules["meta_reference.llama3.multimodal.model"]
+
+    def layer(name, base):
+        def __init__(self, *args, bias=True, gather_output=None, input_is_parallel=None, init_method=None, **kw):
+            base.__init__(self, *args, **({"bias": bias} if base is torch.nn.Linear else {}), **kw)
+        return type(name, (base,), {"__init__": __init__})
+
+    stubs = {"fairscale": {}, "fairscale.nn": {}, "fairscale.nn.model_parallel": {},
+             "fairscale.nn.model_parallel.initialize": {"get_model_parallel_world_size": lambda: 1,
+                                                        "get_model_parallel_rank": lambda: 0},
+             "fairscale.nn.model_parallel.layers": {name: layer(name, base) for name, base in [
+                 ("ColumnParallelLinear", torch.nn.Linear), ("RowParallelLinear", torch.nn.Linear),
+                 ("VocabParallelEmbedding", torch.nn.Embedding)]},
+             "torchvision": {}, "torchvision.transforms": {"functional": None}}
+    for name, attrs in stubs.items():
+        if name not in sys.modules:
+            sys.modules[name] = types.ModuleType(name)
+            vars(sys.modules[name]).update(attrs)
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    package = types.ModuleType("meta_reference")
+    package.__path__ = [str(source.parent)]
+    sys.modules["meta_reference"] = package
+    import importlib
+    sub = types.ModuleType("meta_reference.llama3")
+    sub.__path__ = [str(source)]
+    sys.modules["meta_reference.llama3"] = sub
+    module = importlib.import_module("meta_reference.llama3.multimodal.model")
+    # one process: its collectives over the model-parallel group leave a tensor as it is
+    module.reduce_from_tensor_model_parallel_region = module.gather_from_tensor_model_parallel_region = lambda x: x
+    return module
+
+
+def test_meta_layout_is_what_metas_code_loads_and_encodes_as_we_do(meta_vision_folders):
+    """The Meta folder's state dict loads strictly into llama-models' own modules (every name and
+    shape as Meta's code declares it), its fusion schedule puts the cross layers where the loader
+    does, and Meta's VisionEncoder + projection gives our image features (float32 bound)."""
+    from models.formats import meta_vision
+    meta_model = meta_reference()
+    hub, folder = meta_vision_folders
+    state = torch.load(folder / "consolidated.00.pth")
+    args = meta_model.ModelArgs(max_seq_len=64, max_batch_size=1, **META_PARAMS)
+    text = meta_model.CrossAttentionTransformerText(args)
+    text.load_state_dict({k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")},
+                         strict=True)
+    assert text.fusion_schedule == meta_vision.fusion_schedule(3, 2)
+    encoder = meta_model.VisionEncoder(max_num_tiles=4, image_size=TILE, patch_size=14, width=32, n_global_layers=8,
+                                       global_model=True, return_intermediate=[3, 7, 15, 23, 30])
+    encoder.load_state_dict({k[len("vision_model.vision_encoder."):]: v for k, v in state.items()
+                             if k.startswith("vision_model.vision_encoder.")}, strict=True)
+    # the axis each weight is split along in Meta's model-parallel shards, as its module declares it
+    split = {"ColumnParallelLinear": {"weight": 0, "bias": 0}, "RowParallelLinear": {"weight": 1},
+             "VocabParallelEmbedding": {"weight": 0}}
+    for prefix, root in [("text_model.", text), ("vision_model.vision_encoder.", encoder)]:
+        for module_name, module in root.named_modules():
+            for name, _ in module.named_parameters(recurse=False):
+                full = f"{prefix}{module_name}.{name}" if module_name else prefix + name
+                assert meta_vision.split_axis(full) == split.get(type(module).__name__, {}).get(name), full
+    for name in ("vision_model.vision_projection.weight", "vision_model.vision_projection.bias"):
+        assert meta_vision.split_axis(name) == 0  # a ColumnParallelLinear (CrossAttentionTransformerVision)
+
+    model = load(folder, context=64)
+    for h, w in [(28, 28), (30, 60), (120, 25), (60, 60)]:
+        px = model.pixels(picture(h, w))
+        with torch.no_grad():
+            features = encoder(torch.from_numpy(px.values)[None], torch.tensor([px.aspect_ratio]))
+            want = torch.nn.functional.linear(features, state["vision_model.vision_projection.weight"],
+                                              state["vision_model.vision_projection.bias"]).reshape(-1, 64).numpy()
+        got = model.encoder(px.values, px.aspect_ratio_id, px.tiles).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_metas_model_parallel_shards_load_as_one_file(meta_vision_folders, tmp_path):
+    """consolidated.00.pth and .01.pth (the 90B's layout, here two shards split where Meta's
+    modules split them) give the one file's logits; a missing shard's weights are one line."""
+    from models.formats import meta_vision
+    from tinytensor.state import CheckpointError
+    _, folder = meta_vision_folders
+    state = torch.load(folder / "consolidated.00.pth")
+    shards = [{}, {}]
+    for name, value in state.items():
+        axis = meta_vision.split_axis(name)
+        for shard, part in zip(shards, value.chunk(2, dim=axis) if axis is not None else (value, value)):
+            shard[name] = part.contiguous()
+    for i, shard in enumerate(shards):
+        torch.save(shard, tmp_path / f"consolidated.{i:02d}.pth")
+    for name in ("params.json", "tokenizer.model"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    ids, sizes = PROMPTS["2x2 with text before"]
+    images = [picture(*sizes[0])]
+    np.testing.assert_array_equal(load(tmp_path, context=64).logits(ids, images=images),
+                                  load(folder, context=64).logits(ids, images=images))
+    del shards[1]["vision_model.vision_encoder.transformer.resblocks.3.mlp.c_fc.weight"]
+    torch.save(shards[1], tmp_path / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match="resblocks.3.mlp.c_fc.weight do not fit together"):
+        load(tmp_path, context=64)
+
+
+def test_a_config_with_absurd_tiles_is_refused_at_once(vision_folder, tmp_path):
+    """max_num_tiles of a million would number ~10^13 aspect ratios: refused, one line."""
+    from tests.integration.test_cli import assert_one_line_error, run
+    folder, _ = vision_folder
+    d = hub_config()
+    d["vision_config"]["max_num_tiles"] = 10**6
+    d["vision_config"].pop("supported_aspect_ratios")
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    os.link(folder / "model.safetensors", tmp_path / "model.safetensors")
+    assert_one_line_error(run("--checkpoint", str(tmp_path), "--prompt", "x"), "max_num_tiles is 1000000")
