@@ -117,6 +117,9 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     scales = column_lanes.scratch(k, w_types, nr) if quantised and nr > 1 else ()
     ldw = [str(x) for x in fixed[1]] if fixed else [f"%ldw{i}" for i in range(len(w_types))]
     depth = str(fixed[0]) if fixed else "%K"
+    if not quantised:
+        _float_blocks(k, a_type, w_types, c_type, mr, nr, extra_types, program, target)
+        return k.finish()
     with k.loop("%n0", "%n1", step=nr, hint="n") as n:
         index = [k.add(n, c) for c in range(nr)]
         if partial:  # lanes past n1 read column n1 - 1 again and store nothing
@@ -129,10 +132,8 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
                 sums = column_lanes.column_lane_sums(k, w_types, rows, cols, target, depth, scales)
             elif quantised and nr == 1:  # TT_BATCH_INVARIANT=0's one-row kernel (products.batch_invariant)
                 sums = block_sums(k, w_types, rows, cols, block, target)
-            elif quantised:
-                sums = few_row_sums(k, w_types, rows, cols, [k.mul(x, nr) for x in ldw], target, depth, scales)
             else:
-                sums = _sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block, target)
+                sums = few_row_sums(k, w_types, rows, cols, [k.mul(x, nr) for x in ldw], target, depth, scales)
             for r, row in enumerate(rows):
                 for c in range(nr):
                     col = k.add(n, c)
@@ -153,41 +154,98 @@ def _store(k, sums, row, col, r, c, weights, extra_types, program, c_type):
     k.store_at(value, "%C", k.add(k.mul(row, "%ldc"), col), c_type)
 
 
-def _sums(k, a_type, w_types, rows, cols, block, target=None):
-    """{(weight, row, col): sum_k A[row, k] * W[col, k]} for float weights: a k loop carrying
-    every sum of the block. Each sum is the same float operations in every block shape, so that
-    a row's products do not depend on the rows beside it: a vector register's lanes of partial
-    sums (target.float_lanes) over the first K - K % lanes values, added in a fixed tree, then
-    the last K % lanes values one by one (then, bfloat16 pairs with an odd K, the last one)."""
+# The float products' blocking: a thread's columns go PANEL_COLUMNS at a time, its rows
+# PANEL_ROWS at a time, and K in chunks of CHUNK values, so that an mr x nr step's rows of A and
+# of the weights (CHUNK values each, 20 KB at 4 x 6) stay in L1 across the steps that reuse the
+# weights' rows, and the panel's rows of A in L2 across its columns. The vector accumulators of
+# the unfinished blocks wait between chunks in a scratch on the stack (96 x 96 at 4 x 6: 590 KB).
+# Each sum is the same float operations as in one pass over K (see _chunk_sums): the blocking
+# changes no bit. Before it, each column step read all of A's rows again from L3 or memory and a
+# step's 10 rows of 1,280+ floats did not fit L1: 6432 x 1280 x 1280 float32 ran at 149 GFLOP/s,
+# now 225-275 (x 5120 deep 230-275; 2 threads, Emerald Rapids; 48 x 48 x 256 ran 208-236, 96 x
+# 96 x 1024 alike, 6 x 4 steps 222-242).
+PANEL_ROWS, PANEL_COLUMNS, CHUNK = 96, 96, 512
+
+
+def _float_blocks(k, a_type, w_types, c_type, mr, nr, extra_types, program, target):
+    """matmul_nt_kernel's loops for float weights."""
     lanes = float_lanes(target)
     vec = f"<{lanes} x float>"
-    # bfloat16 weights are read two at a time as one i32: the low one is (bits << 16), the high
-    # one (bits & 0xffff0000), one integer op each, against a shuffle and a shift per element
     pairs = pair_major(w_types)
+    block = [(i, r, c) for i in range(len(w_types)) for r in range(mr) for c in range(nr)]
+    rows_per_panel, cols_per_panel = PANEL_ROWS // mr * mr, max(PANEL_COLUMNS // nr, 1) * nr
     length = k.op("ashr i64 %K, 1") if pairs else "%K"
     whole = k.op(f"and i64 {length}, {-lanes}")
+    smin = lambda a, b: k.op(f"call i64 @llvm.smin.i64(i64 {a}, i64 {b})")  # noqa: E731
+    chunks = k.op(f"call i64 @llvm.smax.i64(i64 {whole}, i64 1)")  # K < lanes: one empty chunk, then the tail
+    # one row a step (a decode step, a few rows left over) reuses no row of the weights: each
+    # weight row streams whole, once, as the memory-bound pass wants
+    chunk = CHUNK if mr > 1 else chunks
+    scratch = k.op(f"alloca {vec}, i64 {rows_per_panel // mr * (cols_per_panel // nr) * len(block)}, align 64") \
+        if mr > 1 else None
+    with k.loop("0", "%M", step=rows_per_panel, hint="panel") as p0, \
+            k.loop("%n0", "%n1", step=cols_per_panel, hint="cpanel") as c0, \
+            k.loop("0", chunks, step=chunk, hint="chunk") as k0:
+        p1, c1, k1 = smin(k.add(p0, rows_per_panel), "%M"), smin(k.add(c0, cols_per_panel), "%n1"), \
+            smin(k.add(k0, chunk), whole)
+        first, last = k.op(f"icmp eq i64 {k0}, 0"), k.op(f"icmp eq i64 {k1}, {whole}")
+        with k.loop(c0, c1, step=nr, hint="n") as n, k.loop(p0, p1, step=mr, hint="m") as m:
+            cols = [[k.mul(k.add(n, c), f"%ldw{i}") for c in range(nr)] for i in range(len(w_types))]
+            rows = [k.add(m, r) for r in range(mr)]
+            if scratch:
+                at = k.mul(k.add(k.mul(k.op(f"sdiv i64 {k.op(f'sub i64 {n}, {c0}')}, {nr}"), str(rows_per_panel // mr)),
+                                 k.op(f"sdiv i64 {k.op(f'sub i64 {m}, {p0}')}, {mr}")), str(len(block)))
+                slot = {x: k.op(f"getelementptr {vec}, ptr {scratch}, i64 {k.add(at, j)}") for j, x in enumerate(block)}
+                start = {x: k.op(f"select i1 {first}, {vec} zeroinitializer, "
+                                 f"{vec} {k.op(f'load {vec}, ptr {slot[x]}, align 64')}") for x in block}
+            else:
+                start = dict.fromkeys(block, "zeroinitializer")
+            acc = _chunk_sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block, start, k0, k1,
+                              lanes, pairs)
+            with k.when(last, hint="last"):
+                sums = _finish_sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block, acc,
+                                    whole, length, lanes, pairs)
+                for r, row in enumerate(rows):
+                    for c in range(nr):
+                        _store(k, sums, row, k.add(n, c), r, c, len(w_types), extra_types, program, c_type)
+            if scratch:
+                with k.when(k.op(f"xor i1 {last}, true"), hint="more"):
+                    for x in block:
+                        k.raw(f"  store {vec} {acc[x]}, ptr {slot[x]}, align 64")
 
-    def add_terms(acc, terms, t):
-        total = acc.value
-        for x, y in terms:
-            total = k.fma(x, y, total, t)
-        acc.set(total)
 
-    with k.loop("0", whole, step=lanes, hint="k") as kk:
-        acc = {x: k.carry("zeroinitializer", vec) for x in block}
+def _chunk_sums(k, a_type, w_types, rows, cols, block, start, k0, k1, lanes, pairs):
+    """{(weight, row, col): the vector of lane partial sums} after values k0..k1 (a multiple of
+    lanes; pairs with bfloat16 weights), from `start`: lane j adds the values j, j + lanes, ...
+    in order, whatever the chunks."""
+    vec = f"<{lanes} x float>"
+    with k.loop(k0, k1, step=lanes, hint="k") as kk:
+        acc = {x: k.carry(start[x], vec) for x in block}
         terms = _pair_terms(k, a_type, rows, cols, kk, lanes) if pairs else \
             _terms(k, a_type, w_types, rows, cols, kk, lanes)
         # bfloat16 pairs column by column: a column's two widened halves are then live only while
         # its rows take them, not every column's across all rows (spilled at 4 x 6)
         for i, r, c in sorted(block, key=lambda x: (x[0], x[2], x[1])) if pairs else block:
-            add_terms(acc[i, r, c], terms[i][r][c], vec)
-    sums = {x: k.tree_sum(acc[x].final, lanes) for x in block}
+            total = acc[i, r, c].value
+            for x, y in terms[i][r][c]:
+                total = k.fma(x, y, total, vec)
+            acc[i, r, c].set(total)
+    return {x: acc[x].final for x in block}
+
+
+def _finish_sums(k, a_type, w_types, rows, cols, block, acc, whole, length, lanes, pairs):
+    """The sums: each vector's lanes added in a fixed tree (target.float_lanes), then the last
+    K - K % lanes values one by one (then, bfloat16 pairs with an odd K, the last one)."""
+    sums = {x: k.tree_sum(acc[x], lanes) for x in block}
     with k.loop(whole, length, hint="tail") as kk:
-        acc = {x: k.carry(sums[x]) for x in block}
+        carried = {x: k.carry(sums[x]) for x in block}
         terms = _pair_terms(k, a_type, rows, cols, kk) if pairs else _terms(k, a_type, w_types, rows, cols, kk)
         for i, r, c in block:
-            add_terms(acc[i, r, c], terms[i][r][c], "float")
-    sums = {x: acc[x].final for x in block}
+            total = carried[i, r, c].value
+            for x, y in terms[i][r][c]:
+                total = k.fma(x, y, total)
+            carried[i, r, c].set(total)
+    sums = {x: carried[x].final for x in block}
     if pairs:  # an odd K leaves one last element
         with k.when(k.op(f"icmp ne i64 {k.op('and i64 %K, 1')}, 0"), hint="tail") as tail:
             last = _terms(k, a_type, w_types, rows, cols, k.op("sub i64 %K, 1"))
