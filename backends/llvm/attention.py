@@ -259,12 +259,7 @@ def lanes_attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str
                     weighed = k.op(f"call i1 @llvm.vector.reduce.or.v{L}i1({BITS} "
                                    f"{k.op(f'fcmp une {VEC} {w}, zeroinitializer')})")
                     rows_v.append(k.op(f"select i1 {weighed}, ptr {k.at('%V', k.mul(key, '%ldv'))}, ptr {zeros}"))
-                with k.loop("0", "%DV", hint="weighted") as x:
-                    at = k.at(ot, k.mul(x, L))
-                    o = k.op(f"fmul {VEC} {k.vload(at, L, 'float', 4)}, {correction}")
-                    for w, row in zip(weights, rows_v):
-                        o = k.fma(w, k.splat(k.op(f"load float, ptr {k.at(row, x)}"), L), o, VEC)
-                    k.raw(f"  store {VEC} {o}, ptr {at}, align 4")
+                _weighted(k, ot, correction, weights, rows_v, L)
             peak.set(branch.join(new_peak, peak.value, VEC))
             total.set(branch.join(new_total, total.value, VEC))
 
@@ -273,6 +268,25 @@ def lanes_attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str
             for r in range(R):
                 k.store(k.op(f"extractelement {VEC} {o}, i32 {r}"), k.at(out[r], x), F32)
     return k.finish()
+
+
+def _weighted(k, ot, correction, weights, rows_v, L):
+    """ot = ot * correction + the block's weights times their value rows, added key by key in
+    order (the rows' accumulators transposed: ot[x * L + r]), 8 elements of the value rows at
+    a time: an accumulator's additions are a chain, one per key, and 8 chains side by side keep
+    the multiply-adders busy (4 heads of 6,432 x 6,432 x 80, 1 thread, Emerald Rapids, four
+    alternating runs: 0.78-0.87 s one at a time, 0.74-0.85 eight)."""
+    VEC, U = f"<{L} x float>", 8
+    whole = k.op(f"and i64 %DV, {-U}")
+    for lo, hi, step in (("0", whole, U), (whole, "%DV", 1)):
+        with k.loop(lo, hi, step=step, hint="weighted") as x0:
+            xs = [k.add(x0, u) for u in range(step)]
+            ats = [k.at(ot, k.mul(x, L)) for x in xs]
+            acc = [k.op(f"fmul {VEC} {k.vload(at, L, 'float', 4)}, {correction}") for at in ats]
+            for w, row in zip(weights, rows_v):
+                acc = [k.fma(w, k.splat(k.op(f"load float, ptr {k.at(row, x)}"), L), o, VEC) for o, x in zip(acc, xs)]
+            for o, at in zip(acc, ats):
+                k.raw(f"  store {VEC} {o}, ptr {at}, align 4")
 
 
 def _gathered(k, mask, key, storage: str, lanes: int) -> str:
