@@ -199,14 +199,19 @@ def lanes_attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str
     (_dots_in_lane_order), so a row's bits are the same whichever kernel computed it (a decode
     step's few rows take attention_kernel). 2 heads of 2,048 rows x 80, a padding mask, Emerald
     Rapids, 2 threads: 63 -> 130 GFLOP/s. With AVX2's 8 lanes it was slower (61 against 69):
-    there attention_kernel takes every tile."""
+    there attention_kernel takes every tile. Up to two vectors of rows (32 on AVX-512): each key
+    element and value element loaded then feeds two multiply-adds (16 heads of 6,432 x 6,432 x
+    80 with the encoder's mask, 2 threads, four alternating runs: 1.54-1.84 s with one vector,
+    1.28-1.60 with two)."""
     R, KB, L = rows, ATTENTION_BLOCK, float_lanes()
-    assert R <= L, (R, L)
+    G = -(-R // L)  # vectors of rows: two share each key element and value element loaded
+    assert G <= 2, (R, L)
+    W = G * L       # floats per dimension of the tile's transposed rows
     VEC, BITS, BYTES = f"<{L} x float>", f"<{L} x i1>", f"<{L} x i8>"
     k = Kernel(name, signatures.ATTENTION)
-    qt = k.scratch("float", k.mul("%D", L))    # the tile's q rows transposed: qt[d * L + r]
-    partials = k.scratch("float", float_lanes() * KB * L)  # each key's lane partial sums: [lane][key][r]
-    ot = k.scratch("float", k.mul("%DV", L))   # the rows' accumulators transposed: ot[x * L + r]
+    qt = k.scratch("float", k.mul("%D", W))    # the tile's q rows transposed: qt[d * W + r]
+    partials = k.scratch("float", float_lanes() * KB * W)  # each key's lane partial sums: [lane][key][r]
+    ot = k.scratch("float", k.mul("%DV", W))   # the rows' accumulators transposed: ot[x * W + r]
     zeros = k.scratch("float", "%DV")          # the value row of a key no row weighs (its own may be NaN)
     splat = lambda c: constant(c, L, "float")  # noqa: E731
     with k.loop("0", "%DV", hint="zeros") as x:
@@ -216,75 +221,94 @@ def lanes_attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str
     with k.loop("%r0", "%r1", step=R, hint="tile") as t:
         q, out, mask = _tile_rows(k, t, R)
         with k.loop("0", "%D", hint="transpose") as d:
-            lanes = "zeroinitializer"
-            for r in range(R):
-                lanes = k.op(f"insertelement {VEC} {lanes}, float {k.op(f'load float, ptr {k.at(q[r], d)}')}, i32 {r}")
-            k.raw(f"  store {VEC} {lanes}, ptr {k.at(qt, k.mul(d, L))}, align 4")
-        with k.loop("0", "%DV", hint="zero") as x:
+            for g in range(G):
+                lanes = "zeroinitializer"
+                for r in range(g * L, min(R, g * L + L)):
+                    element = k.op(f"load float, ptr {k.at(q[r], d)}")
+                    lanes = k.op(f"insertelement {VEC} {lanes}, float {element}, i32 {r - g * L}")
+                k.raw(f"  store {VEC} {lanes}, ptr {k.at(qt, k.add(k.mul(d, W), g * L))}, align 4")
+        with k.loop("0", k.mul("%DV", G), hint="zero") as x:
             k.raw(f"  store {VEC} zeroinitializer, ptr {k.at(ot, k.mul(x, L))}, align 4")
 
         with k.loop("0", "%S", step=KB, hint="block") as j0:
-            peak, total = k.carry(splat(NEG_INF), VEC), k.carry("zeroinitializer", VEC)
+            peak = [k.carry(splat(NEG_INF), VEC) for _ in range(G)]
+            total = [k.carry("zeroinitializer", VEC) for _ in range(G)]
             jn = k.op(f"call i64 @llvm.smin.i64(i64 {k.op(f'sub i64 %S, {j0}')}, i64 {KB})")
             live = _block_seen(k, mask, j0, jn) if mask_kind == "bool" else "true"
             with k.when(live, hint="live") as branch:
                 # a key past the last (the block cut short) reads the last one's rows, then weighs 0
                 keys = [k.op(f"call i64 @llvm.smin.i64(i64 {k.add(j0, jj)}, i64 {last_key})") for jj in range(KB)]
-                scores = _dots_in_lane_order(k, qt, keys, L, partials)
+                scores = _dots_in_lane_order(k, qt, keys, L, partials, G)  # [key][g]
                 for jj, key in enumerate(keys):
-                    inside = k.splat(k.op(f"icmp slt i64 {jj}, {jn}"), L, "i1")
-                    s = k.op(f"fmul {VEC} {scores[jj]}, {splat(float_literal(scale))}")
-                    if mask_kind == "add":
-                        s = k.op(f"fadd {VEC} {s}, {_gathered(k, mask, key, 'float', L)}")
-                    if mask_kind == "bool":
-                        bytes_ = _gathered(k, mask, key, "i8", L)
-                        inside = k.op(f"and {BITS} {inside}, {k.op(f'icmp ne {BYTES} {bytes_}, zeroinitializer')}")
-                    scores[jj] = k.op(f"select {BITS} {inside}, {VEC} {s}, {VEC} {splat(NEG_INF)}")
-                block_peak = scores[0]
-                for s in scores[1:]:
-                    block_peak = k.op(f"call {VEC} @llvm.maximum.v{L}f32({VEC} {block_peak}, {VEC} {s})")
-                new_peak = k.op(f"call {VEC} @llvm.maximum.v{L}f32({VEC} {peak.value}, {VEC} {block_peak})")
-                dead = k.op(f"fcmp oeq {VEC} {new_peak}, {splat(NEG_INF)}")  # nothing seen yet: keep zeros
-                moved = k.exp(k.op(f"fsub {VEC} {peak.value}, {new_peak}"), L)
-                correction = k.op(f"select {BITS} {dead}, {VEC} {splat('1.0')}, {VEC} {moved}")
-                weights = [k.op(f"select {BITS} {dead}, {VEC} zeroinitializer, {VEC} "
-                                f"{k.exp(k.op(f'fsub {VEC} {s}, {new_peak}'), L)}") for s in scores]
-                block_total = "zeroinitializer"  # in key order, as a row's sum always is
-                for w in weights:
-                    block_total = k.op(f"fadd {VEC} {block_total}, {w}")
-                new_total = k.op(f"fadd {VEC} {k.op(f'fmul {VEC} {total.value}, {correction}')}, {block_total}")
+                    for g in range(G):
+                        inside = k.splat(k.op(f"icmp slt i64 {jj}, {jn}"), L, "i1")
+                        s = k.op(f"fmul {VEC} {scores[jj][g]}, {splat(float_literal(scale))}")
+                        rows_mask = mask[g * L:(g + 1) * L]
+                        if mask_kind == "add":
+                            s = k.op(f"fadd {VEC} {s}, {_gathered(k, rows_mask, key, 'float', L)}")
+                        if mask_kind == "bool":
+                            bytes_ = _gathered(k, rows_mask, key, "i8", L)
+                            inside = k.op(f"and {BITS} {inside}, {k.op(f'icmp ne {BYTES} {bytes_}, zeroinitializer')}")
+                        scores[jj][g] = k.op(f"select {BITS} {inside}, {VEC} {s}, {VEC} {splat(NEG_INF)}")
+                new_peaks, new_totals, corrections = [], [], []
+                weights = [[None] * G for _ in keys]
+                for g in range(G):
+                    block_peak = scores[0][g]
+                    for jj in range(1, KB):
+                        block_peak = k.op(f"call {VEC} @llvm.maximum.v{L}f32({VEC} {block_peak}, {VEC} {scores[jj][g]})")
+                    new_peak = k.op(f"call {VEC} @llvm.maximum.v{L}f32({VEC} {peak[g].value}, {VEC} {block_peak})")
+                    dead = k.op(f"fcmp oeq {VEC} {new_peak}, {splat(NEG_INF)}")  # nothing seen yet: keep zeros
+                    moved = k.exp(k.op(f"fsub {VEC} {peak[g].value}, {new_peak}"), L)
+                    corrections.append(k.op(f"select {BITS} {dead}, {VEC} {splat('1.0')}, {VEC} {moved}"))
+                    block_total = "zeroinitializer"  # in key order, as a row's sum always is
+                    for jj in range(KB):
+                        w = k.op(f"select {BITS} {dead}, {VEC} zeroinitializer, {VEC} "
+                                 f"{k.exp(k.op(f'fsub {VEC} {scores[jj][g]}, {new_peak}'), L)}")
+                        weights[jj][g] = w
+                        block_total = k.op(f"fadd {VEC} {block_total}, {w}")
+                    new_peaks.append(new_peak)
+                    new_totals.append(k.op(f"fadd {VEC} {k.op(f'fmul {VEC} {total[g].value}, {corrections[g]}')}, "
+                                           f"{block_total}"))
                 # each key's value row, or the zero row where no row weighs it
                 rows_v = []
-                for w, key in zip(weights, keys):
-                    weighed = k.op(f"call i1 @llvm.vector.reduce.or.v{L}i1({BITS} "
-                                   f"{k.op(f'fcmp une {VEC} {w}, zeroinitializer')})")
+                for ws, key in zip(weights, keys):
+                    weighed = "false"
+                    for w in ws:
+                        some = k.op(f"call i1 @llvm.vector.reduce.or.v{L}i1({BITS} "
+                                    f"{k.op(f'fcmp une {VEC} {w}, zeroinitializer')})")
+                        weighed = k.op(f"or i1 {weighed}, {some}")
                     rows_v.append(k.op(f"select i1 {weighed}, ptr {k.at('%V', k.mul(key, '%ldv'))}, ptr {zeros}"))
-                _weighted(k, ot, correction, weights, rows_v, L)
-            peak.set(branch.join(new_peak, peak.value, VEC))
-            total.set(branch.join(new_total, total.value, VEC))
+                _weighted(k, ot, corrections, weights, rows_v, L)
+            for g in range(G):
+                peak[g].set(branch.join(new_peaks[g], peak[g].value, VEC))
+                total[g].set(branch.join(new_totals[g], total[g].value, VEC))
 
         with k.loop("0", "%DV", hint="write") as x:  # out = acc / sum
-            o = k.op(f"fdiv {VEC} {k.vload(k.at(ot, k.mul(x, L)), L, 'float', 4)}, {total.final}")
-            for r in range(R):
-                k.store(k.op(f"extractelement {VEC} {o}, i32 {r}"), k.at(out[r], x), F32)
+            for g in range(G):
+                at = k.at(ot, k.add(k.mul(x, W), g * L))
+                o = k.op(f"fdiv {VEC} {k.vload(at, L, 'float', 4)}, {total[g].final}")
+                for r in range(g * L, min(R, g * L + L)):
+                    k.store(k.op(f"extractelement {VEC} {o}, i32 {r - g * L}"), k.at(out[r], x), F32)
     return k.finish()
 
 
-def _weighted(k, ot, correction, weights, rows_v, L):
+def _weighted(k, ot, corrections, weights, rows_v, L):
     """ot = ot * correction + the block's weights times their value rows, added key by key in
-    order (the rows' accumulators transposed: ot[x * L + r]), 8 elements of the value rows at
-    a time: an accumulator's additions are a chain, one per key, and 8 chains side by side keep
-    the multiply-adders busy (4 heads of 6,432 x 6,432 x 80, 1 thread, Emerald Rapids, four
-    alternating runs: 0.78-0.87 s one at a time, 0.74-0.85 eight)."""
-    VEC, U = f"<{L} x float>", 8
+    order (the rows' accumulators transposed: ot[x * W + r], W = L x the vectors of rows), 8
+    accumulators at a time: an accumulator's additions are a chain, one per key, and 8 chains
+    side by side keep the multiply-adders busy (4 heads of 6,432 x 6,432 x 80, 1 thread,
+    Emerald Rapids, four alternating runs: 0.78-0.87 s one at a time, 0.74-0.85 eight)."""
+    G = len(corrections)
+    VEC, U, W = f"<{L} x float>", 8 // G, G * L
     whole = k.op(f"and i64 %DV, {-U}")
     for lo, hi, step in (("0", whole, U), (whole, "%DV", 1)):
         with k.loop(lo, hi, step=step, hint="weighted") as x0:
             xs = [k.add(x0, u) for u in range(step)]
-            ats = [k.at(ot, k.mul(x, L)) for x in xs]
-            acc = [k.op(f"fmul {VEC} {k.vload(at, L, 'float', 4)}, {correction}") for at in ats]
-            for w, row in zip(weights, rows_v):
-                acc = [k.fma(w, k.splat(k.op(f"load float, ptr {k.at(row, x)}"), L), o, VEC) for o, x in zip(acc, xs)]
+            ats = [k.at(ot, k.add(k.mul(x, W), g * L)) for x in xs for g in range(G)]
+            acc = [k.op(f"fmul {VEC} {k.vload(at, L, 'float', 4)}, {corrections[i % G]}") for i, at in enumerate(ats)]
+            for ws, row in zip(weights, rows_v):
+                values = [k.splat(k.op(f"load float, ptr {k.at(row, x)}"), L) for x in xs]
+                acc = [k.fma(ws[i % G], values[i // G], o, VEC) for i, o in enumerate(acc)]
             for o, at in zip(acc, ats):
                 k.raw(f"  store {VEC} {o}, ptr {at}, align 4")
 
@@ -298,38 +322,47 @@ def _gathered(k, mask, key, storage: str, lanes: int) -> str:
     return vector
 
 
-def _dots_in_lane_order(k, qt, keys, L, partials) -> list[str]:
-    """Per key, the dot products of every row of the tile (its lanes) with the key, in the
-    order _dot_rows sums one row's: W = float_lanes partial sums over the dimensions l, l + W,
-    ..., a fixed tree over them, then the last D % W one by one. The tile's rows are its lanes
-    here, so the lane partials are separate vectors, added row-wise in the same tree."""
-    W, KB, VEC = float_lanes(), len(keys), f"<{L} x float>"
+def _dots_in_lane_order(k, qt, keys, L, partials, G=1) -> list[list[str]]:
+    """Per key, the dot products of every row of the tile (the lanes of its G vectors) with the
+    key, in the order _dot_rows sums one row's: W = float_lanes partial sums over the dimensions
+    l, l + W, ..., a fixed tree over them, then the last D % W one by one. The tile's rows are
+    its lanes here, so the lane partials are separate vectors, added row-wise in the same tree.
+    With two vectors of rows each key element loaded feeds both, and the keys go in two halves
+    (16 accumulators either way)."""
+    W, KB, VEC, width = float_lanes(), len(keys), f"<{L} x float>", G * L
     whole = k.op(f"and i64 %D, {-W}")
-    with k.loop("0", W, hint="lane") as lane:  # lane partial `lane` of every key, its keys side by side
-        with k.loop(lane, whole, step=W, hint="dots") as d:
-            qv = k.vload(k.at(qt, k.mul(d, L)), L, "float", 4)
-            dots = []
-            for key in keys:
-                element = k.op(f"load float, ptr {k.at('%K', k.add(k.mul(key, '%ldk'), d))}")
-                dot = k.carry("zeroinitializer", VEC)
-                dot.set(k.fma(qv, k.splat(element, L), dot.value, VEC))
-                dots.append(dot)
-        for jj, dot in enumerate(dots):
-            at = k.at(partials, k.mul(k.add(k.mul(lane, KB), jj), L))
-            k.raw(f"  store {VEC} {dot.final}, ptr {at}, align 4")
+    per_pass = KB // G
+    for first in range(0, KB, per_pass):
+        group = keys[first:first + per_pass]
+        with k.loop("0", W, hint="lane") as lane:  # lane partial `lane` of the keys, side by side
+            with k.loop(lane, whole, step=W, hint="dots") as d:
+                qv = [k.vload(k.at(qt, k.add(k.mul(d, width), g * L)), L, "float", 4) for g in range(G)]
+                dots = []
+                for key in group:
+                    element = k.splat(k.op(f"load float, ptr {k.at('%K', k.add(k.mul(key, '%ldk'), d))}"), L)
+                    for g in range(G):
+                        dot = k.carry("zeroinitializer", VEC)
+                        dot.set(k.fma(qv[g], element, dot.value, VEC))
+                        dots.append(dot)
+            for i, dot in enumerate(dots):
+                jj, g = first + i // G, i % G
+                at = k.at(partials, k.add(k.mul(k.add(k.mul(lane, KB), jj), width), g * L))
+                k.raw(f"  store {VEC} {dot.final}, ptr {at}, align 4")
     totals = []
     for jj in range(KB):
-        level = [k.vload(k.at(partials, (lane * KB + jj) * L), L, "float", 4) for lane in range(W)]
-        while len(level) > 1:  # tree_sum's halves: lane i + lane i + n/2, until one is left
-            half = len(level) // 2
-            level = [k.op(f"fadd {VEC} {level[i]}, {level[i + half]}") for i in range(half)]
-        totals.append(level[0])
+        for g in range(G):
+            level = [k.vload(k.at(partials, (lane * KB + jj) * width + g * L), L, "float", 4) for lane in range(W)]
+            while len(level) > 1:  # tree_sum's halves: lane i + lane i + n/2, until one is left
+                half = len(level) // 2
+                level = [k.op(f"fadd {VEC} {level[i]}, {level[i + half]}") for i in range(half)]
+            totals.append(level[0])
     with k.loop(whole, "%D", hint="dtail") as d:
-        qv = k.vload(k.at(qt, k.mul(d, L)), L, "float", 4)
+        qv = [k.vload(k.at(qt, k.add(k.mul(d, width), g * L)), L, "float", 4) for g in range(G)]
         tails = []
-        for key, total in zip(keys, totals):
-            element = k.op(f"load float, ptr {k.at('%K', k.add(k.mul(key, '%ldk'), d))}")
-            dot = k.carry(total, VEC)
-            dot.set(k.fma(qv, k.splat(element, L), dot.value, VEC))
-            tails.append(dot)
-    return [dot.final for dot in tails]
+        for jj, key in enumerate(keys):
+            element = k.splat(k.op(f"load float, ptr {k.at('%K', k.add(k.mul(key, '%ldk'), d))}"), L)
+            for g in range(G):
+                dot = k.carry(totals[jj * G + g], VEC)
+                dot.set(k.fma(qv[g], element, dot.value, VEC))
+                tails.append(dot)
+    return [[tails[jj * G + g].final for g in range(G)] for jj in range(KB)]

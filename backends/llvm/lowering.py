@@ -44,9 +44,9 @@ def attention(plan, node, arrays, out):
     calls = []
     for g0, g1, (kp, vp) in zip(starts, list(starts[1:]) + [len(table)], pairs[order][starts // q.shape[-2]]):
         # a group of up to 8 rows (a GQA group at decode) is one tile; more go 4 at a time, or as
-        # many as a vector's lanes hold where there are 16 (the same bits either way)
+        # many as two vectors' lanes hold where there are 16 (the same bits either way)
         lanes = float_lanes() if float_lanes() >= 16 and g1 - g0 > 8 else 0
-        tile = g1 - g0 if g1 - g0 <= 8 else lanes or ATTENTION_TILE
+        tile = g1 - g0 if g1 - g0 <= 8 else 2 * lanes or ATTENTION_TILE
         tiled = g0 + (g1 - g0) // tile * tile
         for r0, r1, rows in ((int(g0), int(tiled), int(tile)), (int(tiled), int(g1), int((g1 - g0) % tile))):
             if r0 == r1:
