@@ -493,6 +493,7 @@ def meta_reference():
     """llama-models' Llama 3.2 Vision modules (Meta's own code, from the PyPI wheel, never
     installed), importable on a CPU without fairscale: its model-parallel layers and collectives
     stood in for by torch's layers and identities, for one process."""
+    import importlib
     import sys
     import types
     from models.formats.assets import FetchError, fetch
@@ -516,19 +517,25 @@ def meta_reference():
                  ("ColumnParallelLinear", torch.nn.Linear), ("RowParallelLinear", torch.nn.Linear),
                  ("VocabParallelEmbedding", torch.nn.Embedding)]},
              "torchvision": {}, "torchvision.transforms": {"functional": None}}
+    before = {name: sys.modules.get(name) for name in stubs}
     for name, attrs in stubs.items():
-        if name not in sys.modules:
-            sys.modules[name] = types.ModuleType(name)
-            vars(sys.modules[name]).update(attrs)
+        sys.modules[name] = types.ModuleType(name)
+        vars(sys.modules[name]).update(attrs)
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     package = types.ModuleType("meta_reference")
     package.__path__ = [str(source.parent)]
     sys.modules["meta_reference"] = package
-    import importlib
     sub = types.ModuleType("meta_reference.llama3")
     sub.__path__ = [str(source)]
     sys.modules["meta_reference.llama3"] = sub
-    module = importlib.import_module("meta_reference.llama3.multimodal.model")
+    try:
+        module = importlib.import_module("meta_reference.llama3.multimodal.model")
+    finally:  # the stand-ins only for Meta's modules, which keep them: the rest of the run sees what it saw
+        for name, old in before.items():
+            if old is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = old
     # one process: its collectives over the model-parallel group leave a tensor as it is
     module.reduce_from_tensor_model_parallel_region = module.gather_from_tensor_model_parallel_region = lambda x: x
     return module
