@@ -85,7 +85,7 @@ PAGE = Path(__file__).parent / "page"
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
               "chat.css": "text/css; charset=utf-8"}
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                                           "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                                           "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
                                            "frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 

@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const conversation = [];   // {role, content} as the API takes them
 let running = null;        // the AbortController of the reply being streamed
+let attached = [];         // data: URLs of the images for the next message (a Vision model's)
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -13,10 +14,18 @@ function headers() {
   return h;
 }
 
-function show(role, text) {
+function thumbnail(url) {
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = "attached image";
+  return img;
+}
+
+function show(role, text, images = []) {
   const div = document.createElement("div");
   div.className = `message ${role}`;
-  div.textContent = text;
+  for (const url of images) div.appendChild(thumbnail(url));
+  div.appendChild(document.createTextNode(text));
   $("conversation").appendChild(div);
   div.scrollIntoView({ block: "end" });
   return div;
@@ -63,9 +72,27 @@ async function errorOf(response) {
   }
 }
 
+// The images picked, read as data: URLs (the server fetches nothing: the image travels in the request).
+function attach(files) {
+  for (const file of files) {
+    const reader = new FileReader();
+    reader.onload = () => {
+      attached.push(reader.result);
+      $("attached").appendChild(thumbnail(reader.result));
+    };
+    reader.readAsDataURL(file);
+  }
+}
+
 async function send(text) {
-  conversation.push({ role: "user", content: text });
-  show("user", text);
+  const images = attached;
+  attached = [];
+  $("attached").textContent = "";
+  const content = images.length
+    ? [...images.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text }]
+    : text;
+  conversation.push({ role: "user", content });
+  show("user", text, images);
   const reply = show("assistant", "");
   const system = $("system").value.trim();
   const messages = system ? [{ role: "system", content: system }, ...conversation] : conversation;
@@ -105,7 +132,9 @@ async function send(text) {
     running = null;
     setRunning(false);
   }
-  if (finish !== "error") conversation.push({ role: "assistant", content: reply.textContent });
+  // a turn the server refused or broke off is not sent again with the next one
+  if (finish === "error") conversation.pop();
+  else conversation.push({ role: "assistant", content: reply.textContent });
   $("stats").textContent = statsLine(started, first, last, usage, finish);
 }
 
@@ -147,9 +176,15 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   $("stop").addEventListener("click", () => running && running.abort());
+  $("image").addEventListener("change", (event) => {
+    attach(event.target.files);
+    event.target.value = "";
+  });
   $("new-chat").addEventListener("click", () => {
     if (running) running.abort();
     conversation.length = 0;
+    attached = [];
+    $("attached").textContent = "";
     $("conversation").textContent = "";
     $("stats").textContent = "";
   });
