@@ -6,6 +6,7 @@ any pass (alone, after a cached prefix, beside other requests: tests/models/test
 so the server's answers and log-probabilities are compared with the model's in this process
 exactly.
 """
+import contextlib
 import json
 import socket
 import subprocess
@@ -769,18 +770,15 @@ def test_the_chat_page_is_served_with_its_policy(server):
         assert fetched(server.url + name)[0] == 404, name
 
 
-def test_the_chat_page_in_a_browser(server, client):
-    """Debian's Chromium, driven by Playwright: type a message, see the streamed answer (the API's
-    greedy answer) and the stats line; a second turn carries the first; Stop ends a reply and frees
-    its slot; no script errors."""
+@contextlib.contextmanager
+def chat_page(server):
+    """The server's chat page open in Debian's Chromium, driven by Playwright: (page, expect);
+    no script error by the end."""
     import shutil
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no Chromium to drive: apt-get install chromium (Debian's package)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright drives the browser: pip install -e '.[test]'")
-    want = chat(client, QUESTION, max_tokens=24, temperature=0).choices[0].message.content
-    story = "Write a long story about a dragon."  # with this seed, 400 tokens long: time to press Stop
-    assert chat(client, story, max_tokens=400, temperature=1.0, seed=1).choices[0].finish_reason == "length"
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
@@ -788,35 +786,45 @@ def test_the_chat_page_in_a_browser(server, client):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(server.url + "/")
-            expect = sync_api.expect
-            expect(page.locator("#model")).not_to_have_text("…")
-            page.click("#settings summary")
-            page.fill("#temperature", "0")
-            page.fill("#max_tokens", "24")
-            page.fill("#message", QUESTION)
-            page.press("#message", "Enter")
-            expect(page.locator("#stats")).to_contain_text("tok/s", timeout=60_000)
-            expect(page.locator(".assistant").first).to_have_text(want)
-            assert "prompt" in page.text_content("#stats") and page.input_value("#message") == ""
-
-            page.fill("#message", "And of Italy?")
-            page.click("#send")
-            expect(page.locator(".assistant")).to_have_count(2)
-            expect(page.locator("#send")).to_be_enabled(timeout=60_000)
-            assert page.locator(".user").count() == 2 and page.text_content(".assistant >> nth=1")
-
-            page.click("#new-chat")
-            expect(page.locator(".message")).to_have_count(0)
-            page.fill("#temperature", "1")
-            page.fill("#seed", "1")
-            page.fill("#max_tokens", "400")
-            page.fill("#message", story)
-            page.click("#send")
-            expect(page.locator(".assistant")).not_to_have_text("", timeout=60_000)
-            page.click("#stop")
-            expect(page.locator(".assistant")).to_have_class("message assistant stopped")
-            expect(page.locator("#stats")).to_contain_text("stopped")
-            assert wait_for_idle(server)
+            yield page, sync_api.expect
             assert errors == []
         finally:
             browser.close()
+
+
+def test_the_chat_page_in_a_browser(server, client):
+    """Debian's Chromium, driven by Playwright: type a message, see the streamed answer (the API's
+    greedy answer) and the stats line; a second turn carries the first; Stop ends a reply and frees
+    its slot; no script errors."""
+    want = chat(client, QUESTION, max_tokens=24, temperature=0).choices[0].message.content
+    story = "Write a long story about a dragon."  # with this seed, 400 tokens long: time to press Stop
+    assert chat(client, story, max_tokens=400, temperature=1.0, seed=1).choices[0].finish_reason == "length"
+    with chat_page(server) as (page, expect):
+        expect(page.locator("#model")).not_to_have_text("…")
+        page.click("#settings summary")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "24")
+        page.fill("#message", QUESTION)
+        page.press("#message", "Enter")
+        expect(page.locator("#stats")).to_contain_text("tok/s", timeout=60_000)
+        expect(page.locator(".assistant").first).to_have_text(want)
+        assert "prompt" in page.text_content("#stats") and page.input_value("#message") == ""
+
+        page.fill("#message", "And of Italy?")
+        page.click("#send")
+        expect(page.locator(".assistant")).to_have_count(2)
+        expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+        assert page.locator(".user").count() == 2 and page.text_content(".assistant >> nth=1")
+
+        page.click("#new-chat")
+        expect(page.locator(".message")).to_have_count(0)
+        page.fill("#temperature", "1")
+        page.fill("#seed", "1")
+        page.fill("#max_tokens", "400")
+        page.fill("#message", story)
+        page.click("#send")
+        expect(page.locator(".assistant")).not_to_have_text("", timeout=60_000)
+        page.click("#stop")
+        expect(page.locator(".assistant")).to_have_class("message assistant stopped")
+        expect(page.locator("#stats")).to_contain_text("stopped")
+        assert wait_for_idle(server)

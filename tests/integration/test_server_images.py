@@ -13,7 +13,7 @@ from models.generation.sampling import make_sampler  # noqa: E402
 from models.generation.scoring import log_softmax  # noqa: E402
 from models.llama3 import load  # noqa: E402
 from models.text.chat import chat_tokens  # noqa: E402
-from tests.integration.test_server import Running  # noqa: E402
+from tests.integration.test_server import Running, chat_page  # noqa: E402
 from tests.models.test_vision import IMAGE, picture, vision_folder  # noqa: E402, F401: a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.oracle]
@@ -109,43 +109,28 @@ def test_the_chat_page_sends_a_picture(server, client, tmp_path):
     """Debian's Chromium, driven by Playwright: pick an image, type a question, see it as a
     thumbnail in the conversation and the API's greedy answer to the same picture and question;
     a second turn carries the picture (encoded once: the server's cache); no script errors."""
-    import shutil
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no Chromium to drive: apt-get install chromium (Debian's package)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright drives the browser: pip install -e '.[test]'")
     photo = picture(60, 90, seed=11)
     path = tmp_path / "photo.png"
     photo.save(path)
     want = client.chat.completions.create(model="m", messages=asking(data_url(photo), text="Describe it."),
                                           temperature=0, max_tokens=6).choices[0].message.content
     encoded = metric(server, 'tinytensor_images_total{source="encoded"}')
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        try:
-            page, errors = browser.new_page(), []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(server.url + "/")
-            expect = sync_api.expect
-            page.click("#settings summary")
-            page.fill("#temperature", "0")
-            page.fill("#max_tokens", "6")
-            page.set_input_files("#image", str(path))
-            expect(page.locator("#attached img")).to_have_count(1)
-            page.fill("#message", "Describe it.")
-            page.press("#message", "Enter")
-            expect(page.locator("#send")).to_be_enabled(timeout=60_000)
-            expect(page.locator(".user img")).to_have_count(1)
-            expect(page.locator("#attached img")).to_have_count(0)
-            expect(page.locator(".assistant").first).to_have_text(want)
+    with chat_page(server) as (page, expect):
+        page.click("#settings summary")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "6")
+        page.set_input_files("#image", str(path))
+        expect(page.locator("#attached img")).to_have_count(1)
+        page.fill("#message", "Describe it.")
+        page.press("#message", "Enter")
+        expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+        expect(page.locator(".user img")).to_have_count(1)
+        expect(page.locator("#attached img")).to_have_count(0)
+        expect(page.locator(".assistant").first).to_have_text(want)
 
-            page.fill("#message", "And its colours?")
-            page.click("#send")
-            expect(page.locator(".assistant")).to_have_count(2)
-            expect(page.locator("#send")).to_be_enabled(timeout=60_000)
-            assert "error" not in page.get_attribute(".assistant >> nth=1", "class")
-            assert errors == []
-        finally:
-            browser.close()
+        page.fill("#message", "And its colours?")
+        page.click("#send")
+        expect(page.locator(".assistant")).to_have_count(2)
+        expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+        assert "error" not in page.get_attribute(".assistant >> nth=1", "class")
     assert metric(server, 'tinytensor_images_total{source="encoded"}') == encoded  # the API's encoding, kept
