@@ -156,7 +156,7 @@ def _any(k, flags) -> str:
 
 def _dot_rows(k, q, krow) -> list[str]:
     """sum_d q[r][d] * K[krow + d] for every row r: one pass over the k row, R accumulators, each
-    in the same float order whatever R is (as codegen._sums: lanes of partial sums, a fixed
+    in the same float order whatever R is (as codegen._float_blocks: lanes of partial sums, a fixed
     tree, then the last D % lanes one by one), so that a row's scores do not depend on the
     rows that share its tile."""
     lanes = float_lanes()
@@ -240,8 +240,9 @@ def lanes_attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str
                 keys = [k.op(f"call i64 @llvm.smin.i64(i64 {k.add(j0, jj)}, i64 {last_key})") for jj in range(KB)]
                 scores = _dots_in_lane_order(k, qt, keys, L, partials, G)  # [key][g]
                 for jj, key in enumerate(keys):
+                    in_block = k.splat(k.op(f"icmp slt i64 {jj}, {jn}"), L, "i1")  # not past the last key
                     for g in range(G):
-                        inside = k.splat(k.op(f"icmp slt i64 {jj}, {jn}"), L, "i1")
+                        inside = in_block
                         s = k.op(f"fmul {VEC} {scores[jj][g]}, {splat(float_literal(scale))}")
                         rows_mask = mask[g * L:(g + 1) * L]
                         if mask_kind == "add":

@@ -89,7 +89,7 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     A and every W run along k with unit stride, the form of x @ W.T with PyTorch-layout weights.
     Each step computes an mr x nr block of C from mr rows of A and nr rows of each weight, so
     every weight element loaded feeds mr multiply-adds; each sum keeps one float order whatever
-    mr and nr are (float weights: _sums; block weights: column_lanes for 4 or more rows, few_rows
+    mr and nr are (float weights: _float_blocks; block weights: column_lanes for 4 or more rows, few_rows
     for fewer, the same chain per column), so a row's products do not depend on the rows beside
     it. With M = 1 (decode) this streams each weight row exactly once. The epilogue program
     (ops.fused) reads the j products then the extras, and runs as each element is stored; none
@@ -113,13 +113,13 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
     assert not quantised or nr in (1, few_rows.COLUMNS, column_lanes.columns(target)), "one column per lane"
     k = Kernel(name, signatures.matmul_nt(len(w_types), len(extra_types), quantised))
     block = [(i, r, c) for i in range(len(w_types)) for r in range(mr) for c in range(nr)]
-    lanes = quantised and mr >= 4 and column_lanes.reads(w_types, target)
-    scales = column_lanes.scratch(k, w_types, nr) if quantised and nr > 1 else ()
+    if not quantised:
+        _float_blocks(k, a_type, w_types, c_type, mr, nr, block, extra_types, program, target)
+        return k.finish()
+    lanes = mr >= 4 and column_lanes.reads(w_types, target)
+    scales = column_lanes.scratch(k, w_types, nr) if nr > 1 else ()
     ldw = [str(x) for x in fixed[1]] if fixed else [f"%ldw{i}" for i in range(len(w_types))]
     depth = str(fixed[0]) if fixed else "%K"
-    if not quantised:
-        _float_blocks(k, a_type, w_types, c_type, mr, nr, extra_types, program, target)
-        return k.finish()
     with k.loop("%n0", "%n1", step=nr, hint="n") as n:
         index = [k.add(n, c) for c in range(nr)]
         if partial:  # lanes past n1 read column n1 - 1 again and store nothing
@@ -130,7 +130,7 @@ def matmul_nt_kernel(name: str, a_type, w_types, c_type, mr: int, nr: int, extra
             rows = [k.add(m, r) for r in range(mr)]
             if lanes:
                 sums = column_lanes.column_lane_sums(k, w_types, rows, cols, target, depth, scales)
-            elif quantised and nr == 1:  # TT_BATCH_INVARIANT=0's one-row kernel (products.batch_invariant)
+            elif nr == 1:  # TT_BATCH_INVARIANT=0's one-row kernel (products.batch_invariant)
                 sums = block_sums(k, w_types, rows, cols, block, target)
             else:
                 sums = few_row_sums(k, w_types, rows, cols, [k.mul(x, nr) for x in ldw], target, depth, scales)
@@ -167,12 +167,11 @@ def _store(k, sums, row, col, r, c, weights, extra_types, program, c_type):
 PANEL_ROWS, PANEL_COLUMNS, CHUNK = 96, 96, 512
 
 
-def _float_blocks(k, a_type, w_types, c_type, mr, nr, extra_types, program, target):
-    """matmul_nt_kernel's loops for float weights."""
+def _float_blocks(k, a_type, w_types, c_type, mr, nr, block, extra_types, program, target):
+    """matmul_nt_kernel's loops for float weights; block: the (weight, row, column) sums of a step."""
     lanes = float_lanes(target)
     vec = f"<{lanes} x float>"
     pairs = pair_major(w_types)
-    block = [(i, r, c) for i in range(len(w_types)) for r in range(mr) for c in range(nr)]
     rows_per_panel, cols_per_panel = PANEL_ROWS // mr * mr, max(PANEL_COLUMNS // nr, 1) * nr
     length = k.op("ashr i64 %K, 1") if pairs else "%K"
     whole = k.op(f"and i64 {length}, {-lanes}")
@@ -192,6 +191,7 @@ def _float_blocks(k, a_type, w_types, c_type, mr, nr, extra_types, program, targ
         with k.loop(c0, c1, step=nr, hint="n") as n, k.loop(p0, p1, step=mr, hint="m") as m:
             cols = [[k.mul(k.add(n, c), f"%ldw{i}") for c in range(nr)] for i in range(len(w_types))]
             rows = [k.add(m, r) for r in range(mr)]
+            a_rows = [k.mul(row, "%lda") for row in rows]
             if scratch:
                 at = k.mul(k.add(k.mul(k.op(f"sdiv i64 {k.op(f'sub i64 {n}, {c0}')}, {nr}"), str(rows_per_panel // mr)),
                                  k.op(f"sdiv i64 {k.op(f'sub i64 {m}, {p0}')}, {mr}")), str(len(block)))
@@ -200,11 +200,9 @@ def _float_blocks(k, a_type, w_types, c_type, mr, nr, extra_types, program, targ
                                  f"{vec} {k.op(f'load {vec}, ptr {slot[x]}, align 64')}") for x in block}
             else:
                 start = dict.fromkeys(block, "zeroinitializer")
-            acc = _chunk_sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block, start, k0, k1,
-                              lanes, pairs)
+            acc = _chunk_sums(k, a_type, w_types, a_rows, cols, block, start, k0, k1, lanes, pairs)
             with k.when(last, hint="last"):
-                sums = _finish_sums(k, a_type, w_types, [k.mul(row, "%lda") for row in rows], cols, block, acc,
-                                    whole, length, lanes, pairs)
+                sums = _finish_sums(k, a_type, w_types, a_rows, cols, block, acc, whole, length, lanes, pairs)
                 for r, row in enumerate(rows):
                     for c in range(nr):
                         _store(k, sums, row, k.add(n, c), r, c, len(w_types), extra_types, program, c_type)

@@ -105,7 +105,7 @@ def vector_registers(target: Target | None = None) -> int:
 
 def float_lanes(target: Target | None = None) -> int:
     """The lanes of partial sums each float product keeps, one fixed order per target
-    (codegen._sums, attention's dots): a vector register's floats on x86 (16 with AVX-512, 8
+    (codegen._float_blocks, attention's dots): a vector register's floats on x86 (16 with AVX-512, 8
     with AVX2), two NEON registers' on aarch64 (8), so that each sum has two chains of fused
     multiply-adds in flight there too."""
     target = target or host()

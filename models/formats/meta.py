@@ -27,8 +27,8 @@ def read(folder: Path, part=(0, 1)):
         if part[1] > 1:
             raise CheckpointError(f"{folder}: a Llama 3.2 Vision model runs in one process: start it without mpirun")
         arrays = _merged(folder, states, meta_vision.split_axis)
-        vocab = arrays.get("text_model.tok_embeddings.weight", (np.zeros((0, 0)),))[0]
-        config = meta_vision.config(params, vocab.shape[0] if vocab.ndim == 2 else None,
+        vocab = arrays.get("text_model.tok_embeddings.weight")  # params.json may say vocab_size -1
+        config = meta_vision.config(params, vocab[0].shape[0] if vocab and vocab[0].ndim == 2 else None,
                                     meta_vision.width_of(arrays, folder))
         return config, meta_vision.ours(config, arrays, folder), read_tokenizer(folder, config.image_token_id)
     tokenizer = read_tokenizer(folder)

@@ -227,7 +227,6 @@ class Engine:
                 raise ValueError("this model takes no images: it is not a Llama 3.2 Vision model")
             return
         slot.sequence.show(r.ids, [self._encoded(px) for px in r.images], tuple(px.digest for px in r.images))
-        slot.shown = True
 
     def _encoded(self, pixels):
         """An image encoded, or as encoded already for an earlier request."""
@@ -248,6 +247,7 @@ class Engine:
         r = slot.request
         if not slot.shown:
             self._show_images(slot)
+            slot.shown = True
         begin, end = slot.prefilled, min(slot.prefilled + most, len(r.ids))
         # rows begin..end-1 score tokens begin+1..end; for an echo every row, else the last only
         keep_from = begin if r.echo else end - 1
