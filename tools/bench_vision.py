@@ -3,11 +3,15 @@ transformers' MllamaVisionModel (PyTorch CPU, float32) on the same encoder and i
 run when it is installed.
 
     python -m tools.bench_vision [--size 11b] [--dtype q4_0] [--layers 2] [--image photo.jpg] [--no-peer]
+    python -m tools.bench_vision --parts       # a layer's attention and products apart, float32
 
 The encoder runs all its tiles (4 x 1608 tokens) through every layer, so its cost is the same for
 any image. With --layers k it runs k local layers and k global ones (of 32 and 8), and the
 per-layer times are scaled up to the whole encoder, saying so, to keep a run short. The peer has
 its own random weights (speed does not depend on the values); compare float32 with float32.
+--parts times a layer's attention (every head, the encoder's padding mask) and its products
+(one of q/k/v/o, fc1 with its bias and GELU, fc2) apart, each beside PyTorch's own op on the same float32
+arrays (medians of 3 after a warm-up).
 """
 import argparse
 import time
@@ -29,9 +33,12 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=0, help="local and global layers to run (0: all)")
     p.add_argument("--image", help="an image file (default: a random 900 x 1200 picture)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--parts", action="store_true", help="time a layer's attention and products apart (float32)")
     args = p.parse_args(argv)
     full = VISION_SIZES[args.size]
     v = full.vision
+    if args.parts:
+        return parts(v, peer=not args.no_peer)
     local, glob = (args.layers, min(args.layers, v.n_global_layers)) if args.layers else (v.n_layers, v.n_global_layers)
     kept = tuple(i for i in v.intermediate_layers if i < local)
     vision = replace(v, n_layers=local, n_global_layers=glob, intermediate_layers=kept,
@@ -61,6 +68,65 @@ def main(argv=None):
     else:
         print(f"transformers MllamaVisionModel (PyTorch, float32): {ran} layers in {theirs:.1f} s "
               f"({theirs / ran:.1f} s per layer); ours ({args.dtype}) {theirs / (t2 - t1):.2f}x its speed")
+
+
+def parts(v, peer: bool) -> None:
+    """A layer's kernels at the encoder's shape, float32, ours beside PyTorch's (GFLOP/s)."""
+    from tinytensor import Tensor, nn
+    rng = np.random.default_rng(0)
+    padded = 8 * -(-v.patches // 8)
+    n, d, heads, head_dim = v.max_tiles * padded, v.dim, v.n_heads, v.head_dim
+    is_pad = np.ones((v.max_tiles, padded), bool)
+    is_pad[:, :v.patches] = False
+    visible = ~(is_pad.reshape(-1)[:, None] & is_pad.reshape(-1)[None, :])
+    arrays = {"x": rng.standard_normal((n, d), dtype=np.float32),
+              "q": rng.standard_normal((heads, n, head_dim), dtype=np.float32),
+              "k": rng.standard_normal((heads, n, head_dim), dtype=np.float32),
+              "v": rng.standard_normal((heads, n, head_dim), dtype=np.float32),
+              "w": rng.standard_normal((d, d), dtype=np.float32) * 0.02,
+              "fc1": rng.standard_normal((v.ffn_dim, d), dtype=np.float32) * 0.02,
+              "fc2": rng.standard_normal((d, v.ffn_dim), dtype=np.float32) * 0.02,
+              "h": rng.standard_normal((n, v.ffn_dim), dtype=np.float32),
+              "b1": rng.standard_normal(v.ffn_dim, dtype=np.float32) * 0.02}
+    ours = {name: Tensor(a).realize() for name, a in arrays.items()}
+    mask = Tensor(visible).realize()
+    ops = [("attention", 4 * heads * n * n * head_dim,
+            lambda: nn.scaled_dot_product_attention(ours["q"], ours["k"], ours["v"], attn_mask=mask).realize()),
+           ("q projection", 2 * n * d * d, lambda: nn.linear(ours["x"], ours["w"]).realize()),
+           ("fc1 + GELU", 2 * n * d * v.ffn_dim, lambda: nn.linear(ours["x"], ours["fc1"], ours["b1"]).gelu().realize()),
+           ("fc2", 2 * n * d * v.ffn_dim, lambda: nn.linear(ours["h"], ours["fc2"]).realize())]
+    theirs = {}
+    if peer:
+        try:
+            import torch
+            import torch.nn.functional as F
+        except ImportError:
+            peer = False
+        else:
+            t = {name: torch.from_numpy(a) for name, a in arrays.items()}
+            tmask = torch.from_numpy(visible)
+            theirs = {"attention": lambda: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=tmask),
+                      "q projection": lambda: F.linear(t["x"], t["w"]),
+                      "fc1 + GELU": lambda: F.gelu(F.linear(t["x"], t["fc1"], t["b1"])),
+                      "fc2": lambda: F.linear(t["h"], t["fc2"])}
+    print(f"one layer's kernels, float32, {n} positions, {heads} heads of {head_dim}: s (GFLOP/s)")
+    for name, flops, run in ops:
+        mine = _median_seconds(run)
+        line = f"  {name:13s} ours {mine:.3f} ({flops / mine / 1e9:.0f})"
+        if peer:
+            other = _median_seconds(theirs[name])
+            line += f"   PyTorch {other:.3f} ({flops / other / 1e9:.0f})   ours {other / mine:.2f}x its speed"
+        print(line)
+
+
+def _median_seconds(run, repeat: int = 3) -> float:
+    run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def transformers_seconds(vision, px) -> float | None:
