@@ -9,9 +9,11 @@ new requests join between steps and finished or cancelled ones leave.
     -> decoding, batched with the other slots -> done: the slot keeps its tokens for the next
 
 A request with images (Llama 3.2 Vision) has them encoded on the engine's thread when it gets a
-slot (the engine keeps the last `images_kept` encoded, by digest, so the next turn of a
-conversation about a picture does not encode it again), and decodes alone, one token a step:
-a batched step's rows are text sequences (their cross layers have nothing to read).
+slot, one encoder layer a turn (the other slots take their steps between layers: an 11B image
+is minutes of work on a few cores), and the engine keeps the last `images_kept` encoded, by
+digest, so the next turn of a conversation about a picture does not encode it again. It
+decodes alone, one token a step: a batched step's rows are text sequences (their cross layers
+have nothing to read).
 
 A text sequence that decodes alone may speculate (models/generation/speculative.py): with the
 engine's proposer (prompt lookup or a draft model), or with its request's prediction (OpenAI's
@@ -82,6 +84,7 @@ class Slot:
         self.request: Request | None = None
         self.prefilled = 0               # prompt tokens in the cache so far, while prefilling
         self.shown = False               # whether the cross layers show the request's images yet
+        self.pictures: list = []         # the request's images encoded (EncodedImage), None: not yet
         self.next_token: int | None = None  # sampled, not yet in the cache, while decoding
 
 
@@ -97,6 +100,7 @@ class Engine:
         self.model, self.queue_bound = model, queue
         self.image_token = getattr(model, "image_token_id", None)
         self.encoded: collections.OrderedDict = collections.OrderedDict()  # digest -> EncodedImage, oldest first
+        self.encoding: dict = {}  # digest -> the generator encoding it (mllama.encoding), under way
         self.images_kept = images_kept
         self.proposer = proposer
         # how many drafts a pass checks, learnt as the engine runs; a prediction's drafts apart,
@@ -159,8 +163,9 @@ class Engine:
 
     # ---- on the engine's thread -----------------------------------------------------------------
     def turn(self) -> None:
-        """One turn: drop what was cancelled, admit waiting requests to free slots, prefill up to
-        CHUNK prompt tokens, one batched decode step (after the calls waiting, see call)."""
+        """One turn: drop what was cancelled, admit waiting requests to free slots, encode one
+        layer of an image a slot waits for, prefill up to CHUNK prompt tokens, one batched
+        decode step (after the calls waiting, see call)."""
         while self.calls:
             work, future = self.calls.popleft()
             if future.set_running_or_notify_cancel():
@@ -172,10 +177,16 @@ class Engine:
             if slot.request is not None and slot.request.cancelled:
                 self._finish(slot, "cancelled")
         self._admit()
+        self._drop_unwanted_encodings()
         budget = self.CHUNK  # prompt tokens this turn, over the slots waiting for their prefill
+        pieces = 1  # image encoder layers this turn, over the slots waiting for their images
         for slot in [s for s in self.slots if s.request is not None and s.next_token is None]:
             if budget <= 0:
                 break
+            if not slot.shown and None in slot.pictures:
+                pieces -= self._guarded(slot, lambda s: self._encode_piece(s, pieces)) or 0
+                if None in slot.pictures:
+                    continue
             budget -= self._guarded(slot, lambda s: self._prefill_chunk(s, budget)) or 0  # None: it failed
         decoding = [s for s in self.slots if s.next_token is not None]
         batch = [s for s in decoding if not s.sequence.images]
@@ -208,6 +219,7 @@ class Engine:
                 shared, _, slot = max((self._reusable(s, request), -i, s)
                                       for i, s in enumerate(self.slots) if s.request is None)
                 slot.request, slot.next_token, slot.shown = request, None, False
+                slot.pictures = [None] * len(request.images) if self.image_token is not None else []
                 slot.prefilled = 0 if request.echo else min(shared, len(request.ids) - 1)
                 self.counts["prompt_tokens_cached"] += slot.prefilled
 
@@ -226,21 +238,44 @@ class Engine:
             if r.images:
                 raise ValueError("this model takes no images: it is not a Llama 3.2 Vision model")
             return
-        slot.sequence.show(r.ids, [self._encoded(px) for px in r.images], tuple(px.digest for px in r.images))
+        slot.sequence.show(r.ids, slot.pictures, tuple(px.digest for px in r.images))
+        slot.pictures = []  # the cache holds them now
 
-    def _encoded(self, pixels):
-        """An image encoded, or as encoded already for an earlier request."""
-        encoded = self.encoded.get(pixels.digest)
-        if encoded is not None:
-            self.encoded.move_to_end(pixels.digest)
-            self.counts["images_cached"] += 1
-            return encoded
-        encoded = self.model.encode(pixels)
-        self.counts["images_encoded"] += 1
-        self.encoded[pixels.digest] = encoded
-        while len(self.encoded) > self.images_kept:
-            self.encoded.popitem(last=False)
-        return encoded
+    def _encode_piece(self, slot: Slot, most: int) -> int:
+        """Take the slot's images that are encoded already, then, if `most` allows, encode one
+        more layer of the first it lacks (the generator is the engine's, by digest: another
+        slot waiting for the same picture goes on with it). How many layers it ran."""
+        for j, pixels in enumerate(slot.request.images):
+            if slot.pictures[j] is not None:
+                continue
+            kept = self.encoded.get(pixels.digest)
+            if kept is not None:
+                self.encoded.move_to_end(pixels.digest)
+                self.counts["images_cached"] += 1
+                slot.pictures[j] = kept
+                continue
+            if most <= 0:
+                return 0
+            pieces = self.encoding.setdefault(pixels.digest, self.model.encoding(pixels))
+            try:
+                next(pieces)
+                return 1
+            except StopIteration as done:
+                self.counts["images_encoded"] += 1
+                self.encoded[pixels.digest] = slot.pictures[j] = done.value
+                while len(self.encoded) > self.images_kept:
+                    self.encoded.popitem(last=False)
+                return 1
+            finally:
+                if pieces.gi_frame is None:  # ended, or failed: a later request starts again
+                    del self.encoding[pixels.digest]
+        return 0
+
+    def _drop_unwanted_encodings(self) -> None:
+        """Encodings under way that no request waits for now (it was cancelled): their memory back."""
+        wanted = {px.digest for s in self.slots if s.request is not None and not s.shown for px in s.request.images}
+        for digest in [d for d in self.encoding if d not in wanted]:
+            del self.encoding[digest]
 
     def _prefill_chunk(self, slot: Slot, most: int) -> int:
         """Prefill up to `most` more prompt tokens of the slot's request; how many it did."""

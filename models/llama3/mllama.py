@@ -19,7 +19,7 @@ import numpy as np
 
 from models.llama3.images import ImageError, ImageSettings, Pixels, image_spans, open_image, preprocess
 from models.llama3.model import KVCache, Llama
-from models.llama3.vision import VisionEncoder
+from models.llama3.vision import VisionEncoder, finish
 from models.llama3.vision_config import MllamaConfig
 from tinytensor import Tensor, nn
 
@@ -91,9 +91,14 @@ class VisionLlama(Llama):
 
     def encode(self, pixels: Pixels) -> EncodedImage:
         """The image encoder, then each cross layer's keys and values of its features."""
-        started = time.perf_counter()
+        return finish(self.encoding(pixels))
+
+    def encoding(self, pixels: Pixels):
+        """encode a piece at a time: a generator yielding after each of the encoder's layers
+        (VisionEncoder.pieces), whose return value is the EncodedImage."""
+        started = time.perf_counter()  # to the end, pauses and all (the CLI makes none)
+        features = yield from self.encoder.pieces(pixels.values, pixels.aspect_ratio_id, pixels.tiles)
         c = self.config
-        features = self.encoder(pixels.values, pixels.aspect_ratio_id, pixels.tiles)
         n = features.shape[0]
         keys, values = {}, {}
         for i in sorted(self.cross_layers):

@@ -49,6 +49,13 @@ class VisionEncoder:
     def __call__(self, pixels: np.ndarray, ratio_id: int, tiles: int) -> Tensor:
         """Features [max_tiles * patches, output_dim] of one image: pixels [max_tiles, 3, S, S]
         with its first `tiles` tiles real, the arrangement numbered ratio_id."""
+        return finish(self.pieces(pixels, ratio_id, tiles))
+
+    def pieces(self, pixels: np.ndarray, ratio_id: int, tiles: int):
+        """The encoder a layer at a time: a generator that computes each layer's output and
+        yields before the next (a server decodes its other streams there: the 11B's encoder is
+        40 layers of seconds each on a few cores); it returns the features as __call__ does.
+        A layer's output is computed whole either way: the same bits as one pass."""
         c = self.config
         T, P, D, grid, ps = c.max_tiles, c.patches, c.dim, c.image_size // c.patch_size, c.patch_size
         padded = 8 * math.ceil(P / 8)
@@ -74,13 +81,15 @@ class VisionEncoder:
         for i in range(c.n_layers):
             if i in c.intermediate_layers:
                 kept.append(x)  # the layer's input, as Meta's reference keeps it
-            x = self.layer(f"transformer.layers.{i}.", x, visible, gated=False)
+            x = self.layer(f"transformer.layers.{i}.", x, visible, gated=False).realize()
+            yield
         x = nn.layer_norm(x, self.w("layernorm_post.weight"), self.w("layernorm_post.bias"), 1e-5)
         x = x.reshape(T, padded, D) + self.w("post_tile_positional_embedding.gate").tanh() * \
             self.tile_embedding("post_tile_positional_embedding.embedding.weight", ratio_id)
         x = x.reshape(T * padded, D)
         for i in range(c.n_global_layers):
-            x = self.layer(f"global_transformer.layers.{i}.", x, visible, gated=True)
+            x = self.layer(f"global_transformer.layers.{i}.", x, visible, gated=True).realize()
+            yield
 
         # per patch: the final state, then the kept states interleaved feature by feature
         # (transformers stacks them on a last axis and flattens it)
@@ -90,3 +99,12 @@ class VisionEncoder:
         features = features[:, :P].reshape(T * P, c.output_dim)
         return nn.linear(features, self.weights["multi_modal_projector.weight"],
                          self.weights["multi_modal_projector.bias"])
+
+
+def finish(pieces):
+    """Run a generator of pieces of work (VisionEncoder.pieces) to its end: its return value."""
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return done.value

@@ -362,6 +362,45 @@ def test_the_engine_gives_image_requests_the_tokens_they_get_alone(vision_folder
     assert engine.counts["images_encoded"] == 2  # the dog; the cat was kept
 
 
+def test_the_engine_encodes_an_image_a_layer_a_turn_while_the_others_decode(vision_folder):
+    """An image's encoder layers go one a turn, the other slots' steps between them: a text
+    request sent beside two image requests has all its tokens before their first. The two with
+    one picture share its encoding; one cancelled half-way through leaves no encoding behind."""
+    from models.generation.engine import Engine
+    from tests.models.test_engine import run_until_done, submit
+
+    folder, _ = vision_folder
+    model = load(folder, context=64)
+    v = model.mllama.vision
+    cat, dog = model.pixels(picture(28, 28, seed=1)), model.pixels(picture(60, 30, seed=2))
+    look, text = [128000, 9906, 1917, IMAGE, 791], [128000, 9906, 1917, 11, 1268]
+
+    engine = Engine(model, parallel=3)
+    (_, one), (_, other), (_, chat) = (submit(engine, look, 3, images=(cat,)), submit(engine, look, 3, images=(cat,)),
+                                       submit(engine, text, 3))
+    turns = 0
+    while not one.tokens:
+        engine.turn()
+        turns += 1
+        assert not other.tokens or one.tokens  # the same turn: the second takes what the first encoded
+    assert turns == v.n_layers + v.n_global_layers + 1  # a layer a turn, then the cross layers' keys and values
+    assert chat.done and len(chat.tokens) == 3
+    run_until_done(engine, [one, other])
+    assert [t.id for t in one.tokens] == [t.id for t in other.tokens]
+    assert (engine.counts["images_encoded"], engine.counts["images_cached"]) == (1, 1)
+
+    request, heard = submit(engine, look, 3, images=(dog,))
+    for _ in range(3):
+        engine.turn()
+    assert list(engine.encoding) == [dog.digest]
+    request.cancel()
+    engine.turn()
+    assert heard.done and not heard.tokens and engine.encoding == {}
+    _, heard = submit(engine, look, 3, images=(dog,))
+    run_until_done(engine, [heard])
+    assert len(heard.tokens) == 3 and engine.counts["images_encoded"] == 2
+
+
 # ---- Meta's layout (consolidated.pth, llama-models' names) ------------------------------------
 
 META_PARAMS = {"dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256, "multiple_of": 32,
