@@ -4,8 +4,8 @@ new requests join between steps and finished or cancelled ones leave.
 
     submit -> waiting (bounded) -> a free slot: the one whose cache shares the longest prefix
     with the prompt (prompt caching) -> prefill of what the slot lacks, at most CHUNK prompt
-    tokens per turn of the loop (a long prompt delays the others' next token by a chunk, not by
-    all of it)
+    tokens per turn of the loop over all the slots (a long prompt delays the others' next token
+    by a chunk, not by all of it), several text prompts' chunks in one pass (Llama.forward_chunks)
     -> decoding, batched with the other slots -> done: the slot keeps its tokens for the next
 
 A request with images (Llama 3.2 Vision) has them encoded on the engine's thread when it gets a
@@ -180,6 +180,7 @@ class Engine:
         self._drop_unwanted_encodings()
         budget = self.CHUNK  # prompt tokens this turn, over the slots waiting for their prefill
         pieces = 1  # image encoder layers this turn, over the slots waiting for their images
+        chunks = []  # (slot, prompt tokens it prefills this turn)
         for slot in [s for s in self.slots if s.request is not None and s.next_token is None]:
             if budget <= 0:
                 break
@@ -187,7 +188,18 @@ class Engine:
                 pieces -= self._guarded(slot, lambda s: self._encode_piece(s, pieces)) or 0
                 if None in slot.pictures:
                     continue
-            budget -= self._guarded(slot, lambda s: self._prefill_chunk(s, budget)) or 0  # None: it failed
+            chunks.append((slot, min(budget, len(slot.request.ids) - slot.prefilled)))
+            budget -= chunks[-1][1]
+        # text prompts go in one pass when there are several; echoes (every row's logits) and
+        # images (their own cross layers) in passes of their own
+        together = [(s, n) for s, n in chunks if not s.request.echo and not s.request.images]
+        if len(together) < 2:
+            together = []
+        for slot, n in chunks:
+            if (slot, n) not in together:
+                self._guarded(slot, lambda s: self._prefill_chunk(s, n))
+        if together:
+            self._prefill_together(together)
         decoding = [s for s in self.slots if s.next_token is not None]
         batch = [s for s in decoding if not s.sequence.images]
         for slot in decoding:
@@ -296,6 +308,40 @@ class Engine:
         if end == len(r.ids):
             self._sampled(slot, logits[-1])
         return end - begin
+
+    def _prefill_together(self, chunks: list[tuple[Slot, int]]) -> None:
+        """The next n prompt tokens of each (slot, n) of text requests in one pass
+        (Llama.forward_chunks), each weight read once for all: 8 prompts of 32 tokens of the 1B
+        Q4_0 ran 1.22-1.27 s, against 1.45-1.58 one after another (Emerald Rapids, 2 threads).
+        A row's values are the bits its own pass gives it. The pass is built anew each time
+        (~50 ms at the 1B's size), not captured: its layout changes with every prompt, and
+        unpadded it computes no row in vain (a capture pads each prompt, to as much as twice)."""
+        tokens, positions, starts, rows = [], [], [], []
+        try:
+            for slot, n in chunks:
+                if not slot.shown:
+                    self._show_images(slot)  # (a vision model: its cross layers see none)
+                    slot.shown = True
+                begin = slot.prefilled
+                tokens += slot.request.ids[begin:begin + n]
+                positions += range(begin, begin + n)
+                starts.append(begin)
+                rows.append(len(tokens) - 1)
+            caches, lengths = [slot.sequence.cache for slot, _ in chunks], tuple(n for _, n in chunks)
+            logits = self.model.forward_chunks(*(Tensor(np.array(x, np.int64)) for x in (tokens, positions, starts)),
+                                               caches, lengths, Tensor(np.array(rows, np.int64))).numpy()
+        except Exception as e:
+            for slot, _ in chunks:
+                self._fail(slot, e)
+            return
+        for row, (slot, n) in zip(logits, chunks):
+            r, end = slot.request, slot.prefilled + n
+            slot.sequence.tokens = list(r.ids[:end])
+            slot.sequence.computed += n
+            self.counts["prompt_tokens_computed"] += n
+            slot.prefilled = end
+            if end == len(r.ids):
+                self._guarded(slot, lambda s: self._sampled(s, row))
 
     def _decode_step(self, batch: list[Slot]) -> None:
         """One step of the slots in batch, in one captured pass over slots[:width]."""

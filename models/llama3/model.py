@@ -71,10 +71,12 @@ class Llama:
         q, k = nn.rotary_embedding(q, cos, sin), nn.rotary_embedding(k, cos, sin)
         if isinstance(cache, KVCache):
             out = self.attend(i, q, k, v, start, positions, cache)
-        else:  # a batch: row b is the next token of the sequence cache[b] holds
-            rows = [self.attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], start[b:b + 1], positions[b:b + 1], one)
-                    for b, one in enumerate(cache)]
-            out = rows[0].cat(*rows[1:]) if len(rows) > 1 else rows[0]
+        else:  # segments (one, n): the next n rows are the next tokens of the sequence `one` holds
+            parts, a = [], 0
+            for j, (one, n) in enumerate(cache):
+                parts.append(self.attend(i, q[a:a + n], k[a:a + n], v[a:a + n], start[j:j + 1], positions[a:a + n], one))
+                a += n
+            out = parts[0].cat(*parts[1:]) if len(parts) > 1 else parts[0]
         return nn.linear(out.reshape(seq, self.heads * c.head_dim), self.w(p + "wo.weight")).allreduce(self.group)
 
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, start: Tensor, positions: Tensor,
@@ -113,7 +115,15 @@ class Llama:
         the next token of the sequence in caches[b], at position positions[b], its keys and
         values written at writes[b] (its position; a row with no sequence writes past the
         context, where no position looks). Every weight is read once for the B rows."""
-        return self.run(tokens, writes, positions, caches)
+        return self.run(tokens, writes, positions, [(cache, 1) for cache in caches])
+
+    def forward_chunks(self, tokens: Tensor, positions: Tensor, starts: Tensor, caches: list[KVCache],
+                       lengths: tuple[int, ...], rows: Tensor) -> Tensor:
+        """Logits of `rows` (indices into tokens) of prompt chunks of several sequences in one
+        pass: tokens holds lengths[j] tokens of the sequence caches[j] holds, one sequence after
+        the other, written from starts[j] on (positions: each row's). Every weight is read once
+        for all of them; each row's values are the bits its own sequence's pass gives it."""
+        return self.run(tokens, starts, positions, list(zip(caches, lengths)), rows)
 
     def run(self, tokens: Tensor, start: Tensor, positions: Tensor, cache, rows=None) -> Tensor:
         # a tied head split over processes is its own shard of the embedding's rows (load)

@@ -81,6 +81,40 @@ def test_a_batch_gives_each_sequence_the_tokens_it_gets_alone(model, chunk):
     assert max(engine.steps) == 3  # steps did batch three sequences
 
 
+def test_prompts_that_arrive_together_share_a_pass_and_keep_their_bits(model, monkeypatch):
+    """Four prompts sent at once go through the model in one pass (Llama.forward_chunks), an
+    echo request beside them in its own: each gets the tokens and log-probabilities it gets
+    alone, to the bit; again with their first tokens cached, so that the chunks start at
+    other positions, and with prompts prefilled 8 tokens a turn, in several passes together."""
+    from models.generation.scoring import log_softmax
+
+    def alone_with_logprobs(ids):
+        rows = []
+        tokens = list(model.generate(ids, 6, lambda logits, h: rows.append(logits) or greedy()(logits, h)))
+        return [(t, float(log_softmax(row)[t])) for t, row in zip(tokens, rows)]
+
+    passes = []  # the chunk lengths of each pass of several prompts
+    forward_chunks = model.forward_chunks
+    monkeypatch.setattr(model, "forward_chunks", lambda *a: passes.append(a[4]) or forward_chunks(*a))
+    encoded = [model.tokenizer.encode(p) for p in PROMPTS]
+    for chunk in (256, 8):
+        engine = Engine(model, parallel=5)
+        engine.CHUNK = chunk
+        for round_ in range(2):  # the second: each slot holds its prompt already, but for the last token
+            prompts = encoded[:4] if round_ == 0 else [ids + [28] for ids in encoded[:4]]
+            passes.clear()
+            heard = [submit(engine, ids, 6, logprobs=0)[1] for ids in prompts]
+            echo = submit(engine, encoded[4], 6, logprobs=0, echo=True)[1]
+            run_until_done(engine, heard + [echo])
+            got = [[(t.id, t.logprob) for t in h.tokens] for h in heard + [echo]]
+            assert got == [alone_with_logprobs(ids) for ids in prompts + [encoded[4]]]
+            if chunk == 256:  # one pass of the four (the echo apart), whole or but their last token
+                assert passes == [tuple(len(ids) for ids in prompts) if round_ == 0 else (1, 1, 1, 1)]
+            else:
+                assert max(map(len, passes)) >= 2
+        assert engine.counts["prompt_tokens_cached"] >= sum(map(len, encoded[:4]))
+
+
 def test_stop_ids_end_a_sequence_and_free_its_slot(model):
     ids = model.tokenizer.encode("1, 2, 3, 4,")
     first = alone(model, ids, 3)
