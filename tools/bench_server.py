@@ -3,12 +3,16 @@ llama-server on the same file and threads when it is built (tools/llamacpp.py): 
 the same requests, over loopback.
 
     python -m tools.bench_server [--checkpoint model.gguf] [--streams 1,4,8,16] [--tokens 64] [--repeat 3]
+                                 [--prompt-words 0]
 
 Each stream asks /v1/completions for `--tokens` tokens (greedy, ignore_eos) of its own prompt,
 all at once. A stream's decode tokens are those after its first; the aggregate is their sum over
 the time from the first stream's first token to the last stream's last token (its median over
 --repeat rounds). The weights are read once per step for all streams, so on a bandwidth-bound
-CPU 8 streams should give well over 4 times one.
+CPU 8 streams should give well over 4 times one. Beside it, the time from sending the requests
+to the last stream's first token (median): with --prompt-words N each prompt has N more words
+and starts with the round's number, so that no server finds it cached (by default the prompts
+are a few words, the same every round).
 """
 import argparse
 import json
@@ -74,31 +78,42 @@ def stream(url: str, prompt: str, tokens: int, arrivals: list) -> None:
                     arrivals.append(time.perf_counter())  # a token (its text may wait for the next)
 
 
-def aggregate(url: str, n: int, tokens: int) -> float:
+WORDS = "the river runs past old stone walls where children play and merchants call out their prices".split()
+rounds = iter(range(1 << 30))  # numbers the rounds' long prompts: none is a prefix of another's
+
+
+def aggregate(url: str, n: int, tokens: int, words: int = 0) -> tuple[float, float]:
+    """(aggregate decode tok/s, seconds to the last stream's first token) of n streams at once."""
     arrivals = [[] for _ in range(n)]
-    threads = [threading.Thread(target=stream, args=(url, PROMPTS[i % len(PROMPTS)] + f" ({i})", tokens, arrivals[i]))
-               for i in range(n)]
+    round_ = next(rounds)
+    prompts = [(f"[{round_}] " if words else "") + PROMPTS[i % len(PROMPTS)] + f" ({i})" +
+               "".join(" " + WORDS[(i + w) % len(WORDS)] for w in range(words)) for i in range(n)]
+    threads = [threading.Thread(target=stream, args=(url, prompts[i], tokens, arrivals[i])) for i in range(n)]
+    sent = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     begin, end = min(a[0] for a in arrivals), max(a[-1] for a in arrivals)
-    return sum(len(a) - 1 for a in arrivals) / (end - begin)
+    return sum(len(a) - 1 for a in arrivals) / (end - begin), max(a[0] for a in arrivals) - sent
 
 
-def measure(name: str, command: list[str], url: str, streams: list[int], tokens: int, repeat: int) -> dict:
+def measure(name: str, command: list[str], url: str, streams: list[int], tokens: int, repeat: int,
+            words: int) -> dict:
     log = tempfile.TemporaryFile("w+")  # not a pipe: llama-server logs enough to fill one and stall
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         wait_up(url, process, log)
-        aggregate(url, max(streams), 4)  # warm: every batch width captured once
+        aggregate(url, max(streams), 4, words)  # warm: every batch width captured once
         for n in range(1, max(streams) + 1):
-            aggregate(url, n, 2)
+            aggregate(url, n, 2, words)
         figures = {}
         for n in streams:
-            figures[n] = statistics.median(aggregate(url, n, tokens) for _ in range(repeat))
-            print(f"{name:>12} {n:>3} streams: {figures[n]:7.1f} tok/s aggregate "
-                  f"({figures[n] / figures[streams[0]]:.2f}x {streams[0]} stream)", flush=True)
+            rounds_ = [aggregate(url, n, tokens, words) for _ in range(repeat)]
+            figures[n] = tuple(statistics.median(x) for x in zip(*rounds_))
+            print(f"{name:>12} {n:>3} streams: {figures[n][0]:7.1f} tok/s aggregate "
+                  f"({figures[n][0] / figures[streams[0]][0]:.2f}x {streams[0]} stream), "
+                  f"last first token after {figures[n][1] * 1e3:.0f} ms", flush=True)
         return figures
     finally:
         process.terminate()
@@ -112,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=_whole(2), default=64, help="tokens per stream (default: 64)")
     p.add_argument("--repeat", type=_whole(1), default=3, help="rounds per figure; the median is given (default: 3)")
     p.add_argument("--context", type=_whole(16), default=512, help="positions per stream (default: 512)")
+    p.add_argument("--prompt-words", type=_whole(0), default=0,
+                   help="words added to each prompt, which then differs every round (default: 0)")
     args = p.parse_args(argv)
     streams = args.streams
     from models.formats.assets import fetch
@@ -120,7 +137,7 @@ def main(argv=None) -> int:
     port = free_port()
     ours = measure("tinytensor", [sys.executable, "-m", "tools.server", "--checkpoint", str(checkpoint), "--port",
                                   str(port), "--parallel", str(max(streams)), "--context", str(args.context)],
-                   f"http://127.0.0.1:{port}", streams, args.tokens, args.repeat)
+                   f"http://127.0.0.1:{port}", streams, args.tokens, args.repeat, args.prompt_words)
     peer = llamacpp.find("llama-server")
     if peer is None or checkpoint.suffix != ".gguf":
         print("llama-server: not built or not a GGUF file; no peer figures (see tools/llamacpp.py)")
@@ -128,9 +145,10 @@ def main(argv=None) -> int:
     port = free_port()
     theirs = measure("llama-server", [str(peer), "-m", str(checkpoint), "-t", str(thread_count()), "--port", str(port),
                                       "-np", str(max(streams)), "-c", str(args.context * max(streams)), "-cb"],
-                     f"http://127.0.0.1:{port}", streams, args.tokens, args.repeat)
+                     f"http://127.0.0.1:{port}", streams, args.tokens, args.repeat, args.prompt_words)
     for n in streams:
-        print(f"{n:>3} streams: tinytensor / llama-server = {ours[n] / theirs[n]:.2f}")
+        print(f"{n:>3} streams: tinytensor / llama-server = {ours[n][0] / theirs[n][0]:.2f} aggregate, "
+              f"{theirs[n][1] / ours[n][1]:.2f} first tokens' speed")
     return 0
 
 

@@ -192,6 +192,19 @@ def test_bench_ops_runs_every_case_quickly():
         assert rates and all(r > 0 for r in rates), (case, result.stdout)
 
 
+def test_bench_server_measures_streams_and_first_tokens():
+    """tools.bench_server on SmolLM2 as shipped, 1 and 2 streams of fresh prompts: each count
+    prints a positive aggregate and the time to its last first token (a smoke test, not a
+    timing: the figures live in docs/serving.md)."""
+    result = subprocess.run([sys.executable, "-m", "tools.bench_server", "--streams", "1,2", "--tokens", "3",
+                             "--repeat", "1", "--prompt-words", "8"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    ours = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("tinytensor")]
+    assert [int(words[1]) for words in ours] == [1, 2], result.stdout
+    for words in ours:  # tinytensor N streams: R tok/s aggregate (...), last first token after T ms
+        assert float(words[3]) > 0 and float(words[-2]) > 0 and words[-1] == "ms", result.stdout
+
+
 def test_ctrl_c_in_a_chat_stops_the_reply_not_the_chat(tmp_path):
     import signal
     import time
