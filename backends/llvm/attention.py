@@ -2,7 +2,7 @@
 from backends.llvm import signatures
 from backends.llvm.emitter import constant, float_literal
 from backends.llvm.kernel import Kernel
-from backends.llvm.target import float_lanes
+from backends.llvm.target import float_lanes, vector_registers
 from ops import dtypes
 
 ATTENTION_BLOCK = 16  # keys whose scores are held at once: the online softmax rescales once per block
@@ -198,11 +198,13 @@ def lanes_attention_kernel(name: str, rows: int, scale: float, mask_kind) -> str
     lanes' partial sums are separate vectors, added row-wise in the same tree
     (_dots_in_lane_order), so a row's bits are the same whichever kernel computed it (a decode
     step's few rows take attention_kernel). 2 heads of 2,048 rows x 80, a padding mask, Emerald
-    Rapids, 2 threads: 63 -> 130 GFLOP/s. With AVX2's 8 lanes it was slower (61 against 69):
-    there attention_kernel takes every tile. Up to two vectors of rows (32 on AVX-512): each key
-    element and value element loaded then feeds two multiply-adds (16 heads of 6,432 x 6,432 x
-    80 with the encoder's mask, 2 threads, four alternating runs: 1.54-1.84 s with one vector,
-    1.28-1.60 with two)."""
+    Rapids, 2 threads: 63 -> 130 GFLOP/s. Up to two vectors of rows (32 on AVX-512, 16 with
+    AVX2): each key element and value element loaded then feeds two multiply-adds (16 heads of
+    6,432 x 6,432 x 80 with the encoder's mask, 2 threads, four alternating runs: 1.54-1.84 s
+    with one vector, 1.28-1.60 with two). With AVX2's 16 registers the dot products go 4 keys
+    a pass (8 accumulators; 8 keys' 16 spilled): the same attention at TT_TARGET=avx2 took
+    3.36 s through attention_kernel, 2.80 with 8 keys a pass, 1.80-1.83 with 4 (3: 2.15, 5:
+    2.12, 6: 1.99)."""
     R, KB, L = rows, ATTENTION_BLOCK, float_lanes()
     G = -(-R // L)  # vectors of rows: two share each key element and value element loaded
     assert G <= 2, (R, L)
@@ -332,7 +334,7 @@ def _dots_in_lane_order(k, qt, keys, L, partials, G=1) -> list[list[str]]:
     (16 accumulators either way)."""
     W, KB, VEC, width = float_lanes(), len(keys), f"<{L} x float>", G * L
     whole = k.op(f"and i64 %D, {-W}")
-    per_pass = KB // G
+    per_pass = KB // G if vector_registers() >= 32 else 4  # accumulators that fit the registers
     for first in range(0, KB, per_pass):
         group = keys[first:first + per_pass]
         with k.loop("0", W, hint="lane") as lane:  # lane partial `lane` of the keys, side by side

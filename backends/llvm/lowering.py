@@ -12,7 +12,7 @@ from backends.llvm import signatures, threads
 from backends.llvm.attention import attention_kernel, lanes_attention_kernel
 from backends.llvm.plan import elementwise, kernel, reduction
 from backends.llvm.products import linear, matmul
-from backends.llvm.target import float_lanes
+from backends.llvm.target import float_lanes, host
 from ops.elementwise import ELEMENTWISE
 from ops.fused import Instruction
 from ops.reduce import REDUCE
@@ -43,9 +43,10 @@ def attention(plan, node, arrays, out):
     starts = np.flatnonzero(np.r_[True, np.any(pairs[order][1:] != pairs[order][:-1], axis=1)]) * q.shape[-2]
     calls = []
     for g0, g1, (kp, vp) in zip(starts, list(starts[1:]) + [len(table)], pairs[order][starts // q.shape[-2]]):
-        # a group of up to 8 rows (a GQA group at decode) is one tile; more go 4 at a time, or as
-        # many as two vectors' lanes hold where there are 16 (the same bits either way)
-        lanes = float_lanes() if float_lanes() >= 16 and g1 - g0 > 8 else 0
+        # a group of up to 8 rows (a GQA group at decode) is one tile; more go as many as two
+        # vectors' lanes hold on x86 (AVX-512's 16, AVX2's 8), else 4 at a time (aarch64, whose
+        # vector of 8 floats is two registers: not measured there) (the same bits either way)
+        lanes = float_lanes() if host().arch == "x86_64" and g1 - g0 > 8 else 0
         tile = g1 - g0 if g1 - g0 <= 8 else 2 * lanes or ATTENTION_TILE
         tiled = g0 + (g1 - g0) // tile * tile
         for r0, r1, rows in ((int(g0), int(tiled), int(tile)), (int(tiled), int(g1), int((g1 - g0) % tile))):

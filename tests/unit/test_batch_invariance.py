@@ -81,8 +81,9 @@ def test_attention_rows_do_not_depend_on_the_rows_or_keys_beside_them(llvm):
 
 def test_a_long_attentions_rows_are_the_bits_of_each_row_alone(llvm):
     """The Vision encoder's attention (heads of 80, every position a query, a padding mask):
-    tiles of 16 rows take the kernel with the rows in a vector's lanes where there are 16
-    lanes (backends/llvm/attention.py); a row alone takes the streaming kernel. The same bits."""
+    tiles of 16 rows take the kernel with the rows in the lanes of vectors on x86 (one of
+    AVX-512's 16 lanes, two of AVX2's 8: backends/llvm/attention.py); a row alone takes the
+    streaming kernel. The same bits."""
     rng = np.random.default_rng(6)
     heads, seq, dim = 2, 45, 80  # 2 tiles of 16 and one of 13
     q, keys, values = (rng.standard_normal((heads, seq, dim)).astype(np.float32) for _ in range(3))
