@@ -90,6 +90,12 @@ class Slot:
 
 class Engine:
     CHUNK = 256  # prompt tokens prefilled per turn, over all the slots that wait for theirs
+    # Several prompts' chunks go in one pass (_prefill_together) when a layer's weights take at
+    # least this many bytes: the pass is built each time, ~2 ms a layer a prompt, and saves a
+    # read of the weights per prompt. 1B Q4_0 (33 MiB a layer), 16 prompts of 35 tokens: 2.6-2.8
+    # s together against 4.1-4.6 apart; of 7 tokens 0.96 against 1.02. SmolLM2 Q4_1 (2 MiB): 16
+    # of 7 tokens 0.91 s together against 0.16 apart, 4 of 35 0.36 against 0.20.
+    TOGETHER_BYTES = 16 << 20
 
     def __init__(self, model, parallel: int = 4, queue: int = 64, proposer=None, most: int = 8,
                  images_kept: int = 4):
@@ -107,6 +113,8 @@ class Engine:
         # trusted at first (its sender expects it kept)
         self.pace, self.prediction_pace = speculative.Pace(most), speculative.Pace(most, kept=3.0)
         self.scratch = model.context
+        self.layer_bytes = sum(int(np.prod(t.dtype.storage_shape(t.shape))) * np.dtype(t.dtype.storage).itemsize
+                               for name, t in model.weights.items() if name.startswith("layers.0."))
         self.slots = [Slot(model, model.context + 1) for _ in range(parallel)]
         self.waiting: collections.deque[Request] = collections.deque()
         self.calls: collections.deque[tuple] = collections.deque()  # (work, Future): see call
@@ -190,13 +198,19 @@ class Engine:
                     continue
             chunks.append((slot, min(budget, len(slot.request.ids) - slot.prefilled)))
             budget -= chunks[-1][1]
-        # text prompts go in one pass when there are several; echoes (every row's logits) and
-        # images (their own cross layers) in passes of their own
-        together = [(s, n) for s, n in chunks if not s.request.echo and not s.request.images]
+        # a text prompt's last token (the rest found cached) is a row of this turn's decode step;
+        # longer chunks of text prompts go in one pass when there are several and the weights
+        # make it pay (see TOGETHER_BYTES); echoes (every row's logits) and images (their own
+        # cross layers) have passes of their own
+        text = [(s, n) for s, n in chunks if not s.request.echo and not s.request.images]
+        for slot, n in text:
+            if slot.prefilled == len(slot.request.ids) - 1:  # (n is 1 then, the budget allowing any)
+                self._last_token_in_step(slot)
+        together = [(s, n) for s, n in text if s.next_token is None] if self.layer_bytes >= self.TOGETHER_BYTES else []
         if len(together) < 2:
             together = []
         for slot, n in chunks:
-            if (slot, n) not in together:
+            if (slot, n) not in together and slot.next_token is None:
                 self._guarded(slot, lambda s: self._prefill_chunk(s, n))
         if together:
             self._prefill_together(together)
@@ -308,6 +322,19 @@ class Engine:
         if end == len(r.ids):
             self._sampled(slot, logits[-1])
         return end - begin
+
+    def _last_token_in_step(self, slot: Slot) -> None:
+        """The prompt's last token as a decode row: the step writes it where a pass of it would
+        and samples the first token from its logits (the same bits: a row's values do not depend
+        on its batch), so that prompts found cached take one captured step, not a pass each."""
+        r = slot.request
+        if not slot.shown:
+            self._show_images(slot)  # (a vision model: its cross layers see none)
+            slot.shown = True
+        slot.sequence.tokens = list(r.ids[:-1])
+        slot.sequence.computed += 1
+        self.counts["prompt_tokens_computed"] += 1
+        slot.prefilled, slot.next_token = len(r.ids), r.ids[-1]
 
     def _prefill_together(self, chunks: list[tuple[Slot, int]]) -> None:
         """The next n prompt tokens of each (slot, n) of text requests in one pass

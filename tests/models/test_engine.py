@@ -84,8 +84,9 @@ def test_a_batch_gives_each_sequence_the_tokens_it_gets_alone(model, chunk):
 def test_prompts_that_arrive_together_share_a_pass_and_keep_their_bits(model, monkeypatch):
     """Four prompts sent at once go through the model in one pass (Llama.forward_chunks), an
     echo request beside them in its own: each gets the tokens and log-probabilities it gets
-    alone, to the bit; again with their first tokens cached, so that the chunks start at
-    other positions, and with prompts prefilled 8 tokens a turn, in several passes together."""
+    alone, to the bit; again with all but their last token cached, which then are rows of a
+    decode step, and with prompts prefilled 8 tokens a turn, in several passes together.
+    (SmolLM2's layers are too small for the pass to pay: the test lowers the bound.)"""
     from models.generation.scoring import log_softmax
 
     def alone_with_logprobs(ids):
@@ -99,7 +100,7 @@ def test_prompts_that_arrive_together_share_a_pass_and_keep_their_bits(model, mo
     encoded = [model.tokenizer.encode(p) for p in PROMPTS]
     for chunk in (256, 8):
         engine = Engine(model, parallel=5)
-        engine.CHUNK = chunk
+        engine.CHUNK, engine.TOGETHER_BYTES = chunk, 0
         for round_ in range(2):  # the second: each slot holds its prompt already, but for the last token
             prompts = encoded[:4] if round_ == 0 else [ids + [28] for ids in encoded[:4]]
             passes.clear()
@@ -108,8 +109,10 @@ def test_prompts_that_arrive_together_share_a_pass_and_keep_their_bits(model, mo
             run_until_done(engine, heard + [echo])
             got = [[(t.id, t.logprob) for t in h.tokens] for h in heard + [echo]]
             assert got == [alone_with_logprobs(ids) for ids in prompts + [encoded[4]]]
-            if chunk == 256:  # one pass of the four (the echo apart), whole or but their last token
-                assert passes == [tuple(len(ids) for ids in prompts) if round_ == 0 else (1, 1, 1, 1)]
+            if round_ == 1:  # their last tokens: rows of a step, no pass
+                assert passes == [] and max(engine.steps) == 5
+            elif chunk == 256:  # one pass of the four (the echo apart)
+                assert passes == [tuple(len(ids) for ids in prompts)]
             else:
                 assert max(map(len, passes)) >= 2
         assert engine.counts["prompt_tokens_cached"] >= sum(map(len, encoded[:4]))
