@@ -205,12 +205,13 @@ class Engine:
         text = [(s, n) for s, n in chunks if not s.request.echo and not s.request.images]
         for slot, n in text:
             if slot.prefilled == len(slot.request.ids) - 1:  # (n is 1 then, the budget allowing any)
-                self._last_token_in_step(slot)
-        together = [(s, n) for s, n in text if s.next_token is None] if self.layer_bytes >= self.TOGETHER_BYTES else []
+                self._guarded(slot, self._last_token_in_step)
+        waiting = [(s, n) for s, n in chunks if s.request is not None and s.next_token is None]
+        together = [(s, n) for s, n in waiting if (s, n) in text] if self.layer_bytes >= self.TOGETHER_BYTES else []
         if len(together) < 2:
             together = []
-        for slot, n in chunks:
-            if (slot, n) not in together and slot.next_token is None:
+        for slot, n in waiting:
+            if (slot, n) not in together:
                 self._guarded(slot, lambda s: self._prefill_chunk(s, n))
         if together:
             self._prefill_together(together)
@@ -340,9 +341,10 @@ class Engine:
         """The next n prompt tokens of each (slot, n) of text requests in one pass
         (Llama.forward_chunks), each weight read once for all: 16 prompts of 35 tokens of the 1B
         Q4_0 ran 2.64-2.76 s, against 4.1-4.6 one after another (8 of 32: 1.01-1.08 s against
-        1.09-1.14; Emerald Rapids, 2 threads). A row's values are the bits its own pass gives it. The pass is built anew each time
-        (~50 ms at the 1B's size), not captured: its layout changes with every prompt, and
-        unpadded it computes no row in vain (a capture pads each prompt, to as much as twice)."""
+        1.09-1.14; Emerald Rapids, 2 threads). A row's values are the bits its own pass gives
+        it. The pass is built anew each time (see TOGETHER_BYTES), not captured: its layout
+        changes with every prompt, and unpadded it computes no row in vain (a capture pads each
+        prompt, to as much as twice)."""
         tokens, positions, starts, rows = [], [], [], []
         try:
             for slot, n in chunks:
