@@ -24,6 +24,7 @@ from models.llama3.images import ImageSettings, open_image, preprocess
 from models.llama3.vision import VisionEncoder
 from models.llama3.vision_config import VISION_SIZES
 from ops import dtypes
+from tools.bench_ops import median_seconds
 
 
 def main(argv=None):
@@ -111,22 +112,12 @@ def parts(v, peer: bool) -> None:
                       "fc2": lambda: F.linear(t["h"], t["fc2"])}
     print(f"one layer's kernels, float32, {n} positions, {heads} heads of {head_dim}: s (GFLOP/s)")
     for name, flops, run in ops:
-        mine = _median_seconds(run)
+        mine = median_seconds(run, 3)
         line = f"  {name:13s} ours {mine:.3f} ({flops / mine / 1e9:.0f})"
         if peer:
-            other = _median_seconds(theirs[name])
+            other = median_seconds(theirs[name], 3)
             line += f"   PyTorch {other:.3f} ({flops / other / 1e9:.0f})   ours {other / mine:.2f}x its speed"
         print(line)
-
-
-def _median_seconds(run, repeat: int = 3) -> float:
-    run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def transformers_seconds(vision, px) -> float | None:

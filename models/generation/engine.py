@@ -259,14 +259,18 @@ class Engine:
                              tuple(px.digest for px in request.images), self.image_token)
 
     def _show_images(self, slot: Slot) -> None:
-        """The cross layers of the slot's cache made to see its request's images (or none)."""
+        """The cross layers of the slot's cache made to see its request's images (or none),
+        once a request, before its first pass."""
+        if slot.shown:
+            return
         r = slot.request
         if self.image_token is None:
             if r.images:
                 raise ValueError("this model takes no images: it is not a Llama 3.2 Vision model")
-            return
-        slot.sequence.show(r.ids, slot.pictures, tuple(px.digest for px in r.images))
-        slot.pictures = []  # the cache holds them now
+        else:
+            slot.sequence.show(r.ids, slot.pictures, tuple(px.digest for px in r.images))
+            slot.pictures = []  # the cache holds them now
+        slot.shown = True
 
     def _encode_piece(self, slot: Slot, most: int) -> int:
         """Take the slot's images that are encoded already, then, if `most` allows, encode one
@@ -307,9 +311,7 @@ class Engine:
     def _prefill_chunk(self, slot: Slot, most: int) -> int:
         """Prefill up to `most` more prompt tokens of the slot's request; how many it did."""
         r = slot.request
-        if not slot.shown:
-            self._show_images(slot)
-            slot.shown = True
+        self._show_images(slot)
         begin, end = slot.prefilled, min(slot.prefilled + most, len(r.ids))
         # rows begin..end-1 score tokens begin+1..end; for an echo every row, else the last only
         keep_from = begin if r.echo else end - 1
@@ -329,9 +331,7 @@ class Engine:
         and samples the first token from its logits (the same bits: a row's values do not depend
         on its batch), so that prompts found cached take one captured step, not a pass each."""
         r = slot.request
-        if not slot.shown:
-            self._show_images(slot)  # (a vision model: its cross layers see none)
-            slot.shown = True
+        self._show_images(slot)  # (a vision model: its cross layers see none)
         slot.sequence.tokens = list(r.ids[:-1])
         slot.sequence.computed += 1
         self.counts["prompt_tokens_computed"] += 1
@@ -348,9 +348,7 @@ class Engine:
         tokens, positions, starts, rows = [], [], [], []
         try:
             for slot, n in chunks:
-                if not slot.shown:
-                    self._show_images(slot)  # (a vision model: its cross layers see none)
-                    slot.shown = True
+                self._show_images(slot)  # (a vision model: its cross layers see none)
                 begin = slot.prefilled
                 tokens += slot.request.ids[begin:begin + n]
                 positions += range(begin, begin + n)
